@@ -1,0 +1,71 @@
+"""Tiny randomly initialised HF MoE models, built locally from small configs (no downloads).
+
+Used by tests, the demo and the CPU benchmarks. ``tiny_config(model_type)`` returns a transformers config with
+the model family's real MoE machinery (shared experts, group-limited routing …) at toy size.
+"""
+from __future__ import annotations
+
+import torch
+
+_COMMON = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+_TINY = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1),
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, decoder_sparse_step=1, head_dim=8),
+    "olmoe": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "flex_olmo": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v2": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=0, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", routed_scaling_factor=1.5, kv_lora_rank=16, num_key_value_heads=4,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=0, n_group=4, topk_group=2, norm_topk_prob=True,
+                        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, num_key_value_heads=4, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8),
+    "glm4_moe": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=0, n_group=4, topk_group=2, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, head_dim=8),
+}
+
+
+def tiny_model_types() -> list[str]:
+    return sorted(_TINY)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of ``model_type`` (keys of the family's own config class; ``overrides`` win)."""
+    from transformers import AutoConfig
+
+    if model_type not in _TINY:
+        raise ValueError(f"model_type must be one of {tiny_model_types()}, got {model_type!r}")
+    kwargs = {**_COMMON, **_TINY[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised ``AutoModelForCausalLM`` of ``model_type`` with non-trivial routing.
+
+    HF initialises some routers to zeros (every token ties); we draw router weights (and the DeepSeek-V3 bias)
+    so routing is informative, deterministically from ``seed``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    return model.eval()

@@ -1,0 +1,229 @@
+"""desmoe ops: validated entry points that dispatch to a backend.
+
+Backends:
+    ``"triton"``     Triton kernels (``desmoe.kernels``) behind ``torch.library.custom_op``s; CUDA tensors.
+    ``"reference"``  plain PyTorch (``desmoe.ops.reference``): runs anywhere, the test oracle.
+    ``"auto"``       triton for CUDA tensors when Triton and the kernels import, else reference.
+
+The backend comes from the ``backend=`` argument, else the ``DESMOE_BACKEND`` environment variable, else
+``"auto"``. Every entry point validates its inputs here, once, for all backends, and raises ``ValueError`` /
+``TypeError`` naming the argument and what was expected.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "reference")
+ROUTING_SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2sum")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend (``"triton"`` or ``"reference"``) for tensors on ``device``."""
+    name = backend if backend is not None else os.environ.get("DESMOE_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but Triton or desmoe.kernels is not importable")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
+                "kernels on CPU for testing, or use backend='reference'"
+            )
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        from . import triton_ops  # noqa: F401
+    except Exception:  # Triton missing, or kernels not built for this platform
+        return False
+    return True
+
+
+def _check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move them to one device")
+
+
+def check_routing_args(
+    logits_TE, top_k, *, scoring="softmax", bias_E=None, n_group=1, topk_group=1, group_score="max"
+) -> None:
+    _check_tensor("logits_TE", logits_TE, dim=2, dtypes=_FLOAT_DTYPES)
+    E = logits_TE.shape[1]
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, num_experts={E}], got {top_k}")
+    if scoring not in ROUTING_SCORINGS:
+        raise ValueError(f"scoring must be one of {ROUTING_SCORINGS}, got {scoring!r}")
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    if bias_E is not None:
+        _check_tensor("bias_E", bias_E, dim=1, dtypes=_FLOAT_DTYPES, device=logits_TE.device)
+        if bias_E.shape[0] != E:
+            raise ValueError(f"bias_E must have shape [{E}] (num_experts), got {tuple(bias_E.shape)}")
+    if n_group < 1 or E % n_group != 0:
+        raise ValueError(f"n_group must be >= 1 and divide num_experts={E}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if n_group > 1 and top_k > topk_group * (E // n_group):
+        raise ValueError(
+            f"top_k={top_k} exceeds the experts eligible under group-limited routing "
+            f"(topk_group={topk_group} x {E // n_group} experts per group)"
+        )
+
+
+def topk_route(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias_E: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    scaling: float = 1.0,
+    renorm_eps: float = 0.0,
+    masked_value: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing ``logits [T, E] -> (weights [T, K] float32, ids [T, K] int64)``.
+
+    See :func:`desmoe.ops.reference.topk_route_reference` for the semantics of every option.
+    """
+    check_routing_args(
+        logits_TE, top_k, scoring=scoring, bias_E=bias_E, n_group=n_group, topk_group=topk_group,
+        group_score=group_score,
+    )
+    kwargs = dict(
+        scoring=scoring, renormalize=renormalize, bias_E=bias_E, n_group=n_group, topk_group=topk_group,
+        group_score=group_score, scaling=scaling, renorm_eps=renorm_eps, masked_value=masked_value,
+    )
+    if resolve_backend(backend, logits_TE.device) == "triton":
+        from . import triton_ops
+
+        return triton_ops.topk_route(logits_TE, top_k, **kwargs)
+    return reference.topk_route_reference(logits_TE, top_k, **kwargs)
+
+
+def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, int32 [E]."""
+    _check_ids(topk_ids_TK, num_experts)
+    return reference.expert_counts_reference(topk_ids_TK, num_experts)
+
+
+def permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert-major pair order and offsets; see :func:`desmoe.ops.reference.permute_reference`."""
+    _check_ids(topk_ids_TK, num_experts)
+    return reference.permute_reference(topk_ids_TK, num_experts)
+
+
+def _check_ids(topk_ids_TK, num_experts, validate_range: bool = True) -> None:
+    _check_tensor("topk_ids_TK", topk_ids_TK, dim=2, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+    if validate_range and topk_ids_TK.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids_TK must lie in [0, {num_experts}) (num_experts), got values in [{lo}, {hi}]")
+
+
+def check_experts_args(
+    x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, *, activation="silu",
+    expert_trainable_E=None, pair_trainable_TK=None, validate_ids: bool = True,
+) -> None:
+    _check_tensor("x_TD", x_TD, dim=2, dtypes=_FLOAT_DTYPES)
+    dev = x_TD.device
+    _check_tensor("w_gate_up_E2ID", w_gate_up_E2ID, dim=3, dtypes=_FLOAT_DTYPES, device=dev)
+    _check_tensor("w_down_EDI", w_down_EDI, dim=3, dtypes=_FLOAT_DTYPES, device=dev)
+    T, D = x_TD.shape
+    E, I2, D1 = w_gate_up_E2ID.shape
+    if D1 != D:
+        raise ValueError(f"w_gate_up_E2ID must be [E, 2I, D={D}] (D from x_TD), got {tuple(w_gate_up_E2ID.shape)}")
+    if I2 % 2:
+        raise ValueError(f"w_gate_up_E2ID's middle dim must be 2*I (even), got {I2}")
+    if tuple(w_down_EDI.shape) != (E, D, I2 // 2):
+        raise ValueError(f"w_down_EDI must be [E={E}, D={D}, I={I2 // 2}], got {tuple(w_down_EDI.shape)}")
+    if w_gate_up_E2ID.dtype != w_down_EDI.dtype:
+        raise TypeError(f"w_gate_up_E2ID ({w_gate_up_E2ID.dtype}) and w_down_EDI ({w_down_EDI.dtype}) differ in dtype")
+    _check_tensor("topk_ids_TK", topk_ids_TK, device=dev)
+    _check_ids(topk_ids_TK, E, validate_range=validate_ids)
+    if topk_ids_TK.shape[0] != T:
+        raise ValueError(f"topk_ids_TK must have T={T} rows (from x_TD), got {tuple(topk_ids_TK.shape)}")
+    if topk_ids_TK.shape[1] > E:
+        raise ValueError(f"top-k ({topk_ids_TK.shape[1]}) must not exceed num_experts ({E})")
+    _check_tensor("topk_weights_TK", topk_weights_TK, dim=2, dtypes=_FLOAT_DTYPES, device=dev)
+    if topk_weights_TK.shape != topk_ids_TK.shape:
+        raise ValueError(
+            f"topk_weights_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(topk_weights_TK.shape)}"
+        )
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    if expert_trainable_E is not None:
+        _check_tensor("expert_trainable_E", expert_trainable_E, dim=1, dtypes=(torch.bool,), device=dev)
+        if expert_trainable_E.shape[0] != E:
+            raise ValueError(f"expert_trainable_E must have shape [{E}] (num_experts), got {tuple(expert_trainable_E.shape)}")
+    if pair_trainable_TK is not None:
+        _check_tensor("pair_trainable_TK", pair_trainable_TK, dim=2, dtypes=(torch.bool,), device=dev)
+        if pair_trainable_TK.shape != topk_ids_TK.shape:
+            raise ValueError(
+                f"pair_trainable_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(pair_trainable_TK.shape)}"
+            )
+
+
+def moe_experts(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    *,
+    activation: str = "silu",
+    expert_trainable_E: torch.Tensor | None = None,
+    pair_trainable_TK: torch.Tensor | None = None,
+    backend: str | None = None,
+    validate_ids: bool = True,
+) -> torch.Tensor:
+    """Gated expert MLP with weighted combine: ``x [T, D] -> out [T, D]`` (dtype of ``x``).
+
+    Masks: see :func:`desmoe.ops.reference.moe_experts_reference`. ``validate_ids`` checks id range (one
+    device sync; the HF integration turns it off since its router produced the ids).
+    """
+    check_experts_args(
+        x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
+        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK, validate_ids=validate_ids,
+    )
+    name = resolve_backend(backend, x_TD.device)
+    if name == "triton" and activation == "silu":
+        from . import triton_ops
+
+        return triton_ops.moe_experts(
+            x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+            expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+        )
+    return reference.moe_experts_reference(
+        x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
+        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+    )
+
+
+__all__ = [
+    "BACKENDS", "resolve_backend", "triton_available", "topk_route", "expert_counts", "permute", "moe_experts",
+    "check_routing_args", "check_experts_args", "reference",
+]

@@ -1,0 +1,188 @@
+"""Plain-PyTorch reference ops: the CPU fallback and the test oracle for every fast path.
+
+Readable first, reasonably fast second; differentiable through ordinary autograd. Weight layout is the one
+Hugging Face ``transformers`` v5 uses for its fused experts (no copies, no transposes materialised):
+
+    w_gate_up_E2ID  [E, 2*I, D]   rows [0, I) are the gate projection, rows [I, 2I) the up projection
+    w_down_EDI      [E, D, I]
+
+Shape suffixes: T tokens, D hidden, I expert intermediate, E experts, K top-k, S = T*K (token, expert) pairs.
+Inputs are validated by the dispatch layer (``desmoe.ops``), not here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def topk_route_reference(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias_E: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    scaling: float = 1.0,
+    renorm_eps: float = 0.0,
+    masked_value: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing from router logits.
+
+    Args:
+        logits_TE: router logits [T, E] (any float dtype; scoring runs in float32).
+        top_k: experts per token K (1 <= K <= E).
+        scoring: ``"softmax"`` over experts or ``"sigmoid"`` per expert.
+        renormalize: divide the K selected scores by their sum (+ ``renorm_eps``).
+        bias_E: score-correction bias added to the scores for *selection only* (DeepSeek-V3); the returned
+            weights are the unbiased scores.
+        n_group, topk_group: group-limited routing: experts split into ``n_group`` contiguous groups, only the
+            best ``topk_group`` groups are eligible. ``group_score`` ranks groups by their ``"max"`` score
+            (DeepSeek-V2) or the sum of their top-2 scores (``"top2sum"``, DeepSeek-V3).
+        scaling: multiply the final weights (``routed_scaling_factor``).
+        masked_value: value given to ineligible experts before the final top-k (default ``-inf``; DeepSeek-V2
+            uses 0.0 on softmax scores).
+
+    Returns:
+        ``(topk_weights_TK float32, topk_ids_TK int64)``. Ties resolve as ``torch.topk`` does.
+    """
+    scores_TE = logits_TE.float().softmax(dim=-1) if scoring == "softmax" else logits_TE.float().sigmoid()
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    E = logits_TE.shape[-1]
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice_TE.view(-1, n_group, E // n_group)
+        if group_score == "top2sum":
+            group_scores_TG = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+        else:
+            group_scores_TG = grouped.max(dim=-1).values
+        group_idx = group_scores_TG.topk(topk_group, dim=-1).indices
+        group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
+        eligible_TE = group_mask_TG.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
+        fill = float("-inf") if masked_value is None else masked_value
+        choice_TE = choice_TE.masked_fill(~eligible_TE, fill)
+    topk_ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
+    if renormalize:
+        topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + renorm_eps)
+    if scaling != 1.0:
+        topk_weights_TK = topk_weights_TK * scaling
+    return topk_weights_TK, topk_ids_TK
+
+
+def expert_counts_reference(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, ``counts_E`` int32 (a token counts once per selection)."""
+    return torch.bincount(topk_ids_TK.reshape(-1).long(), minlength=num_experts).to(torch.int32)
+
+
+def permute_reference(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert-major order of the (token, k) pairs.
+
+    Returns:
+        ``sorted_pairs_S`` int64: flat pair indices (``t * K + k``) grouped by expert, stable within an expert
+        (ascending pair index), and ``offsets_E1`` int32 [E+1]: expert e owns ``sorted_pairs_S[offsets[e]:offsets[e+1]]``.
+    """
+    flat_S = topk_ids_TK.reshape(-1).long()
+    sorted_pairs_S = torch.sort(flat_S, stable=True).indices
+    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_ids_TK.device)
+    offsets_E1[1:] = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    return sorted_pairs_S, offsets_E1
+
+
+def _gated(h_S2I: torch.Tensor, activation: str) -> torch.Tensor:
+    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate_SI) * up_SI
+
+
+def moe_experts_reference(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    *,
+    activation: str = "silu",
+    expert_trainable_E: torch.Tensor | None = None,
+    pair_trainable_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gated (SwiGLU) expert MLP with routing-weighted combine.
+
+    ``out[t] = sum_k w[t,k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t,k]``.
+
+    Masks (DES-MoE): a pair whose expert has ``expert_trainable_E[e] == False``, or whose own
+    ``pair_trainable_TK[t,k] == False``, contributes nothing to that expert's weight gradients. Values and every
+    other gradient (dX, routing weights) are unchanged. Combine accumulates in float32 and returns ``x``'s dtype.
+    """
+    T, K = topk_ids_TK.shape
+    E = w_gate_up_E2ID.shape[0]
+    out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    flat_ids_S = topk_ids_TK.reshape(-1)
+    trainable_S = None
+    if pair_trainable_TK is not None:
+        trainable_S = pair_trainable_TK.reshape(-1).bool()
+    if expert_trainable_E is not None:
+        by_expert_S = expert_trainable_E.bool()[flat_ids_S]
+        trainable_S = by_expert_S if trainable_S is None else trainable_S & by_expert_S
+    sorted_pairs_S, offsets_E1 = permute_reference(topk_ids_TK, E)
+    bounds = offsets_E1.tolist()  # one host sync; the reference is not the fast path
+    w_flat_S = topk_weights_TK.reshape(-1)
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        pairs = sorted_pairs_S[lo:hi]
+        tokens = pairs // K
+        if trainable_S is None:
+            groups = [(pairs, tokens, True)]
+        else:
+            tr = trainable_S[pairs]
+            groups = [(pairs[tr], tokens[tr], True), (pairs[~tr], tokens[~tr], False)]
+        for p, t, trainable in groups:
+            if p.numel() == 0:
+                continue
+            w1 = w_gate_up_E2ID[e] if trainable else w_gate_up_E2ID[e].detach()
+            w2 = w_down_EDI[e] if trainable else w_down_EDI[e].detach()
+            h = _gated(F.linear(x_TD[t], w1), activation)
+            y = F.linear(h, w2)
+            out_TD = out_TD.index_add(0, t, y.float() * w_flat_S[p].float().unsqueeze(-1))
+    return out_TD.to(x_TD.dtype)
+
+
+def moe_experts_dense_reference(
+    x_TD: torch.Tensor,
+    w_gate_up_E2ID: torch.Tensor,
+    w_down_EDI: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    *,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """The same function computed densely per pair in float64: a second, independent oracle for tests."""
+    x = x_TD.double()
+    w1 = w_gate_up_E2ID.double()[topk_ids_TK]  # [T, K, 2I, D]
+    w2 = w_down_EDI.double()[topk_ids_TK]  # [T, K, D, I]
+    h = torch.einsum("td,tkid->tki", x, w1)
+    h = _gated(h, activation)
+    y = torch.einsum("tki,tkdi->tkd", h, w2)
+    return (y * topk_weights_TK.double().unsqueeze(-1)).sum(dim=1)
+
+
+def pair_mask_reference(
+    token_domains_T: torch.Tensor, topk_ids_TK: torch.Tensor, domain_expert_mask_ME: torch.Tensor
+) -> torch.Tensor:
+    """DES-MoE per-token masking: ``pair_trainable_TK[t, k] = mask_ME[domain[t], ids[t, k]]``.
+
+    Tokens with a negative domain id (padding, unlabelled) get False for every pair.
+    """
+    valid_T = token_domains_T >= 0
+    rows_TE = domain_expert_mask_ME.bool()[token_domains_T.long().clamp(min=0)]
+    return rows_TE.gather(1, topk_ids_TK.long()) & valid_T.unsqueeze(1)

@@ -1,0 +1,67 @@
+"""Build script: the package, plus the C++/CUDA extension ``desmoe._C`` when torch is importable.
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch (inside pip's
+isolated build env torch is absent, or pip would pull a multi-GB CUDA build). Without torch at build time the
+package still installs; ``desmoe.ext`` then JIT-builds the extension on first use, or falls back to the
+PyTorch reference with one warning.
+
+``kernels/`` is installed as the subpackage ``desmoe.kernels`` — never as a top-level ``kernels`` package, a
+name that belongs to Hugging Face's kernel hub and that transformers imports when present.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _packages():
+    pkgs = [p for p in find_packages(where=HERE, include=["desmoe", "desmoe.*"])]
+    pkgs.append("desmoe.kernels")
+    return pkgs
+
+
+def _ext_modules_and_cmdclass():
+    if os.environ.get("DESMOE_SKIP_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception:  # torch not importable in this build env: JIT build at first use instead
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp:
+        return [], {}
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    with_cuda = (
+        bool(cu)
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("DESMOE_NO_CUDA_EXT") != "1"
+    )
+    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    define_macros = []
+    if with_cuda:
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        define_macros.append(("DESMOE_WITH_CUDA", "1"))
+        ext = cpp_extension.CUDAExtension(
+            "desmoe._C", cpp + cu, extra_compile_args=extra, define_macros=define_macros,
+            extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "desmoe._C", cpp, extra_compile_args=extra, define_macros=define_macros,
+            extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")],
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules_and_cmdclass()
+
+setup(
+    packages=_packages(),
+    package_dir={"desmoe": "desmoe", "desmoe.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
