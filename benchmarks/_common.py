@@ -1,0 +1,126 @@
+"""The project's one benchmark results format, shared by every script in ``benchmarks/``.
+
+    {"benchmark", "device", "torch", "triton", "transformers", "date", "git_sha",
+     "records": [{"shape", "T", "impl", "pass", "ms", "tflops" | "gbps", "peak_mem_gb", ...}]}
+
+written to ``benchmarks/results/<benchmark>-<device>-<date>.json``. ``impl`` is one of ``IMPLS``; extra keys in
+a record are allowed (e.g. ``"note"``), the listed ones are required.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+IMPLS = ("desmoe", "eager", "grouped_mm", "batched_mm", "torch", "liger", "reference", "extension")
+REQUIRED_RECORD_KEYS = ("shape", "T", "impl", "pass", "ms", "peak_mem_gb")
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A short, file-name-safe device name: ``"NVIDIA-H100-80GB-HBM3"`` or ``"cpu-<model>"``."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = "cpu-" + (platform.processor() or platform.machine() or "unknown")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def header(benchmark: str, device=None) -> dict:
+    return {"benchmark": benchmark, "device": device_name(device), **versions(),
+            "date": _dt.date.today().isoformat(), "git_sha": git_sha(), "records": []}
+
+
+def check_record(rec: dict) -> dict:
+    missing = [k for k in REQUIRED_RECORD_KEYS if k not in rec]
+    if missing:
+        raise ValueError(f"benchmark record is missing {missing}: {rec}")
+    if rec["impl"] not in IMPLS:
+        raise ValueError(f"record impl must be one of {IMPLS}, got {rec['impl']!r}")
+    if "tflops" not in rec and "gbps" not in rec:
+        raise ValueError(f"record needs 'tflops' or 'gbps': {rec}")
+    return rec
+
+
+def write_results(result: dict, out_dir: str | None = None) -> str:
+    """Validate every record and write ``<benchmark>-<device>-<date>.json``; returns the path."""
+    for rec in result["records"]:
+        check_record(rec)
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{result['benchmark']}-{result['device']}-{result['date']}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5, device=None) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA-synchronised on GPU)."""
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mem_gb(device=None) -> float:
+    """Peak CUDA memory since the last reset, in GB (0.0 on CPU, where it is not tracked)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return 0.0
+
+
+def reset_peak(device=None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def print_table(records: list[dict], cols=("shape", "T", "impl", "pass", "ms", "tflops", "gbps", "peak_mem_gb")) -> None:
+    cols = [c for c in cols if any(c in r for r in records)]
+    rows = [[_fmt(r.get(c, "")) for c in cols] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

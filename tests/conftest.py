@@ -1,0 +1,28 @@
+"""Test configuration: markers, and Triton's CPU interpreter for machines without CUDA.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here at collection time, and only
+when no CUDA device exists (on a GPU machine the kernels run for real).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
