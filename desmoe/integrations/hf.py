@@ -80,6 +80,12 @@ _MODEL_TYPES = {
     "deepseek_v2": ("DeepseekV2TopkRouter", _deepseek_v2),
     "deepseek_v3": ("DeepseekV3TopkRouter", _deepseek_v3),
     "glm4_moe": ("Glm4MoeTopkRouter", _deepseek_v3),
+    "glm4_moe_lite": ("Glm4MoeLiteTopkRouter", _deepseek_v3),
+    "dots1": ("Dots1TopkRouter", _deepseek_v3),
+    "exaone_moe": ("ExaoneMoeTopkRouter", _deepseek_v3),
+    "solar_open": ("SolarOpenTopkRouter", _deepseek_v3),
+    "minimax": ("MiniMaxTopKRouter", _mixtral),
+    "qwen3_next": ("Qwen3NextTopKRouter", _qwen_like),
 }
 
 

@@ -120,11 +120,12 @@ def moe_experts_reference(
 
     Masks (DES-MoE): a pair whose expert has ``expert_trainable_E[e] == False``, or whose own
     ``pair_trainable_TK[t,k] == False``, contributes nothing to that expert's weight gradients. Values and every
-    other gradient (dX, routing weights) are unchanged. Combine accumulates in float32 and returns ``x``'s dtype.
+    other gradient (dX, routing weights) are unchanged. Combine accumulates in float32 (float64 for float64 inputs) and returns ``x``'s dtype.
     """
     T, K = topk_ids_TK.shape
     E = w_gate_up_E2ID.shape[0]
-    out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 accumulate; fp64 stays fp64
+    out_TD = torch.zeros(T, x_TD.shape[1], dtype=acc_dtype, device=x_TD.device)
     flat_ids_S = topk_ids_TK.reshape(-1)
     trainable_S = None
     if pair_trainable_TK is not None:
@@ -153,7 +154,7 @@ def moe_experts_reference(
             w2 = w_down_EDI[e] if trainable else w_down_EDI[e].detach()
             h = _gated(F.linear(x_TD[t], w1), activation)
             y = F.linear(h, w2)
-            out_TD = out_TD.index_add(0, t, y.float() * w_flat_S[p].float().unsqueeze(-1))
+            out_TD = out_TD.index_add(0, t, y.to(acc_dtype) * w_flat_S[p].to(acc_dtype).unsqueeze(-1))
     return out_TD.to(x_TD.dtype)
 
 
@@ -186,3 +187,77 @@ def pair_mask_reference(
     valid_T = token_domains_T >= 0
     rows_TE = domain_expert_mask_ME.bool()[token_domains_T.long().clamp(min=0)]
     return rows_TE.gather(1, topk_ids_TK.long()) & valid_T.unsqueeze(1)
+
+
+# --- References for the C++/CUDA extension's ops (desmoe.ext); readable, host syncs allowed. ---------------
+
+
+def mask_expert_grads_reference(grads: list, masks: list, scale: float = 0.0) -> None:
+    """In place: rows ``e`` of ``grads[l]`` ([E, ...]) with ``masks[l][e] == False`` become ``row * scale``
+    (exact zeros when ``scale == 0``, even over NaN/Inf); rows with True are not touched. ``None`` grads are
+    skipped."""
+    for g, m in zip(grads, masks):
+        if g is None:
+            continue
+        frozen = (~m.to(device=g.device, dtype=torch.bool)).nonzero().squeeze(1)
+        if frozen.numel() == 0:
+            continue
+        if scale == 0.0:
+            g.index_fill_(0, frozen, 0)
+        else:
+            g[frozen] = g[frozen] * scale
+
+
+def pair_mask_layers_reference(
+    token_domains_T: torch.Tensor, topk_ids_LTK: torch.Tensor, domain_expert_mask_LME: torch.Tensor
+) -> torch.Tensor:
+    """``pair_mask_reference`` for every layer: bool [L, T, K]; the mask is [L, M, E] or one [M, E] for all."""
+    L = topk_ids_LTK.shape[0]
+    masks = [domain_expert_mask_LME] * L if domain_expert_mask_LME.dim() == 2 else list(domain_expert_mask_LME)
+    if L == 0:
+        return torch.zeros(topk_ids_LTK.shape, dtype=torch.bool, device=topk_ids_LTK.device)
+    return torch.stack([pair_mask_reference(token_domains_T, topk_ids_LTK[l], masks[l]) for l in range(L)])
+
+
+def routing_stats_reference(
+    topk_ids_LTK: torch.Tensor,
+    token_domains_T: torch.Tensor,
+    num_domains: int,
+    num_experts: int,
+    topk_weights_LTK: torch.Tensor | None = None,
+    valid_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer routing statistics over valid tokens (``valid_T``, default all).
+
+    Returns ``counts_LME`` int64 (selections per layer, domain, expert; tokens with domain < 0 excluded),
+    ``mass_LME`` float32 (the same, summing routing weights in float64; zeros without weights) and ``load_LE``
+    int64 (selections per expert, every valid token).
+    """
+    L, T, K = topk_ids_LTK.shape
+    M, E = num_domains, num_experts
+    dev = topk_ids_LTK.device
+    ids_LTK = topk_ids_LTK.long()
+    dom_T = token_domains_T.long()
+    valid_T = torch.ones(T, dtype=torch.bool, device=dev) if valid_T is None else valid_T.bool()
+    labelled_T = valid_T & (dom_T >= 0)
+    layer_L11 = torch.arange(L, device=dev).view(L, 1, 1)
+    load_LE = torch.bincount((layer_L11 * E + ids_LTK)[:, valid_T].reshape(-1), minlength=L * E).view(L, E)
+    flat_LTK = (layer_L11 * M + dom_T.clamp(min=0).view(1, T, 1)) * E + ids_LTK
+    flat = flat_LTK[:, labelled_T].reshape(-1)
+    counts_LME = torch.bincount(flat, minlength=L * M * E).view(L, M, E)
+    if topk_weights_LTK is None:
+        mass_LME = torch.zeros(L, M, E, dtype=torch.float32, device=dev)
+    else:
+        w = topk_weights_LTK.double()[:, labelled_T].reshape(-1)
+        mass_LME = torch.bincount(flat, weights=w, minlength=L * M * E).view(L, M, E).float()
+    return counts_LME, mass_LME, load_LE
+
+
+def affinity_ema_reference(A_LME: torch.Tensor, counts_LME: torch.Tensor, momentum: float) -> torch.Tensor:
+    """In place ``A = momentum * A + (1 - momentum) * counts / rowsum(counts)`` per (layer, domain) row, in
+    float64; rows whose count sum is zero keep their value. Returns ``A_LME``."""
+    total_LM1 = counts_LME.sum(dim=-1, keepdim=True)
+    frac = counts_LME.double() / total_LM1.double().clamp(min=1)
+    new = momentum * A_LME.double() + (1.0 - momentum) * frac
+    A_LME.copy_(torch.where(total_LM1 != 0, new, A_LME.double()).to(A_LME.dtype))
+    return A_LME
