@@ -1,0 +1,241 @@
+"""Tokenized documents -> packed training batches (``MixedDomainStream``) and fixed eval batches.
+
+Packing rule (shared by both): documents are appended to a row each followed by ``eos``; a document that
+does not fit in the rest of the row starts the next row (the rest is padding) unless it is longer than a whole
+row, in which case it fills the row and continues in the domain's next row. Short documents (a math problem)
+are therefore never cut; long ones (a source file) waste nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._util import permutation, uniform01
+
+_IGNORE = -100
+
+
+def _check_positive(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _check_docs(name: str, docs) -> list[list[int]]:
+    if not isinstance(docs, (list, tuple)):
+        raise TypeError(f"{name} must be a list of token-id lists, got {type(docs).__name__}")
+    return [d for d in docs if len(d) > 0]  # no copy: corpora can be millions of tokens
+
+
+class _Packer:
+    """Fills rows from a cursor (doc index, token offset) over an ordered list of documents."""
+
+    def __init__(self, seq_len: int, eos_id: int):
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+
+    def fill(self, row: list[int], doc: list[int], offset: int) -> tuple[int, bool]:
+        """Append from ``doc[offset:] + [eos]`` to ``row``; returns (new offset, doc finished).
+
+        Returns offset unchanged (and False) when a short doc does not fit: the row is done.
+        """
+        unit_len = len(doc) + 1
+        space = self.seq_len - len(row)
+        remaining = unit_len - offset
+        if remaining <= space:
+            row.extend(doc[offset:])
+            row.append(self.eos_id)
+            return 0, True
+        if unit_len > self.seq_len or offset > 0:  # a long doc: cut it at the row boundary
+            take = doc[offset: offset + space]
+            row.extend(take)
+            if len(take) < space:  # only the eos was left out
+                row.append(self.eos_id)
+                return 0, True
+            return offset + space, False
+        return offset, False
+
+
+class MixedDomainStream:
+    """Deterministic, resumable, domain-balanced stream of packed sequences.
+
+    ``token_docs`` maps domain name -> tokenized documents; domain ``i`` is the ``i``-th key
+    (:attr:`domain_names`). Every row of the global row sequence is packed from ONE domain, drawn from a seeded
+    counter-based RNG: with ``weights=None`` domains come in shuffled blocks of one row each (exactly balanced
+    every ``len(domains)`` rows); with ``weights`` each row's domain is drawn independently with those
+    probabilities. Each domain walks its documents in a per-epoch seeded shuffle. Global batch ``k`` is rows
+    ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes rows ``r*B .. r*B+B-1`` of it (B = batch_size, W = world_size).
+
+    :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding), ``domain_ids`` (domain
+    index per token, -1 on padding) and ``attention_mask`` (1 real / 0 padding), all LongTensor[B, S].
+    :meth:`state_dict` is a small JSON-able dict; :meth:`load_state_dict` resumes exactly.
+    """
+
+    def __init__(self, token_docs: dict[str, list[list[int]]], seq_len: int, batch_size: int, *, seed: int = 0,
+                 weights: dict[str, float] | None = None, eos_id: int, rank: int = 0, world_size: int = 1):
+        if not isinstance(token_docs, dict) or not token_docs:
+            raise ValueError("token_docs must be a non-empty dict {domain name: list of token-id lists}")
+        self.seq_len = _check_positive("seq_len", seq_len)
+        self.batch_size = _check_positive("batch_size", batch_size)
+        self.world_size = _check_positive("world_size", world_size)
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
+            raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed, self.rank, self.eos_id = seed, rank, eos_id
+        self.domain_names = list(token_docs)
+        self._docs = []
+        for name in self.domain_names:
+            docs = _check_docs(f"token_docs[{name!r}]", token_docs[name])
+            if not docs:
+                raise ValueError(f"token_docs[{name!r}] has no non-empty documents")
+            self._docs.append(docs)
+        self._cum_weights = None
+        if weights is not None:
+            if not isinstance(weights, dict) or set(weights) != set(self.domain_names):
+                raise ValueError(f"weights must be a dict with exactly the domains {self.domain_names}, "
+                                 f"got keys {list(weights) if isinstance(weights, dict) else weights!r}")
+            w = [float(weights[n]) for n in self.domain_names]
+            if any(not (x >= 0) for x in w) or sum(w) <= 0:
+                raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+            total, acc, self._cum_weights = sum(w), 0.0, []
+            for x in w:
+                acc += x / total
+                self._cum_weights.append(acc)
+        self._packer = _Packer(seq_len, eos_id)
+        self._row = 0  # next global row index
+        self._cursors = [[0, 0, 0] for _ in self._docs]  # per domain: [epoch, position in epoch order, offset]
+        self._perms: dict[int, tuple[int, list[int]]] = {}
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _domain_of_row(self, row: int) -> int:
+        m = len(self._docs)
+        if self._cum_weights is None:
+            block, pos = divmod(row, m)
+            return permutation(m, "block", self.seed, block)[pos]
+        u = uniform01("row", self.seed, row)
+        for d, c in enumerate(self._cum_weights):
+            if u < c:
+                return d
+        return m - 1
+
+    def _order(self, d: int, epoch: int) -> list[int]:
+        cached = self._perms.get(d)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, permutation(len(self._docs[d]), "epoch", self.seed, d, epoch))
+            self._perms[d] = cached
+        return cached[1]
+
+    def _next_row(self) -> tuple[list[int], int]:
+        d = self._domain_of_row(self._row)
+        self._row += 1
+        docs, cur = self._docs[d], self._cursors[d]
+        row: list[int] = []
+        while len(row) < self.seq_len:
+            epoch, pos, offset = cur
+            doc = docs[self._order(d, epoch)[pos]]
+            offset, done = self._packer.fill(row, doc, offset)
+            if done:
+                pos += 1
+                if pos == len(docs):
+                    epoch, pos = epoch + 1, 0
+                cur[:] = [epoch, pos, 0]
+            else:  # a short doc did not fit (row is done), or the row filled up mid-doc
+                cur[2] = offset
+                break
+        return row, d
+
+    # ------------------------------------------------------------------------------------------- public API
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next [batch_size, seq_len] batch of this rank (see the class docstring for the fields)."""
+        B, S = self.batch_size, self.seq_len
+        input_ids = torch.full((B, S), self.eos_id, dtype=torch.long)
+        domain_ids = torch.full((B, S), -1, dtype=torch.long)
+        attention_mask = torch.zeros((B, S), dtype=torch.long)
+        for r in range(self.world_size):
+            for b in range(B):
+                row, d = self._next_row()  # every rank advances through the whole global batch
+                if r != self.rank:
+                    continue
+                n = len(row)
+                input_ids[b, :n] = torch.tensor(row, dtype=torch.long)
+                domain_ids[b, :n] = d
+                attention_mask[b, :n] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, _IGNORE)
+        return {"input_ids": input_ids, "labels": labels, "domain_ids": domain_ids, "attention_mask": attention_mask}
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """Position of the stream: small and JSON-able (the RNG is counter-based, so its state is the row)."""
+        return {"version": 1, "seed": self.seed, "domain_names": list(self.domain_names),
+                "num_docs": [len(d) for d in self._docs], "seq_len": self.seq_len, "row": self._row,
+                "cursors": [list(c) for c in self._cursors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: the following batches equal those of an uninterrupted stream."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("state must be a dict produced by MixedDomainStream.state_dict() (version 1)")
+        for key, mine in (("seed", self.seed), ("domain_names", self.domain_names), ("seq_len", self.seq_len),
+                          ("num_docs", [len(d) for d in self._docs])):
+            theirs = state.get(key)
+            if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != mine:
+                raise ValueError(f"stream state has {key}={theirs!r} but this stream has {key}={mine!r}")
+        cursors = state["cursors"]
+        if len(cursors) != len(self._docs) or any(len(c) != 3 for c in cursors):
+            raise ValueError("stream state 'cursors' must hold one [epoch, position, offset] per domain")
+        self._row = int(state["row"])
+        self._cursors = [[int(x) for x in c] for c in cursors]
+        self._perms = {}
+
+
+def tokenize_domains(tokenizer, texts_by_domain: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    """Token ids (no special tokens) of every document, per domain; keeps the dict order."""
+    if not isinstance(texts_by_domain, dict):
+        raise TypeError(f"texts_by_domain must be a dict {{domain: list of str}}, got {type(texts_by_domain).__name__}")
+    out = {}
+    for name, texts in texts_by_domain.items():
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts_by_domain[{name!r}] must be a list of str, got {type(texts).__name__}")
+        out[name] = list(tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if texts else []
+    return out
+
+
+def eval_batches(token_docs: list[list[int]], seq_len: int, batch_size: int, eos_id: int,
+                 max_batches: int | None = None) -> list[dict]:
+    """Fixed held-out batches: documents packed in order (no shuffle) with the training packing rule.
+
+    Each dict has ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, LongTensor[b, seq_len];
+    the last batch may have fewer rows. At most ``max_batches`` batches.
+    """
+    _check_positive("seq_len", seq_len)
+    _check_positive("batch_size", batch_size)
+    if max_batches is not None:
+        _check_positive("max_batches", max_batches)
+    docs = _check_docs("token_docs", token_docs)
+    packer = _Packer(seq_len, eos_id)
+    max_rows = None if max_batches is None else max_batches * batch_size
+    rows: list[list[int]] = []
+    i, offset, row = 0, 0, []
+    while i < len(docs) and (max_rows is None or len(rows) < max_rows):
+        offset, done = packer.fill(row, docs[i], offset)
+        if done:
+            i += 1
+        if len(row) == seq_len or not done:  # full, or the next doc starts a new row
+            rows.append(row)
+            row = []
+    if row and (max_rows is None or len(rows) < max_rows):
+        rows.append(row)
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        ids = torch.full((len(chunk), seq_len), eos_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
+        for b, r in enumerate(chunk):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = 1
+        batches.append({"input_ids": ids, "labels": ids.masked_fill(mask == 0, _IGNORE), "attention_mask": mask})
+    return batches

@@ -1,0 +1,193 @@
+"""Hugging Face drop-in: desmoe.patch(model) on tiny, locally built models of every supported model type.
+
+Parity is against the same model with transformers' own ``eager`` experts implementation: logits and every
+parameter's gradient, float32 tight and bf16 within the DESIGN.md tolerance rule.
+"""
+import copy
+
+import pytest
+import torch
+
+import desmoe
+from desmoe.integrations import moe_blocks, routers
+from desmoe.integrations.tiny import tiny_model, tiny_model_types
+from desmoe.layers import TopKRouter, set_expert_masks
+
+SUPPORTED = desmoe.supported_model_types()
+
+
+def test_every_supported_type_has_a_tiny_model():
+    assert set(SUPPORTED) == set(tiny_model_types())
+    for must in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"):
+        assert must in SUPPORTED
+
+
+def test_import_registers_experts_implementation():
+    from transformers.integrations.moe import ExpertsInterface
+
+    assert "desmoe" in ExpertsInterface._global_mapping
+
+
+def _ids(vocab=128, B=2, S=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, S), generator=g)
+
+
+def _loss(model, ids):
+    out = model(ids, labels=ids)
+    return out.logits, out.loss
+
+
+def _eager_and_patched(model_type, dtype=torch.float32):
+    ref = tiny_model(model_type, dtype=dtype).train()
+    ref.set_experts_implementation("eager")
+    ours = copy.deepcopy(ref)
+    assert desmoe.patch(ours, backend="reference") is ours
+    return ref, ours
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_patched_matches_eager_fp32_logits_and_grads(model_type):
+    ref, ours = _eager_and_patched(model_type)
+    assert len(routers(ours)) >= 1 and len(moe_blocks(ours)) == len(routers(ours))
+    ids = _ids()
+    lr, loss_r = _loss(ref, ids)
+    lo, loss_o = _loss(ours, ids)
+    torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-5)
+    loss_r.backward()
+    loss_o.backward()
+    grads_o = dict(ours.named_parameters())
+    n = 0
+    for name, p in ref.named_parameters():
+        q = grads_o[name]
+        if p.grad is None:
+            assert q.grad is None or q.grad.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        n += 1
+    assert n > 10
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe"])
+def test_patched_bf16_within_tolerance_rule(model_type):
+    ids = _ids()
+    oracle = tiny_model(model_type, dtype=torch.float32)
+    oracle.set_experts_implementation("eager")
+    ref_logits = oracle(ids).logits.double()
+    eager_bf16 = tiny_model(model_type, dtype=torch.bfloat16)
+    eager_bf16.set_experts_implementation("eager")
+    ours = desmoe.patch(copy.deepcopy(eager_bf16), backend="reference")
+    e_logits = eager_bf16(ids).logits.double()
+    o_logits = ours(ids).logits.double()
+    assert ours(ids).logits.dtype == torch.bfloat16
+    assert (o_logits - ref_logits).norm() <= 2 * (e_logits - ref_logits).norm() + 1e-2
+
+
+def test_patch_shares_parameters_and_keeps_state_dict_keys():
+    model = tiny_model("deepseek_v3")
+    keys = set(model.state_dict())
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    desmoe.patch(model)
+    assert set(model.state_dict()) == keys
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert all(isinstance(r, TopKRouter) for r in routers(model))
+    assert model.config._experts_implementation == "desmoe"
+
+
+def test_save_pretrained_of_patched_model_loads_in_stock_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = desmoe.patch(tiny_model("qwen3_moe"))
+    ids = _ids()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    assert loaded.config._experts_implementation == "eager"
+    assert not any(isinstance(m, TopKRouter) for m in loaded.modules())
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_original_modules():
+    model = tiny_model("mixtral")
+    impl = model.config._experts_implementation
+    originals = [type(m.gate).__name__ for _, m in model.named_modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    desmoe.patch(model)
+    desmoe.unpatch(model)
+    assert model.config._experts_implementation == impl
+    now = [type(m.gate).__name__ for _, m in model.named_modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    assert now == originals and not routers(model)
+
+
+def test_patch_twice_is_idempotent():
+    model = tiny_model("olmoe")
+    desmoe.patch(model)
+    n = len(routers(model))
+    desmoe.patch(model, backend="reference")
+    assert len(routers(model)) == n and all(r.backend == "reference" for r in routers(model))
+
+
+def test_unsupported_model_raises_listing_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(desmoe.UnsupportedModelError, match="mixtral") as e:
+        desmoe.patch(model)
+    assert "llama" in str(e.value)
+    with pytest.raises(ValueError, match="backend"):
+        desmoe.patch(tiny_model("mixtral"), backend="cuda")
+
+
+def test_expert_mask_on_patched_model_freezes_expert_weights():
+    model = desmoe.patch(tiny_model("qwen3_moe")).train()
+    E = model.config.num_experts
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[:3] = True
+    for _, _, experts in moe_blocks(model):
+        set_expert_masks(experts, expert_trainable_E=mask)
+    ids = _ids()
+    model(ids, labels=ids).loss.backward()
+    for _, _, experts in moe_blocks(model):
+        assert (experts.gate_up_proj.grad[~mask] == 0).all() and (experts.down_proj.grad[~mask] == 0).all()
+        assert experts.gate_up_proj.grad[mask].abs().sum() > 0
+
+
+def test_per_token_domain_mask_on_patched_model():
+    """Tokens of domain 0 may update experts {0..3}, domain 1 experts {4..7}: with all tokens in domain 0, the
+    experts 4..7 get exactly zero weight gradient even though tokens are routed to them."""
+    model = desmoe.patch(tiny_model("mixtral")).train()
+    ids = _ids(B=2, S=16)
+    mask_ME = torch.zeros(2, 8, dtype=torch.bool)
+    mask_ME[0, :4] = True
+    mask_ME[1, 4:] = True
+    doms = torch.zeros(ids.numel(), dtype=torch.long)
+    blocks = moe_blocks(model)
+    for _, r, experts in blocks:
+        r.record = True
+        set_expert_masks(experts, token_domains_T=doms, domain_expert_mask_ME=mask_ME)
+    model(ids, labels=ids).loss.backward()
+    for _, r, experts in blocks:
+        routed = set(r.last["topk_ids_TK"].flatten().tolist())
+        assert routed & {4, 5, 6, 7}, "test needs tokens routed to the masked experts"
+        assert (experts.gate_up_proj.grad[4:] == 0).all()
+        assert experts.gate_up_proj.grad[:4].abs().sum() > 0
+    # a wrongly sized domain vector is a clear error
+    for _, _, experts in blocks:
+        set_expert_masks(experts, token_domains_T=doms[:5], domain_expert_mask_ME=mask_ME)
+    with pytest.raises(ValueError, match="token_domains_T"):
+        model(ids)
+
+
+def test_router_residual_starts_as_identity_and_records():
+    model = desmoe.patch(tiny_model("deepseek_v3"))
+    ids = _ids()
+    base = model(ids).logits
+    for r in routers(model):
+        lin = torch.nn.Linear(r.hidden_dim, r.num_experts)
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+        r.residual = lin
+        r.record = True
+    torch.testing.assert_close(model(ids).logits, base)
+    for r in routers(model):
+        assert r.last["topk_ids_TK"].shape == (ids.numel(), r.top_k)
