@@ -1,0 +1,208 @@
+"""``desmoe`` command line: demo, train, eval, bench, experiment.
+
+``main(argv)`` returns the exit status (0 ok, 2 bad input: the message names the field or file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+DEMO_DOMAINS = ["math", "code", "law"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="desmoe", description="Fast MoE fine-tuning that forgets less (DES-MoE).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="CPU demo: tiny MoE, built-in domains, base pretraining, DES-MoE vs FFT")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--steps", type=int, default=60, help="fine-tuning steps T (default 60)")
+    d.add_argument("--pretrain-steps", type=int, default=120, help="base pretraining steps on 'general'")
+    d.add_argument("--no-compare", action="store_true", help="skip the full fine-tuning (FFT) comparison run")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--output-dir", required=True, help="run directory (checkpoints, plots, summary.json)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this step (the phase clock stays train.max_steps)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set method.phi=0.5 (repeatable)")
+    t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: per-domain loss/ppl, math exact match, general loss")
+    e.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
+    e.add_argument("--max-batches", type=int, default=None, help="held-out batches per domain (default: the run's train.eval_batches)")
+    e.add_argument("--math-n", type=int, default=16, help="math problems for exact match (0 = skip)")
+    e.add_argument("--json", default=None, help="also write the results JSON here")
+    e.add_argument("--device", default="auto")
+
+    b = sub.add_parser("bench", help="run a script from benchmarks/ (e.g. desmoe bench train_step --quick)")
+    b.add_argument("name", help="benchmark name: bench_<name>.py or <name>.py in benchmarks/")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+    x = sub.add_parser("experiment", help="run a named experiment (see issue 8)")
+    x.add_argument("name")
+    x.add_argument("--out", required=True)
+    return p
+
+
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def cmd_train(a) -> int:
+    from .train import load_config, run
+
+    if a.max_steps is not None and a.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
+    cfg = load_config(a.config, a.overrides)
+    if a.no_progress:
+        cfg.train.progress = False
+    s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume)
+    print(f"done: {s['steps_run']} steps of {cfg.method.name} in {s['seconds']:.1f}s; "
+          f"task loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}; checkpoint {s['checkpoint']}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .eval import evaluate_checkpoint, format_table
+
+    if a.math_n < 0 or (a.max_batches is not None and a.max_batches < 1):
+        raise ValueError(f"--math-n must be >= 0 and --max-batches >= 1, got {a.math_n}, {a.max_batches}")
+    res = evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n, device=a.device)
+    print(f"checkpoint {res['checkpoint']} (method {res['method']}, step {res['step']})")
+    print(format_table(res))
+    text = json.dumps(res, indent=1, default=str)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import runpy
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    cands = [os.path.join(root, n) for n in (f"bench_{a.name}.py", f"{a.name}.py", a.name)]
+    path = next((c for c in cands if os.path.isfile(c)), None)
+    if path is None:
+        have = sorted(f for f in os.listdir(root) if f.startswith("bench_")) if os.path.isdir(root) else []
+        raise FileNotFoundError(f"no benchmark {a.name!r} in {root}; available: {', '.join(have) or 'none'} "
+                                f"(benchmarks/ ships with the source checkout, not the wheel)")
+    old = sys.argv
+    sys.argv = [path, *[x for x in a.args if x != "--"]]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = old
+    return 0
+
+
+def demo_config(out: str, steps: int) -> dict:
+    """The demo's config (also what ``configs/tiny.yaml`` holds)."""
+    return {
+        "model": {"tiny": "qwen3_moe", "overrides": {
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "moe_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
+            "max_position_embeddings": 256}},
+        "tokenizer": {"vocab_size": 1024},
+        "data": {"domains": list(DEMO_DOMAINS), "general": "general", "max_docs": 300, "eval_max_docs": 48,
+                 "seq_len": 128, "batch_size": 8},
+        "method": {"name": "des_moe", "update_every": 5},
+        "train": {"max_steps": steps, "lr": 3e-3, "warmup_steps": 3, "log_every": 10, "eval_batches": 3,
+                  "pretrain_lr": 3e-3},
+    }
+
+
+def cmd_demo(a) -> int:
+    from .train import config_from_dict, run
+    from .train.trainer import prepare_base
+
+    if a.steps < 5 or a.pretrain_steps < 0:
+        raise ValueError(f"--steps must be >= 5 and --pretrain-steps >= 0, got {a.steps}, {a.pretrain_steps}")
+    t0 = time.time()
+    progress = not a.quiet
+    d = demo_config(a.out, a.steps)
+    os.makedirs(a.out, exist_ok=True)
+    for sub in ("base", "des_moe", "fft"):  # the demo's own outputs from an earlier demo: start fresh
+        p = os.path.join(a.out, sub)
+        if os.path.isfile(os.path.join(p, "config.yaml")) or os.path.isfile(os.path.join(p, "config.json")):
+            shutil.rmtree(p)
+    print(f"[1/3] base model: tiny qwen3_moe (8 experts, top-2), tokenizer trained on the built-in domains, "
+          f"{a.pretrain_steps} pretraining steps on 'general'")
+    base_dir = os.path.join(a.out, "base")
+    base = prepare_base(config_from_dict(d, source="demo"), base_dir, a.pretrain_steps, progress=progress)
+    ft = {**d, "model": {"path": base_dir}, "tokenizer": {"path": base_dir}}
+    print(f"[2/3] DES-MoE fine-tuning on {', '.join(DEMO_DOMAINS)} for {a.steps} steps")
+    des = run(config_from_dict(ft, source="demo"), os.path.join(a.out, "des_moe"), progress=progress)
+    fft = None
+    if not a.no_compare:
+        print(f"[3/3] full fine-tuning (FFT) baseline, same data and steps")
+        ft_fft = {**ft, "method": {"name": "fft"}}
+        fft = run(config_from_dict(ft_fft, source="demo"), os.path.join(a.out, "fft"), progress=progress)
+    print(demo_report(base, des, fft, time.time() - t0))
+    return 0
+
+
+def demo_report(base: dict, des: dict, fft: dict | None, seconds: float) -> str:
+    L = []
+    L.append("=" * 78)
+    L.append(f"base pretraining on 'general': held-out loss {base['general_loss_before']:.3f} -> "
+             f"{base['general_loss_after']:.3f}")
+    ph = des["phases"]
+    L.append("DES-MoE phases (steps): " + ", ".join(f"{k} [{v[0]}, {v[1]})" for k, v in ph.items()))
+    if des.get("masks"):
+        L.append("expert masks per domain (experts each domain's tokens may update), per layer:")
+        for dom, layers in des["masks"].items():
+            L.append(f"  {dom:<12} " + "  ".join(f"L{l}:{{{','.join(map(str, ex))}}}" for l, ex in enumerate(layers)))
+    hdr = f"  {'held-out loss':<14}{'base':>8}{'DES-MoE':>9}" + (f"{'FFT':>8}" if fft else "")
+    L.append(hdr)
+    for dom, r in des["eval_before"]["domains"].items():
+        row = f"  {dom:<14}{r['loss']:>8.3f}{des['eval_after']['domains'][dom]['loss']:>9.3f}"
+        if fft:
+            row += f"{fft['eval_after']['domains'][dom]['loss']:>8.3f}"
+        if dom == "general":
+            row += "   <- forgetting probe (lower = forgot less)"
+        L.append(row)
+    if des.get("phase_timing"):
+        tp = ", ".join(f"{k} {v['tokens_per_s']:.0f}" for k, v in des["phase_timing"].items())
+        L.append(f"training tokens/s (CPU, this machine): DES-MoE {tp}"
+                 + (f"; FFT {fft['tokens_per_s']:.0f}" if fft else ""))
+    if des.get("plot"):
+        L.append(f"affinity/mask heatmap: {des['plot']}")
+    L.append(f"checkpoints: {des['checkpoint']}" + (f", {fft['checkpoint']}" if fft else ""))
+    L.append(f"total {seconds:.0f}s")
+    return "\n".join(L)
+
+
+def cmd_experiment(a) -> int:
+    raise NotImplementedError(f"desmoe experiment {a.name!r}: not implemented yet: see issue 8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_transformers()
+    fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
+          "experiment": cmd_experiment}[args.cmd]
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"desmoe {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Held-out evaluation: per-domain loss / perplexity, math exact match by greedy generation, general loss.
+
+Inference needs no domain label: the ALR routes. ``evaluate_checkpoint(DIR)`` loads a run's checkpoint and
+returns a JSON-able dict; :func:`format_table` renders it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def token_losses(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position ``[B, S-1]`` (float32) and its validity mask (labels != -100)."""
+    logits = logits_BSV[:, :-1].float()
+    tgt = labels_BS[:, 1:]
+    valid = tgt != -100
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.clamp(min=0).reshape(-1), reduction="none")
+    return ce.view(tgt.shape) * valid, valid
+
+
+def autocast_ctx(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def domain_loss(model, docs: list[list[int]], *, seq_len: int, batch_size: int, eos_id: int,
+                max_batches: int | None = None, device="cpu", bf16: bool = False) -> dict:
+    """Mean next-token loss and perplexity of ``model`` on one domain's held-out token docs."""
+    from ..data import eval_batches
+
+    device = torch.device(device)
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for b in eval_batches(docs, seq_len, batch_size, eos_id, max_batches=max_batches):
+        ids = b["input_ids"].to(device)
+        with autocast_ctx(device, bf16):
+            am = b.get("attention_mask")
+            logits = model(input_ids=ids, attention_mask=None if am is None else am.to(device)).logits
+        ce, valid = token_losses(logits, b["labels"].to(device))
+        tot += float(ce.sum())
+        n += int(valid.sum())
+    model.train(was)
+    loss = tot / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+
+
+@torch.no_grad()
+def math_exact_match(model, tokenizer, *, n: int = 16, seed: int = 0, max_new_tokens: int = 12, device="cpu") -> dict:
+    """Greedy-decode the answers of ``n`` held-out math problems; exact match of the first line."""
+    from ..data import extract_answer, format_math, math_problems
+
+    device = torch.device(device)
+    was = model.training
+    model.eval()
+    correct, samples = 0, []
+    for q, a in math_problems(n, "test", seed):
+        prompt = format_math(q)
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
+        out = []
+        for _ in range(max_new_tokens):
+            # full re-forward per token: short answers, and no KV-cache API differences across transformers versions
+            logits = model(input_ids=ids).logits
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == tokenizer.eos_token_id or "\n" in tokenizer.decode(out):
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        text = tokenizer.decode(out)
+        pred = extract_answer(text)
+        ok = pred.strip() == str(a).strip()
+        correct += ok
+        if len(samples) < 3:
+            samples.append({"prompt": prompt, "answer": a, "prediction": pred})
+    model.train(was)
+    return {"exact_match": correct / max(n, 1), "n": n, "samples": samples}
+
+
+def evaluate_model(model, tokenizer, eval_docs: dict[str, list[list[int]]], *, seq_len: int, batch_size: int,
+                   max_batches: int | None = 4, math_n: int = 16, device="cpu", bf16: bool = False,
+                   general: str | None = "general") -> dict:
+    """Per-domain held-out loss/ppl for every domain in ``eval_docs`` (+ math exact match when ``math`` is one
+    of them); ``general`` is reported separately as the forgetting probe."""
+    eos = tokenizer.eos_token_id
+    res = {"domains": {}}
+    for d, docs in eval_docs.items():
+        res["domains"][d] = domain_loss(model, docs, seq_len=seq_len, batch_size=batch_size, eos_id=eos,
+                                        max_batches=max_batches, device=device, bf16=bf16)
+    if general is not None and general in res["domains"]:
+        res["general"] = res["domains"][general]
+    if "math" in eval_docs and math_n > 0:
+        res["math"] = math_exact_match(model, tokenizer, n=math_n, device=device)
+    return res
+
+
+def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: int = 16, device: str = "auto",
+                        domains: list[str] | None = None) -> dict:
+    """Load a run directory's latest checkpoint (or a checkpoint directory) and evaluate it."""
+    from .. import patch
+    from ..data import load_domain_texts, tokenize_domains
+    from ..method import MethodController
+    from ..train import checkpoint as ck
+    from ..train.config import load_config
+
+    ckpt = ck.resolve_checkpoint(path)
+    cfg_path = ck.run_config_path(ckpt)
+    if cfg_path is None:
+        raise FileNotFoundError(f"no config.yaml found beside checkpoint {ckpt!r}")
+    cfg = load_config(cfg_path)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model, tok = ck.load_model(ckpt, device=dev)
+    if tok is None:
+        raise FileNotFoundError(f"checkpoint {ckpt!r} has no tokenizer in model/")
+    patch(model, backend=cfg.model.backend)
+    meta = ck.read_meta(ckpt)
+    ctl = MethodController(model, cfg.method, max(int(meta.get("total_steps", 1)), 1), list(meta["domains"]))
+    ctl.load_state_dict(ck.load_method_state(ckpt))
+    model.to(dev)
+    names = domains or list(cfg.data.domains) + ([cfg.data.general] if cfg.data.general and cfg.data.general not in cfg.data.domains else [])
+    texts = {d: load_domain_texts(d, "test", source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs,
+                                  seed=cfg.data.seed, text_field=cfg.data.text_field) for d in names}
+    docs = tokenize_domains(tok, texts)
+    res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                         max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0, device=dev,
+                         bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general)
+    res["checkpoint"] = os.path.abspath(ckpt)
+    res["step"] = meta["step"]
+    res["method"] = cfg.method.name
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{'domain':<14}{'loss':>9}{'ppl':>11}{'tokens':>9}"]
+    for d, r in res["domains"].items():
+        tag = "  (general: forgetting probe)" if res.get("general") is r else ""
+        lines.append(f"{d:<14}{r['loss']:>9.4f}{r['ppl']:>11.2f}{r['tokens']:>9d}{tag}")
+    if "math" in res:
+        m = res["math"]
+        lines.append(f"math exact match: {m['exact_match']:.3f} on {m['n']} held-out problems (greedy)")
+    return "\n".join(lines)

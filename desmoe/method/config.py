@@ -1,0 +1,94 @@
+"""The method's configuration (one ``method:`` section of a training config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .alr import LAMBDA_SCHEDULES
+
+METHODS = ("des_moe", "des_moe_no_alr", "des_moe_no_dges", "fft", "frozen_router", "esft_gate", "esft_token")
+SHARED_EXPERT_MODES = ("train", "frozen")
+
+
+@dataclass
+class MethodConfig:
+    """DES-MoE and baseline settings. Fractions are of the total number of optimizer steps T.
+
+    name: which method (``METHODS``). warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T,
+    T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
+    the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
+    period (steps). per_token_masking: False uses one expert-level mask (the union over domains).
+    shared_experts: always-on shared experts ``train`` in every phase or stay ``frozen``.
+    train_attention/train_embeddings/train_other: unfreeze attention, embeddings + LM head, everything else
+    (norms, dense MLPs) in the DES-MoE variants. esft_p/esft_batches: ESFT's top-p and scoring batches.
+    """
+
+    name: str = "des_moe"
+    warmup_frac: float = 0.2
+    stabilize_frac: float = 0.7
+    tau: float = 0.7
+    lambda_max: float = 0.5
+    lambda_schedule: str = "linear"
+    lambda_end: float | None = None
+    lambda_decay_rate: float = 5.0
+    alr_expansion: int = 4
+    phi: float = 0.6
+    ema_momentum: float = 0.9
+    update_every: int = 10
+    per_token_masking: bool = True
+    shared_experts: str = "train"
+    train_attention: bool = False
+    train_embeddings: bool = False
+    train_other: bool = False
+    esft_p: float = 0.2
+    esft_batches: int = 4
+
+    def __post_init__(self):
+        def bad(field, expected, got):
+            raise ValueError(f"method.{field} must be {expected}, got {got!r}")
+
+        if self.name not in METHODS:
+            bad("name", f"one of {METHODS}", self.name)
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            bad("warmup_frac", "in [0, 1]", self.warmup_frac)
+        if not self.warmup_frac <= self.stabilize_frac <= 1.0:
+            bad("stabilize_frac", f"in [warmup_frac={self.warmup_frac}, 1]", self.stabilize_frac)
+        if self.tau <= 0:
+            bad("tau", "> 0", self.tau)
+        if not 0.0 <= self.lambda_max <= 1.0:
+            bad("lambda_max", "in [0, 1]", self.lambda_max)
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            bad("lambda_schedule", f"one of {LAMBDA_SCHEDULES}", self.lambda_schedule)
+        if self.lambda_end is not None and not 0.0 < self.lambda_end <= 1.0:
+            bad("lambda_end", "in (0, 1] or null (= stabilize_frac)", self.lambda_end)
+        if self.lambda_decay_rate <= 0:
+            bad("lambda_decay_rate", "> 0", self.lambda_decay_rate)
+        if int(self.alr_expansion) != self.alr_expansion or self.alr_expansion < 1:
+            bad("alr_expansion", "an int >= 1", self.alr_expansion)
+        if not 0.0 < self.phi <= 1.0:
+            bad("phi", "in (0, 1]", self.phi)
+        if not 0.0 <= self.ema_momentum < 1.0:
+            bad("ema_momentum", "in [0, 1)", self.ema_momentum)
+        if int(self.update_every) != self.update_every or self.update_every < 1:
+            bad("update_every", "an int >= 1", self.update_every)
+        if self.shared_experts not in SHARED_EXPERT_MODES:
+            bad("shared_experts", f"one of {SHARED_EXPERT_MODES}", self.shared_experts)
+        if not 0.0 < self.esft_p <= 1.0:
+            bad("esft_p", "in (0, 1]", self.esft_p)
+        if int(self.esft_batches) != self.esft_batches or self.esft_batches < 1:
+            bad("esft_batches", "an int >= 1", self.esft_batches)
+
+    @property
+    def uses_alr(self) -> bool:
+        return self.name in ("des_moe", "des_moe_no_dges")
+
+    @property
+    def uses_dges(self) -> bool:
+        return self.name in ("des_moe", "des_moe_no_alr")
+
+    @property
+    def phased(self) -> bool:
+        return self.name.startswith("des_moe")
+
+    @property
+    def is_esft(self) -> bool:
+        return self.name.startswith("esft")

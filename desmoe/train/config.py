@@ -1,0 +1,249 @@
+"""Training configuration: dataclasses validated in ``__post_init__``, loaded from YAML, ``--set a.b=c`` overrides.
+
+Every validation error is a ``ValueError`` naming the dotted field (``train.lr``, ``data.domains`` ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from ..method.config import MethodConfig
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _bad(field_name, expected, got):
+    raise ValueError(f"{field_name} must be {expected}, got {got!r}")
+
+
+def _int(name, v, lo=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        _bad(name, "an int", v)
+    if lo is not None and v < lo:
+        _bad(name, f">= {lo}", v)
+
+
+@dataclass
+class ModelConfig:
+    """Either ``tiny: <model_type>`` (random init; ``overrides`` are config keys) or ``path`` (local directory
+    or Hugging Face name, loaded with ``from_pretrained``, no downloads unless already cached)."""
+
+    tiny: str | None = None
+    path: str | None = None
+    overrides: dict = field(default_factory=dict)
+    backend: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.tiny is None) == (self.path is None):
+            raise ValueError(f"model: set exactly one of model.tiny (a model_type) or model.path, "
+                             f"got tiny={self.tiny!r}, path={self.path!r}")
+        if self.tiny is not None:
+            from ..integrations.tiny import tiny_model_types
+
+            if self.tiny not in tiny_model_types():
+                _bad("model.tiny", f"one of {tiny_model_types()}", self.tiny)
+        if not isinstance(self.overrides, dict):
+            _bad("model.overrides", "a mapping of config keys", self.overrides)
+        from ..ops import BACKENDS
+
+        if self.backend not in BACKENDS:
+            _bad("model.backend", f"one of {BACKENDS}", self.backend)
+        if self.dtype not in DTYPES:
+            _bad("model.dtype", f"one of {DTYPES}", self.dtype)
+        _int("model.seed", self.seed)
+
+
+@dataclass
+class TokenizerConfig:
+    """``path``: a saved tokenizer directory; else a byte-level BPE is trained on the training texts."""
+
+    path: str | None = None
+    vocab_size: int = 2048
+
+    def __post_init__(self):
+        _int("tokenizer.vocab_size", self.vocab_size, 260)
+        if self.path is not None and not os.path.isdir(self.path):
+            raise ValueError(f"tokenizer.path: no tokenizer directory at {self.path!r}")
+
+
+@dataclass
+class DataConfig:
+    """``domains``: fine-tuning domains (built-in names, or any name with a ``sources`` entry: a hub dataset or a
+    local json/jsonl/parquet/text file). ``general``: the base model's domain, the forgetting probe."""
+
+    domains: list = field(default_factory=lambda: ["math", "code", "law"])
+    sources: dict = field(default_factory=dict)
+    general: str | None = "general"
+    max_docs: int | None = 400
+    eval_max_docs: int | None = 64
+    seq_len: int = 128
+    batch_size: int = 8
+    weights: dict | list | None = None
+    text_field: str = "text"
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.domains, str):
+            self.domains = [self.domains]
+        if not isinstance(self.domains, list) or not self.domains or not all(isinstance(d, str) for d in self.domains):
+            _bad("data.domains", "a non-empty list of domain names", self.domains)
+        if len(set(self.domains)) != len(self.domains):
+            _bad("data.domains", "a list without duplicates", self.domains)
+        if not isinstance(self.sources, dict):
+            _bad("data.sources", "a mapping domain -> dataset name or file", self.sources)
+        from ..data import DOMAINS
+
+        for d in self.domains + ([self.general] if self.general else []):
+            if d not in DOMAINS and d not in self.sources:
+                raise ValueError(f"data.domains: {d!r} is not a built-in domain ({', '.join(DOMAINS)}) and has no "
+                                 f"data.sources entry")
+        for d, src in self.sources.items():
+            if not isinstance(src, str):
+                _bad(f"data.sources.{d}", "a dataset name or file path", src)
+            if (os.sep in src or src.startswith(".")) and not os.path.exists(src):
+                raise ValueError(f"data.sources.{d}: file {src!r} does not exist")
+        if self.max_docs is not None:
+            _int("data.max_docs", self.max_docs, 1)
+        if self.eval_max_docs is not None:
+            _int("data.eval_max_docs", self.eval_max_docs, 1)
+        _int("data.seq_len", self.seq_len, 8)
+        _int("data.batch_size", self.batch_size, 1)
+        if isinstance(self.weights, list) and len(self.weights) == len(self.domains):
+            self.weights = dict(zip(self.domains, self.weights))
+        if self.weights is not None and (not isinstance(self.weights, dict) or set(self.weights) != set(self.domains)
+                                         or any(not isinstance(w, (int, float)) or w <= 0 for w in self.weights.values())):
+            _bad("data.weights", f"a mapping {{domain: positive number}} over exactly {self.domains} (or a list "
+                 f"in that order, or null for balanced mixing)", self.weights)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``max_steps`` = T (optimizer steps); ``pretrain_steps``: optional base pretraining on
+    ``data.general`` before fine-tuning (for demos from a random init)."""
+
+    max_steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: str = "auto"
+    device: str = "auto"
+    log_every: int = 10
+    save_every: int = 0
+    eval_batches: int = 4
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3e-3
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        _int("train.max_steps", self.max_steps, 1)
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            _bad("train.lr", "a number > 0", self.lr)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _bad("train.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        if self.lr_schedule not in LR_SCHEDULES:
+            _bad("train.lr_schedule", f"one of {LR_SCHEDULES}", self.lr_schedule)
+        _int("train.warmup_steps", self.warmup_steps, 0)
+        if self.weight_decay < 0:
+            _bad("train.weight_decay", ">= 0", self.weight_decay)
+        for n in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                _bad(f"train.{n}", "in [0, 1)", getattr(self, n))
+        _int("train.grad_accum", self.grad_accum, 1)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            _bad("train.max_grad_norm", "> 0 or null", self.max_grad_norm)
+        if self.bf16 not in ("auto", True, False, "true", "false"):
+            _bad("train.bf16", "auto, true or false", self.bf16)
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            _bad("train.device", "auto, cpu or cuda[:N]", self.device)
+        _int("train.log_every", self.log_every, 1)
+        _int("train.save_every", self.save_every, 0)
+        _int("train.eval_batches", self.eval_batches, 1)
+        _int("train.pretrain_steps", self.pretrain_steps, 0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig, "method": MethodConfig,
+             "train": TrainConfig}
+
+
+def config_from_dict(d: dict, *, source: str = "config") -> Config:
+    """Build and validate a :class:`Config`; unknown sections/keys raise ``ValueError`` naming them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
+    unknown = set(d) - set(_SECTIONS)
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(_SECTIONS)}")
+    if "model" not in d:
+        raise ValueError(f"{source}: missing section 'model' (set model.tiny or model.path)")
+    kw = {}
+    for name, cls in _SECTIONS.items():
+        sec = d.get(name) or {}
+        if not isinstance(sec, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {type(sec).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = set(sec) - fields
+        if bad:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}; "
+                             f"valid keys: {', '.join(sorted(fields))}")
+        try:
+            kw[name] = cls(**sec)
+        except TypeError as e:
+            raise ValueError(f"{source}: section {name!r}: {e}") from None
+    return Config(**kw)
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` (value parsed as YAML) to the nested dict ``d`` in place; returns it."""
+    import yaml
+
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value (e.g. method.phi=0.5), got {item!r}")
+        key, val = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"--set key must be section.key (e.g. train.lr), got {key!r}")
+        cur = d
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"--set {key}: {p!r} is not a section")
+            cur = nxt
+        cur[parts[-1]] = yaml.safe_load(val)
+    return d
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Read YAML ``path``, apply ``--set`` overrides, validate."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    with open(path) as f:
+        try:
+            d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+    return config_from_dict(apply_overrides(d, overrides or []), source=path)

@@ -1,0 +1,78 @@
+"""``desmoe`` CLI in-process: train → eval on a tiny run, bad input → exit 2 with a message naming the field or
+file, bench/experiment dispatch, ``python -m desmoe.train``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from desmoe.cli import main
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import tiny_cfg  # noqa: E402
+
+
+@pytest.fixture()
+def cfg_file(tmp_path):
+    d = tiny_cfg(str(tmp_path))
+    d["data"]["domains"] = ["math", "beta"]  # built-in math (generated) + a local file domain
+    d["data"]["sources"].pop("alpha")
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_train_then_eval(tmp_path, cfg_file, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(cfg_file), "--output-dir", str(out), "--max-steps", "4", "--no-progress",
+               "--set", "train.max_steps=6", "--set", "method.name=des_moe"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "done: 4 steps of des_moe" in text and "phase -> stabilization" in text
+    assert (out / "latest").read_text().strip() == "step-000004"
+    assert (out / "config.yaml").exists() and (out / "summary.json").exists()
+    hist = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    assert hist[0]["phase"] == "warmup" and "loss/math" in hist[0] and "lambda" in hist[0]
+    js = tmp_path / "eval.json"
+    rc = main(["eval", "--checkpoint", str(out), "--math-n", "2", "--max-batches", "1", "--json", str(js)])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert set(res["domains"]) == {"math", "beta", "base"} and res["general"] == res["domains"]["base"]
+    assert res["math"]["n"] == 2 and res["step"] == 4 and res["method"] == "des_moe"
+    assert "forgetting probe" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2_with_clear_message(tmp_path, cfg_file, capsys):
+    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r"), "--set", "method.tau=-1"]) == 2
+    assert "method.tau" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "none.yaml"), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+    d = yaml.safe_load(cfg_file.read_text())
+    os.remove(d["data"]["sources"]["beta"])
+    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "beta.jsonl" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r2"), "--resume",
+                 "--set", f"data.sources.beta={d['data']['sources']['gamma']}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "bench_train_step.py" in capsys.readouterr().err
+    assert main(["experiment", "paper", "--out", str(tmp_path)]) == 2
+    assert "issue 8" in capsys.readouterr().err
+
+
+def test_bench_dispatch(tmp_path, capsys):
+    assert main(["bench", "train_step", "--quick", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
+    files = os.listdir(tmp_path)
+    assert len(files) == 1
+    res = json.loads((tmp_path / files[0]).read_text())
+    passes = {(r["impl"], r["pass"]) for r in res["records"]}
+    assert ("desmoe", "des_consolidation") in passes and ("eager", "fft") in passes
+
+
+def test_python_dash_m_desmoe_train_help():
+    r = subprocess.run([sys.executable, "-m", "desmoe.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--output-dir" in r.stdout

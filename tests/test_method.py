@@ -1,0 +1,312 @@
+"""DES-MoE method pieces: KD loss, λ schedules, affinity A + EMA, masks, per-token gradient masking, phases,
+baselines. Tiny qwen3_moe / deepseek_v2 models on CPU (reference ops)."""
+import math
+
+import pytest
+import torch
+
+import desmoe
+from desmoe.integrations.tiny import tiny_model
+from desmoe.method import (AffinityTracker, MethodConfig, MethodController, kd_loss, lambda_at, masks_from_affinity,
+                           select_top_p)
+from desmoe.method import _ext
+
+
+# --- KD loss ------------------------------------------------------------------------------------------------
+def test_kd_loss_value_matches_formula():
+    t, s = torch.randn(7, 5), torch.randn(7, 5)
+    tau = 0.7
+    p, q = torch.softmax(t / tau, -1), torch.softmax(s / tau, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(t, s, tau), want)
+    valid = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    want_v = (p * (p.log() - q.log())).sum(-1)[valid].mean()
+    torch.testing.assert_close(kd_loss(t, s, tau, valid), want_v)
+    assert kd_loss(t, t.clone(), tau).abs() < 1e-6
+
+
+def test_kd_loss_gradient():
+    t = torch.randn(4, 6, dtype=torch.float64)
+    s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    # float32 inside; compare against the analytic gradient (q - p) / (tau * T)
+    tau = 0.7
+    kd_loss(t, s, tau).backward()
+    p, q = torch.softmax(t / tau, -1), torch.softmax(s.detach() / tau, -1)
+    torch.testing.assert_close(s.grad, (q - p) / (tau * 4), atol=1e-6, rtol=1e-5)
+    t2 = torch.randn(3, 4, requires_grad=True)
+    kd_loss(t2, torch.randn(3, 4), 0.7)  # teacher is detached: no grad flows to it
+    assert t2.grad is None
+    with pytest.raises(ValueError, match="tau"):
+        kd_loss(t, s, 0.0)
+
+
+# --- λ schedules ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential"])
+def test_lambda_schedules(schedule):
+    vals = [lambda_at(a / 100, schedule=schedule, lambda_max=0.5, end=0.7) for a in range(101)]
+    assert vals[0] == pytest.approx(0.5)
+    assert all(b <= a + 1e-12 for a, b in zip(vals, vals[1:])), "λ must not increase"
+    assert vals[70] == pytest.approx(0.0, abs=1e-12) and max(vals[70:]) == pytest.approx(0.0, abs=1e-12)
+    mid = lambda_at(0.35, schedule=schedule, lambda_max=0.5, end=0.7)
+    want = {"linear": 0.25, "cosine": 0.25, "exponential": 0.5 * (math.exp(-2.5) - math.exp(-5)) / (1 - math.exp(-5))}
+    assert mid == pytest.approx(want[schedule])
+
+
+def test_lambda_bad_schedule():
+    with pytest.raises(ValueError, match="schedule"):
+        lambda_at(0.1, schedule="step")
+    assert lambda_at(0.9, schedule="constant", lambda_max=0.3) == 0.3
+
+
+# --- A, EMA, masks ------------------------------------------------------------------------------------------
+def test_affinity_accumulation_and_ema():
+    L, M, E, K, T = 2, 3, 5, 2, 40
+    tr = AffinityTracker(L, M, E, phi=0.6, momentum=0.9)
+    total = torch.zeros(L, M, E)
+    for _ in range(3):
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(L * T)]).view(L, T, K)
+        dom = torch.randint(-1, M - 1, (T,))  # domain M-1 never appears, -1 = padding
+        tr.observe(ids, dom)
+        for l in range(L):
+            for t in range(T):
+                if dom[t] >= 0:
+                    for k in range(K):
+                        total[l, dom[t], ids[l, t, k]] += 1
+    tr.finish_warmup()
+    want = total / total.sum(-1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(tr.A_LME, want)
+    assert torch.all(tr.A_LME[:, M - 1] == 0)
+    torch.testing.assert_close(tr.A_LME[:, : M - 1].sum(-1), torch.ones(L, M - 1))
+    # EMA refresh with new routing: only domain 0, always experts {0, 1}
+    ids = torch.tensor([0, 1]).expand(L, 10, 2)
+    tr.observe(ids, torch.zeros(10, dtype=torch.long))
+    old = tr.A_LME.clone()
+    tr.refresh()
+    new0 = torch.tensor([0.5, 0.5, 0, 0, 0])
+    torch.testing.assert_close(tr.A_LME[:, 0], 0.9 * old[:, 0] + 0.1 * new0)
+    torch.testing.assert_close(tr.A_LME[:, 1:], old[:, 1:])  # no new tokens: rows kept
+    assert tr.counts_LME.sum() == 0
+
+
+def test_mask_threshold_and_at_least_one_expert():
+    A = torch.tensor([[[0.5, 0.3, 0.29, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.01, 0.0]]])
+    m = masks_from_affinity(A, 0.6)
+    assert m[0, 0].tolist() == [True, True, False, False]  # 0.3 >= 0.6*0.5, 0.29 < 0.3
+    assert m[0, 1].all()
+    assert m[0, 3].tolist() == [False, False, True, False]
+    assert (m.sum(-1) >= 1).all()
+    m1 = masks_from_affinity(A, 1.0)
+    assert (m1.sum(-1) >= 1).all()
+    with pytest.raises(ValueError, match="phi"):
+        masks_from_affinity(A, 0.0)
+
+
+def test_local_ext_functions_match_desmoe_ext_when_present():
+    L, M, E, T, K = 2, 3, 6, 17, 2
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(L * T)]).view(L, T, K)
+    dom = torch.randint(-1, M, (T,))
+    w = torch.rand(L, T, K)
+    masks = torch.rand(L, M, E) > 0.5
+    pm = _ext.pair_mask(dom, ids, masks)
+    for l in range(L):
+        from desmoe.ops.reference import pair_mask_reference
+        assert torch.equal(pm[l], pair_mask_reference(dom, ids[l], masks[l]))
+    c, mass, load = _ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w)
+    assert c.sum() == (dom >= 0).sum() * K * L and load.sum() == T * K * L
+    try:
+        import desmoe.ext as ext
+    except ImportError:
+        pytest.skip("desmoe.ext not present: local versions are in use")
+    c2, mass2, load2 = ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w)
+    assert torch.equal(c, c2) and torch.equal(load, load2)
+    torch.testing.assert_close(mass, mass2)
+    assert torch.equal(pm, ext.pair_mask(dom, ids, masks))
+
+
+def test_select_top_p():
+    s = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
+    assert select_top_p(s, 0.2)[0, 0].tolist() == [True, False, False, False]
+    assert select_top_p(s, 0.6)[0, 0].tolist() == [True, True, False, False]
+    assert select_top_p(s, 1.0)[0, 0].tolist() == [True, True, True, True]
+
+
+# --- on a model ------------------------------------------------------------------------------------------------
+def _model(mt="qwen3_moe"):
+    m = tiny_model(mt, vocab_size=64)
+    desmoe.patch(m, backend="reference")
+    return m.train()
+
+
+def _batch(B=2, S=12, M=2, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, S), generator=g)
+    dom = torch.arange(B).remainder(M).view(B, 1).expand(B, S).clone()
+    return {"input_ids": ids, "labels": ids.clone(), "domain_ids": dom}
+
+
+def _step(ctl, model, opt, step, batch):
+    ctl.begin_step(step)
+    dom_T = batch["domain_ids"].reshape(-1)
+    ctl.before_forward(dom_T)
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    kd = ctl.after_forward(dom_T)
+    loss = ctl.combine(out.loss, kd)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    ctl.before_optimizer_step(opt)
+    opt.step()
+    ctl.after_optimizer_step()
+    ctl.end_step(step)
+    return loss
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def _changed_experts(before, model, name):
+    p = dict(model.named_parameters())[name].detach()
+    return {e for e in range(p.shape[0]) if not torch.equal(before[name][e], p[e])}
+
+
+def test_alr_step0_equals_base_model():
+    m = _model()
+    x = torch.randint(3, 64, (2, 10))
+    with torch.no_grad():
+        want = m(input_ids=x).logits
+        MethodController(m, MethodConfig(), 10, ["a", "b"])
+        got = m(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_per_token_masking_gradients():
+    """A batch of domain 0 only: each expert's weight gradient is nonzero only if domain 0 owns it."""
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
+    ctl.apply_phase("stabilization")
+    L, E = len(ctl.blocks), ctl.num_experts
+    masks = torch.zeros(L, 2, E, dtype=torch.bool)
+    masks[:, 0, :4] = True
+    masks[:, 1, 4:] = True
+    masks[:, 1, 0] = True  # expert 0 is shared by both domains
+    ctl.tracker.masks_LME = masks
+    ctl.tracker.initialised = True
+    b = _batch()
+    b["domain_ids"][:] = 0
+    dom_T = b["domain_ids"].reshape(-1)
+    ctl.begin_step(5)
+    ctl.before_forward(dom_T)
+    m(input_ids=b["input_ids"], labels=b["labels"]).loss.backward()
+    ctl.after_forward(dom_T)
+    for _, _, ex in ctl.blocks:
+        for p in (ex.gate_up_proj, ex.down_proj):
+            nz = p.grad.flatten(1).abs().sum(1) > 0
+            assert not nz[4:].any(), "domain-1 experts got gradient from domain-0 tokens"
+            assert nz[:4].any()
+    # and the optimizer step changes only domain 0's experts that these tokens reached
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW(ctl.param_groups(0.0), lr=1e-2)
+    ctl.before_optimizer_step(opt)
+    opt.step()
+    for bname, _, ex in ctl.blocks:
+        got = _changed_experts(before, m, f"{bname}.experts.gate_up_proj")
+        reached = set((ex.gate_up_proj.grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist())
+        assert got == reached and got <= {0, 1, 2, 3}
+    m.zero_grad()
+    # mixed batch: row of domain 1 reaches experts 4.. and 0
+    m.zero_grad()
+    b = _batch()
+    dom_T = b["domain_ids"].reshape(-1)
+    b2 = dict(b, domain_ids=torch.ones_like(b["domain_ids"]))
+    ctl.before_forward(b2["domain_ids"].reshape(-1))
+    m(input_ids=b["input_ids"], labels=b["labels"]).loss.backward()
+    ctl.after_forward(b2["domain_ids"].reshape(-1))
+    for _, _, ex in ctl.blocks:
+        nz = ex.gate_up_proj.grad.flatten(1).abs().sum(1) > 0
+        assert not nz[1:4].any()
+
+
+def test_phases_change_exactly_the_right_parameters():
+    torch.manual_seed(0)
+    m = _model()
+    T = 10
+    ctl = MethodController(m, MethodConfig(name="des_moe", update_every=2, phi=0.9), T, ["a", "b"])
+    opt = torch.optim.AdamW(ctl.param_groups(weight_decay=0.1), lr=1e-2)
+    names = dict(m.named_parameters())
+    kinds = ctl.kinds
+    for step in range(T):
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        b = _batch(seed=step)
+        phase = ctl.phase(step)
+        masks = None if ctl.tracker.masks_LME is None else ctl.tracker.masks_LME.clone()
+        _step(ctl, m, opt, step, b)
+        changed = _changed(before, m)
+        changed_kinds = {kinds[n] for n in changed}
+        want = {"warmup": {"experts", "alr"}, "stabilization": {"experts", "alr"}, "consolidation": {"experts"}}[phase]
+        assert changed_kinds == want, (step, phase, changed_kinds)
+        assert not any(kinds[n] in ("router", "attention", "embeddings", "other") for n in changed)
+        if phase != "warmup":
+            for l, (bname, _, _) in enumerate(ctl.blocks):
+                allowed = set(masks[l].any(0).nonzero().flatten().tolist())
+                got = _changed_experts(before, m, f"{bname}.experts.gate_up_proj")
+                assert got <= allowed and got, (step, l, got, allowed)
+        # frozen parameters own no optimizer state
+        for n, p in names.items():
+            if kinds[n] in ("router", "attention", "embeddings", "other"):
+                assert p not in opt.state
+    assert ctl.tracker.initialised and ctl.tracker.masks_LME is not None
+
+
+@pytest.mark.parametrize("method", ["fft", "frozen_router", "des_moe_no_alr", "des_moe_no_dges", "esft_gate", "esft_token"])
+def test_baselines_select_the_right_parameters(method):
+    m = _model("deepseek_v2")
+    T = 5
+    ctl = MethodController(m, MethodConfig(name=method, shared_experts="frozen", esft_p=0.3), T, ["a", "b"])
+    if ctl.cfg.is_esft:
+        sel = ctl.score_esft([_batch(seed=s) for s in range(2)])
+        assert sel.any(1).all() and not sel.all()
+    opt = torch.optim.AdamW(ctl.param_groups(0.1), lr=1e-2)
+    kinds = ctl.kinds
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    _step(ctl, m, opt, 0, _batch())  # step 0: warm-up for the DES variants
+    changed_kinds = {kinds[n] for n in _changed(before, m)}
+    want = {
+        "fft": {"experts", "router", "shared_experts", "attention", "embeddings", "other"},
+        "frozen_router": {"experts", "shared_experts", "attention", "embeddings", "other"},
+        "des_moe_no_alr": {"experts", "router"},
+        "des_moe_no_dges": {"experts", "alr"},
+        "esft_gate": {"experts"},
+        "esft_token": {"experts"},
+    }[method]
+    assert changed_kinds == want
+    if ctl.cfg.is_esft:
+        for l, (bname, _, _) in enumerate(ctl.blocks):
+            got = _changed_experts(before, m, f"{bname}.experts.down_proj")
+            assert got == set(sel[l].nonzero().flatten().tolist())
+    if method == "des_moe_no_dges":  # no masks in stabilisation: every routed expert may train
+        for s in range(1, 3):
+            _step(ctl, m, opt, s, _batch(seed=s))
+        assert ctl.expert_trainable_LE() is None
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="method.name"):
+        MethodConfig(name="lora")
+    with pytest.raises(ValueError, match="method.phi"):
+        MethodConfig(phi=1.5)
+    with pytest.raises(ValueError, match="method.stabilize_frac"):
+        MethodConfig(warmup_frac=0.5, stabilize_frac=0.3)
+    with pytest.raises(ValueError, match="method.shared_experts"):
+        MethodConfig(shared_experts="sometimes")
+
+
+@pytest.mark.parametrize("mode,mt", [("train", "deepseek_v2"), ("frozen", "deepseek_v2"), ("train", "qwen2_moe")])
+def test_shared_experts_mode(mode, mt):
+    m = _model(mt)
+    ctl = MethodController(m, MethodConfig(name="des_moe", shared_experts=mode), 10, ["a", "b"])
+    opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    _step(ctl, m, opt, 0, _batch())
+    kinds = {ctl.kinds[n] for n in _changed(before, m)}
+    assert ("shared_experts" in kinds) == (mode == "train")
+    assert any(ctl.kinds[n] == "shared_experts" for n in ctl.kinds)
