@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-steps", type=int, default=120, help="base pretraining steps on 'general'")
     d.add_argument("--no-compare", action="store_true", help="skip the full fine-tuning (FFT) comparison run")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--no-parity", action="store_true", help="skip the desmoe.patch parity table")
+
+    pa = sub.add_parser("parity", help="desmoe.patch vs transformers eager on tiny models of every supported type")
+    pa.add_argument("--model-types", nargs="*", default=None, help="subset of model types (default: all)")
 
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -141,6 +145,14 @@ def cmd_demo(a) -> int:
         p = os.path.join(a.out, sub)
         if os.path.isfile(os.path.join(p, "config.yaml")) or os.path.isfile(os.path.join(p, "config.json")):
             shutil.rmtree(p)
+    if not a.no_parity:
+        from .integrations.parity import parity_rows, print_parity
+
+        print("[0/3] desmoe.patch parity against transformers' eager experts (tiny models, fp32, logits and grads)")
+        rows = parity_rows()
+        print_parity(rows)
+        if not all(r["ok"] for r in rows):
+            raise ValueError("parity check failed for: " + ", ".join(r["model_type"] for r in rows if not r["ok"]))
     print(f"[1/3] base model: tiny qwen3_moe (8 experts, top-2), tokenizer trained on the built-in domains, "
           f"{a.pretrain_steps} pretraining steps on 'general'")
     base_dir = os.path.join(a.out, "base")
@@ -188,6 +200,14 @@ def demo_report(base: dict, des: dict, fft: dict | None, seconds: float) -> str:
     return "\n".join(L)
 
 
+def cmd_parity(a) -> int:
+    from .integrations.parity import parity_rows, print_parity
+
+    rows = parity_rows(a.model_types or None)
+    print_parity(rows)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def cmd_experiment(a) -> int:
     raise NotImplementedError(f"desmoe experiment {a.name!r}: not implemented yet: see issue 8")
 
@@ -196,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_transformers()
     fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
-          "experiment": cmd_experiment}[args.cmd]
+          "experiment": cmd_experiment, "parity": cmd_parity}[args.cmd]
     try:
         return fn(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:

@@ -191,3 +191,12 @@ def test_router_residual_starts_as_identity_and_records():
     torch.testing.assert_close(model(ids).logits, base)
     for r in routers(model):
         assert r.last["topk_ids_TK"].shape == (ids.numel(), r.top_k)
+
+
+def test_parity_cli(capsys):
+    from desmoe.cli import main
+
+    assert main(["parity", "--model-types", "mixtral", "qwen2_moe"]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral" in out and "qwen2_moe" in out and "NO" not in out
+    assert main(["parity", "--model-types", "llama"]) == 2
