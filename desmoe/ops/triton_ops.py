@@ -1,0 +1,445 @@
+"""Triton backend: launchers for ``desmoe.kernels`` wrapped as ``torch.library`` custom ops.
+
+Ops (namespace ``desmoe``), each with a fake (meta) impl and, where differentiable, ``register_autograd``, so
+they trace under ``torch.compile(fullgraph=True)`` as single opaque nodes:
+
+    desmoe::topk_route_fwd   logits [T,E] -> weights [T,K] f32, ids [T,K] i64
+    desmoe::topk_route_bwd   d weights -> d logits
+    desmoe::moe_permute      ids [T,K] -> sorted_pairs [S] i32, offsets [E+1] i32
+    desmoe::moe_experts_fwd  x, W_gate_up, W_down, ids, weights (+ masks, saved for backward) -> out [T,D], and
+                             what backward needs: the gate|up pre-activation [S,2I] (sorted-pair rows; the
+                             only activation kept), sorted_pairs, offsets
+    desmoe::moe_experts_bwd  -> dx, dW_gate_up, dW_down, d weights (masks applied to the dW only)
+
+Nothing here syncs with the host: the permutation and the GEMM tile schedule are built on the device and
+grids are sized from shapes alone. Inputs are validated by :mod:`desmoe.ops` before they arrive here.
+
+Debugging aid: with ``DESMOE_POISON_OUTPUTS=1`` every buffer a launcher allocates is filled with NaN (ints with
+-1) first, so an element a kernel forgets to write shows up in the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels import moe as _mk
+from ..kernels import routing as _rk
+from . import reference
+
+Tensor = torch.Tensor
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _poison() -> bool:
+    return os.environ.get("DESMOE_POISON_OUTPUTS") == "1"
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison():
+        t.fill_(float("nan") if dtype.is_floating_point else -1)
+    return t
+
+
+def _on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+# --- routing --------------------------------------------------------------------------------------------------
+
+def _route_block_t(E_PAD: int) -> int:
+    # ~4K scores in registers per program; rows are independent so any power of two works
+    return max(1, min(64, 4096 // E_PAD))
+
+
+@torch.library.custom_op("desmoe::topk_route_fwd", mutates_args=())
+def topk_route_fwd(
+    logits_TE: Tensor, bias_E: Optional[Tensor], top_k: int, scoring: str, renormalize: bool, n_group: int,
+    topk_group: int, group_score: str, scaling: float, renorm_eps: float, masked_value: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    T, E = logits_TE.shape
+    weights_TK = _empty((T, top_k), torch.float32, logits_TE.device)
+    ids_TK = _empty((T, top_k), torch.int64, logits_TE.device)
+    if T == 0:
+        return weights_TK, ids_TK
+    E_PAD = _pow2(E)
+    BLOCK_T = _route_block_t(E_PAD)
+    grouped = n_group > 1 and topk_group < n_group
+    bias = bias_E.contiguous() if bias_E is not None else logits_TE
+    with _on_device(logits_TE):
+        _rk.topk_route_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+            logits_TE, bias, weights_TK, ids_TK, T, E, logits_TE.stride(0), logits_TE.stride(1),
+            float(scaling), float(renorm_eps), float("-inf") if masked_value is None else float(masked_value),
+            TOP_K=top_k, K_PAD=_pow2(top_k), E_PAD=E_PAD, BLOCK_T=BLOCK_T,
+            SCORING_SIGMOID=scoring == "sigmoid", HAS_BIAS=bias_E is not None, RENORM=bool(renormalize),
+            GROUPED=grouped, N_GROUP=n_group, GROUP_SIZE=E // n_group, TOPK_GROUP=topk_group,
+            G_PAD=_pow2(n_group), GROUP_TOP2SUM=group_score == "top2sum",
+        )
+    return weights_TK, ids_TK
+
+
+@topk_route_fwd.register_fake
+def _(logits_TE, bias_E, top_k, scoring, renormalize, n_group, topk_group, group_score, scaling, renorm_eps,
+      masked_value):
+    T = logits_TE.shape[0]
+    return (logits_TE.new_empty((T, top_k), dtype=torch.float32), logits_TE.new_empty((T, top_k), dtype=torch.int64))
+
+
+@torch.library.custom_op("desmoe::topk_route_bwd", mutates_args=())
+def topk_route_bwd(
+    dweights_TK: Tensor, logits_TE: Tensor, ids_TK: Tensor, scoring: str, renormalize: bool, scaling: float,
+    renorm_eps: float,
+) -> Tensor:
+    T, E = logits_TE.shape
+    K = ids_TK.shape[1]
+    dlogits_TE = _empty((T, E), logits_TE.dtype, logits_TE.device)
+    if T == 0:
+        return dlogits_TE
+    E_PAD = _pow2(E)
+    BLOCK_T = _route_block_t(E_PAD)
+    with _on_device(logits_TE):
+        _rk.topk_route_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+            dweights_TK.contiguous(), logits_TE, ids_TK.contiguous(), dlogits_TE, T, E,
+            logits_TE.stride(0), logits_TE.stride(1), dlogits_TE.stride(0), dlogits_TE.stride(1),
+            float(scaling), float(renorm_eps),
+            TOP_K=K, K_PAD=_pow2(K), E_PAD=E_PAD, BLOCK_T=BLOCK_T, SCORING_SIGMOID=scoring == "sigmoid",
+            RENORM=bool(renormalize),
+        )
+    return dlogits_TE
+
+
+@topk_route_bwd.register_fake
+def _(dweights_TK, logits_TE, ids_TK, scoring, renormalize, scaling, renorm_eps):
+    return torch.empty_like(logits_TE, memory_format=torch.contiguous_format)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits_TE, _bias, _k, scoring, renormalize, _ng, _tg, _gs, scaling, renorm_eps, _mv = inputs
+    ctx.save_for_backward(logits_TE, output[1])
+    ctx.args = (scoring, bool(renormalize), float(scaling), float(renorm_eps))
+
+
+def _route_backward(ctx, dweights_TK, _dids):
+    logits_TE, ids_TK = ctx.saved_tensors
+    dlogits = None
+    if ctx.needs_input_grad[0] and dweights_TK is not None:
+        dlogits = topk_route_bwd(dweights_TK.float(), logits_TE, ids_TK, *ctx.args)
+    return dlogits, None, None, None, None, None, None, None, None, None, None
+
+
+topk_route_fwd.register_autograd(_route_backward, setup_context=_route_setup_context)
+
+
+def topk_route(
+    logits_TE: Tensor, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+    bias_E: Tensor | None = None, n_group: int = 1, topk_group: int = 1, group_score: str = "max",
+    scaling: float = 1.0, renorm_eps: float = 0.0, masked_value: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused top-k routing; same contract as :func:`desmoe.ops.reference.topk_route_reference`.
+
+    Returns ``(weights_TK float32, ids_TK int64)``; ``weights_TK`` is differentiable w.r.t. ``logits_TE``
+    (``bias_E`` only steers the selection and gets no gradient).
+    """
+    return topk_route_fwd(
+        logits_TE, bias_E, int(top_k), scoring, bool(renormalize), int(n_group), int(topk_group), group_score,
+        float(scaling), float(renorm_eps), None if masked_value is None else float(masked_value),
+    )
+
+
+# --- permutation ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("desmoe::moe_permute", mutates_args=())
+def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    S = topk_ids_TK.numel()
+    sorted_pairs_S = _empty((S,), torch.int32, topk_ids_TK.device)
+    offsets_E1 = _empty((num_experts + 1,), torch.int32, topk_ids_TK.device)
+    if S == 0:
+        offsets_E1.zero_()
+        return sorted_pairs_S, offsets_E1
+    ids_S = topk_ids_TK.reshape(-1).to(torch.int32)
+    block = 16 if _INTERPRET else min(4096, _pow2(S))
+    with _on_device(topk_ids_TK):
+        _rk.permute_kernel[(num_experts,)](ids_S, sorted_pairs_S, offsets_E1, S, num_experts, BLOCK=block,
+                                           num_warps=1 if _INTERPRET else 8)
+    return sorted_pairs_S, offsets_E1
+
+
+@moe_permute.register_fake
+def _(topk_ids_TK, num_experts):
+    S = topk_ids_TK.numel()
+    return (topk_ids_TK.new_empty((S,), dtype=torch.int32),
+            topk_ids_TK.new_empty((num_experts + 1,), dtype=torch.int32))
+
+
+def permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Expert-major, stable pair order (int64, as the reference) and ``offsets_E1`` (int32); no host sync."""
+    sorted_pairs_S, offsets_E1 = moe_permute(topk_ids_TK, int(num_experts))
+    return sorted_pairs_S.long(), offsets_E1
+
+
+def route_and_permute(logits_TE: Tensor, top_k: int, **route_kwargs):
+    """Routing plus everything the expert kernels consume, without a host sync.
+
+    Returns ``(weights_TK, ids_TK, counts_E int32, offsets_E1 int32, sorted_pairs_S int64)``.
+    """
+    weights_TK, ids_TK = topk_route(logits_TE, top_k, **route_kwargs)
+    sorted_pairs_S, offsets_E1 = moe_permute(ids_TK, logits_TE.shape[1])
+    counts_E = offsets_E1[1:] - offsets_E1[:-1]
+    return weights_TK, ids_TK, counts_E, offsets_E1, sorted_pairs_S.long()
+
+
+# --- experts --------------------------------------------------------------------------------------------------
+
+def _block_m(S: int, E: int) -> int:
+    if _INTERPRET:
+        return 16
+    return 128 if S >= 256 * E else 64
+
+
+def _tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
+    """Per row tile: its expert (E = unused grid slot) and first sorted row. Device ops only: no sync."""
+    counts = (offsets_E1[1:] - offsets_E1[:-1]).long()
+    tiles = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0)
+    max_tiles = triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
+    pid = torch.arange(max_tiles, device=offsets_E1.device)
+    tile_expert = torch.searchsorted(tile_end, pid, right=True)
+    e = tile_expert.clamp(max=E - 1)
+    tile_row = offsets_E1[e].long() + (pid - (tile_end[e] - tiles[e])) * BM
+    return tile_expert.to(torch.int32), tile_row.to(torch.int32), max_tiles
+
+
+def _rows_bucket(S: int, E: int) -> int:
+    # autotune key: pairs per expert rounded to a power of two (the raw token count stays out of the key)
+    return min(_pow2(S // max(E, 1)), 1 << 16)
+
+
+def _max_programs(device: torch.device) -> int:
+    """Grid cap of the persistent row-tile kernels: a few programs per SM (3 in the interpreter, so the tests
+    exercise the work loop)."""
+    if device.type != "cuda":
+        return 3
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _row_grid(max_tiles, N, device):
+    cap = _max_programs(device)
+    return lambda meta: (max(1, min(max_tiles * triton.cdiv(N, meta["BLOCK_N"]), cap)),)
+
+
+def _mask_u8(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    return mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else like
+
+
+@torch.library.custom_op("desmoe::moe_experts_fwd", mutates_args=())
+def moe_experts_fwd(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
+    expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor], save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    I = I2 // 2
+    K = topk_ids_TK.shape[1]
+    S = T * K
+    dev, dt = x_TD.device, x_TD.dtype
+    sorted_pairs_S, offsets_E1 = moe_permute(topk_ids_TK, E)
+    gate_up_S2I = _empty((S, I2) if save_for_backward else (0, I2), dt, dev)
+    out_TD = _empty((T, D), dt, dev)
+    if S == 0:
+        out_TD.zero_()
+        return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+    # transient: h (sorted rows) and the unweighted expert outputs y (pair rows); neither is kept for backward
+    h_SI = _empty((S, I), dt, dev)
+    y_SD = _empty((S, D), dt, dev)
+    w_TK = topk_weights_TK.contiguous()
+    BM = _block_m(S, E)
+    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
+    bucket = _rows_bucket(S, E)
+    ieee = dt == torch.float32 or _INTERPRET
+    with _on_device(x_TD):
+        _mk.up_swiglu_kernel[_row_grid(max_tiles, I, dev)](
+            x_TD, w_gate_up_E2ID, gate_up_S2I if save_for_backward else h_SI, h_SI,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K,
+            x_TD.stride(0), x_TD.stride(1), *w_gate_up_E2ID.stride(),
+            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=BM,
+        )
+        _mk.down_kernel[_row_grid(max_tiles, D, dev)](
+            h_SI, w_down_EDI, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
+        )
+        BD = min(1024, _pow2(D))
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, w_TK, out_TD, T, D, K, HAS_W=True, BLOCK_D=BD)
+    return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+
+
+@moe_experts_fwd.register_fake
+def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_trainable_E, pair_trainable_TK,
+      save_for_backward):
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    S = T * topk_ids_TK.shape[1]
+    return (
+        x_TD.new_empty((T, D)),
+        x_TD.new_empty((S, I2) if save_for_backward else (0, I2)),
+        x_TD.new_empty((S,), dtype=torch.int32),
+        x_TD.new_empty((E + 1,), dtype=torch.int32),
+    )
+
+
+def _max_n_tiles(I: int) -> int:
+    # upper bound on dh_swiglu_kernel's column tiles over all autotune configs (partial-dot buffer rows)
+    smallest = min(c.kwargs["BLOCK_N"] for c in _mk.dh_swiglu_kernel.configs)
+    return triton.cdiv(I, smallest)
+
+
+@torch.library.custom_op("desmoe::moe_experts_bwd", mutates_args=())
+def moe_experts_bwd(
+    dout_TD: Tensor, x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
+    gate_up_S2I: Tensor, sorted_pairs_S: Tensor, offsets_E1: Tensor,
+    expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
+    need_dx: bool, need_dw: bool, need_dweights: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    I = I2 // 2
+    K = topk_weights_TK.shape[1]
+    S = T * K
+    dev, dt = x_TD.device, x_TD.dtype
+    wdt = w_gate_up_E2ID.dtype
+    dx_TD = _empty((T, D) if need_dx else (0,), dt, dev)
+    dw1 = _empty(tuple(w_gate_up_E2ID.shape) if need_dw else (0,), wdt, dev)
+    dw2 = _empty(tuple(w_down_EDI.shape) if need_dw else (0,), wdt, dev)
+    dweights_TK = _empty((T, K) if need_dweights else (0,), topk_weights_TK.dtype, dev)
+    if S == 0 or not (need_dx or need_dw or need_dweights):
+        for t in (dx_TD, dw1, dw2, dweights_TK):
+            t.zero_()
+        return dx_TD, dw1, dw2, dweights_TK
+    w_TK = topk_weights_TK.contiguous()
+    BM = _block_m(S, E)
+    bucket = _rows_bucket(S, E)
+    ieee = dt == torch.float32 or _INTERPRET
+    sd_t, sd_d = dout_TD.stride()
+    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
+    need_dgu = need_dx or need_dw
+    dgate_up_S2I = _empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
+    hw_SI = _empty((S, I), dt, dev) if need_dw else gate_up_S2I
+    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per column tile of the dh
+    # GEMM (rows beyond the launched tiles stay zero), summed in a fixed order: deterministic, and y is never kept
+    dwp_NS = torch.zeros((_max_n_tiles(I) if need_dweights else 1, S), dtype=torch.float32, device=dev)
+    em = _mask_u8(expert_trainable_E, offsets_E1)
+    pm = _mask_u8(pair_trainable_TK, offsets_E1)
+    has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
+    with _on_device(x_TD):
+        _mk.dh_swiglu_kernel[_row_grid(max_tiles, I, dev)](
+            dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K, S, sd_t, sd_d, *w_down_EDI.stride(), bucket,
+            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+            BLOCK_M=BM,
+        )
+        if need_dweights:
+            dweights_TK.copy_(dwp_NS.sum(0).view(T, K))
+        if need_dx:
+            dxp_SD = _empty((S, D), dt, dev)
+            _mk.dx_kernel[_row_grid(max_tiles, D, dev)](
+                dgate_up_S2I, w_gate_up_E2ID, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+                E, max_tiles, D, I2, *w_gate_up_E2ID.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
+            )
+            BD = min(1024, _pow2(D))
+            _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+        if need_dw:
+            def grid(a, b):
+                return lambda meta: (E, triton.cdiv(a, meta["BLOCK_A"]), triton.cdiv(b, meta["BLOCK_B"]))
+
+            _mk.dw_gate_up_kernel[grid(I2, D)](
+                dgate_up_S2I, x_TD, dw1, offsets_E1, sorted_pairs_S, em, pm, I2, D, K, x_TD.stride(0),
+                x_TD.stride(1), bucket, HAS_EXPERT_MASK=has_em, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+            )
+            _mk.dw_down_kernel[grid(D, I)](
+                dout_TD, hw_SI, dw2, offsets_E1, sorted_pairs_S, em, D, I, K, sd_t, sd_d,
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            )
+    return dx_TD, dw1, dw2, dweights_TK
+
+
+@moe_experts_bwd.register_fake
+def _(dout_TD, x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, gate_up_S2I, sorted_pairs_S, offsets_E1,
+      expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_dweights):
+    T, D = x_TD.shape
+    return (
+        x_TD.new_empty((T, D) if need_dx else (0,)),
+        w_gate_up_E2ID.new_empty(tuple(w_gate_up_E2ID.shape) if need_dw else (0,)),
+        w_down_EDI.new_empty(tuple(w_down_EDI.shape) if need_dw else (0,)),
+        topk_weights_TK.new_empty(tuple(topk_weights_TK.shape) if need_dweights else (0,)),
+    )
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x_TD, w1, w2, _ids, w_TK, em, pm, save = inputs
+    _out, gate_up, sorted_pairs, offsets = output
+    ctx.save_for_backward(x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm)
+    ctx.saved_activations = bool(save)
+
+
+def _experts_backward(ctx, dout_TD, *_unused):
+    x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_dweights = ctx.needs_input_grad[4]
+    if dout_TD is None or not (need_dx or need_dw or need_dweights):
+        return (None,) * 8
+    if not ctx.saved_activations:
+        raise RuntimeError("desmoe::moe_experts_fwd ran without saving activations (save_for_backward=False) "
+                           "but a gradient was requested")
+    dx, dw1, dw2, dweights = moe_experts_bwd(
+        dout_TD, x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm, need_dx, need_dw, need_dweights
+    )
+    return (
+        dx if need_dx else None,
+        dw1 if ctx.needs_input_grad[1] else None,
+        dw2 if ctx.needs_input_grad[2] else None,
+        None,
+        dweights if need_dweights else None,
+        None, None, None,
+    )
+
+
+moe_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+def moe_experts(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """SwiGLU expert MLP with weighted combine on the Triton kernels: ``x [T, D] -> out [T, D]``.
+
+    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``. Runs on
+    x / weights of one dtype among float32, float16, bfloat16; anything else (float64, mixed dtypes) takes
+    the reference path.
+    """
+    if x_TD.dtype not in _KERNEL_DTYPES or w_gate_up_E2ID.dtype != x_TD.dtype or w_down_EDI.dtype != x_TD.dtype:
+        return reference.moe_experts_reference(
+            x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
+            expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+        )
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK)
+    )
+    out_TD = moe_experts_fwd(
+        x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_trainable_E, pair_trainable_TK, save
+    )[0]
+    return out_TD
+
+
+__all__ = ["topk_route", "permute", "route_and_permute", "moe_experts", "topk_route_fwd", "topk_route_bwd",
+           "moe_permute", "moe_experts_fwd", "moe_experts_bwd"]
