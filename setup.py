@@ -10,6 +10,8 @@ name that belongs to Hugging Face's kernel hub and that transformers imports whe
 """
 import glob
 import os
+import re
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -20,6 +22,26 @@ def _packages():
     pkgs = [p for p in find_packages(where=HERE, include=["desmoe", "desmoe.*"])]
     pkgs.append("desmoe.kernels")
     return pkgs
+
+
+# Architectures compiled when no GPU is visible to detect one (CI, CPU build machines): Ampere, Hopper, and
+# PTX for newer cards. Override with TORCH_CUDA_ARCH_LIST.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _cuda_toolkit_matches(torch, cuda_home) -> bool:
+    """nvcc's major version must equal torch's CUDA major (torch refuses to build otherwise); on a mismatch
+    the extension is built CPU-only instead of failing the install."""
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+        nvcc_major = int(re.search(r"release (\d+)\.", out).group(1))
+    except Exception:
+        return False
+    ok = nvcc_major == int(torch.version.cuda.split(".")[0])
+    if not ok:
+        print(f"desmoe: nvcc {nvcc_major}.x does not match torch's CUDA {torch.version.cuda}: "
+              "building the extension without its CUDA kernels")
+    return ok
 
 
 def _ext_modules_and_cmdclass():
@@ -39,11 +61,16 @@ def _ext_modules_and_cmdclass():
         and torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("DESMOE_NO_CUDA_EXT") != "1"
+        and _cuda_toolkit_matches(torch, cpp_extension.CUDA_HOME)
     )
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS  # torch's auto-detection needs a visible GPU
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to torch 2.11,
+    # C++20 from 2.12); forcing an older one breaks the newer headers.
+    extra = {"cxx": ["-O3", "-fopenmp"]}
     define_macros = []
     if with_cuda:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         define_macros.append(("DESMOE_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
             "desmoe._C", cpp + cu, extra_compile_args=extra, define_macros=define_macros,
