@@ -43,12 +43,18 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _triton_importable() -> bool:
     try:
         from . import triton_ops  # noqa: F401
     except Exception:  # Triton missing, or kernels not built for this platform
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # a fact about the process: torch.compile bakes it in, no tracing
+def triton_available() -> bool:
+    """Whether Triton and ``desmoe.kernels`` import (cached for the process)."""
+    return _triton_importable()
 
 
 def _check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=None) -> None:
