@@ -200,3 +200,15 @@ def test_parity_cli(capsys):
     out = capsys.readouterr().out
     assert "mixtral" in out and "qwen2_moe" in out and "NO" not in out
     assert main(["parity", "--model-types", "llama"]) == 2
+
+
+def test_unsupported_experts_layout_is_refused():
+    model = tiny_model("qwen3_moe")
+    _, _, experts = next((n, None, m) for n, m in model.named_modules() if hasattr(m, "gate_up_proj"))
+    experts.has_post_expert_norm = True
+    with pytest.raises(desmoe.UnsupportedModelError, match="post-expert norm"):
+        desmoe.patch(model)
+    experts.has_post_expert_norm = False
+    experts.has_bias = True
+    with pytest.raises(desmoe.UnsupportedModelError, match="expert biases"):
+        desmoe.patch(model)

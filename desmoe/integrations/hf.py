@@ -109,6 +109,8 @@ def _check_experts_layout(name: str, mod: nn.Module) -> None:
         problems.append("transposed weights")
     if not getattr(mod, "is_concatenated", True):
         problems.append("interleaved gate/up layout")
+    if getattr(mod, "has_post_expert_norm", False):  # transformers >= 5.2x: a norm after each expert
+        problems.append("a post-expert norm")
     if problems:
         raise UnsupportedModelError(f"experts module {name!r} uses {', '.join(problems)}, which desmoe does not support")
 
