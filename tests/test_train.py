@@ -18,6 +18,15 @@ WORDS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP spinning between 2 threads costs ~6x; restore for other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_corpus(root, n=60, seed=0):
     rng = random.Random(seed)
     paths = {}

@@ -3,18 +3,26 @@
 Layout of a run directory ``DIR``::
 
     DIR/config.yaml                 the validated config of the run
-    DIR/checkpoints/step-000050/    one checkpoint (written to a temp dir, then renamed: atomic)
+    DIR/run_info.json               versions, git sha, host, command line, world size (one entry per session)
+    DIR/checkpoints/step-000050/    one checkpoint: written to .tmp-step-000050, every file and the directory
+                                    fsync'ed, then renamed (a crash leaves either nothing or a whole checkpoint)
         model/                      save_pretrained (HF format, loads in stock transformers; no ALR keys)
                                     + the tokenizer (save_pretrained)
         method.pt                   ALR weights, affinity A, counts, masks, ESFT selection
-        trainer.pt                  optimizer, scheduler, step, data-stream state, RNG states
-        meta.json                   step, phase, method, domains, losses
+        trainer.pt                  optimizer, scheduler, step, data-stream state, RNG states (rank 0)
+        rng-rank000001.pt ...       RNG states of the other ranks (distributed runs)
+        optim/                      FSDP2 only: sharded optimizer state (torch.distributed.checkpoint)
+        config.json                 the config that wrote it (resume refuses a different one, naming the keys)
+        meta.json                   step, phase, method, domains, eval before training
+        manifest.json               written last: size + sha256 of every file (truncation / bit flips detected)
     DIR/latest                      name of the newest checkpoint (replaced atomically)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 
@@ -22,13 +30,70 @@ import torch
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
+# config keys that may change between a checkpoint and its resumption (they cannot change the weights)
+RESUMABLE_KEYS = ("train.progress", "train.log_every", "train.plots", "train.save_every", "train.keep_last",
+                  "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt, or does not match the run that wants to resume from it."""
+
+
+# --- durable file primitives --------------------------------------------------------------------------------------
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (created/renamed files) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(d)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    out = []
+    for dp, _, fns in os.walk(root):
+        for fn in fns:
+            out.append(os.path.relpath(os.path.join(dp, fn), root))
+    return sorted(out)
 
 
 def save_config(run_dir: str, cfg_dict: dict) -> None:
@@ -38,37 +103,112 @@ def save_config(run_dir: str, cfg_dict: dict) -> None:
     _write_text_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
-def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, optimizer, scheduler,
-                    stream_state: dict | None, meta: dict, keep: int | None = None) -> str:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it; returns its directory."""
+# --- RNG ----------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every RNG a training step may draw from: python, numpy (if installed), torch CPU, all CUDA devices."""
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "numpy": None}
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    if st.get("python") is not None:
+        random.setstate(st["python"])
+    if st.get("numpy") is not None:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        # a resume on fewer/more GPUs restores what matches (CUDA RNG is per device)
+        cur = torch.cuda.device_count()
+        states = list(st["cuda"])[:cur]
+        for i, s in enumerate(states):
+            torch.cuda.set_rng_state(s, i)
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def begin_checkpoint(run_dir: str, step: int) -> str:
+    """Create (empty) the temporary directory of checkpoint ``step``; returns it. The name is deterministic so
+    every rank of a distributed run can write its own files into it (rank 0 calls this, then a barrier)."""
     root = os.path.join(run_dir, CKPT_DIR)
     os.makedirs(root, exist_ok=True)
-    name = f"step-{step:06d}"
-    final = os.path.join(root, name)
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
+    tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}")
+    if os.path.exists(tmp):  # left over by a crash during an earlier save of this step
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = None) -> None:
+    """HF-format model (+ tokenizer) without the ALR residuals, so stock transformers can load it."""
+    residuals = [r.residual for r in routers]
+    for r in routers:
+        r.residual = None
     try:
-        # the ALR residuals live inside the routers; take them out so the HF files stay stock-loadable
-        residuals = [r.residual for r in controller.routers]
-        for r in controller.routers:
-            r.residual = None
-        try:
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if ".residual." not in k}
+            model.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict)
+        else:
             model.save_pretrained(os.path.join(tmp, "model"))
-        finally:
-            for r, res in zip(controller.routers, residuals):
-                r.residual = res
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save(controller.state_dict(), os.path.join(tmp, "method.pt"))
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    finally:
+        for r, res in zip(routers, residuals):
+            r.residual = res
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(tmp, "model"))
+
+
+def write_trainer_state(tmp: str, step: int, *, optimizer_state, scheduler, stream_state, rank: int = 0,
+                        extra: dict | None = None) -> None:
+    """``trainer.pt`` (rank 0) or ``rng-rankNNNNNN.pt`` (other ranks: RNG, stream position, and ``extra``, e.g. the
+    rank's affinity state so that a test or a person can check every rank agreed)."""
+    if rank == 0:
+        torch.save({"step": step, "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "stream": stream_state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
+                    "stream": stream_state, "rng": rng_state(), **(extra or {})}, os.path.join(tmp, "trainer.pt"))
+    else:
+        torch.save({"step": step, "rng": rng_state(), "stream": stream_state, **(extra or {})},
+                   os.path.join(tmp, f"rng-rank{rank:06d}.pt"))
+
+
+def commit_checkpoint(run_dir: str, tmp: str, step: int, *, meta: dict, config: dict | None,
+                      keep: int | None = None) -> str:
+    """Rank 0, after every rank wrote its files into ``tmp``: meta + config + manifest, fsync everything, rename
+    to ``step-NNNNNN``, point ``latest`` at it, drop all but the newest ``keep``. Returns the final directory."""
+    root = os.path.join(run_dir, CKPT_DIR)
+    name = checkpoint_name(step)
+    final = os.path.join(root, name)
+    try:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=1, default=str)
+            json.dump({"step": step, "format": FORMAT_VERSION, **meta}, f, indent=1, default=str)
+        if config is not None:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=1, default=str)
+        files = {}
+        for rel in _files(tmp):
+            p = os.path.join(tmp, rel)
+            _fsync_file(p)
+            files[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"format": FORMAT_VERSION, "step": step, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for dp, _, _ in os.walk(tmp):
+            fsync_dir(dp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,14 +217,31 @@ def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, op
         olds = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
         for d in olds[: max(0, len(olds) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        fsync_dir(root)
     return final
 
 
+def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, optimizer, scheduler,
+                    stream_state: dict | None, meta: dict, keep: int | None = None, config: dict | None = None) -> str:
+    """Single-process save: write checkpoint ``step`` atomically and point ``latest`` at it; returns its directory."""
+    tmp = begin_checkpoint(run_dir, step)
+    try:
+        write_model(tmp, model, tokenizer, controller.routers)
+        torch.save(controller.state_dict(), os.path.join(tmp, "method.pt"))
+        write_trainer_state(tmp, step, optimizer_state=optimizer.state_dict() if optimizer is not None else None,
+                            scheduler=scheduler, stream_state=stream_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(run_dir, tmp, step, meta=meta, config=config, keep=keep)
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory from a run directory (its ``latest``) or a checkpoint directory itself."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path!r} is not a directory")
-    if os.path.isfile(os.path.join(path, "meta.json")):
+    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isfile(os.path.join(path, MANIFEST)):
         return path
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
@@ -96,6 +253,83 @@ def resolve_checkpoint(path: str) -> str:
         raise FileNotFoundError(f"{latest} names {name!r} but {ck} is missing or incomplete")
     raise FileNotFoundError(f"no checkpoint in {path!r}: expected a run directory with a 'latest' file or a "
                             f"checkpoint directory with meta.json")
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    root = os.path.join(run_dir, CKPT_DIR)
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step-")]
+
+
+def verify_checkpoint(ckpt: str) -> dict:
+    """Check every file against ``manifest.json`` (presence, size, sha256); returns the manifest.
+
+    Raises :class:`CheckpointError` naming the first bad file and what is wrong with it.
+    """
+    mpath = os.path.join(ckpt, MANIFEST)
+    others = [c for c in list_checkpoints(os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))) if
+              os.path.abspath(c) != os.path.abspath(ckpt)]
+    hint = (f"; earlier checkpoints you can pass to --resume: {', '.join(os.path.basename(c) for c in others[-3:])}"
+            if others else "")
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"checkpoint {ckpt!r} has no {MANIFEST}: it is incomplete or was written by an older "
+                              f"desmoe, so its integrity cannot be checked{hint}")
+    try:
+        with open(mpath) as f:
+            man = json.load(f)
+        files = man["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} is unreadable ({e}){hint}") from None
+    for rel, info in files.items():
+        p = os.path.join(ckpt, rel)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"checkpoint {ckpt!r} is incomplete: {rel} is missing{hint}")
+        size = os.path.getsize(p)
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint {ckpt!r} is truncated or corrupt: {rel} has {size} bytes, the "
+                                  f"manifest says {info['bytes']}{hint}")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {rel} does not match its sha256 in the "
+                                  f"manifest (bit flip or partial overwrite){hint}")
+    return man
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
+    """``["key: checkpoint=X, now=Y", ...]`` over the flattened configs, except ``ignore``d keys."""
+    a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(current, default=str)))
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: checkpoint={a.get(k, '<absent>')!r}, now={b.get(k, '<absent>')!r}")
+    return diffs
+
+
+def check_config_matches(ckpt: str, current: dict) -> None:
+    """Refuse to resume ``ckpt`` under a config that changes training (other model, data, method, optimizer)."""
+    p = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(p):
+        raise CheckpointError(f"checkpoint {ckpt!r} has no config.json, so it cannot be matched to this run's config")
+    with open(p) as f:
+        saved = json.load(f)
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise CheckpointError(f"checkpoint {ckpt!r} was written under a different config; differing keys: "
+                              + "; ".join(diffs) + f". Resume with the checkpoint's config ({p}) or start a new run "
+                              f"in another --output-dir (keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
 
 
 def read_meta(ckpt: str) -> dict:
@@ -119,8 +353,14 @@ def load_method_state(ckpt: str) -> dict:
     return torch.load(os.path.join(ckpt, "method.pt"), map_location="cpu", weights_only=False)
 
 
-def load_trainer_state(ckpt: str) -> dict:
-    return torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+def load_trainer_state(ckpt: str, rank: int = 0) -> dict:
+    """``trainer.pt``; for ``rank > 0`` its RNG states come from ``rng-rankNNNNNN.pt`` when present."""
+    st = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    if rank:
+        p = os.path.join(ckpt, f"rng-rank{rank:06d}.pt")
+        if os.path.isfile(p):
+            st["rng"] = torch.load(p, map_location="cpu", weights_only=False)["rng"]
+    return st
 
 
 def run_config_path(run_or_ckpt: str) -> str | None:

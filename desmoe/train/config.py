@@ -12,6 +12,7 @@ from ..method.config import MethodConfig
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+DISTRIBUTED = ("none", "ddp", "fsdp2")
 
 
 def _bad(field_name, expected, got):
@@ -123,7 +124,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Optimisation. ``max_steps`` = T (optimizer steps); ``pretrain_steps``: optional base pretraining on
-    ``data.general`` before fine-tuning (for demos from a random init)."""
+    ``data.general`` before fine-tuning (for demos from a random init).
+
+    ``save_every``: checkpoint period in steps (0: only at the end); ``keep_last``: keep the newest N checkpoints
+    (0: all). ``skip_nonfinite``: a NaN/inf loss or gradient skips that batch (counted, logged) instead of
+    stopping the run. ``distributed``: ``none``, ``ddp`` or ``fsdp2`` (launch with ``torchrun``);
+    ``data.batch_size`` is per rank, so the global batch is ``batch_size × world_size``."""
 
     max_steps: int = 100
     lr: float = 1e-3
@@ -144,6 +150,9 @@ class TrainConfig:
     pretrain_lr: float = 3e-3
     plots: bool = True
     progress: bool = True
+    keep_last: int = 0
+    skip_nonfinite: bool = False
+    distributed: str = "none"
 
     def __post_init__(self):
         _int("train.max_steps", self.max_steps, 1)
@@ -170,6 +179,11 @@ class TrainConfig:
         _int("train.save_every", self.save_every, 0)
         _int("train.eval_batches", self.eval_batches, 1)
         _int("train.pretrain_steps", self.pretrain_steps, 0)
+        _int("train.keep_last", self.keep_last, 0)
+        if not isinstance(self.skip_nonfinite, bool):
+            _bad("train.skip_nonfinite", "true or false", self.skip_nonfinite)
+        if self.distributed not in DISTRIBUTED:
+            _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
 
 
 @dataclass

@@ -1,0 +1,189 @@
+"""DES-MoE inside a Hugging Face ``transformers.Trainer`` script.
+
+The KD term needs the routers' logits of the same forward as the task loss, which a callback cannot reach, so the
+integration is a ``Trainer`` subclass (``compute_loss``) plus a callback (phases, masks, A, logging, method state
+in checkpoints)::
+
+    from desmoe.integrations import DesMoETrainer
+    desmoe.patch(model)
+    trainer = DesMoETrainer(model=model, args=TrainingArguments(..., max_steps=2000),
+                            train_dataset=ds,                      # rows with input_ids, labels, domain_ids
+                            method={"name": "des_moe"}, domain_names=["math", "code", "law"])
+    trainer.train()
+
+Every training row needs ``domain_ids`` (LongTensor[S], the domain index of each token, -1 on padding), e.g.
+from :class:`StreamDataset` over a :class:`desmoe.data.MixedDomainStream`. Differences from ``desmoe train``:
+gradient clipping (``max_grad_norm``) happens *before* the masked experts' gradients are zeroed (Trainer clips,
+then calls ``on_pre_optimizer_step``), and the task loss is the model's own ``outputs.loss``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover - transformers is a hard dependency of desmoe
+    raise ImportError(f"desmoe.integrations.trainer needs transformers: {e}") from None
+
+METHOD_STATE = "desmoe_method.pt"
+
+
+def _unwrap_optimizer(opt):
+    """accelerate's ``AcceleratedOptimizer`` keeps the torch optimizer (and its ``state``) in ``.optimizer``."""
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+class DesMoECallback(TrainerCallback):
+    """Drives a :class:`desmoe.method.MethodController` from Trainer events: phase switches (``requires_grad``)
+    at step begin, masked-expert gradients/optimizer rows before the optimizer step, A/mask updates at step end,
+    and the method state (A, masks, ESFT selection) saved beside every Trainer checkpoint."""
+
+    def __init__(self, controller):
+        self.ctl = controller
+        self.phase_log: list[tuple[int, str]] = []  # (step, phase) at each phase switch
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        prev = self.ctl.current_phase
+        phase = self.ctl.begin_step(state.global_step)
+        if phase != prev:
+            self.phase_log.append((state.global_step, phase))
+            opt = _unwrap_optimizer(optimizer)
+            if opt is not None:  # frozen parameters keep no optimizer state
+                for g in opt.param_groups:
+                    for p in g["params"]:
+                        if not p.requires_grad:
+                            opt.state.pop(p, None)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        self.ctl.before_optimizer_step(_unwrap_optimizer(optimizer))
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.ctl.after_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.ctl.end_step(state.global_step - 1)  # global_step was already incremented
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            d = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(d):
+                torch.save(self.ctl.state_dict(), os.path.join(d, METHOD_STATE))
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """Rows (``input_ids``, ``labels``, ``attention_mask``, ``domain_ids``; LongTensor[S]) of a
+    :class:`desmoe.data.MixedDomainStream`, for ``Trainer`` (use ``max_steps``; the stream is endless)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self):
+        while True:
+            b = self.stream.next_batch()
+            for i in range(b["input_ids"].shape[0]):
+                yield {k: v[i] for k, v in b.items()}
+
+
+class DesMoETrainer(Trainer):
+    """``transformers.Trainer`` with DES-MoE (or a baseline): ALR + λ-weighted KD loss, A collection, per-token
+    expert masks, phases. ``method``: a :class:`desmoe.method.MethodConfig` or a dict of its fields;
+    ``domain_names``: the domains indexed by the rows' ``domain_ids``. ``args.max_steps`` must be set (it is
+    the phase clock T). The model is patched (``desmoe.patch``) if it is not already."""
+
+    def __init__(self, *args, method=None, domain_names=None, **kwargs):
+        from ..method import MethodConfig, MethodController
+        from .hf import moe_blocks, patch
+
+        model = kwargs.get("model", args[0] if args else None)
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if model is None:
+            raise ValueError("DesMoETrainer: model is required")
+        if targs is None or getattr(targs, "max_steps", -1) is None or targs.max_steps <= 0:
+            raise ValueError("DesMoETrainer: args.max_steps must be > 0 (it is the DES-MoE phase clock T), got "
+                             f"{getattr(targs, 'max_steps', None)!r}")
+        if isinstance(method, dict) or method is None:
+            method = MethodConfig(**(method or {}))
+        if not isinstance(method, MethodConfig):
+            raise TypeError(f"method must be a MethodConfig or a dict of its fields, got {type(method).__name__}")
+        if not domain_names or not all(isinstance(d, str) for d in domain_names):
+            raise ValueError(f"domain_names must be a non-empty list of domain names, got {domain_names!r}")
+        if method.is_esft:
+            raise ValueError("DesMoETrainer: ESFT needs an expert-scoring pass before training; use `desmoe train`")
+        if not moe_blocks(model):
+            patch(model)
+        if not hasattr(model, "hf_device_map"):  # the method's tensors (A, masks, ALR) live beside the routers
+            model.to(targs.device)
+        self.desmoe = MethodController(model, method, targs.max_steps, list(domain_names))
+        self.desmoe.apply_phase(self.desmoe.phase(0))
+        self._kd_sum, self._task_sum, self._n_loss = 0.0, 0.0, 0
+        super().__init__(*args, **kwargs)
+        self.desmoe_callback = DesMoECallback(self.desmoe)
+        self.add_callback(self.desmoe_callback)
+
+    def _set_signature_columns_if_needed(self):
+        """Keep ``domain_ids`` when ``remove_unused_columns`` drops what the model's forward does not take."""
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "domain_ids" not in self._signature_columns:
+            self._signature_columns.append("domain_ids")
+
+    def create_optimizer(self, model=None):
+        """AdamW over the method's parameter groups (parameters that never train get no state)."""
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = torch.optim.AdamW(self.desmoe.param_groups(a.weight_decay), lr=a.learning_rate,
+                                               betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``λ·KD + (1-λ)·task``; ``inputs["domain_ids"]`` (LongTensor[B, S]) is consumed here."""
+        if "domain_ids" not in inputs:
+            raise ValueError("DesMoETrainer: every batch needs 'domain_ids' (LongTensor[B, S], -1 on padding); "
+                             "use desmoe.integrations.StreamDataset or add the column to your dataset")
+        inputs = dict(inputs)
+        dom_T = inputs.pop("domain_ids").reshape(-1)
+        ctl = self.desmoe
+        ctl.before_forward(dom_T)
+        try:
+            outputs = model(**inputs)
+        finally:  # always clear the per-batch masks
+            kd = ctl.after_forward(dom_T)
+        task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        loss = ctl.combine(task, kd)
+        self._task_sum += float(task.detach())
+        self._kd_sum += float(kd.detach()) if kd is not None else 0.0
+        self._n_loss += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        """Adds phase, λ, task/KD loss and per-domain mask sizes to the Trainer's logs."""
+        ctl = self.desmoe
+        if "loss" in logs and self._n_loss:
+            logs["task_loss"] = self._task_sum / self._n_loss
+            logs["kd_loss"] = self._kd_sum / self._n_loss
+            self._kd_sum, self._task_sum, self._n_loss = 0.0, 0.0, 0
+            logs["desmoe_lambda"] = ctl.last_lambda
+            logs["desmoe_phase"] = ctl.current_phase
+            m = ctl.tracker.masks_LME
+            if m is not None:
+                for i, d in enumerate(ctl.domain_names):
+                    logs[f"mask_size/{d}"] = float(m[:, i].sum(-1).float().mean())
+        return super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Also restores A, masks and the ESFT selection saved beside a Trainer checkpoint."""
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            ckpt = get_last_checkpoint(self.args.output_dir)
+        if isinstance(ckpt, str):
+            p = os.path.join(ckpt, METHOD_STATE)
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"checkpoint {ckpt!r} has no {METHOD_STATE} (not written by DesMoETrainer?)")
+            self.desmoe.load_state_dict(torch.load(p, map_location="cpu", weights_only=False))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, *args, **kwargs)

@@ -1,0 +1,134 @@
+"""torchrun on CPU (gloo, 2 processes): DDP equals the single-process run with the same global batch (loss,
+weights, A, masks), every rank holds the same A/masks, save on 2 ranks + resume on 2 ranks is exact; FSDP2
+(``fully_shard``) runs and matches too. Launched exactly as the README says:
+``torchrun --nproc-per-node 2 -m desmoe.train --config C.yaml --output-dir DIR``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import torch.distributed as tdist
+from desmoe.train import config_from_dict
+from desmoe.train import checkpoint as ck
+from desmoe.train.trainer import run
+from test_train import tiny_cfg
+
+pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not available")
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _torchrun(tmp_path, cfg: dict, out, *extra, nproc=2, timeout=120):
+    p = tmp_path / f"cfg-{os.path.basename(str(out))}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "desmoe.train", "--config", str(p), "--output-dir", str(out), "--no-progress", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def _weights(ckpt):
+    return load_file(os.path.join(ckpt, "model", "model.safetensors"))
+
+
+def _history(run_dir):
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(run_dir, "history.jsonl")))}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tokenizer saved once (so every process uses the same one) and the single-process reference run with
+    the global batch (4 rows = 2 ranks × 2)."""
+    from desmoe.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("dist")
+    os.makedirs(root / "data")
+    d = tiny_cfg(str(root / "data"), max_steps=6, log_every=1, device="cpu")
+    d["data"]["general"] = None
+    texts = [json.loads(x)["text"] for p in d["data"]["sources"].values() for x in open(p)]
+    train_tokenizer(texts, vocab_size=300).save_pretrained(str(root / "tok"))
+    d["tokenizer"] = {"path": str(root / "tok")}
+    d["data"]["batch_size"] = 4
+    single = run(config_from_dict(d), str(root / "single"), **QUIET)
+    dd = json.loads(json.dumps(d))
+    dd["data"]["batch_size"] = 2  # per rank
+    dd["train"]["distributed"] = "ddp"
+    return d, dd, single, root
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def dist_full(request, setup, tmp_path_factory):
+    """The uninterrupted 2-rank run of each mode."""
+    d, dd, single, root = setup
+    dd = json.loads(json.dumps(dd))
+    dd["train"]["distributed"] = "none"  # selected on the command line, as in the README
+    tmp = tmp_path_factory.mktemp(request.param)
+    r = _torchrun(tmp, dd, tmp / "full", "--set", f"train.distributed={request.param}")
+    return request.param, dd, tmp / "full", r
+
+
+def test_two_ranks_match_single_process_and_agree(setup, dist_full):
+    d, _, single, root = setup
+    mode, dd, out, r = dist_full
+    assert "done: 6 steps of des_moe" in r.stdout
+    s = json.load(open(out / "summary.json"))
+    assert s["world_size"] == 2 and s["distributed"] == mode
+    hs, hd = _history(root / "single"), _history(out)
+    for step in range(6):  # the global-batch loss, step by step
+        assert hd[step]["task"] == pytest.approx(hs[step]["task"], rel=1e-5, abs=1e-6), step
+        assert hd[step]["kd"] == pytest.approx(hs[step]["kd"], rel=1e-4, abs=1e-6), step
+    ws, wd = _weights(single["checkpoint"]), _weights(s["checkpoint"])
+    assert ws.keys() == wd.keys()
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5, msg=k)
+    m0 = ck.load_method_state(s["checkpoint"])["tracker"]
+    m1 = torch.load(os.path.join(s["checkpoint"], "rng-rank000001.pt"), weights_only=False)["tracker"]
+    msingle = ck.load_method_state(single["checkpoint"])["tracker"]
+    for k in ("A_LME", "masks_LME", "counts_LME", "load_LE"):  # rank 0 == rank 1 == one process, exactly
+        assert torch.equal(m0[k], m1[k]), k
+        assert torch.equal(m0[k], msingle[k]), k
+    assert s["masks"] == single["masks"]
+    if mode == "fsdp2":  # sharded optimizer state through torch.distributed.checkpoint
+        assert os.path.isdir(os.path.join(s["checkpoint"], "optim"))
+
+
+def test_save_on_two_ranks_resume_on_two_ranks_is_exact(dist_full, tmp_path):
+    mode, dd, full, _ = dist_full
+    part = tmp_path / "part"
+    sel = ("--set", f"train.distributed={mode}")
+    _torchrun(tmp_path, dd, part, "--max-steps", "3", *sel)  # stops inside stabilisation ([1, 4) of T=6)
+    r = _torchrun(tmp_path, dd, part, "--resume", *sel)
+    assert "resumed from" in r.stdout and "done: 3 steps" in r.stdout
+    a = _weights(os.path.join(full, "checkpoints", "step-000006"))
+    b = _weights(os.path.join(part, "checkpoints", "step-000006"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = ck.load_method_state(os.path.join(full, "checkpoints", "step-000006"))["tracker"]
+    mb = ck.load_method_state(os.path.join(part, "checkpoints", "step-000006"))["tracker"]
+    assert torch.equal(ma["A_LME"], mb["A_LME"]) and torch.equal(ma["masks_LME"], mb["masks_LME"])
+
+
+def test_distributed_needs_torchrun(setup, tmp_path, monkeypatch):
+    d, dd, single, root = setup
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        run(config_from_dict(dd), str(tmp_path / "x"), **QUIET)
+    bad = json.loads(json.dumps(dd))
+    bad["train"]["distributed"] = "deepspeed"
+    with pytest.raises(ValueError, match="train.distributed"):
+        config_from_dict(bad)
