@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--output-dir", required=True, help="run directory (checkpoints, plots, summary.json)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this step (the phase clock stays train.max_steps)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help="continue from the latest checkpoint in --output-dir, or from checkpoint/run directory DIR "
+                        "(verified: a corrupt or mismatched checkpoint is an error, never a restart from step 0)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method.phi=0.5 (repeatable)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -49,9 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("name", help="benchmark name: bench_<name>.py or <name>.py in benchmarks/")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
-    x = sub.add_parser("experiment", help="run a named experiment (see issue 8)")
-    x.add_argument("name")
-    x.add_argument("--out", required=True)
+    x = sub.add_parser("experiment", help="replicate the paper's claims at small scale (results.json + plots)")
+    x.add_argument("name", help="forgetting | scaling | single_vs_mixed | ablations | convergence | all")
+    x.add_argument("--out", required=True, help="output directory (results.json + PNG plots; 'all': one subdir each)")
+    x.add_argument("--quick", action="store_true", help="tiny config (configs/experiments/quick.yaml), < 60 s")
+    x.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the config's, 3)")
+    x.add_argument("--config", default=None, help="experiment config (default configs/experiments/small.yaml)")
+    x.add_argument("--cache", default=None, help="where the base model and fine-tuning runs are cached "
+                   "(default: the config's cache, under runs/)")
     return p
 
 
@@ -70,12 +77,25 @@ def cmd_train(a) -> int:
 
     if a.max_steps is not None and a.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
+    from .train.trainer import NonFiniteLossError, TrainingInterrupted
+
     cfg = load_config(a.config, a.overrides)
     if a.no_progress:
         cfg.train.progress = False
-    s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume)
-    print(f"done: {s['steps_run']} steps of {cfg.method.name} in {s['seconds']:.1f}s; "
-          f"task loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}; checkpoint {s['checkpoint']}")
+    try:
+        s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume)
+    except TrainingInterrupted as e:
+        print(f"desmoe train: stopped: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except NonFiniteLossError as e:
+        print(f"desmoe train: error: {e}", file=sys.stderr, flush=True)
+        return 3
+    if s.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return 0
+    loss = (f"task loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}" if s["train_loss_first"] is not None
+            else "no steps left to run")
+    print(f"done: {s['steps_run']} steps of {cfg.method.name} in {s['seconds']:.1f}s; {loss}; "
+          f"checkpoint {s['checkpoint']}", flush=True)
     return 0
 
 
@@ -209,7 +229,20 @@ def cmd_parity(a) -> int:
 
 
 def cmd_experiment(a) -> int:
-    raise NotImplementedError(f"desmoe experiment {a.name!r}: not implemented yet: see issue 8")
+    from .experiments import EXPERIMENTS, load_spec, run_experiment
+
+    if a.name not in EXPERIMENTS + ("all",):
+        raise ValueError(f"experiment name must be one of {', '.join(EXPERIMENTS)} or all (issue 8's experiments), "
+                         f"got {a.name!r}")
+    spec = load_spec(a.config, quick=a.quick, seeds=a.seeds)
+    if a.cache is not None:
+        spec.cache = a.cache
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(1)  # tiny models: one thread per process is faster than contended threads
+    run_experiment(a.name, a.out, spec, log=lambda m: print(m, flush=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
