@@ -55,7 +55,10 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None):
-        super().__init__()
+        # nn.Module's init directly: patch() may mix the model's own router class in after this one (so
+        # transformers' output recorders, which match by isinstance, still see a router), and that class's
+        # __init__ takes a config we do not have.
+        nn.Module.__init__(self)
         if weight.dim() != 2 or weight.shape[0] != spec.num_experts:
             raise ValueError(f"router weight must be [E={spec.num_experts}, D], got {tuple(weight.shape)}")
         self.weight = weight  # the same Parameter object as the original router's

@@ -212,3 +212,25 @@ def test_unsupported_experts_layout_is_refused():
     experts.has_bias = True
     with pytest.raises(desmoe.UnsupportedModelError, match="expert biases"):
         desmoe.patch(model)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("forward_before_patch", [True, False])
+def test_router_aux_loss_still_works_after_patch(model_type, forward_before_patch):
+    """transformers records router logits (for its load-balancing loss) by hooks on its router class: the
+    patched router must still be recorded, whether the hooks were installed before or after patching."""
+    ref = tiny_model(model_type).train()
+    ref.set_experts_implementation("eager")
+    ours = copy.deepcopy(ref)
+    ids = _ids()
+    if forward_before_patch:
+        ours(ids, output_router_logits=True)
+    desmoe.patch(ours, backend="reference")
+    r = ref(ids, labels=ids, output_router_logits=True)
+    o = ours(ids, labels=ids, output_router_logits=True)
+    assert r.aux_loss is not None and o.aux_loss is not None
+    torch.testing.assert_close(o.aux_loss, r.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o.loss, r.loss, rtol=1e-5, atol=1e-6)
+    desmoe.unpatch(ours)
+    u = ours(ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(u.aux_loss, r.aux_loss, rtol=1e-5, atol=1e-6)

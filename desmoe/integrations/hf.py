@@ -158,12 +158,33 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
                 continue
             if type(gate).__name__ != router_cls_name:
                 continue
-            new = TopKRouter(gate.weight, spec_fn(gate, model.config),
-                             bias_E=getattr(gate, "e_score_correction_bias", None), backend=resolved)
+            new = _router_class(type(gate))(gate.weight, spec_fn(gate, model.config),
+                                            bias_E=getattr(gate, "e_score_correction_bias", None), backend=resolved)
+            # transformers' output-capturing hooks (router logits for the aux loss) may already sit on the
+            # original router: carry them over so output_router_logits keeps working
+            new._forward_hooks.update(gate._forward_hooks)
+            new._forward_pre_hooks.update(gate._forward_pre_hooks)
             # kept for unpatch(); stored outside nn.Module's registry so it adds no state-dict keys
             new.__dict__["_desmoe_original"] = gate
             parent.gate = new
     return model
+
+
+_ROUTER_CLASSES: dict[type, type] = {}
+
+
+def _router_class(hf_router_cls: type) -> type:
+    """``TopKRouter`` that is also an instance of the model's own router class.
+
+    transformers records router logits for the load-balancing loss with hooks placed on modules matched by
+    ``isinstance(module, <ModelTopKRouter>)``; the mixed-in class keeps that working. ``TopKRouter`` comes first
+    in the MRO, so its ``__init__`` and ``forward`` are the ones that run.
+    """
+    cls = _ROUTER_CLASSES.get(hf_router_cls)
+    if cls is None:
+        cls = type(f"DesmoeRouter_{hf_router_cls.__name__}", (TopKRouter, hf_router_cls), {"__module__": __name__})
+        _ROUTER_CLASSES[hf_router_cls] = cls
+    return cls
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -171,7 +192,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         gate = getattr(parent, "gate", None)
         if isinstance(gate, TopKRouter) and "_desmoe_original" in gate.__dict__:
-            parent.gate = gate.__dict__["_desmoe_original"]
+            original = gate.__dict__["_desmoe_original"]
+            original._forward_hooks.update(gate._forward_hooks)  # hooks installed while patched
+            parent.gate = original
     prev = getattr(model, "_desmoe_previous_experts_implementation", None)
     if prev is not None:
         model.set_experts_implementation(prev)
