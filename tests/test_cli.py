@@ -76,3 +76,16 @@ def test_bench_dispatch(tmp_path, capsys):
 def test_python_dash_m_desmoe_train_help():
     r = subprocess.run([sys.executable, "-m", "desmoe.train", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--output-dir" in r.stdout
+
+
+def test_demo_end_to_end_short(tmp_path, capsys):
+    """The README's main command, shortened: base (cached), DES-MoE and FFT runs, and the summary table."""
+    from desmoe.cli import main
+
+    args = ["demo", "--steps", "6", "--pretrain-steps", "3", "--no-parity", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "forgetting probe" in out and "DES-MoE phases" in out and "FFT" in out
+    assert (tmp_path / "des_moe" / "summary.json").is_file() and (tmp_path / "fft" / "summary.json").is_file()
+    assert any(p.name.startswith("base-") for p in (tmp_path / "cache").iterdir())
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 2  # bad argument: clear error, exit 2
