@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores: OpenMP spinning between 2 threads costs ~6x. Modules of tiny training runs
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the thread count is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

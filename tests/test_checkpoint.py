@@ -18,16 +18,9 @@ from desmoe.train import trainer as tr
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUIET = dict(progress=False, log=lambda *_: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP spinning between 2 threads costs ~6x; restore for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(root, **train):

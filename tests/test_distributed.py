@@ -18,16 +18,8 @@ from desmoe.train import checkpoint as ck
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
 
-pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not available")
+pytestmark = [pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not available"), pytest.mark.usefixtures("one_thread")]
 QUIET = dict(progress=False, log=lambda *_: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _torchrun(tmp_path, cfg: dict, out, *extra, nproc=2, timeout=120):

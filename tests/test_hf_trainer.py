@@ -12,13 +12,7 @@ from desmoe.data import MixedDomainStream  # noqa: E402
 from desmoe.integrations import DesMoECallback, DesMoETrainer, StreamDataset  # noqa: E402
 from desmoe.integrations.tiny import tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _docs(seed, n=40, vocab=64):

@@ -11,18 +11,12 @@ from desmoe.train import config_from_dict
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 400
 # 1,000 steps of this model measured +3.7 MB RSS in total (495 -> 499 MB, 4 checkpoints included); a leak of one
 # retained graph or batch per step is > 50 KB/step, i.e. > 20 MB over these 350 steps
 MAX_GROWTH_MB = 8.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS read from /proc (Linux)")

@@ -10,21 +10,14 @@ import torch
 from desmoe.train import apply_overrides, config_from_dict, load_config
 from desmoe.train.trainer import lr_factor, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = {
     "alpha": "the cat sat on a mat and the dog ran after it in the park today".split(),
     "beta": "def foo ( x ) : return x + 1 for i in range ( 10 ) : print ( i )".split(),
     "gamma": "licence grant permission copyright holder warranty liability notice terms".split(),
     "base": "a manual page describes the command options and the files it reads and writes".split(),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP spinning between 2 threads costs ~6x; restore for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_corpus(root, n=60, seed=0):
