@@ -1,4 +1,4 @@
-"""``desmoe`` command line: demo, train, eval, bench, experiment.
+"""``desmoe`` command line: demo, train, eval, bench, experiment, parity, info.
 
 ``main(argv)`` returns the exit status (0 ok, 2 bad input: the message names the field or file).
 """
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--config", default=None, help="experiment config (default configs/experiments/small.yaml)")
     x.add_argument("--cache", default=None, help="where the base model and fine-tuning runs are cached "
                    "(default: the config's cache, under runs/)")
+    i = sub.add_parser("info", help="versions, device, which backends patch() will use, extension, model types")
+    i.add_argument("--format", choices=["table", "json"], default="table", help="table (default) or json")
     return p
 
 
@@ -276,11 +278,17 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def cmd_info(a) -> int:
+    from .info import main as info_main
+
+    return info_main(a.format)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_transformers()
     fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
-          "experiment": cmd_experiment, "parity": cmd_parity}[args.cmd]
+          "experiment": cmd_experiment, "parity": cmd_parity, "info": cmd_info}[args.cmd]
     try:
         return fn(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:

@@ -33,7 +33,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' requested but Triton or desmoe.kernels is not importable")
+            raise RuntimeError(
+                "backend='triton' requested but Triton or desmoe.kernels is not importable: install Triton "
+                "(`pip install 'desmoe[triton]'`; CUDA builds of torch include it) or use backend='reference'"
+            )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "

@@ -1,0 +1,110 @@
+"""What this install will run on: versions, device, backends, the extension, supported model types.
+
+``desmoe info`` prints it as a table (``--format json`` for machines); it is the first thing to paste into a bug
+report. Nothing here may fail because an optional part (Triton, CUDA, the extension, matplotlib) is missing:
+each fact reads "not installed" / "no" instead.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install raising something else at import
+        return "not installed" if isinstance(e, ImportError) else f"broken ({type(e).__name__}: {e})"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def _device() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"cuda_available": False, "device": "cpu", "torch_cuda": torch.version.cuda}
+    idx = torch.cuda.current_device()
+    cap = torch.cuda.get_device_capability(idx)
+    return {
+        "cuda_available": True,
+        "device": torch.cuda.get_device_name(idx),
+        "capability": f"sm_{cap[0]}{cap[1]}",
+        "device_count": torch.cuda.device_count(),
+        "torch_cuda": torch.version.cuda,
+    }
+
+
+def _backends(cuda: bool) -> dict:
+    """The backend ``desmoe.patch(model)`` (backend="auto") resolves to for routing and experts, per device."""
+    import torch
+
+    from . import ops
+
+    out = {"triton_kernels_importable": ops.triton_available()}
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    for dev in devices:
+        try:
+            chosen = ops.resolve_backend(None, torch.device(dev))
+        except (ValueError, RuntimeError) as e:  # e.g. DESMOE_BACKEND set to something unusable here
+            chosen = f"error: {e}"
+        out[f"patch_{dev}"] = {"routing": chosen, "experts": chosen}
+    return out
+
+
+def _extension() -> dict:
+    try:
+        ext = importlib.import_module("desmoe.ext")
+        return dict(ext.info())
+    except Exception as e:
+        return {"available": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def collect() -> dict:
+    """Every fact as a JSON-serialisable dict."""
+    import os
+
+    from . import __version__
+    from .integrations.hf import supported_model_types
+
+    dev = _device()
+    return {
+        "desmoe": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "device": dev,
+        "backends": _backends(dev["cuda_available"]),
+        "env": {k: os.environ[k] for k in ("DESMOE_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS") if k in os.environ},
+        "extension": _extension(),
+        "supported_model_types": supported_model_types(),
+    }
+
+
+def format_table(facts: dict) -> str:
+    """Two aligned columns, nested dicts flattened as ``a.b``; lists joined by commas."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, sub in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), sub)
+        elif isinstance(v, (list, tuple)):
+            rows.append((prefix, ", ".join(str(x) for x in v)))
+        else:
+            rows.append((prefix, str(v)))
+
+    walk("", facts)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(fmt: str = "table", out=None) -> int:
+    import json
+
+    out = out or sys.stdout
+    facts = collect()
+    out.write((json.dumps(facts, indent=2) if fmt == "json" else format_table(facts)) + "\n")
+    return 0
