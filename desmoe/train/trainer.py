@@ -25,7 +25,7 @@ from ..eval import autocast_ctx, evaluate_model, token_losses
 from ..method import MethodController
 from . import checkpoint as ck
 from .config import Config
-from .plots import Scalars, save_affinity_png
+from .plots import Scalars, save_affinity_png, save_loss_curve_png
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -664,6 +664,8 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
         from .plots import affinity_figure
 
         scal.figure("affinity", affinity_figure(ctl.tracker.A_LME, ctl.tracker.masks_LME, ctl.domain_names), stop)
+    if main and cfg.train.plots:
+        save_loss_curve_png(hist_path, os.path.join(output_dir, "plots", "loss_curve.png"), title=cfg.method.name)
     scal.close()
     rss1 = _rss_mb()
     summary.update({
