@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
     e.add_argument("--max-batches", type=int, default=None, help="held-out batches per domain (default: the run's train.eval_batches)")
     e.add_argument("--math-n", type=int, default=16, help="math problems for exact match (0 = skip)")
-    e.add_argument("--json", default=None, help="also write the results JSON here")
+    e.add_argument("--json", default=None, help="also write the results JSON to this file")
+    e.add_argument("--format", choices=["table", "json"], default="table",
+                   help="stdout: a table (default) or the results JSON alone")
     e.add_argument("--device", default="auto")
 
     b = sub.add_parser("bench", help="run a script from benchmarks/ (e.g. desmoe bench train_step --quick)")
@@ -108,14 +110,15 @@ def cmd_eval(a) -> int:
     if a.math_n < 0 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"--math-n must be >= 0 and --max-batches >= 1, got {a.math_n}, {a.max_batches}")
     res = evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n, device=a.device)
-    print(f"checkpoint {res['checkpoint']} (method {res['method']}, step {res['step']})")
-    print(format_table(res))
     text = json.dumps(res, indent=1, default=str)
+    if a.format == "json":  # machine output only: nothing else on stdout
+        print(text)
+    else:
+        print(f"checkpoint {res['checkpoint']} (method {res['method']}, step {res['step']})")
+        print(format_table(res))
     if a.json:
         with open(a.json, "w") as f:
             f.write(text + "\n")
-    else:
-        print(text)
     return 0
 
 

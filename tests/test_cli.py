@@ -41,7 +41,13 @@ def test_train_then_eval(tmp_path, cfg_file, capsys):
     res = json.loads(js.read_text())
     assert set(res["domains"]) == {"math", "beta", "base"} and res["general"] == res["domains"]["base"]
     assert res["math"]["n"] == 2 and res["step"] == 4 and res["method"] == "des_moe"
-    assert "forgetting probe" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "forgetting probe" in text  # the table
+    assert '"domains"' not in text  # and no JSON dump after it unless asked
+    rc = main(["eval", "--checkpoint", str(out), "--math-n", "0", "--max-batches", "1", "--format", "json"])
+    assert rc == 0
+    out_json = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert out_json["step"] == 4 and out_json["domains"].keys() == res["domains"].keys()
 
 
 def test_bad_inputs_exit_2_with_clear_message(tmp_path, cfg_file, capsys):
