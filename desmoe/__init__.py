@@ -24,4 +24,12 @@ def _register_with_transformers() -> None:
 
 _register_with_transformers()
 
-__all__ = ["ops", "patch", "unpatch", "supported_model_types", "UnsupportedModelError", "__version__"]
+
+def from_pretrained(path: str, **kwargs):
+    """``(model, tokenizer)`` exactly as trained (desmoe-patched, with the ALR if it had one), from a run,
+    checkpoint or model folder; see :func:`desmoe.export.from_pretrained`."""
+    from .export import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, **kwargs)
+
+__all__ = ["ops", "from_pretrained", "patch", "unpatch", "supported_model_types", "UnsupportedModelError", "__version__"]

@@ -1,4 +1,4 @@
-"""``desmoe`` command line: demo, train, eval, bench, experiment, parity, info.
+"""``desmoe`` command line: demo, train, eval, export, bench, experiment, parity, info.
 
 ``main(argv)`` returns the exit status (0 ok, 2 bad input: the message names the field or file).
 """
@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--config", default=None, help="experiment config (default configs/experiments/small.yaml)")
     x.add_argument("--cache", default=None, help="where the base model and fine-tuning runs are cached "
                    "(default: the config's cache, under runs/)")
+    ex = sub.add_parser("export", help="write a stock Hugging Face model that routes like the trained checkpoint "
+                                       "(the ALR folded into fitted linear routers)")
+    ex.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    ex.add_argument("--out", required=True, help="output folder: a stock HF model (+ tokenizer, desmoe_export.json)")
+    ex.add_argument("--min-agreement", type=float, default=0.9,
+                    help="lowest acceptable share of held-out tokens whose top-k expert set is unchanged, per layer "
+                         "(default 0.9)")
+    ex.add_argument("--on-low", choices=["warn", "refuse"], default="warn",
+                    help="below --min-agreement: export with a warning (default) or write nothing and fail")
+    ex.add_argument("--fit-tokens", type=int, default=65536, help="tokens per training domain to fit routers on")
+    ex.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain for the report")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--format", choices=["table", "json"], default="table")
+
     i = sub.add_parser("info", help="versions, device, which backends patch() will use, extension, model types")
     i.add_argument("--format", choices=["table", "json"], default="table", help="table (default) or json")
     return p
@@ -281,6 +296,26 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    import warnings
+
+    from .export import export, format_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = export(a.checkpoint, a.out, fit_tokens=a.fit_tokens, eval_tokens=a.eval_tokens,
+                     min_agreement=a.min_agreement, on_low=a.on_low, overwrite=a.overwrite, device=a.device)
+    if a.format == "json":
+        print(json.dumps(rep, indent=1))
+    else:
+        print(f"exported {rep['checkpoint']} -> {rep['out_dir']} (stock Hugging Face model)")
+        print(format_report(rep))
+    for w in caught:
+        if "exported routers" in str(w.message):
+            print(f"desmoe export: warning: {w.message}", file=sys.stderr)
+    return 0
+
+
 def cmd_info(a) -> int:
     from .info import main as info_main
 
@@ -291,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_transformers()
     fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
-          "experiment": cmd_experiment, "parity": cmd_parity, "info": cmd_info}[args.cmd]
+          "experiment": cmd_experiment, "parity": cmd_parity, "info": cmd_info,
+          "export": cmd_export}[args.cmd]
     try:
         return fn(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:

@@ -151,8 +151,11 @@ def begin_checkpoint(run_dir: str, step: int) -> str:
 
 
 def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = None) -> None:
-    """HF-format model (+ tokenizer) without the ALR residuals, so stock transformers can load it."""
+    """HF-format model (+ tokenizer) without the ALR residuals, so stock transformers can load it; the ALR goes
+    to ``model/desmoe_alr.safetensors`` (read by :func:`desmoe.from_pretrained`; ``desmoe export`` folds it into
+    the routers for a stock model)."""
     residuals = [r.residual for r in routers]
+    full_state_dict = state_dict
     for r in routers:
         r.residual = None
     try:
@@ -166,6 +169,10 @@ def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = N
             r.residual = res
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    # the ALR beside the HF files, with a notice that model/ alone is not the trained routing
+    from ..export import write_alr
+
+    write_alr(os.path.join(tmp, "model"), model, full_state_dict)
 
 
 def write_trainer_state(tmp: str, step: int, *, optimizer_state, scheduler, stream_state, rank: int = 0,

@@ -1,0 +1,374 @@
+"""The trained model as users load it: ``from_pretrained`` (desmoe, with the ALR) and ``export`` (stock HF).
+
+A DES-MoE checkpoint's ``model/`` folder holds the pretrained *linear* routers: the trained routing is that
+router plus the ALR residual MLP (``model/desmoe_alr.safetensors``), which stock transformers, vLLM or SGLang do
+not know. So:
+
+* :func:`from_pretrained` loads ``model/`` + the ALR exactly as trained (domain-free: no data, no method state).
+* :func:`export` writes a stock Hugging Face model whose linear routers are *fitted*, per layer, to reproduce
+  the trained routing (base + ALR) on hidden states of the training domains: ridge least squares on the router's
+  logits, pulled towards the pretrained weight, solved in float64 from accumulated ``X^T X`` and ``X^T Z`` (memory
+  O(D^2) per layer, whatever the token count). It measures, on held-out text, the share of tokens whose top-k
+  expert set is unchanged, per layer, and the held-out loss of the exported model (loaded back with plain
+  transformers, no desmoe) next to the trained one; below ``min_agreement`` it warns, or refuses and writes
+  nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+ALR_FILE = "desmoe_alr.safetensors"
+ALR_META = "desmoe_alr.json"
+ALR_NOTICE = "DESMOE_README.md"
+EXPORT_REPORT = "desmoe_export.json"
+
+_NOTICE = """# Not the trained model on its own
+
+This folder's routers are the *pretrained* linear routers. The model was trained with DES-MoE's adaptive router
+(ALR): each layer adds a small MLP residual to the router logits, stored in `{alr}`. Stock transformers loads this
+folder but ignores that file, so it routes differently from the trained model.
+
+- To use the model as trained: `desmoe.from_pretrained("<this folder or its checkpoint>")`.
+- To get a stock Hugging Face model (transformers, vLLM, SGLang) that routes like the trained one:
+  `desmoe export --checkpoint <checkpoint> --out <dir>`; it reports how closely the exported routers agree.
+"""
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be loaded or exported as asked (the message names the path or option)."""
+
+
+# --- saving the ALR next to the model -------------------------------------------------------------------------
+def write_alr(model_dir: str, model, state_dict: dict | None = None) -> bool:
+    """Write the routers' ALR residuals (if any) and a notice into ``model_dir``; returns whether there was one.
+    ``state_dict``: a full (gathered) state dict to read them from, for FSDP-sharded models."""
+    from safetensors.torch import save_file
+
+    from .layers import TopKRouter
+
+    names = [n for n, m in model.named_modules() if isinstance(m, TopKRouter)]
+    mods = [m for m in model.modules() if isinstance(m, TopKRouter)]
+    alrs = [m.residual for m in mods]
+    if not any(a is not None for a in alrs):
+        return False
+    if not all(a is not None for a in alrs):
+        raise ExportError("either every router has an ALR residual or none does")
+    tensors = {}
+    for i, (name, a) in enumerate(zip(names, alrs)):
+        src = a.state_dict() if state_dict is None else \
+            {k[len(f"{name}.residual."):]: v for k, v in state_dict.items() if k.startswith(f"{name}.residual.")}
+        for k, v in src.items():
+            tensors[f"layers.{i}.{k}"] = v.detach().to("cpu", torch.float32).contiguous()
+    a = alrs[0]
+    save_file(tensors, os.path.join(model_dir, ALR_FILE))
+    with open(os.path.join(model_dir, ALR_META), "w") as f:
+        json.dump({"format": 1, "num_layers": len(alrs), "expansion": a.up.out_features // a.up.in_features,
+                   "hidden_dim": a.up.in_features, "num_experts": a.down.out_features}, f, indent=1)
+    with open(os.path.join(model_dir, ALR_NOTICE), "w") as f:
+        f.write(_NOTICE.format(alr=ALR_FILE))
+    return True
+
+
+def _is_hf_folder(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def _model_dir(path: str) -> str:
+    """``path`` itself if it holds an HF ``config.json``; else its checkpoint's ``model/`` (run dirs resolve to
+    their latest checkpoint)."""
+    if not isinstance(path, str) or not path:
+        raise ExportError(f"path must be a non-empty str, got {path!r}")
+    if _is_hf_folder(path):
+        return path
+    from .train import checkpoint as ck
+
+    try:
+        ckpt = ck.resolve_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(f"{path!r} is neither a Hugging Face model folder nor a desmoe run/checkpoint: {e}") from None
+    mdir = os.path.join(ckpt, "model")
+    if not os.path.isfile(os.path.join(mdir, "config.json")):
+        raise ExportError(f"checkpoint {ckpt!r} has no model/config.json")
+    return mdir
+
+
+def load_alr_(model, model_dir: str) -> bool:
+    """Attach the ALR residuals stored in ``model_dir`` to a patched ``model``'s routers; False if there are none."""
+    from safetensors.torch import load_file
+
+    from .integrations.hf import routers as get_routers
+    from .method.alr import attach_alr
+
+    path = os.path.join(model_dir, ALR_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(os.path.join(model_dir, ALR_META)) as f:
+            meta = json.load(f)
+        tensors = load_file(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the ALR in {model_dir!r}: {e}") from None
+    routers = get_routers(model)
+    if meta.get("num_layers") != len(routers):
+        raise ExportError(f"{path!r} holds {meta.get('num_layers')} ALR layers but the model has {len(routers)} routers")
+    alrs = attach_alr(routers, int(meta["expansion"]))
+    for i, a in enumerate(alrs):
+        sd = {k[len(f"layers.{i}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
+        try:
+            a.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ExportError(f"{path!r} layer {i} does not fit the model: {e}") from None
+    return True
+
+
+def from_pretrained(path: str, *, device="cpu", dtype=torch.float32, backend: str = "auto"):
+    """``(model, tokenizer)``: the model exactly as trained — patched with desmoe, with the ALR residuals if it
+    was trained with them — in eval mode. ``path``: a run directory (latest checkpoint), a checkpoint directory,
+    or a model folder. No domain, data or method state is needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import patch
+
+    mdir = _model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype)
+    patch(model, backend=backend)
+    load_alr_(model, mdir)
+    model.to(device).eval()
+    tok = AutoTokenizer.from_pretrained(mdir) if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None
+    return model, tok
+
+
+# --- fitting linear routers to the trained routing -------------------------------------------------------------
+class _RouterStats:
+    """Per router: float64 ``X^T X`` [D, D], ``X^T Z`` [D, E] and the token count, accumulated by forward hooks."""
+
+    def __init__(self, routers):
+        self.routers = routers
+        D, E = routers[0].hidden_dim, routers[0].num_experts
+        self.xtx = [torch.zeros(D, D, dtype=torch.float64) for _ in routers]
+        self.xtz = [torch.zeros(D, E, dtype=torch.float64) for _ in routers]
+        self.n = 0
+        self.mask_T: torch.Tensor | None = None  # valid (non-padding) tokens of the current batch
+
+    def hook(self, i):
+        def fn(mod, args, out):
+            x = args[0].reshape(-1, mod.hidden_dim).detach().to(torch.float64).cpu()
+            z = out[0].detach().to(torch.float64).cpu()
+            if self.mask_T is not None:
+                x, z = x[self.mask_T], z[self.mask_T]
+            self.xtx[i] += x.T @ x
+            self.xtz[i] += x.T @ z
+            if i == 0:
+                self.n += x.shape[0]
+        return fn
+
+
+def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Tensor]:
+    """Per router, the weight ``[E, D]`` minimising ``||X W^T - Z||^2 + mu ||W - W0||^2`` where X are the router
+    inputs and Z the trained router's logits (base + ALR) on ``batches``, W0 the pretrained weight and
+    ``mu = ridge * mean(diag(X^T X))``. Returns float32 CPU tensors; the model is not changed."""
+    from .integrations.hf import routers as get_routers
+
+    routers = get_routers(model)
+    if not routers:
+        raise ExportError("the model has no desmoe routers (was it patched?)")
+    stats = _RouterStats(routers)
+    handles = [r.register_forward_hook(stats.hook(i)) for i, r in enumerate(routers)]
+    dev = routers[0].weight.device
+    try:
+        with torch.no_grad():
+            for b in batches:
+                am = b.get("attention_mask")
+                stats.mask_T = None if am is None else am.reshape(-1).bool()
+                model(input_ids=b["input_ids"].to(dev), attention_mask=None if am is None else am.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    if stats.n == 0:
+        raise ExportError("no tokens to fit the routers on (the training domains gave no text)")
+    out = []
+    for r, xtx, xtz in zip(routers, stats.xtx, stats.xtz):
+        w0 = r.weight.detach().to("cpu", torch.float64)
+        mu = ridge * float(xtx.diagonal().mean().clamp(min=1e-12))
+        eye = torch.eye(xtx.shape[0], dtype=torch.float64)
+        wt = torch.linalg.solve(xtx + mu * eye, xtz + mu * w0.T)
+        out.append(wt.T.to(torch.float32).contiguous())
+    return out
+
+
+def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]:
+    """Per router, on ``batches``: the share of tokens whose top-k expert set under the candidate linear weight
+    equals the trained router's (``topk_exact``), and the mean share of the k experts kept (``topk_overlap``)."""
+    from . import ops
+    from .integrations.hf import routers as get_routers
+
+    routers = get_routers(model)
+    exact = [0] * len(routers)
+    overlap = [0.0] * len(routers)
+    n = [0]
+    mask = {"T": None}
+
+    def hook(i):
+        def fn(mod, args, out):
+            x = args[0].reshape(-1, mod.hidden_dim).detach()
+            ids = out[2].detach()
+            s = mod.spec
+            logits = torch.nn.functional.linear(x.float(), weights[i].to(x.device))
+            _, cand = ops.topk_route(logits, s.top_k, scoring=s.scoring, renormalize=s.renormalize,
+                                     bias_E=mod.e_score_correction_bias, n_group=s.n_group,
+                                     topk_group=s.topk_group, group_score=s.group_score, scaling=s.scaling,
+                                     renorm_eps=s.renorm_eps, masked_value=s.masked_value, backend="reference")
+            if mask["T"] is not None:
+                ids, cand = ids[mask["T"]], cand[mask["T"]]
+            a, b = ids.sort(-1).values, cand.sort(-1).values
+            exact[i] += int((a == b).all(-1).sum())
+            same = (ids.unsqueeze(-1) == cand.unsqueeze(-2)).any(-1).sum(-1)
+            overlap[i] += float(same.double().sum() / s.top_k)
+            if i == 0:
+                n[0] += ids.shape[0]
+        return fn
+
+    handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
+    dev = routers[0].weight.device
+    try:
+        with torch.no_grad():
+            for b in batches:
+                am = b.get("attention_mask")
+                mask["T"] = None if am is None else am.reshape(-1).bool().to(dev)
+                model(input_ids=b["input_ids"].to(dev), attention_mask=None if am is None else am.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    tot = max(n[0], 1)
+    return [{"layer": i, "topk_exact": exact[i] / tot, "topk_overlap": overlap[i] / tot, "tokens": n[0]}
+            for i in range(len(routers))]
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> dict[str, list[dict]]:
+    from .data import eval_batches, load_domain_texts, tokenize_domains
+
+    texts = {d: load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs
+                                  if split == "test" else cfg.data.max_docs, seed=cfg.data.seed,
+                                  text_field=cfg.data.text_field) for d in names}
+    docs = tokenize_domains(tok, texts)
+    per_batch = cfg.data.seq_len * cfg.data.batch_size
+    max_batches = max(1, max_tokens // per_batch)
+    return {d: list(eval_batches(docs[d], cfg.data.seq_len, cfg.data.batch_size, tok.eos_token_id,
+                                 max_batches=max_batches)) for d in names}
+
+
+def _held_out_loss(model, batches_by_domain: dict[str, list[dict]]) -> dict[str, float]:
+    from .eval import token_losses
+
+    dev = next(model.parameters()).device
+    out = {}
+    with torch.no_grad():
+        for d, batches in batches_by_domain.items():
+            tot, n = 0.0, 0
+            for b in batches:
+                am = b.get("attention_mask")
+                logits = model(input_ids=b["input_ids"].to(dev),
+                               attention_mask=None if am is None else am.to(dev)).logits
+                ce, valid = token_losses(logits, b["labels"].to(dev))
+                tot += float(ce.sum())
+                n += int(valid.sum())
+            out[d] = tot / max(n, 1)
+    return out
+
+
+def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_tokens: int = 16384,
+           min_agreement: float = 0.9, on_low: str = "warn", ridge: float = 1e-3, overwrite: bool = False,
+           device: str = "cpu") -> dict:
+    """Write a stock Hugging Face model to ``out_dir`` that routes like the trained checkpoint; returns the report
+    (also written to ``out_dir/desmoe_export.json``). See the module docstring."""
+    from transformers import AutoModelForCausalLM
+
+    from .integrations.hf import routers as get_routers
+    from .integrations.hf import unpatch
+    from .train import checkpoint as ck
+    from .train.config import load_config
+
+    if on_low not in ("warn", "refuse"):
+        raise ExportError(f"on_low must be 'warn' or 'refuse', got {on_low!r}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ExportError(f"min_agreement must be in [0, 1], got {min_agreement!r}")
+    for name, v in (("fit_tokens", fit_tokens), ("eval_tokens", eval_tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ExportError(f"{name} must be an int >= 1, got {v!r}")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f"--out {out_dir!r} exists and is not empty; pass --overwrite to replace it")
+    mdir = _model_dir(checkpoint)
+    ckpt = os.path.dirname(mdir)
+    cfg_path = ck.run_config_path(ckpt)
+    if cfg_path is None:
+        raise ExportError(f"no config.yaml beside checkpoint {ckpt!r}: the training domains to fit on are unknown")
+    cfg = load_config(cfg_path)
+    model, tok = from_pretrained(ckpt, device=device, backend="reference" if device == "cpu" else "auto")
+    if tok is None:
+        raise ExportError(f"checkpoint {ckpt!r} has no tokenizer in model/")
+    routers = get_routers(model)
+    has_alr = any(r.residual is not None for r in routers)
+    general = [cfg.data.general] if cfg.data.general and cfg.data.general not in cfg.data.domains else []
+    held = _domain_batches(cfg, tok, "test", list(cfg.data.domains) + general, eval_tokens)
+    if has_alr:
+        fit = _domain_batches(cfg, tok, "train", list(cfg.data.domains), fit_tokens)
+        weights = fit_linear_routers(model, [b for bs in fit.values() for b in bs], ridge=ridge)
+        agree = routing_agreement(model, weights, [b for bs in held.values() for b in bs])
+    else:  # nothing to fit: the linear routers are the trained routers
+        weights = [r.weight.detach().float().cpu() for r in routers]
+        agree = [{"layer": i, "topk_exact": 1.0, "topk_overlap": 1.0, "tokens": 0} for i in range(len(routers))]
+    worst = min(a["topk_exact"] for a in agree)
+    low = worst < min_agreement
+    msg = (f"exported routers reproduce the trained top-k set on {worst:.1%} of held-out tokens in the worst layer "
+           f"(min_agreement {min_agreement:.1%})")
+    if low and on_low == "refuse":
+        raise ExportError(msg + "; nothing written (use --on-low warn to export anyway)")
+    trained_loss = _held_out_loss(model, held)
+    for r, w in zip(routers, weights):
+        with torch.no_grad():
+            r.weight.copy_(w.to(r.weight.device, r.weight.dtype))  # the same Parameter as the HF router's
+        r.residual = None
+    unpatch(model)
+    tmp = out_dir.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()  # plain transformers
+    exported_loss = _held_out_loss(stock, held)
+    report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
+              "ridge": ridge, "agreement": agree, "min_topk_exact": worst, "min_agreement": min_agreement,
+              "below_threshold": low,
+              "held_out_loss": {d: {"trained": trained_loss[d], "exported": exported_loss[d],
+                                    "delta": exported_loss[d] - trained_loss[d]} for d in held}}
+    with open(os.path.join(tmp, EXPORT_REPORT), "w") as f:
+        json.dump(report, f, indent=1)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    if low:
+        warnings.warn(msg, stacklevel=2)
+    report["out_dir"] = os.path.abspath(out_dir)
+    return report
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"{'layer':>5}  {'top-k exact':>11}  {'top-k overlap':>13}"]
+    for a in rep["agreement"]:
+        lines.append(f"{a['layer']:>5}  {a['topk_exact']:>11.3f}  {a['topk_overlap']:>13.3f}")
+    lines.append(f"{'domain':<14}{'trained':>9}{'exported':>10}{'delta':>9}")
+    for d, r in rep["held_out_loss"].items():
+        lines.append(f"{d:<14}{r['trained']:>9.4f}{r['exported']:>10.4f}{r['delta']:>+9.4f}")
+    if rep["below_threshold"]:
+        lines.append(f"WARNING: the worst layer agrees on {rep['min_topk_exact']:.1%} of tokens, below "
+                     f"{rep['min_agreement']:.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""The trained model as users load it: desmoe.from_pretrained (model + ALR, exactly as trained) and
+`desmoe export` (a stock HF model whose linear routers are fitted to the trained routing, with its report)."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import desmoe
+from desmoe.cli import main
+from desmoe.export import ALR_FILE, ALR_NOTICE, ExportError, export, fit_linear_routers, routing_agreement
+from desmoe.integrations.hf import routers as get_routers
+from desmoe.train import checkpoint as ck
+from desmoe.train import config_from_dict
+from desmoe.train.trainer import run
+
+from test_train import tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny DES-MoE run whose ALR is far from zero (so routing differs from the base router)."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = tiny_cfg(str(root), max_steps=6, lr=3e-2)
+    out = root / "run"
+    run(config_from_dict(cfg), str(out))
+    return out
+
+
+def _ids(n=2, T=24, V=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, V, (n, T), generator=g)
+
+
+def _old_path_model(run_dir):
+    """The trained model rebuilt the long way (HF model + patch + the method controller's saved ALR state)."""
+    from desmoe.method import MethodController
+    from desmoe.train.config import load_config
+
+    ckpt = ck.resolve_checkpoint(str(run_dir))
+    cfg = load_config(ck.run_config_path(ckpt))
+    model, _ = ck.load_model(ckpt)
+    desmoe.patch(model, backend="reference")
+    meta = ck.read_meta(ckpt)
+    ctl = MethodController(model, cfg.method, int(meta["total_steps"]), list(meta["domains"]))
+    ctl.load_state_dict(ck.load_method_state(ckpt))
+    return model.eval()
+
+
+def test_checkpoint_model_folder_carries_the_alr_and_says_it_is_not_the_trained_model(trained):
+    mdir = os.path.join(ck.resolve_checkpoint(str(trained)), "model")
+    assert os.path.isfile(os.path.join(mdir, ALR_FILE))
+    notice = open(os.path.join(mdir, ALR_NOTICE)).read()
+    assert "desmoe export" in notice and "from_pretrained" in notice
+
+
+def test_from_pretrained_is_exactly_the_trained_model_and_stock_loading_is_not(trained):
+    ids = _ids()
+    model, tok = desmoe.from_pretrained(str(trained), backend="reference")
+    assert tok is not None
+    assert all(r.residual is not None for r in get_routers(model))
+    ref = _old_path_model(trained)
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = ref(input_ids=ids).logits
+        mdir = os.path.join(ck.resolve_checkpoint(str(trained)), "model")
+        stock = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+        c = stock(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4  # model/ alone routes with the pretrained router: not the trained model
+
+
+def test_fitted_routers_agree_better_than_the_pretrained_router(trained):
+    model, _ = desmoe.from_pretrained(str(trained), backend="reference")
+    fit = [{"input_ids": _ids(4, 32, seed=s)} for s in range(4)]
+    held = [{"input_ids": _ids(4, 32, seed=100 + s)} for s in range(2)]
+    fitted = fit_linear_routers(model, fit)
+    base = [r.weight.detach().float().cpu() for r in get_routers(model)]
+    a_fit = routing_agreement(model, fitted, held)
+    a_base = routing_agreement(model, base, held)
+    assert len(a_fit) == len(get_routers(model))
+    assert sum(a["topk_overlap"] for a in a_fit) > sum(a["topk_overlap"] for a in a_base)
+    assert all(0.0 <= a["topk_exact"] <= 1.0 and a["tokens"] == 4 * 2 * 32 for a in a_fit)
+
+
+def test_export_writes_a_stock_model_with_its_report(trained, tmp_path):
+    out = tmp_path / "exported"
+    rep = export(str(trained), str(out), fit_tokens=2048, eval_tokens=512, min_agreement=0.0)
+    assert rep["had_alr"] and not rep["below_threshold"]
+    saved = json.loads((out / "desmoe_export.json").read_text())
+    assert saved["agreement"] == rep["agreement"] and len(saved["agreement"]) == len(rep["agreement"])
+    assert set(rep["held_out_loss"]) == {"alpha", "beta", "gamma", "base"}
+    # loads and runs in plain transformers, with no ALR file and linear routers that differ from the base's
+    assert not (out / ALR_FILE).exists()
+    stock = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        os.path.join(ck.resolve_checkpoint(str(trained)), "model"), dtype=torch.float32)
+    gate_keys = [k for k in stock.state_dict() if k.endswith("mlp.gate.weight")]
+    assert gate_keys and any(not torch.equal(stock.state_dict()[k], base.state_dict()[k]) for k in gate_keys)
+    for k, v in stock.state_dict().items():  # everything but the routers is the trained checkpoint's
+        if k not in gate_keys:
+            assert torch.equal(v, base.state_dict()[k]), k
+    with torch.no_grad():
+        assert torch.isfinite(stock(input_ids=_ids()).logits).all()
+    for r in rep["held_out_loss"].values():
+        assert abs(r["delta"] - (r["exported"] - r["trained"])) < 1e-12
+
+
+def test_export_refuses_below_the_threshold_and_writes_nothing(trained, tmp_path):
+    out = tmp_path / "refused"
+    with pytest.raises(ExportError, match="nothing written"):
+        export(str(trained), str(out), fit_tokens=512, eval_tokens=512, min_agreement=1.0 + 0.0, on_low="refuse",
+               ridge=1e6)  # a huge ridge keeps the pretrained router: it cannot reproduce the ALR everywhere
+    assert not out.exists()
+
+
+def test_export_cli_and_bad_input(trained, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out), "--fit-tokens", "1024",
+                 "--eval-tokens", "512", "--min-agreement", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "top-k exact" in text and "exported" in text
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 2  # not empty: never overwritten
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "y"), "--min-agreement", "2"]) == 2
+    assert "min_agreement" in capsys.readouterr().err
