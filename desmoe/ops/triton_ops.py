@@ -27,6 +27,7 @@ import torch
 import triton
 
 from ..kernels import moe as _mk
+from ..kernels import permute as _pk
 from ..kernels import routing as _rk
 from . import reference
 
@@ -157,19 +158,70 @@ def topk_route(
 
 # --- permutation ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("desmoe::moe_permute", mutates_args=())
-def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+def _permute_block(E: int) -> int:
+    # pairs per histogram/scatter program: a [BLOCK, E_PAD] one-hot of ~16K int32 in registers
+    if _INTERPRET:
+        return 16
+    return max(16, min(1024, 16384 // _pow2(E)))
+
+
+def _schedule_len(S: int, E: int, BM: int) -> int:
+    return triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
+
+
+def _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BM, from_offsets):
+    E_PAD = _pow2(E)
+    chunk = 4 if _INTERPRET else max(1, min(64, 8192 // E_PAD))  # interpreter: small, so the tests run the loops
+    _pk.scan_kernel[(1,)](
+        hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BLOCK_M=BM, E_PAD=E_PAD,
+        ROWS=chunk, SLOTS=chunk, FROM_OFFSETS=from_offsets,
+        num_warps=1 if _INTERPRET else 8,
+    )
+
+
+def _routing_metadata(topk_ids_TK: Tensor, E: int, BM: int):
+    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> scan -> stable scatter, no sync.
+
+    Returns ``sorted_pairs_S`` (i32), ``offsets_E1`` (i32), ``sorted_tok_S`` (i32: token of each sorted row),
+    ``tile_expert``, ``tile_row`` (i32, the row-tile GEMMs' schedule for ``BLOCK_M = BM``) and its length."""
+    dev = topk_ids_TK.device
+    K = topk_ids_TK.shape[1] if topk_ids_TK.dim() == 2 else 1
     S = topk_ids_TK.numel()
-    sorted_pairs_S = _empty((S,), torch.int32, topk_ids_TK.device)
-    offsets_E1 = _empty((num_experts + 1,), torch.int32, topk_ids_TK.device)
+    max_tiles = _schedule_len(S, E, BM) if BM else 0
+    sorted_pairs_S = _empty((S,), torch.int32, dev)
+    sorted_tok_S = _empty((S,), torch.int32, dev)
+    offsets_E1 = _empty((E + 1,), torch.int32, dev)
+    tile_expert = _empty((max_tiles,), torch.int32, dev)
+    tile_row = _empty((max_tiles,), torch.int32, dev)
     if S == 0:
         offsets_E1.zero_()
-        return sorted_pairs_S, offsets_E1
-    ids_S = topk_ids_TK.reshape(-1).to(torch.int32)
-    block = 16 if _INTERPRET else min(4096, _pow2(S))
+        return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert.fill_(E), tile_row.zero_(), max_tiles
+    ids_S = topk_ids_TK.reshape(-1)
+    block = _permute_block(E)
+    NB = triton.cdiv(S, block)
+    hist = _empty((NB, E), torch.int32, dev)
+    nw = 1 if _INTERPRET else 8
     with _on_device(topk_ids_TK):
-        _rk.permute_kernel[(num_experts,)](ids_S, sorted_pairs_S, offsets_E1, S, num_experts, BLOCK=block,
-                                           num_warps=1 if _INTERPRET else 8)
+        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, E_PAD=_pow2(E), num_warps=nw)
+        _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, max(BM, 1), False)
+        _pk.scatter_kernel[(NB,)](ids_S, hist, offsets_E1, sorted_pairs_S, sorted_tok_S, S, E, K, BLOCK=block,
+                                  E_PAD=_pow2(E), num_warps=nw)
+    return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert, tile_row, max_tiles
+
+
+def _tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
+    """The row-tile schedule rebuilt from existing offsets (backward): one small kernel, no sync."""
+    max_tiles = _schedule_len(S, E, BM)
+    tile_expert = _empty((max_tiles,), torch.int32, offsets_E1.device)
+    tile_row = _empty((max_tiles,), torch.int32, offsets_E1.device)
+    with _on_device(offsets_E1):
+        _scan_launch(offsets_E1, offsets_E1, tile_expert, tile_row, 0, E, max_tiles, BM, True)
+    return tile_expert, tile_row, max_tiles
+
+
+@torch.library.custom_op("desmoe::moe_permute", mutates_args=())
+def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    sorted_pairs_S, offsets_E1, *_ = _routing_metadata(topk_ids_TK, num_experts, 0)
     return sorted_pairs_S, offsets_E1
 
 
@@ -205,19 +257,6 @@ def _block_m(S: int, E: int) -> int:
     return 128 if S >= 256 * E else 64
 
 
-def _tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
-    """Per row tile: its expert (E = unused grid slot) and first sorted row. Device ops only: no sync."""
-    counts = (offsets_E1[1:] - offsets_E1[:-1]).long()
-    tiles = (counts + BM - 1) // BM
-    tile_end = torch.cumsum(tiles, 0)
-    max_tiles = triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
-    pid = torch.arange(max_tiles, device=offsets_E1.device)
-    tile_expert = torch.searchsorted(tile_end, pid, right=True)
-    e = tile_expert.clamp(max=E - 1)
-    tile_row = offsets_E1[e].long() + (pid - (tile_end[e] - tiles[e])) * BM
-    return tile_expert.to(torch.int32), tile_row.to(torch.int32), max_tiles
-
-
 def _rows_bucket(S: int, E: int) -> int:
     # autotune key: pairs per expert rounded to a power of two (the raw token count stays out of the key)
     return min(_pow2(S // max(E, 1)), 1 << 16)
@@ -251,7 +290,8 @@ def moe_experts_fwd(
     K = topk_ids_TK.shape[1]
     S = T * K
     dev, dt = x_TD.device, x_TD.dtype
-    sorted_pairs_S, offsets_E1 = moe_permute(topk_ids_TK, E)
+    BM = _block_m(S, E)
+    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = _routing_metadata(topk_ids_TK, E, BM)
     gate_up_S2I = _empty((S, I2) if save_for_backward else (0, I2), dt, dev)
     out_TD = _empty((T, D), dt, dev)
     if S == 0:
@@ -261,8 +301,6 @@ def moe_experts_fwd(
     h_SI = _empty((S, I), dt, dev)
     y_SD = _empty((S, D), dt, dev)
     w_TK = topk_weights_TK.contiguous()
-    BM = _block_m(S, E)
-    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
     bucket = _rows_bucket(S, E)
     ieee = dt == torch.float32 or _INTERPRET
     with _on_device(x_TD):
@@ -296,12 +334,6 @@ def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_tra
     )
 
 
-def _max_n_tiles(I: int) -> int:
-    # upper bound on dh_swiglu_kernel's column tiles over all autotune configs (partial-dot buffer rows)
-    smallest = min(c.kwargs["BLOCK_N"] for c in _mk.dh_swiglu_kernel.configs)
-    return triton.cdiv(I, smallest)
-
-
 @torch.library.custom_op("desmoe::moe_experts_bwd", mutates_args=())
 def moe_experts_bwd(
     dout_TD: Tensor, x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
@@ -333,9 +365,11 @@ def moe_experts_bwd(
     need_dgu = need_dx or need_dw
     dgate_up_S2I = _empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
     hw_SI = _empty((S, I), dt, dev) if need_dw else gate_up_S2I
-    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per column tile of the dh
-    # GEMM (rows beyond the launched tiles stay zero), summed in a fixed order: deterministic, and y is never kept
-    dwp_NS = torch.zeros((_max_n_tiles(I) if need_dweights else 1, S), dtype=torch.float32, device=dev)
+    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
+    # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
+    # deterministic, and y is never kept
+    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
+    dwp_NS = _empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
     em = _mask_u8(expert_trainable_E, offsets_E1)
     pm = _mask_u8(pair_trainable_TK, offsets_E1)
     has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
@@ -343,9 +377,9 @@ def moe_experts_bwd(
         _mk.dh_swiglu_kernel[_row_grid(max_tiles, I, dev)](
             dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, I, D, K, S, sd_t, sd_d, *w_down_EDI.stride(), bucket,
+            E, max_tiles, I, D, K, S, ndwp, sd_t, sd_d, *w_down_EDI.stride(), bucket,
             STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm, IEEE=ieee,
-            BLOCK_M=BM,
+            DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
         )
         if need_dweights:
             dweights_TK.copy_(dwp_NS.sum(0).view(T, K))
@@ -358,15 +392,21 @@ def moe_experts_bwd(
             BD = min(1024, _pow2(D))
             _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
         if need_dw:
-            def grid(a, b):
-                return lambda meta: (E, triton.cdiv(a, meta["BLOCK_A"]), triton.cdiv(b, meta["BLOCK_B"]))
+            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in both dW GEMMs)
+            tok_S = (sorted_pairs_S // K).to(torch.int32)
+            if has_pm:
+                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+
+            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
+                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
 
             _mk.dw_gate_up_kernel[grid(I2, D)](
-                dgate_up_S2I, x_TD, dw1, offsets_E1, sorted_pairs_S, em, pm, I2, D, K, x_TD.stride(0),
-                x_TD.stride(1), bucket, HAS_EXPERT_MASK=has_em, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, E, I2, D, x_TD.stride(0), x_TD.stride(1),
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
             _mk.dw_down_kernel[grid(D, I)](
-                dout_TD, hw_SI, dw2, offsets_E1, sorted_pairs_S, em, D, I, K, sd_t, sd_d,
+                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, E, D, I, sd_t, sd_d,
                 bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
     return dx_TD, dw1, dw2, dweights_TK
