@@ -6,7 +6,8 @@ lists them expert-major and ``offsets_E1`` bounds each expert's range (``desmoe.
 
 Row tiles of ``BLOCK_M`` sorted pairs never straddle two experts: the routing metadata pass builds the tile
 schedule ``tile_expert_M`` / ``tile_row_M`` (expert and first sorted row of every tile; expert == E marks an
-unused slot of the statically sized schedule) on the device, so nothing syncs with the host and the grid is CUDA-graph safe.
+unused slot of the statically sized schedule) on the device, so nothing syncs with the host and the grid is
+CUDA-graph safe.
 The four row-tile kernels are persistent: a grid of at most a few programs per SM walks the (row tile, column
 tile) work items, grouped so that concurrently running programs share an expert's weight tiles in L2.
 
@@ -46,7 +47,7 @@ if AUTOTUNE not in ("default", "full"):
     raise ValueError(f"DESMOE_AUTOTUNE must be 'default' or 'full', got {AUTOTUNE!r}")
 # dh_swiglu_kernel writes its routing-weight partial dots at this column granularity, whatever the config (see
 # there): every BLOCK_N is a multiple of it, so the partial-dot buffer layout does not depend on the config
-DWP_COLS = 16 if INTERPRET else 64
+DWP_COLS = 16 if INTERPRET else 32
 
 
 def _c(kw, w, s):
@@ -61,45 +62,49 @@ def _dw(ba, bb, bk, w, s, group=8):
     return _c({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk, "GROUP": group}, w, s)
 
 
-# The small-footprint fallback (last entry of every list) fits shared memory for float32 inputs too; the prune
-# keeps it only when nothing else fits. Configs here are the ones whose sm_90 compile shows no stack (spills) and
-# fits shared memory (tests/test_triton_compile.py asserts both for every config the prune can keep).
+# Candidates per kernel and row-tile height (BLOCK_M, chosen by the launcher from the pairs per expert; None for
+# the dW kernels). "default" keeps 2 per class, so a first call compiles ~2 configs per kernel; "full" adds the
+# rest of the sweep. Every listed bf16 config compiles for sm_90 with no stack (spills) and fits shared memory:
+# tests/test_triton_compile.py asserts that for every config the prune can keep. BLOCK_M = 64 classes include
+# configs that fit 2-3 CTAs per SM, so one tile's epilogue overlaps another's loads on short-K GEMMs.
+# The small-footprint fallback is what float32 inputs run (tests, debugging; no tensor cores there).
 _ROW_FALLBACK = _row(32, 32, 4, 2)
 _DW_FALLBACK = _dw(64, 64, 32, 4, 2)
+_DEFAULT = {
+    "up_swiglu_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
+                         128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
+    "down_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
+    # BLOCK_M = 128 with 128 columns spills in the three-output epilogue even sub-tiled: 64 columns there
+    "dh_swiglu_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
+                         128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
+    "dx_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
+    "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
+    "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
+}
+_EXTRA = {
+    "up_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
+    "down_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
+    "dh_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
+    "dx_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
+    "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
+    "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
+}
 GPU_CONFIGS = {
-    "full": {
-        "up_swiglu_kernel": [_row(128, 64, 8, 3), _row(128, 64, 8, 4), _row(64, 64, 4, 4), _row(64, 64, 8, 4),
-                             _row(128, 32, 8, 4), _row(64, 128, 4, 3), _ROW_FALLBACK],
-        "down_kernel": [_row(128, 64, 8, 4), _row(128, 64, 4, 4), _row(64, 64, 4, 4), _row(256, 64, 8, 3),
-                        _row(128, 128, 8, 3), _row(64, 128, 4, 3), _ROW_FALLBACK],
-        "dh_swiglu_kernel": [_row(128, 64, 8, 4), _row(128, 64, 8, 3), _row(64, 64, 4, 4), _row(64, 64, 8, 4),
-                             _row(128, 128, 8, 3), _row(64, 128, 4, 3), _ROW_FALLBACK],
-        "dx_kernel": [_row(128, 64, 8, 4), _row(128, 64, 4, 4), _row(64, 64, 4, 4), _row(256, 64, 8, 3),
-                      _row(128, 128, 8, 3), _row(64, 128, 4, 3), _ROW_FALLBACK],
-        "dw_gate_up_kernel": [_dw(128, 128, 64, 8, 4), _dw(128, 128, 64, 8, 3), _dw(128, 256, 64, 8, 3),
-                              _dw(64, 128, 64, 4, 4), _dw(128, 64, 64, 4, 4), _dw(128, 128, 32, 8, 5),
-                              _DW_FALLBACK],
-        "dw_down_kernel": [_dw(128, 128, 64, 8, 4), _dw(128, 128, 64, 8, 3), _dw(128, 256, 64, 8, 3),
-                           _dw(64, 128, 64, 4, 4), _dw(128, 64, 64, 4, 4), _dw(128, 128, 32, 8, 5),
-                           _DW_FALLBACK],
-    },
-    "default": {
-        "up_swiglu_kernel": [_row(128, 64, 8, 3), _row(64, 64, 4, 4), _ROW_FALLBACK],
-        "down_kernel": [_row(128, 64, 8, 4), _row(64, 64, 4, 4), _ROW_FALLBACK],
-        "dh_swiglu_kernel": [_row(128, 64, 8, 4), _row(64, 64, 4, 4), _ROW_FALLBACK],
-        "dx_kernel": [_row(128, 64, 8, 4), _row(64, 64, 4, 4), _ROW_FALLBACK],
-        "dw_gate_up_kernel": [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3), _DW_FALLBACK],
-        "dw_down_kernel": [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3), _DW_FALLBACK],
-    },
+    "default": _DEFAULT,
+    "full": {k: {bm: v + _EXTRA[k][bm] for bm, v in by_bm.items()} for k, by_bm in _DEFAULT.items()},
 }
 _INTERPRET_CONFIGS = {"row": [_row(16, 16, 1, 1, group=2)], "dw": [_dw(16, 16, 16, 1, 1, group=2)]}
 
 
 def configs_for(kernel: str, mode: str = AUTOTUNE) -> list:
-    """The autotune candidates of ``kernel`` ("default" or "full" set; one small config in the interpreter)."""
+    """The autotune candidates of ``kernel``: the union over row-tile heights of the mode's set, plus the
+    fallback (the prune narrows them per call); one small config in the interpreter."""
     if INTERPRET:
         return _INTERPRET_CONFIGS["dw" if kernel.startswith("dw_") else "row"]
-    return GPU_CONFIGS[mode][kernel]
+    out = []
+    for group in GPU_CONFIGS[mode][kernel].values():
+        out += [c for c in group if c not in out]
+    return out + [_DW_FALLBACK if kernel.startswith("dw_") else _ROW_FALLBACK]
 
 
 _SMEM_BUDGET = 220 * 1024  # H100/H200: 227 KB per block, minus room for the epilogue's layout conversions
@@ -112,26 +117,48 @@ def _smem(c, bm: int, n_b_tiles: int, es: int) -> int:
     return c.num_stages * es * kw["BLOCK_K"] * (bm + n_b_tiles * kw["BLOCK_N"])
 
 
-def prune_configs(configs, element_size: int, block_m: int = 128, n_b_tiles: int = 1) -> list:
-    """Configs whose pipelined tiles fit shared memory (saves compiling them to fail); the small fallback only
-    when nothing else fits (float32 inputs)."""
+def prune_configs(configs, element_size: int, block_m=None, n_b_tiles: int = 1, kernel=None, mode=AUTOTUNE):
+    """The configs the autotuner benchmarks for one call: the kernel's class for this row-tile height (when
+    ``kernel`` is given and the candidates are the listed ones), that fit shared memory; float32 inputs run the
+    small fallback only."""
     fallback = [c for c in configs if c in (_ROW_FALLBACK, _DW_FALLBACK)]
-    fit = [c for c in configs if c not in fallback and _smem(c, block_m, n_b_tiles, element_size) <= _SMEM_BUDGET]
+    if element_size >= 4 and fallback:
+        return fallback
+    cand = [c for c in configs if c not in fallback]
+    if kernel is not None:
+        cls = GPU_CONFIGS[mode][kernel].get(block_m if not kernel.startswith("dw_") else None, [])
+        cand = [c for c in cand if c in cls] or cand
+    fit = [c for c in cand if _smem(c, block_m or 128, n_b_tiles, element_size) <= _SMEM_BUDGET]
     return fit or fallback or configs[-1:]
 
 
-def _pruner(n_b_tiles: int, a_arg: str):
+def _pruner(kernel: str, n_b_tiles: int, a_arg: str):
     def prune(configs, named_args, **kwargs):
         a = named_args.get(a_arg)
         es = a.element_size() if hasattr(a, "element_size") else 2
-        keep = prune_configs(configs, es, kwargs.get("BLOCK_M", 128), n_b_tiles)
+        keep = prune_configs(configs, es, kwargs.get("BLOCK_M"), n_b_tiles, kernel)
         for c in keep:
             bn = c.kwargs.get("BLOCK_N")
             if bn is not None and bn % DWP_COLS:
                 raise ValueError(f"autotune config BLOCK_N={bn} is not a multiple of DWP_COLS={DWP_COLS}")
+        prune.compiles.append(len(keep))  # the autotuner prunes once per new key: these are compiled and run
         return keep
 
+    prune.compiles = []
     return {"early_config_prune": prune}
+
+
+def autotune_stats() -> dict:
+    """Per autotuned kernel: ``tunings`` (new autotune keys seen), ``compiles`` (configs compiled and benchmarked
+    by those tunings; a one-config prune compiles one and skips the benchmark) and the ``chosen`` config per
+    key. The difference of two snapshots is what a call cost: ``sum(compiles)`` is a first call's compile count.
+    """
+    out = {}
+    for k in AUTOTUNED:
+        counts = getattr(k.early_config_prune, "compiles", [])
+        out[k.fn.__name__] = {"tunings": len(counts), "compiles": sum(counts),
+                              "chosen": {str(key): str(cfg) for key, cfg in k.cache.items()}}
+    return out
 
 
 # Autotune keys: the GEMM's static sizes, a power-of-two bucket of pairs per expert (never the raw token count),
@@ -192,7 +219,7 @@ def _up_epilogue(acc_g, acc_u, gate_up_ptr, h_ptr, rows, rmask, cols, N, STORE_G
 
 
 @triton.autotune(configs=configs_for("up_swiglu_kernel"), key=_ROW_KEY + ["STORE_GATE_UP"],
-                 prune_configs_by=_pruner(2, "x_ptr"))
+                 prune_configs_by=_pruner("up_swiglu_kernel", 2, "x_ptr"))
 @triton.jit
 def up_swiglu_kernel(
     x_ptr, w_ptr, gate_up_ptr, h_ptr,
@@ -238,7 +265,8 @@ def up_swiglu_kernel(
             _up_epilogue(g1, u1, gate_up_ptr, h_ptr, rows, rmask, c0 + BLOCK_N // 2, N, STORE_GATE_UP)
 
 
-@triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY, prune_configs_by=_pruner(1, "h_ptr"))
+@triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY,
+                 prune_configs_by=_pruner("down_kernel", 1, "h_ptr"))
 @triton.jit
 def down_kernel(
     h_ptr, w_ptr, y_ptr,
@@ -313,7 +341,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
 
 @triton.autotune(configs=configs_for("dh_swiglu_kernel"),
                  key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK"],
-                 prune_configs_by=_pruner(1, "dout_ptr"))
+                 prune_configs_by=_pruner("dh_swiglu_kernel", 1, "dout_ptr"))
 @triton.jit
 def dh_swiglu_kernel(
     dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
@@ -377,7 +405,8 @@ def dh_swiglu_kernel(
                          mask=rmask[:, None] & (r < NDWP)[None, :])
 
 
-@triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY, prune_configs_by=_pruner(1, "dgate_up_ptr"))
+@triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY,
+                 prune_configs_by=_pruner("dx_kernel", 1, "dgate_up_ptr"))
 @triton.jit
 def dx_kernel(
     dgate_up_ptr, w_ptr, dxp_ptr,
@@ -438,7 +467,8 @@ def _dw_tile(pid, E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK
 # load of the same step and the pipeliner gives the data loads num_stages shared-memory buffers (an index loaded
 # and used in the same step pins the loop at 2 buffers with a full wait before every MMA). tok_S (sorted rows ->
 # token, -1 for pairs masked by pair_trainable) is precomputed by the launcher, so masked pairs are zero rows.
-@triton.autotune(configs=configs_for("dw_gate_up_kernel"), key=_DW_KEY, prune_configs_by=_pruner(1, "x_ptr"))
+@triton.autotune(configs=configs_for("dw_gate_up_kernel"), key=_DW_KEY,
+                 prune_configs_by=_pruner("dw_gate_up_kernel", 1, "x_ptr"))
 @triton.jit
 def dw_gate_up_kernel(
     dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
@@ -468,7 +498,8 @@ def dw_gate_up_kernel(
     tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=amask[:, None] & bmask[None, :])
 
 
-@triton.autotune(configs=configs_for("dw_down_kernel"), key=_DW_KEY, prune_configs_by=_pruner(1, "hw_ptr"))
+@triton.autotune(configs=configs_for("dw_down_kernel"), key=_DW_KEY,
+                 prune_configs_by=_pruner("dw_down_kernel", 1, "hw_ptr"))
 @triton.jit
 def dw_down_kernel(
     dout_ptr, hw_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,

@@ -92,10 +92,15 @@ def test_first_call_equals_second_and_reference(two_configs_each, masks):
         return ref.moe_experts_reference(*a, activation="silu", expert_trainable_E=em, pair_trainable_TK=pm)
 
     expect = run(oracle)
+    before = mk.autotune_stats()
     first = run(fast)
+    after = mk.autotune_stats()
     tuned = [k for k in mk.AUTOTUNED if len(getattr(k, "configs_timings", None) or {}) == 2]
     assert len(tuned) == len(mk.AUTOTUNED), "every autotuned kernel must have benchmarked both configs"
+    # the first call's compile count: 2 configs for each of the 6 kernels, one tuning each
+    assert {n: after[n]["compiles"] - before[n]["compiles"] for n in after} == {n: 2 for n in after}
     second = run(fast)
+    assert {n: v["compiles"] for n, v in mk.autotune_stats().items()} == {n: v["compiles"] for n, v in after.items()}
     names = ["out", "dx", "dW_gate_up", "dW_down", "d weights"]
     for name, a, b, c in zip(names, first, second, expect):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4, msg=lambda m: f"call 1, {name}: {m}")
