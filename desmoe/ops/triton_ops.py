@@ -29,7 +29,7 @@ import triton
 from ..kernels import moe as _mk
 from ..kernels import permute as _pk
 from ..kernels import routing as _rk
-from . import reference
+from . import dispatch, reference
 
 Tensor = torch.Tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -457,13 +457,103 @@ def _experts_backward(ctx, dout_TD, *_unused):
 moe_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
 
 
+# --- coarse shapes: torch._grouped_mm GEMMs inside desmoe's metadata, gather/scatter, combine and masks --------
+
+def _combine(y_SD: Tensor, w_TK: Optional[Tensor], T: int, K: int) -> Tensor:
+    D = y_SD.shape[1]
+    out_TD = _empty((T, D), y_SD.dtype, y_SD.device)
+    BD = min(1024, _pow2(D))
+    with _on_device(y_SD):
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, y_SD if w_TK is None else w_TK, out_TD, T, D, K,
+                                                     HAS_W=w_TK is not None, BLOCK_D=BD)
+    return out_TD
+
+
+def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
+    out = torch.empty_like(v_sorted)
+    out[sorted_pairs] = v_sorted
+    return out
+
+
+class _GroupedMMExperts(torch.autograd.Function):
+    """SwiGLU experts with the four GEMMs (and both dW) on ``torch._grouped_mm``; same contract and masks as
+    :func:`moe_experts`. Saves x, the weights, the routing metadata and the gate|up pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1, w2, ids_TK, w_TK, em, pm):
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I = I2 // 2
+        K = ids_TK.shape[1]
+        sp, off, tok, *_ = _routing_metadata(ids_TK, E, 0)
+        sp, tok, ends = sp.long(), tok.long(), off[1:]
+        gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        h = (g * torch.sigmoid(g) * u).to(x_TD.dtype)
+        y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [S, D]
+        out = _combine(_to_pair_rows(y, sp), w_TK.contiguous(), T, K)
+        ctx.save_for_backward(x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I, K = I2 // 2, w_TK.shape[1]
+        ends, dt = off[1:], x_TD.dtype
+        dout_s = dout_TD.contiguous()[tok]
+        dh_u = torch._grouped_mm(dout_s, w2, offs=ends).float()  # dout[t] @ W_down[e], [S, I]
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        sig = torch.sigmoid(g)
+        h = g * sig * u
+        w_s = w_TK.reshape(-1)[sp].float()
+        dweights = torch.empty(T * K, dtype=torch.float32, device=x_TD.device)
+        dweights[sp] = (dh_u * h).sum(-1)
+        dh = dh_u * w_s[:, None]
+        dgu = torch.cat([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig], dim=1).to(dt)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _combine(_to_pair_rows(torch._grouped_mm(dgu, w1, offs=ends), sp), None, T, K)
+        dw1 = dw2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            scale = w_s if pm is None else w_s * pm.reshape(-1)[sp].float()
+            dgu_w = dgu if pm is None else dgu * pm.reshape(-1)[sp].to(dt)[:, None]
+            dw1 = torch._grouped_mm(dgu_w.t(), x_TD[tok], offs=ends)  # [E, 2I, D]
+            dw2 = torch._grouped_mm(dout_s.t(), (h * scale[:, None]).to(dt), offs=ends)  # [E, D, I]
+            keep = (off[1:] > off[:-1]) if em is None else (off[1:] > off[:-1]) & em.bool()
+            zero = torch.zeros((), dtype=dw1.dtype, device=dw1.device)
+            dw1 = torch.where(keep[:, None, None], dw1, zero)
+            dw2 = torch.where(keep[:, None, None], dw2, zero)
+        dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None
+        return dx, dw1, dw2, None, dwts, None, None
+
+
+def moe_experts_grouped_mm(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """:func:`moe_experts` with ``torch._grouped_mm`` GEMMs (the coarse-shape engine of
+    :mod:`desmoe.ops.dispatch`); desmoe's O(S) metadata, gather/scatter, deterministic combine and masks."""
+    if not dispatch.grouped_mm_available():
+        raise RuntimeError(f"torch._grouped_mm is not available in torch {torch.__version__}")
+    if x_TD.shape[0] == 0:
+        return reference.moe_experts_reference(
+            x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
+            expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+        )
+    return _GroupedMMExperts.apply(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                   expert_trainable_E, pair_trainable_TK)
+
+
 def moe_experts(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
     expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
 ) -> Tensor:
     """SwiGLU expert MLP with weighted combine on the Triton kernels: ``x [T, D] -> out [T, D]``.
 
-    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``. Runs on
+    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``. The GEMM
+    engine (these kernels, or ``torch._grouped_mm`` for coarse shapes) is :mod:`desmoe.ops.dispatch`'s. Runs on
     x / weights of one dtype among float32, float16, bfloat16; anything else (float64, mixed dtypes) takes
     the reference path.
     """
@@ -472,6 +562,12 @@ def moe_experts(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, x_TD.dtype)
+    if engine == "grouped_mm":
+        return moe_experts_grouped_mm(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                      expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK)
     )
@@ -482,4 +578,4 @@ def moe_experts(
 
 
 __all__ = ["topk_route", "permute", "route_and_permute", "moe_experts", "topk_route_fwd", "topk_route_bwd",
-           "moe_permute", "moe_experts_fwd", "moe_experts_bwd"]
+           "moe_permute", "moe_experts_fwd", "moe_experts_bwd", "moe_experts_grouped_mm"]
