@@ -443,8 +443,8 @@ def dx_kernel(
 
 
 @triton.jit
-def _dw_tile(pid, E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK: tl.constexpr,
-             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
+def _dw_tile(pid, A_DIM, B_DIM, offsets_ptr, tok_ptr, expert_mask_ptr, HAS_EXPERT_MASK: tl.constexpr,
+             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """Expert-major, swizzled order: program ids run through all output tiles of expert 0, then expert 1, ...,
     grouped GROUP tiles deep inside an expert, so the expert's pair rows (the GEMM's long inner dimension) are
     read from HBM about once and re-served from L2 to its other output tiles. A frozen expert gets an empty pair
@@ -459,7 +459,15 @@ def _dw_tile(pid, E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK
         hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
     ra = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    return e, ra, rb, lo, hi
+    rows = lo + tl.arange(0, BLOCK_K)  # the first K step's sorted rows and their tokens (then loop-carried)
+    tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
+    return e, ra, rb, hi, rows, tok, tl.cdiv(hi - lo, BLOCK_K)
+
+
+@triton.jit
+def _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM):
+    ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
+    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(ra < A_DIM)[:, None] & (rb < B_DIM)[None, :])
 
 
 # The dW kernels' inner dimension is the expert's sorted pairs, gathered through a token index. The index of the
@@ -472,30 +480,24 @@ def _dw_tile(pid, E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK
 @triton.jit
 def dw_gate_up_kernel(
     dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
-    E, A_DIM, B_DIM, sx_t, sx_d,
+    A_DIM, B_DIM, sx_t, sx_d,
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW_gate_up[e] [2I, D] = sum over e's pairs of d(gate|up)[row]^T x[tok]; A_DIM = 2I, B_DIM = D."""
-    e, ra, rb, lo, hi = _dw_tile(tl.program_id(0), E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK,
-                                 BLOCK_A, BLOCK_B, GROUP)
-    amask = ra < A_DIM
-    bmask = rb < B_DIM
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+                                               expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    kk = tl.arange(0, BLOCK_K)
-    rows = lo + kk
-    tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
     a_ptrs = dgate_up_ptr + rows[None, :].to(tl.int64) * A_DIM + ra[:, None]
-    for _ in range(0, tl.cdiv(hi - lo, BLOCK_K)):
-        a = tl.load(a_ptrs, mask=amask[:, None] & (rows < hi)[None, :], other=0.0)
+    for _ in range(0, steps):
+        a = tl.load(a_ptrs, mask=(ra < A_DIM)[:, None] & (rows < hi)[None, :], other=0.0)
         b = tl.load(x_ptr + tok[:, None].to(tl.int64) * sx_t + rb[None, :] * sx_d,
-                    mask=(tok >= 0)[:, None] & bmask[None, :], other=0.0)
+                    mask=(tok >= 0)[:, None] & (rb < B_DIM)[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
         rows += BLOCK_K
         a_ptrs += BLOCK_K * A_DIM
         tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
-    out_ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
-    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=amask[:, None] & bmask[None, :])
+    _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM)
 
 
 @triton.autotune(configs=configs_for("dw_down_kernel"), key=_DW_KEY,
@@ -503,31 +505,25 @@ def dw_gate_up_kernel(
 @triton.jit
 def dw_down_kernel(
     dout_ptr, hw_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
-    E, A_DIM, B_DIM, sd_t, sd_d,
+    A_DIM, B_DIM, sd_t, sd_d,
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW_down[e] [D, I] = sum over e's pairs of dout[tok]^T hw[row] (hw = keep * w * h from dh_swiglu_kernel).
     A_DIM = D, B_DIM = I."""
-    e, ra, rb, lo, hi = _dw_tile(tl.program_id(0), E, A_DIM, B_DIM, offsets_ptr, expert_mask_ptr, HAS_EXPERT_MASK,
-                                 BLOCK_A, BLOCK_B, GROUP)
-    amask = ra < A_DIM
-    bmask = rb < B_DIM
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+                                               expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    kk = tl.arange(0, BLOCK_K)
-    rows = lo + kk
-    tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
     b_ptrs = hw_ptr + rows[:, None].to(tl.int64) * B_DIM + rb[None, :]
-    for _ in range(0, tl.cdiv(hi - lo, BLOCK_K)):
+    for _ in range(0, steps):
         a = tl.load(dout_ptr + tok[None, :].to(tl.int64) * sd_t + ra[:, None] * sd_d,
-                    mask=amask[:, None] & (tok >= 0)[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=(rows < hi)[:, None] & bmask[None, :], other=0.0)
+                    mask=(ra < A_DIM)[:, None] & (tok >= 0)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(rows < hi)[:, None] & (rb < B_DIM)[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
         rows += BLOCK_K
         b_ptrs += BLOCK_K * B_DIM
         tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
-    out_ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
-    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=amask[:, None] & bmask[None, :])
+    _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM)
 
 
 AUTOTUNED = (up_swiglu_kernel, down_kernel, dh_swiglu_kernel, dx_kernel, dw_gate_up_kernel, dw_down_kernel)

@@ -402,11 +402,11 @@ def moe_experts_bwd(
                 return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
 
             _mk.dw_gate_up_kernel[grid(I2, D)](
-                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, E, I2, D, x_TD.stride(0), x_TD.stride(1),
+                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, I2, D, x_TD.stride(0), x_TD.stride(1),
                 bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
             _mk.dw_down_kernel[grid(D, I)](
-                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, E, D, I, sd_t, sd_d,
+                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, D, I, sd_t, sd_d,
                 bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
     return dx_TD, dw1, dw2, dweights_TK
