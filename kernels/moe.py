@@ -73,7 +73,8 @@ _DW_FALLBACK = _dw(64, 64, 32, 4, 2)
 _DEFAULT = {
     "up_swiglu_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
                          128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
-    "down_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
+    # down has a short K (I, 12 steps at I=768): a 2-CTA/SM candidate overlaps one tile's epilogue with the next
+    "down_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)]},
     # BLOCK_M = 128 with 128 columns spills in the three-output epilogue even sub-tiled: 64 columns there
     "dh_swiglu_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
                          128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
@@ -83,7 +84,7 @@ _DEFAULT = {
 }
 _EXTRA = {
     "up_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
-    "down_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
+    "down_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
     "dh_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
     "dx_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
     "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
