@@ -5,6 +5,8 @@ Under the interpreter each kernel normally has one config (no autotuning at all)
 autotuned kernel two configs with different tile sizes, clears the autotune caches, and checks call 1 and call 2.
 A kernel whose output depends on which configs ran (partial sums per column tile, scratch rows) fails here.
 """
+import inspect
+
 import pytest
 import torch
 import triton
@@ -106,3 +108,34 @@ def test_first_call_equals_second_and_reference(two_configs_each, masks):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4, msg=lambda m: f"call 1, {name}: {m}")
         torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4, msg=lambda m: f"call 2, {name}: {m}")
 
+
+
+def test_autotune_keys_hold_every_work_changing_constexpr():
+    """A constexpr that changes the work (STORE_*, masks, BLOCK_M) must be in the key, or one variant's tuning is
+    reused for another. IEEE follows the input dtype (the autotuner adds dtypes to the key); DWP_COLS is fixed."""
+    for kern in mk.AUTOTUNED:
+        tuned = set(kern.configs[0].kwargs)
+        params = inspect.signature(kern.base_fn).parameters.values()
+        constexprs = {p.name for p in params if "constexpr" in str(p.annotation)} - tuned - {"IEEE", "DWP_COLS"}
+        assert "BLOCK_M" in constexprs or kern.fn.__name__.startswith("dw_")
+        assert constexprs <= set(kern.keys), (kern.fn.__name__, constexprs - set(kern.keys))
+
+
+def test_default_config_sets_are_small():
+    """The default sweep (a first call's compiles) stays at 2 candidates per kernel and row-tile height; the full
+    sweep (DESMOE_AUTOTUNE=full) contains it."""
+    for name, by_bm in mk.GPU_CONFIGS["default"].items():
+        for bm, configs in by_bm.items():
+            assert 1 <= len(configs) <= 2, (name, bm)
+            assert all(c in mk.GPU_CONFIGS["full"][name][bm] for c in configs)
+            for c in configs:  # every candidate's routing-weight partial-dot layout is config independent
+                assert c.kwargs.get("BLOCK_N", 32) % 32 == 0
+
+
+def test_bad_autotune_mode_is_a_clear_error():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import desmoe.kernels.moe"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "DESMOE_AUTOTUNE": "fast"}, timeout=120)
+    assert proc.returncode != 0 and "DESMOE_AUTOTUNE must be 'default' or 'full', got 'fast'" in proc.stderr
