@@ -3,7 +3,8 @@
 Three deterministic passes over the S = T*K (token, slot) pairs, no atomics, no host sync (grids are sized from
 shapes alone, so the sequence is CUDA-graph safe):
 
-- ``histogram_kernel``: program ``b`` counts its ``BLOCK`` pairs per expert -> ``hist [NB, E]``.
+- ``histogram_kernel``: program ``b`` counts its ``BLOCK`` pairs per expert -> ``hist [NB, E]`` (BLOCK is large,
+  4096 on GPU, so the single-program scan below has few rows: NB = 64 at S = 262144).
 - ``scan_kernel``: one program turns the counts into, per (block, expert), the number of earlier pairs of that
   expert (in place), the expert offsets ``offsets [E+1]``, and the tile schedule of the row-tile GEMMs (for
   every slot of the statically sized schedule: its expert, E for an unused slot, and its first sorted row).
@@ -11,8 +12,8 @@ shapes alone, so the sequence is CUDA-graph safe):
   writes it to ``offsets[e] + hist[b, e] + rank``: a stable, expert-major order, plus the token of every sorted
   row (``pair // K``) that the dW kernels gather through.
 
-Work is O(S·E_PAD / lanes) in registers per block plus O(NB·E) for the scan, against the former one-program-
-per-expert scan of all S pairs (O(E·S) reads).
+Work is O(S·E_PAD / lanes) in registers (one-hot compares over ``SUB``-pair chunks) plus O(NB·E) for the scan,
+against the former one-program-per-expert scan of all S pairs (O(E·S) reads).
 """
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ import triton.language as tl
 
 
 @triton.jit
-def histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
+    """Program ``b`` counts pairs [b*BLOCK, (b+1)*BLOCK) per expert, SUB pairs (a [SUB, E_PAD] one-hot) at a time."""
     b = tl.program_id(0)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < S, other=E_PAD).to(tl.int32)  # padding matches no expert
     cols = tl.arange(0, E_PAD)
-    counts = tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for s0 in range(0, BLOCK, SUB):
+        offs = b * BLOCK + s0 + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + offs, mask=offs < S, other=E_PAD).to(tl.int32)  # padding matches no expert
+        counts += tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + b.to(tl.int64) * E + cols, counts, mask=cols < E)
 
 
@@ -75,17 +79,20 @@ def scan_kernel(hist_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, NB, E, MAX
 
 @triton.jit
 def scatter_kernel(ids_ptr, hist_ptr, offsets_ptr, sorted_pairs_ptr, sorted_tok_ptr, S, E, TOP_K,
-                   BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+                   BLOCK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
+    """Program ``b`` places its pairs at ``offsets[e] + hist[b, e] + rank``, SUB pairs at a time, the rank among
+    the block's earlier pairs of the same expert carried across sub-chunks (stable)."""
     b = tl.program_id(0)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < S
-    ids = tl.load(ids_ptr + offs, mask=valid, other=E_PAD).to(tl.int32)
     cols = tl.arange(0, E_PAD)
-    onehot = (ids[:, None] == cols[None, :]).to(tl.int32)
-    # rank among the block's earlier pairs of the same expert (stable)
-    rank = tl.sum(tl.where(onehot != 0, tl.cumsum(onehot, axis=0) - 1, 0), axis=1)
     base = tl.load(hist_ptr + b.to(tl.int64) * E + cols, mask=cols < E, other=0)
     base += tl.load(offsets_ptr + cols, mask=cols < E, other=0)
-    dest = tl.sum(onehot * base[None, :], axis=1) + rank
-    tl.store(sorted_pairs_ptr + dest, offs, mask=valid)
-    tl.store(sorted_tok_ptr + dest, offs // TOP_K, mask=valid)
+    for s0 in range(0, BLOCK, SUB):
+        offs = b * BLOCK + s0 + tl.arange(0, SUB)
+        valid = offs < S
+        ids = tl.load(ids_ptr + offs, mask=valid, other=E_PAD).to(tl.int32)
+        onehot = (ids[:, None] == cols[None, :]).to(tl.int32)
+        rank = tl.sum(tl.where(onehot != 0, tl.cumsum(onehot, axis=0) - 1, 0), axis=1)
+        dest = tl.sum(onehot * base[None, :], axis=1) + rank
+        tl.store(sorted_pairs_ptr + dest, offs, mask=valid)
+        tl.store(sorted_tok_ptr + dest, offs // TOP_K, mask=valid)
+        base += tl.sum(onehot, axis=0)

@@ -151,9 +151,9 @@ def jobs(mode: str):
                 consts = {**c.kwargs, **extra.get(name, {}), "IEEE": ieee, **({} if dw else {"BLOCK_M": bm or 128})}
                 yield kern, consts, c.num_warps, c.num_stages, dt
     yield mk.combine_kernel, {"HAS_W": True, "BLOCK_D": 1024}, 4, 1, "*bf16"
-    yield pk.histogram_kernel, {"BLOCK": 128, "E_PAD": 128}, 8, 1, "*i32"
+    yield pk.histogram_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
     yield pk.scan_kernel, {"BLOCK_M": 128, "E_PAD": 128, "ROWS": 64, "SLOTS": 64, "FROM_OFFSETS": False}, 8, 1, "*i32"
-    yield pk.scatter_kernel, {"BLOCK": 128, "E_PAD": 128}, 8, 1, "*i32"
+    yield pk.scatter_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
     route = {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "SCORING_SIGMOID": True, "HAS_BIAS": True,
              "RENORM": True, "GROUPED": True, "N_GROUP": 8, "GROUP_SIZE": 32, "TOPK_GROUP": 4, "G_PAD": 8,
              "GROUP_TOP2SUM": True}

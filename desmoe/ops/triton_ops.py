@@ -158,11 +158,13 @@ def topk_route(
 
 # --- permutation ----------------------------------------------------------------------------------------------
 
-def _permute_block(E: int) -> int:
-    # pairs per histogram/scatter program: a [BLOCK, E_PAD] one-hot of ~16K int32 in registers
+def _permute_blocks(E: int) -> tuple[int, int]:
+    """(pairs per histogram/scatter program, pairs per one-hot sub-chunk): a [SUB, E_PAD] one-hot of ~16K int32
+    in registers at a time; BLOCK large so the one-program scan has few rows (interpreter: small, loops run)."""
     if _INTERPRET:
-        return 16
-    return max(16, min(1024, 16384 // _pow2(E)))
+        return 32, 16
+    sub = max(16, min(1024, 16384 // _pow2(E)))
+    return max(4096, sub), sub
 
 
 def _schedule_len(S: int, E: int, BM: int) -> int:
@@ -197,15 +199,15 @@ def _routing_metadata(topk_ids_TK: Tensor, E: int, BM: int):
         offsets_E1.zero_()
         return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert.fill_(E), tile_row.zero_(), max_tiles
     ids_S = topk_ids_TK.reshape(-1)
-    block = _permute_block(E)
+    block, sub = _permute_blocks(E)
     NB = triton.cdiv(S, block)
     hist = _empty((NB, E), torch.int32, dev)
     nw = 1 if _INTERPRET else 8
     with _on_device(topk_ids_TK):
-        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, E_PAD=_pow2(E), num_warps=nw)
+        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, SUB=sub, E_PAD=_pow2(E), num_warps=nw)
         _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, max(BM, 1), False)
         _pk.scatter_kernel[(NB,)](ids_S, hist, offsets_E1, sorted_pairs_S, sorted_tok_S, S, E, K, BLOCK=block,
-                                  E_PAD=_pow2(E), num_warps=nw)
+                                  SUB=sub, E_PAD=_pow2(E), num_warps=nw)
     return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert, tile_row, max_tiles
 
 
