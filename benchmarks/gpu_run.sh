@@ -53,4 +53,6 @@ else
     echo "{\"stage\": \"gpu_tests\", \"skipped\": \"budget\", \"left_s\": $T_LEFT}" >> "$RES"
 fi
 log "done"
+exec 1>&- 2>&-  # tee sees EOF and finishes log.txt before $OUT is collected
+sleep 1
 exit $rc
