@@ -171,7 +171,7 @@ def run_cell(spec: ExperimentSpec, base_path: str, method: str, domains: list[st
 
 
 def aggregate(runs: list[dict], domains: list[str] | None = None) -> dict:
-    """The issue's per-METHOD block: means over seeds + ``spread`` (sample std over seeds; 0 for one seed)."""
+    """The per-METHOD block of results.json: means over seeds + ``spread`` (sample std over seeds; 0 for one seed)."""
     domains = domains or runs[0]["domains"]
     per = {d: [r["domain_loss"][d] for r in runs if d in r["domain_loss"]] for d in domains}
     em = [r["math_exact_match"] for r in runs]
