@@ -139,7 +139,7 @@ def _record(spec, s: dict, run_dir: str, method, domains, lr, seed, method_overr
     dl = {d: after["domains"][d]["loss"] for d in domains}
     em = None
     if "math" in domains and spec.math_n > 0:
-        from ..eval import evaluate_checkpoint
+        from ..train.evaluate import evaluate_checkpoint
 
         em = evaluate_checkpoint(run_dir, math_n=spec.math_n, domains=["math"], device="cpu")["math"]["exact_match"]
     hist = _read_history(run_dir)
