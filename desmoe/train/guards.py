@@ -3,7 +3,6 @@
 loss term and the first module with a non-finite output, or a skipped batch under ``train.skip_nonfinite``)."""
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading

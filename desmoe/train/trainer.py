@@ -1,4 +1,4 @@
-"""The training loop, for DES-MoE and every other method: :class:`Trainer` reads as data → step → log → save → eval.
+"""The training loop for DES-MoE and every other method: :class:`Trainer` reads as data → step → log → save → eval.
 
 ``run(cfg, output_dir)`` builds a :class:`Trainer` and returns its JSON-able summary. The pieces live beside it:
 :mod:`.builders` (device, texts, tokenizer, model, optimizer, base pretraining), :mod:`.guards` (signals,
@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +53,26 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
         dist.close()
 
 
+@dataclass
+class StepStats:
+    """One optimizer step's global-batch losses (averaged over micro-batches), tokens and per-domain task loss."""
+
+    num_domains: int
+    loss: float = 0.0
+    task: float = 0.0
+    kd: float = 0.0
+    tokens: int = 0
+    grad_norm: float | None = None
+    bad: tuple | None = None  # (term, value, batch) of the first non-finite loss or gradient norm
+    last_batch: dict | None = None
+    dom_loss_M: torch.Tensor = field(init=False)
+    dom_cnt_M: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.dom_loss_M = torch.zeros(self.num_domains, dtype=torch.float64)
+        self.dom_cnt_M = torch.zeros(self.num_domains, dtype=torch.float64)
+
+
 class Trainer:
     """One training session of a run directory (a fresh run or a resumed one)."""
 
@@ -81,7 +102,7 @@ class Trainer:
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Checkpoint to resume (if any) → data → tokenizer and model (→ base pretraining) → method → optimizer."""
+        """Checkpoint to resume (if any) → data → tokenizer, model (→ base pretraining) → method → optimizer."""
         if self.main:
             os.makedirs(self.out, exist_ok=True)
         self.dist.barrier()
@@ -216,25 +237,25 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        from .distributed import routing_snapshot, sync_routing_stats_
+        """Set up, then per step: data → train_step → log → save (or stop on a signal); then save and evaluate."""
+        from .distributed import routing_snapshot
 
         self.setup()
         bar = progress_bar(range(self.start, self.stop), self.progress, self.cfg.method.name)
         self.phase = self.ctl.phase(self.start)
-        snap = routing_snapshot(self.ctl.tracker)
+        self.snap = routing_snapshot(self.ctl.tracker)
         for step in bar:
             t_step = time.time()
             out = self.train_step(step)
-            sync_routing_stats_(self.ctl.tracker, snap, self.dist)  # every rank: the same counts, A and masks
-            self.ctl.end_step(step)
-            snap = routing_snapshot(self.ctl.tracker) if self.dist.enabled else None
             self.log_step(step, out, t_step, bar)
             self.maybe_stop_or_save(step)
         final = self.save(self.stop)
         return self.finish(final)
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step over ``train.grad_accum`` micro-batches; returns the step's losses and counts."""
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step over ``train.grad_accum`` micro-batches, then the method's update after it."""
+        from .distributed import routing_snapshot, sync_routing_stats_
+
         ctl, opt, cfg = self.ctl, self.opt, self.cfg
         prev = ctl.current_phase
         self.phase = ctl.begin_step(step)
@@ -244,29 +265,28 @@ class Trainer:
                 self.fwd = self._wrap()
             self.say(f"step {step}: phase -> {self.phase}")
         opt.zero_grad(set_to_none=True)
-        n_dom = len(ctl.domain_names)
-        acc = {"loss": 0.0, "task": 0.0, "kd": 0.0, "tokens": 0, "bad": None,
-               "dom_loss_M": torch.zeros(n_dom, dtype=torch.float64), "dom_cnt_M": torch.zeros(n_dom, dtype=torch.float64)}
+        st = StepStats(len(ctl.domain_names))
         for micro in range(cfg.train.grad_accum):
-            self.forward_backward(to_device(self.stream.next_batch(), self.device), micro, acc)
-        acc["grad_norm"] = None
-        if acc["bad"] is None:
+            self.forward_backward(to_device(self.stream.next_batch(), self.device), micro, st)
+        if st.bad is None:
             ctl.before_optimizer_step(opt)  # masked experts: zero grads/state rows (before the clip norm)
             if cfg.train.max_grad_norm:
-                gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                             cfg.train.max_grad_norm))
-                acc["grad_norm"] = gnorm
-                if not math.isfinite(gnorm):
-                    acc["bad"] = ("gradient norm", gnorm, acc["last_batch"])
-        if acc["bad"] is not None:
-            self._nonfinite(step, *acc["bad"])
+                st.grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.train.max_grad_norm))
+                if not math.isfinite(st.grad_norm):
+                    st.bad = ("gradient norm", st.grad_norm, st.last_batch)
+        if st.bad is not None:
+            self._nonfinite(step, *st.bad)
         else:
             opt.step()
         self.sched.step()
-        return acc
+        sync_routing_stats_(ctl.tracker, self.snap, self.dist)  # every rank: the same counts, A and masks
+        ctl.end_step(step)
+        self.snap = routing_snapshot(ctl.tracker) if self.dist.enabled else None
+        return st
 
-    def forward_backward(self, b: dict, micro: int, acc: dict) -> None:
-        """Forward and backward of one micro-batch under the method's masks; adds its losses to ``acc``."""
+    def forward_backward(self, b: dict, micro: int, st: StepStats) -> None:
+        """Forward and backward of one micro-batch under the method's masks; adds its losses to ``st``."""
         ctl, W, ga = self.ctl, self.dist.world, self.cfg.train.grad_accum
         dom_T = b["domain_ids"].reshape(-1)
         no_sync = W > 1 and hasattr(self.fwd, "no_sync") and micro < ga - 1
@@ -276,23 +296,23 @@ class Trainer:
             kd = fwd.added_loss
             g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), (dom_T >= 0).sum().double())
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}
-            if acc["bad"] is None:
-                acc["bad"] = next(((n, v, b) for n, v in terms.items() if v is not None and not math.isfinite(v)), None)
+            if st.bad is None:
+                st.bad = next(((n, v, b) for n, v in terms.items() if v is not None and not math.isfinite(v)), None)
             loss = ctl.combine(task * s_task, None if kd is None else kd * s_kd)  # λ·KD + (1-λ)·task
             if aux is not None:
                 loss = loss + aux
-            if acc["bad"] is None:
+            if st.bad is None:
                 (loss / ga).backward()
         g_loss = g_task if kd is None else ctl.last_lambda * g_kd + (1 - ctl.last_lambda) * g_task
-        acc["loss"] += (g_loss + (terms["aux"] or 0.0)) / ga
-        acc["task"] += g_task / ga
-        acc["kd"] += (g_kd if g_kd is not None else 0.0) / ga
+        st.loss += (g_loss + (terms["aux"] or 0.0)) / ga
+        st.task += g_task / ga
+        st.kd += (g_kd if g_kd is not None else 0.0) / ga
         d_S = b["domain_ids"][:, 1:]
         ok = valid & (d_S >= 0)
-        acc["dom_loss_M"].index_add_(0, d_S[ok].cpu(), ce[ok].double().cpu())
-        acc["dom_cnt_M"].index_add_(0, d_S[ok].cpu(), torch.ones(int(ok.sum()), dtype=torch.float64))
-        acc["tokens"] += int((b["labels"] != -100).sum())
-        acc["last_batch"] = b
+        st.dom_loss_M.index_add_(0, d_S[ok].cpu(), ce[ok].double().cpu())
+        st.dom_cnt_M.index_add_(0, d_S[ok].cpu(), torch.ones(int(ok.sum()), dtype=torch.float64))
+        st.tokens += int((b["labels"] != -100).sum())
+        st.last_batch = b
 
     def _global_means(self, task, kd, n_task, n_kd):
         """Global-batch means of the task and added loss, and each rank's rescaling of its own mean: the averaged
@@ -322,24 +342,24 @@ class Trainer:
         self.say(f"skipped batch of {where} (train.skip_nonfinite; {len(self.skipped)} skipped so far)")
 
     # --- log, save, stop -------------------------------------------------------------------------------------
-    def log_step(self, step: int, out: dict, t_step: float, bar) -> None:
+    def log_step(self, step: int, out: StepStats, t_step: float, bar) -> None:
         ctl, W = self.ctl, self.dist.world
-        self.losses.append(out["task"])
+        self.losses.append(out.task)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t_step  # tokens/s counts training compute only (not checkpoint or eval time)
         self.t_train += dt
-        self.tokens_done += out["tokens"] * W
+        self.tokens_done += out.tokens * W
         skipped_now = bool(self.skipped) and self.skipped[-1] == step
-        self.runlog.phase_step(self.phase, step, dt, out["tokens"] * W, out["task"], skipped_now)
+        self.runlog.phase_step(self.phase, step, dt, out.tokens * W, out.task, skipped_now)
         tps = self.tokens_done / max(self.t_train, 1e-9)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{out['loss']:.3f}", phase=self.phase, tok_s=f"{tps:.0f}")
+            bar.set_postfix(loss=f"{out.loss:.3f}", phase=self.phase, tok_s=f"{tps:.0f}")
         rss = rss_mb()
         if rss is not None:
             self.rss_peak = max(self.rss_peak or 0.0, rss)
-        rec = {"step": step, "phase": self.phase, "loss": out["loss"], "task": out["task"], "kd": out["kd"],
-               "lambda": ctl.last_lambda, "lr": self.sched.get_last_lr()[0], "grad_norm": out["grad_norm"],
+        rec = {"step": step, "phase": self.phase, "loss": out.loss, "task": out.task, "kd": out.kd,
+               "lambda": ctl.last_lambda, "lr": self.sched.get_last_lr()[0], "grad_norm": out.grad_norm,
                "tok_s": tps, "rss_mb": rss, "skipped_nonfinite": len(self.skipped)}
         if self.device.type == "cuda":
             rec["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -347,15 +367,15 @@ class Trainer:
         self.runlog.step(rec, write=step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now)
         if self.main and not self.progress and (step % self.cfg.train.log_every == 0 or step == self.stop - 1
                                                  or skipped_now):
-            self.say(f"step {step:5d} {self.phase:<13} loss {out['loss']:.4f} task {out['task']:.4f} kd "
-                     f"{out['kd']:.4f} lambda {ctl.last_lambda:.3f} tok/s {tps:.0f}")
+            self.say(f"step {step:5d} {self.phase:<13} loss {out.loss:.4f} task {out.task:.4f} kd "
+                     f"{out.kd:.4f} lambda {ctl.last_lambda:.3f} tok/s {tps:.0f}")
 
-    def _routing_record(self, out: dict) -> dict:
+    def _routing_record(self, out: StepStats) -> dict:
         """Per-domain loss, mask sizes and expert load of the step."""
         ctl, rec = self.ctl, {}
         for m, d in enumerate(ctl.domain_names):
-            if out["dom_cnt_M"][m] > 0:
-                rec[f"loss/{d}"] = float(out["dom_loss_M"][m] / out["dom_cnt_M"][m])
+            if out.dom_cnt_M[m] > 0:
+                rec[f"loss/{d}"] = float(out.dom_loss_M[m] / out.dom_cnt_M[m])
         masks = ctl.tracker.masks_LME
         if masks is not None:
             for m, d in enumerate(ctl.domain_names):
