@@ -10,7 +10,7 @@ import yaml
 
 from desmoe.cli import main
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
 from test_train import tiny_cfg  # noqa: E402
 
 
