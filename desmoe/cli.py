@@ -74,12 +74,10 @@ def _quiet_transformers():
 
 
 def cmd_train(a) -> int:
-    from .train import load_config, run
+    from .train import NonFiniteLossError, TrainingInterrupted, load_config, run
 
     if a.max_steps is not None and a.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
-    from .train.trainer import NonFiniteLossError, TrainingInterrupted
-
     cfg = load_config(a.config, a.overrides)
     if a.no_progress:
         cfg.train.progress = False
