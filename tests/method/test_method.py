@@ -327,3 +327,24 @@ def test_masks_are_a_scope_that_leaves_nothing_behind():
         with ctl.applied(b["domain_ids"].reshape(-1)):
             raise RuntimeError("boom")
     assert [set(vars(ex)) for ex in ctl.experts] == [set(bv) for bv in before]
+
+
+def test_registry_names_every_method_and_refuses_clashes():
+    from desmoe.method import Method, method_class, method_names, register_method
+    from desmoe.method.des_moe import DesMoE
+
+    assert set(method_names()) >= {"des_moe", "des_moe_no_alr", "des_moe_no_dges", "fft", "frozen_router",
+                                   "esft_gate", "esft_token"}
+    assert method_class("des_moe") is DesMoE
+
+    class Clash(Method):
+        name = "des_moe"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Clash)
+    with pytest.raises(TypeError, match="Method subclass"):
+        register_method(object)
+    with pytest.raises(ValueError, match="method.name must be one of"):
+        method_class("lora")
+    with pytest.raises(NotImplementedError, match="trainable_kinds"):
+        Method(MethodConfig(), 10).trainable_kinds("any")
