@@ -12,6 +12,7 @@ a model-FLOP rate, comparable across rows (frozen parts make DES phases do less 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -72,19 +73,15 @@ def bench_one(spec, impl, pass_, device, dtype, iters, warmup):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
-        if ctl is not None:
-            ctl.before_forward(dom_T)
-        with autocast:
+        with ctl.applied(dom_T) if ctl is not None else contextlib.nullcontext() as fwd, autocast:
             out = model(input_ids=ids, labels=ids)
         loss = out.loss
         if ctl is not None:
-            loss = ctl.combine(loss, ctl.after_forward(dom_T))
+            loss = ctl.combine(loss, fwd.added_loss)
         loss.backward()
         if ctl is not None:
             ctl.before_optimizer_step(opt)
         opt.step()
-        if ctl is not None:
-            ctl.after_optimizer_step()
         opt.zero_grad(set_to_none=True)
 
     _common.reset_peak(device)

@@ -1,6 +1,7 @@
 // Registers the ops as torch.ops.desmoe.* (TORCH_LIBRARY: schemas + CPU kernels; the CUDA kernels register
 // themselves in the .cu files) and exposes build information through the pybind11 module desmoe._C.
-// Fake (meta) implementations live in Python (desmoe/ext.py), the module named by set_python_module so that
+// Fake (meta) implementations live in Python (one per op under desmoe/ops/, registered by the loader
+// desmoe/ops/extension.py), the module named by set_python_module so that
 // torch.compile imports it on demand.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -17,7 +18,7 @@ std::string cuda_build_version();
 #endif
 
 TORCH_LIBRARY(desmoe, m) {
-  m.set_python_module("desmoe.ext");
+  m.set_python_module("desmoe.ops.extension");
   m.def("mask_expert_grads_(Tensor(a!)[] grads, Tensor[] masks, float scale) -> ()");
   m.def("pair_mask(Tensor token_domains_T, Tensor topk_ids_LTK, Tensor domain_expert_mask_LME) -> Tensor");
   m.def(

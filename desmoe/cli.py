@@ -93,12 +93,10 @@ def _quiet_transformers():
 
 
 def cmd_train(a) -> int:
-    from .train import load_config, run
+    from .train import NonFiniteLossError, TrainingInterrupted, load_config, run
 
     if a.max_steps is not None and a.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
-    from .train.trainer import NonFiniteLossError, TrainingInterrupted
-
     cfg = load_config(a.config, a.overrides)
     if a.no_progress:
         cfg.train.progress = False
@@ -120,7 +118,8 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .eval import evaluate_checkpoint, format_table
+    from .eval import format_table
+    from .train.evaluate import evaluate_checkpoint
 
     if a.math_n < 0 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"--math-n must be >= 0 and --max-batches >= 1, got {a.math_n}, {a.max_batches}")
@@ -154,22 +153,6 @@ def cmd_bench(a) -> int:
     finally:
         sys.argv = old
     return 0
-
-
-def demo_config(out: str, steps: int) -> dict:
-    """The demo's config (also what ``configs/tiny.yaml`` holds)."""
-    return {
-        "model": {"tiny": "qwen3_moe", "overrides": {
-            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "moe_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
-            "max_position_embeddings": 256}},
-        "tokenizer": {"vocab_size": 1024},
-        "data": {"domains": list(DEMO_DOMAINS), "general": "general", "max_docs": 300, "eval_max_docs": 48,
-                 "seq_len": 128, "batch_size": 8},
-        "method": {"name": "des_moe", "update_every": 5},
-        "train": {"max_steps": steps, "lr": 3e-3, "warmup_steps": 3, "log_every": 10, "eval_batches": 3,
-                  "pretrain_lr": 3e-3},
-    }
 
 
 def demo_base_config() -> dict:
@@ -283,7 +266,7 @@ def cmd_experiment(a) -> int:
     from .experiments import EXPERIMENTS, load_spec, run_experiment
 
     if a.name not in EXPERIMENTS + ("all",):
-        raise ValueError(f"experiment name must be one of {', '.join(EXPERIMENTS)} or all (issue 8's experiments), "
+        raise ValueError(f"experiment name must be one of {', '.join(EXPERIMENTS)} or all (the paper-claim experiments), "
                          f"got {a.name!r}")
     spec = load_spec(a.config, quick=a.quick, seeds=a.seeds)
     if a.cache is not None:

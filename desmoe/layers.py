@@ -145,7 +145,7 @@ def pair_trainable_from_domains(
             f"token_domains_T has {token_domains_T.shape[0]} entries but the forward routed "
             f"{topk_ids_TK.shape[0]} tokens; set the domains for the exact batch (flattened B*S)"
         )
-    return reference.pair_mask_reference(token_domains_T, topk_ids_TK, domain_expert_mask_ME)
+    return ops.pair_mask(token_domains_T, topk_ids_TK[None], domain_expert_mask_ME, validate=False)[0]
 
 
 def desmoe_experts_forward(

@@ -2,11 +2,12 @@
 
 Weights are read in place through their strides: ``w_gate_up_E2ID [E, 2I, D]`` (rows [0, I) gate, [I, 2I) up)
 and ``w_down_EDI [E, D, I]``. Pairs (token t, slot k) have the flat index ``p = t*K + k``; ``sorted_pairs_S``
-lists them expert-major and ``offsets_E1`` bounds each expert's range (``routing.permute_kernel``).
+lists them expert-major and ``offsets_E1`` bounds each expert's range (``desmoe.kernels.permute``).
 
-Row tiles of ``BLOCK_M`` sorted pairs never straddle two experts: the launcher builds the tile schedule
-``tile_expert_M`` / ``tile_row_M`` (expert and first sorted row of every tile; expert == E marks an unused slot
-of the statically sized schedule) on the device, so nothing syncs with the host and the grid is CUDA-graph safe.
+Row tiles of ``BLOCK_M`` sorted pairs never straddle two experts: the routing metadata pass builds the tile
+schedule ``tile_expert_M`` / ``tile_row_M`` (expert and first sorted row of every tile; expert == E marks an
+unused slot of the statically sized schedule) on the device, so nothing syncs with the host and the grid is
+CUDA-graph safe.
 The four row-tile kernels are persistent: a grid of at most a few programs per SM walks the (row tile, column
 tile) work items, grouped so that concurrently running programs share an expert's weight tiles in L2.
 
@@ -24,9 +25,13 @@ Backward: ``dh_swiglu_kernel``   dh = w * dout[t] @ W_down[e], SwiGLU backward w
           For frozen experts (``expert_trainable_E``) both dW kernels run an empty pair range: no GEMM, a zero
           tile is stored. Pairs masked by ``pair_trainable_TK`` are zeroed rows, so they add nothing.
 
-Autotune configs sit beside each kernel; keys hold the GEMM's static sizes and a power-of-two *bucket* of the
-pairs per expert, never the raw token count, so a new batch size does not re-tune. Under ``TRITON_INTERPRET=1``
-each kernel has one small config (tests stay quick).
+Autotune: configs sit beside the kernels (``GPU_CONFIGS``): a small "default" set per kernel (2 candidates
+after the shared-memory prune, so a first call compiles ~2 configs per kernel) and the "full" sweep behind
+``DESMOE_AUTOTUNE=full``. Keys hold the GEMM's static sizes, a power-of-two *bucket* of the pairs per expert
+(never the raw token count, so a new batch size does not re-tune) and every constexpr that changes the work
+(STORE_* / mask flags). Every output is written in full by every config (no partial buffers whose content
+depends on which configs the autotuner ran), so the first call of a shape equals every later call
+(tests/test_triton_first_call.py). Under ``TRITON_INTERPRET=1`` each kernel has one small config.
 """
 from __future__ import annotations
 
@@ -36,46 +41,131 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# "default": a small config set per kernel (a first call compiles ~2 configs per kernel); "full": the whole sweep
+AUTOTUNE = os.environ.get("DESMOE_AUTOTUNE", "default")
+if AUTOTUNE not in ("default", "full"):
+    raise ValueError(f"DESMOE_AUTOTUNE must be 'default' or 'full', got {AUTOTUNE!r}")
+# dh_swiglu_kernel writes its routing-weight partial dots at this column granularity, whatever the config (see
+# there): every BLOCK_N is a multiple of it, so the partial-dot buffer layout does not depend on the config
+DWP_COLS = 16 if INTERPRET else 32
 
 
-def _cfgs(full, small):
+def _c(kw, w, s):
+    return triton.Config(kw, num_warps=w, num_stages=s)
+
+
+def _row(bn, bk, w, s, group=8):
+    return _c({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP": group}, w, s)
+
+
+def _dw(ba, bb, bk, w, s, group=8):
+    return _c({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk, "GROUP": group}, w, s)
+
+
+# Candidates per kernel and row-tile height (BLOCK_M, chosen by the launcher from the pairs per expert; None for
+# the dW kernels). "default" keeps 2 per class, so a first call compiles ~2 configs per kernel; "full" adds the
+# rest of the sweep. Every listed bf16 config compiles for sm_90 with no stack (spills) and fits shared memory:
+# tests/test_triton_compile.py asserts that for every config the prune can keep. BLOCK_M = 64 classes include
+# configs that fit 2-3 CTAs per SM, so one tile's epilogue overlaps another's loads on short-K GEMMs.
+# The small-footprint fallback is what float32 inputs run (tests, debugging; no tensor cores there).
+_ROW_FALLBACK = _row(32, 32, 4, 2)
+_DW_FALLBACK = _dw(64, 64, 32, 4, 2)
+_DEFAULT = {
+    "up_swiglu_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
+                         128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
+    # down has a short K (I, 12 steps at I=768): a 2-CTA/SM candidate overlaps one tile's epilogue with the next
+    "down_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)]},
+    # BLOCK_M = 128 with 128 columns spills in the three-output epilogue even sub-tiled: 64 columns there
+    "dh_swiglu_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
+                         128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
+    "dx_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
+    "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
+    "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
+}
+_EXTRA = {
+    "up_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
+    "down_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
+    "dh_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
+    "dx_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
+    "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
+    "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
+}
+GPU_CONFIGS = {
+    "default": _DEFAULT,
+    "full": {k: {bm: v + _EXTRA[k][bm] for bm, v in by_bm.items()} for k, by_bm in _DEFAULT.items()},
+}
+_INTERPRET_CONFIGS = {"row": [_row(16, 16, 1, 1, group=2)], "dw": [_dw(16, 16, 16, 1, 1, group=2)]}
+
+
+def configs_for(kernel: str, mode: str = AUTOTUNE) -> list:
+    """The autotune candidates of ``kernel``: the union over row-tile heights of the mode's set, plus the
+    fallback (the prune narrows them per call); one small config in the interpreter."""
     if INTERPRET:
-        return [triton.Config(small, num_warps=1, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in full]
+        return _INTERPRET_CONFIGS["dw" if kernel.startswith("dw_") else "row"]
+    out = []
+    for group in GPU_CONFIGS[mode][kernel].values():
+        out += [c for c in group if c not in out]
+    return out + [_DW_FALLBACK if kernel.startswith("dw_") else _ROW_FALLBACK]
 
 
-# (meta-parameters, num_warps, num_stages) for H100-class GPUs; BLOCK_M is fixed by the tile schedule. Configs
-# that exceed shared memory for a dtype are dropped by the autotuner (OutOfResources), never selected.
-ROW_GEMM_GPU_CONFIGS = [
-    ({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP": 8}, 8, 4), ({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP": 8}, 4, 4),
-    ({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 8}, 4, 4), ({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP": 8}, 8, 3),
-    ({"BLOCK_N": 128, "BLOCK_K": 128, "GROUP": 8}, 8, 3), ({"BLOCK_N": 64, "BLOCK_K": 128, "GROUP": 4}, 4, 3),
-    # small-footprint fallback: always fits shared memory, also for float32 inputs with BLOCK_M = 128
-    ({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP": 8}, 4, 2)]
-DW_GPU_CONFIGS = [
-    ({"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_K": 64}, 8, 4), ({"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_K": 32}, 8, 4),
-    ({"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_K": 64}, 4, 4), ({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_K": 64}, 4, 4),
-    ({"BLOCK_A": 128, "BLOCK_B": 256, "BLOCK_K": 64}, 8, 3), ({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_K": 64}, 4, 4),
-    ({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_K": 32}, 4, 2)]  # the last fits shared memory for float32 too
-_ROW_GEMM_CONFIGS = _cfgs(ROW_GEMM_GPU_CONFIGS, {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP": 2})
-_DW_CONFIGS = _cfgs(DW_GPU_CONFIGS, {"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_K": 16})
-_ROW_KEY = ["N", "KDIM", "BLOCK_M", "ROWS_BUCKET"]
-_SMEM_BUDGET = 220 * 1024  # H100: 227 KB per block, minus room for the epilogue
+_SMEM_BUDGET = 220 * 1024  # H100/H200: 227 KB per block, minus room for the epilogue's layout conversions
 
 
-def _prune_row(n_b_tiles: int, a_arg: str):
-    """Drop configs whose pipelined A/B tiles cannot fit shared memory (saves compiling them to fail)."""
+def _smem(c, bm: int, n_b_tiles: int, es: int) -> int:
+    kw = c.kwargs
+    if "BLOCK_A" in kw:
+        return c.num_stages * es * kw["BLOCK_K"] * (kw["BLOCK_A"] + kw["BLOCK_B"])
+    return c.num_stages * es * kw["BLOCK_K"] * (bm + n_b_tiles * kw["BLOCK_N"])
 
+
+def prune_configs(configs, element_size: int, block_m=None, n_b_tiles: int = 1, kernel=None, mode=AUTOTUNE):
+    """The configs the autotuner benchmarks for one call: the kernel's class for this row-tile height (when
+    ``kernel`` is given and the candidates are the listed ones), that fit shared memory; float32 inputs run the
+    small fallback only."""
+    fallback = [c for c in configs if c in (_ROW_FALLBACK, _DW_FALLBACK)]
+    if element_size >= 4 and fallback:
+        return fallback
+    cand = [c for c in configs if c not in fallback]
+    if kernel is not None:
+        cls = GPU_CONFIGS[mode][kernel].get(block_m if not kernel.startswith("dw_") else None, [])
+        cand = [c for c in cand if c in cls] or cand
+    fit = [c for c in cand if _smem(c, block_m or 128, n_b_tiles, element_size) <= _SMEM_BUDGET]
+    return fit or fallback or configs[-1:]
+
+
+def _pruner(kernel: str, n_b_tiles: int, a_arg: str):
     def prune(configs, named_args, **kwargs):
-        bm = kwargs.get("BLOCK_M", 128)
         a = named_args.get(a_arg)
         es = a.element_size() if hasattr(a, "element_size") else 2
-        fit = [c for c in configs if c.num_stages * es * c.kwargs["BLOCK_K"] * (bm + n_b_tiles * c.kwargs["BLOCK_N"])
-               <= _SMEM_BUDGET]
-        return fit or configs[-1:]
+        keep = prune_configs(configs, es, kwargs.get("BLOCK_M"), n_b_tiles, kernel)
+        for c in keep:
+            bn = c.kwargs.get("BLOCK_N")
+            if bn is not None and bn % DWP_COLS:
+                raise ValueError(f"autotune config BLOCK_N={bn} is not a multiple of DWP_COLS={DWP_COLS}")
+        prune.compiles.append(len(keep))  # the autotuner prunes once per new key: these are compiled and run
+        return keep
 
+    prune.compiles = []
     return {"early_config_prune": prune}
-_DW_KEY = ["A_DIM", "B_DIM", "ROWS_BUCKET"]
+
+
+def autotune_stats() -> dict:
+    """Per autotuned kernel: ``tunings`` (new autotune keys seen), ``compiles`` (configs compiled and benchmarked
+    by those tunings; a one-config prune compiles one and skips the benchmark) and the ``chosen`` config per
+    key. The difference of two snapshots is what a call cost: ``sum(compiles)`` is a first call's compile count.
+    """
+    out = {}
+    for k in AUTOTUNED:
+        counts = getattr(k.early_config_prune, "compiles", [])
+        out[k.fn.__name__] = {"tunings": len(counts), "compiles": sum(counts),
+                              "chosen": {str(key): str(cfg) for key, cfg in k.cache.items()}}
+    return out
+
+
+# Autotune keys: the GEMM's static sizes, a power-of-two bucket of pairs per expert (never the raw token count),
+# and every constexpr that changes the work (stores, masks), so a no-grad forward and training tune separately.
+_ROW_KEY = ["N", "KDIM", "BLOCK_M", "ROWS_BUCKET"]
+_DW_KEY = ["A_DIM", "B_DIM", "ROWS_BUCKET", "HAS_EXPERT_MASK"]
 
 
 @triton.jit
@@ -110,7 +200,27 @@ def _grouped_pid(pid, num_m, num_n, GROUP: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_ROW_GEMM_CONFIGS, key=_ROW_KEY, prune_configs_by=_prune_row(2, "x_ptr"))
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] -> its left and right [BLOCK_M, BLOCK_N // 2] halves: the epilogues work on one half
+    at a time, so their temporaries (reloaded gate|up, SwiGLU terms) stay within the register budget."""
+    return tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _up_epilogue(acc_g, acc_u, gate_up_ptr, h_ptr, rows, rmask, cols, N, STORE_GATE_UP: tl.constexpr):
+    smask = rmask[:, None] & (cols < N)[None, :]
+    dt = h_ptr.dtype.element_ty
+    if STORE_GATE_UP:
+        gu = gate_up_ptr + rows[:, None] * (2 * N) + cols[None, :]
+        tl.store(gu, acc_g.to(dt), mask=smask)
+        tl.store(gu + N, acc_u.to(dt), mask=smask)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(h_ptr + rows[:, None] * N + cols[None, :], h.to(dt), mask=smask)
+
+
+@triton.autotune(configs=configs_for("up_swiglu_kernel"), key=_ROW_KEY + ["STORE_GATE_UP"],
+                 prune_configs_by=_pruner("up_swiglu_kernel", 2, "x_ptr"))
 @triton.jit
 def up_swiglu_kernel(
     x_ptr, w_ptr, gate_up_ptr, h_ptr,
@@ -148,17 +258,16 @@ def up_swiglu_kernel(
                 a_ptrs += BLOCK_K * sx_d
                 g_ptrs += BLOCK_K * sw_d
                 u_ptrs += BLOCK_K * sw_d
-            smask = rmask[:, None] & nmask[None, :]
-            dt = h_ptr.dtype.element_ty
-            if STORE_GATE_UP:
-                gu = gate_up_ptr + rows[:, None] * (2 * N) + cols[None, :]
-                tl.store(gu, acc_g.to(dt), mask=smask)
-                tl.store(gu + N, acc_u.to(dt), mask=smask)
-            h = acc_g * tl.sigmoid(acc_g) * acc_u
-            tl.store(h_ptr + rows[:, None] * N + cols[None, :], h.to(dt), mask=smask)
+            # sub-tiled epilogue: two half-width passes
+            g0, g1 = _halves(acc_g, BLOCK_M, BLOCK_N)
+            u0, u1 = _halves(acc_u, BLOCK_M, BLOCK_N)
+            c0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            _up_epilogue(g0, u0, gate_up_ptr, h_ptr, rows, rmask, c0, N, STORE_GATE_UP)
+            _up_epilogue(g1, u1, gate_up_ptr, h_ptr, rows, rmask, c0 + BLOCK_N // 2, N, STORE_GATE_UP)
 
 
-@triton.autotune(configs=_ROW_GEMM_CONFIGS, key=_ROW_KEY, prune_configs_by=_prune_row(1, "h_ptr"))
+@triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY,
+                 prune_configs_by=_pruner("down_kernel", 1, "h_ptr"))
 @triton.jit
 def down_kernel(
     h_ptr, w_ptr, y_ptr,
@@ -209,15 +318,39 @@ def combine_kernel(y_ptr, w_ptr, out_ptr, T, D, TOP_K, HAS_W: tl.constexpr, BLOC
     tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-@triton.autotune(configs=_ROW_GEMM_CONFIGS, key=_ROW_KEY, prune_configs_by=_prune_row(1, "dout_ptr"))
+@triton.jit
+def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, cols, N,
+                 STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr):
+    """One half-width sub-tile of dh_swiglu_kernel's epilogue; returns its share of the routing-weight dot."""
+    smask = rmask[:, None] & (cols < N)[None, :]
+    gu = rows[:, None] * (2 * N) + cols[None, :]
+    g = tl.load(gate_up_ptr + gu, mask=smask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_ptr + gu + N, mask=smask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    dt = dgate_up_ptr.dtype.element_ty
+    part = tl.zeros([acc.shape[0]], tl.float32)
+    if STORE_DWP:
+        part = tl.sum(acc * (g * sig * u), axis=1)
+    if STORE_DGU:
+        dh = acc * wgt[:, None]
+        tl.store(dgate_up_ptr + gu, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dt), mask=smask)
+        tl.store(dgate_up_ptr + gu + N, (dh * g * sig).to(dt), mask=smask)
+    if STORE_HW:
+        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (g * sig * u * scale[:, None]).to(dt), mask=smask)
+    return part
+
+
+@triton.autotune(configs=configs_for("dh_swiglu_kernel"),
+                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK"],
+                 prune_configs_by=_pruner("dh_swiglu_kernel", 1, "dout_ptr"))
 @triton.jit
 def dh_swiglu_kernel(
     dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
-    E, num_tiles, N, KDIM, TOP_K, S,
+    E, num_tiles, N, KDIM, TOP_K, S, NDWP,
     sd_t, sd_d, sw_e, sw_d, sw_i,
     ROWS_BUCKET, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
-    HAS_PAIR_MASK: tl.constexpr, IEEE: tl.constexpr,
+    HAS_PAIR_MASK: tl.constexpr, IEEE: tl.constexpr, DWP_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """N = I, KDIM = D. dh = w_p * dout[t] @ W_down[e]; d(gate|up) from the stored pre-activation.
@@ -226,9 +359,13 @@ def dh_swiglu_kernel(
     the routing weight and the pair mask) so dW_down is a plain grouped GEMM whose operands stream straight
     from memory into the tensor cores (no per-tile arithmetic in its inner loop).
     With STORE_DWP it writes this column tile's share of the routing-weight gradient,
-    ``dwp[pid_n, p] = sum_i (dout[t] @ W_down[e])[i] * h[p, i]`` (= <dout[t], y_p> summed over tiles), so the
-    expert outputs y never need to be kept from the forward."""
+    ``sum_i (dout[t] @ W_down[e])[i] * h[p, i]`` (= <dout[t], y_p> summed over tiles), so the expert outputs y
+    never need to be kept from the forward. Layout: ``dwp [NDWP, S]`` with one row per ``DWP_COLS`` columns of
+    I; a tile writes its dot into its first row and zeros into the other rows it covers, so every config writes
+    every row and the buffer's content never depends on which configs the autotuner ran (first call == every
+    call, without ``reset_to_zero``)."""
     num_n = tl.cdiv(N, BLOCK_N)
+    R: tl.constexpr = BLOCK_N // DWP_COLS
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -251,29 +388,26 @@ def dh_swiglu_kernel(
                 a_ptrs += BLOCK_K * sd_d
                 b_ptrs += BLOCK_K * sw_d
             wgt = tl.load(weights_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
-            smask = rmask[:, None] & nmask[None, :]
-            gu = rows[:, None] * (2 * N) + cols[None, :]
-            g = tl.load(gate_up_ptr + gu, mask=smask, other=0.0).to(tl.float32)
-            u = tl.load(gate_up_ptr + gu + N, mask=smask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(g)
-            dt = dgate_up_ptr.dtype.element_ty
+            scale = wgt
+            if HAS_PAIR_MASK:
+                scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
+            # sub-tiled epilogue: two half-width passes
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+            c0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, c0, N,
+                                STORE_DGU, STORE_HW, STORE_DWP)
+            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask,
+                                 c0 + BLOCK_N // 2, N, STORE_DGU, STORE_HW, STORE_DWP)
             if STORE_DWP:
-                tl.store(dwp_ptr + pid_n * S + pairs, tl.sum(acc * (g * sig * u), axis=1), mask=rmask)
-            if STORE_DGU:
-                dh = acc * wgt[:, None]
-                dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-                du = dh * g * sig
-                tl.store(dgate_up_ptr + gu, dg.to(dt), mask=smask)
-                tl.store(dgate_up_ptr + gu + N, du.to(dt), mask=smask)
-            if STORE_HW:
-                scale = wgt
-                if HAS_PAIR_MASK:
-                    scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
-                hw = g * sig * u * scale[:, None]
-                tl.store(hw_ptr + rows[:, None] * N + cols[None, :], hw.to(dt), mask=smask)
+                j = tl.arange(0, R)
+                r = pid_n * R + j
+                vals = tl.where(j[None, :] == 0, part[:, None], 0.0)
+                tl.store(dwp_ptr + r[None, :].to(tl.int64) * S + pairs[:, None], vals,
+                         mask=rmask[:, None] & (r < NDWP)[None, :])
 
 
-@triton.autotune(configs=_ROW_GEMM_CONFIGS, key=_ROW_KEY, prune_configs_by=_prune_row(1, "dgate_up_ptr"))
+@triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY,
+                 prune_configs_by=_pruner("dx_kernel", 1, "dgate_up_ptr"))
 @triton.jit
 def dx_kernel(
     dgate_up_ptr, w_ptr, dxp_ptr,
@@ -309,75 +443,88 @@ def dx_kernel(
                      mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=_DW_KEY)
+@triton.jit
+def _dw_tile(pid, A_DIM, B_DIM, offsets_ptr, tok_ptr, expert_mask_ptr, HAS_EXPERT_MASK: tl.constexpr,
+             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Expert-major, swizzled order: program ids run through all output tiles of expert 0, then expert 1, ...,
+    grouped GROUP tiles deep inside an expert, so the expert's pair rows (the GEMM's long inner dimension) are
+    read from HBM about once and re-served from L2 to its other output tiles. A frozen expert gets an empty pair
+    range: no GEMM, a zero tile is stored."""
+    na = tl.cdiv(A_DIM, BLOCK_A)
+    nb = tl.cdiv(B_DIM, BLOCK_B)
+    e = pid // (na * nb)
+    pid_a, pid_b = _grouped_pid(pid % (na * nb), na, nb, GROUP)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    if HAS_EXPERT_MASK:
+        hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
+    ra = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = lo + tl.arange(0, BLOCK_K)  # the first K step's sorted rows and their tokens (then loop-carried)
+    tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
+    return e, ra, rb, hi, rows, tok, tl.cdiv(hi - lo, BLOCK_K)
+
+
+@triton.jit
+def _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM):
+    ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
+    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(ra < A_DIM)[:, None] & (rb < B_DIM)[None, :])
+
+
+# The dW kernels' inner dimension is the expert's sorted pairs, gathered through a token index. The index of the
+# NEXT step is loaded at the end of each step (loop-carried), so no load address inside the loop depends on a
+# load of the same step and the pipeliner gives the data loads num_stages shared-memory buffers (an index loaded
+# and used in the same step pins the loop at 2 buffers with a full wait before every MMA). tok_S (sorted rows ->
+# token, -1 for pairs masked by pair_trainable) is precomputed by the launcher, so masked pairs are zero rows.
+@triton.autotune(configs=configs_for("dw_gate_up_kernel"), key=_DW_KEY,
+                 prune_configs_by=_pruner("dw_gate_up_kernel", 1, "x_ptr"))
 @triton.jit
 def dw_gate_up_kernel(
-    dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, sorted_pairs_ptr, expert_mask_ptr, pair_mask_ptr,
-    A_DIM, B_DIM, TOP_K, sx_t, sx_d,
-    ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, HAS_PAIR_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
+    A_DIM, B_DIM, sx_t, sx_d,
+    ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dW_gate_up[e] [2I, D] = sum over e's pairs of d(gate|up)[row]^T x[t]; A_DIM = 2I, B_DIM = D."""
-    e = tl.program_id(0)
-    ra = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    rb = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    amask = ra < A_DIM
-    bmask = rb < B_DIM
-    out_ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
-    omask = amask[:, None] & bmask[None, :]
+    """dW_gate_up[e] [2I, D] = sum over e's pairs of d(gate|up)[row]^T x[tok]; A_DIM = 2I, B_DIM = D."""
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+                                               expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
-    if HAS_EXPERT_MASK:  # frozen expert: an empty pair range, so no GEMM at all, just a zero tile
-        hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
-    if hi > lo:
-        kk = tl.arange(0, BLOCK_K)
-        for r0 in range(lo, hi, BLOCK_K):
-            rows = r0 + kk
-            rm = rows < hi
-            pairs = tl.load(sorted_pairs_ptr + rows, mask=rm, other=0).to(tl.int64)
-            tok = pairs // TOP_K
-            a = tl.load(dgate_up_ptr + rows[None, :].to(tl.int64) * A_DIM + ra[:, None],
-                        mask=amask[:, None] & rm[None, :], other=0.0)
-            if HAS_PAIR_MASK:  # masked pairs add nothing (the unmasked path streams A straight to the MMA)
-                keep = tl.load(pair_mask_ptr + pairs, mask=rm, other=0)
-                a = tl.where(keep[None, :] != 0, a, tl.zeros_like(a))
-            b = tl.load(x_ptr + tok[:, None] * sx_t + rb[None, :] * sx_d, mask=rm[:, None] & bmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=omask)
+    a_ptrs = dgate_up_ptr + rows[None, :].to(tl.int64) * A_DIM + ra[:, None]
+    for _ in range(0, steps):
+        a = tl.load(a_ptrs, mask=(ra < A_DIM)[:, None] & (rows < hi)[None, :], other=0.0)
+        b = tl.load(x_ptr + tok[:, None].to(tl.int64) * sx_t + rb[None, :] * sx_d,
+                    mask=(tok >= 0)[:, None] & (rb < B_DIM)[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        rows += BLOCK_K
+        a_ptrs += BLOCK_K * A_DIM
+        tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
+    _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=_DW_KEY)
+@triton.autotune(configs=configs_for("dw_down_kernel"), key=_DW_KEY,
+                 prune_configs_by=_pruner("dw_down_kernel", 1, "hw_ptr"))
 @triton.jit
 def dw_down_kernel(
-    dout_ptr, hw_ptr, dw_ptr, offsets_ptr, sorted_pairs_ptr, expert_mask_ptr,
-    A_DIM, B_DIM, TOP_K, sd_t, sd_d,
+    dout_ptr, hw_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
+    A_DIM, B_DIM, sd_t, sd_d,
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dW_down[e] [D, I] = sum over e's pairs of dout[t]^T hw[row] (hw = keep * w * h from dh_swiglu_kernel).
+    """dW_down[e] [D, I] = sum over e's pairs of dout[tok]^T hw[row] (hw = keep * w * h from dh_swiglu_kernel).
     A_DIM = D, B_DIM = I."""
-    e = tl.program_id(0)
-    ra = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    rb = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    amask = ra < A_DIM
-    bmask = rb < B_DIM
-    out_ptrs = dw_ptr + e.to(tl.int64) * A_DIM * B_DIM + ra[:, None].to(tl.int64) * B_DIM + rb[None, :]
-    omask = amask[:, None] & bmask[None, :]
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+                                               expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
-    if HAS_EXPERT_MASK:  # frozen expert: an empty pair range, so no GEMM at all, just a zero tile
-        hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
-    if hi > lo:
-        kk = tl.arange(0, BLOCK_K)
-        for r0 in range(lo, hi, BLOCK_K):
-            rows = r0 + kk
-            rm = rows < hi
-            tok = tl.load(sorted_pairs_ptr + rows, mask=rm, other=0).to(tl.int64) // TOP_K
-            a = tl.load(dout_ptr + tok[None, :] * sd_t + ra[:, None] * sd_d, mask=amask[:, None] & rm[None, :],
-                        other=0.0)
-            b = tl.load(hw_ptr + rows[:, None].to(tl.int64) * B_DIM + rb[None, :], mask=rm[:, None] & bmask[None, :],
-                        other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=omask)
+    b_ptrs = hw_ptr + rows[:, None].to(tl.int64) * B_DIM + rb[None, :]
+    for _ in range(0, steps):
+        a = tl.load(dout_ptr + tok[None, :].to(tl.int64) * sd_t + ra[:, None] * sd_d,
+                    mask=(ra < A_DIM)[:, None] & (tok >= 0)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(rows < hi)[:, None] & (rb < B_DIM)[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        rows += BLOCK_K
+        b_ptrs += BLOCK_K * B_DIM
+        tok = tl.load(tok_ptr + rows, mask=rows < hi, other=-1)
+    _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM)
+
+
+AUTOTUNED = (up_swiglu_kernel, down_kernel, dh_swiglu_kernel, dx_kernel, dw_gate_up_kernel, dw_down_kernel)

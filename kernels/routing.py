@@ -6,8 +6,8 @@ Kernels (raw ``@triton.jit``; launchers live in ``desmoe.ops.triton_ops``):
   ``BLOCK_T`` rows with the whole (padded) expert axis in registers: scoring, selection bias, group-limited
   selection, K arg-max passes, renormalisation and scaling, all in one pass over the logits.
 - ``topk_route_bwd_kernel``: d weights [T, K] -> d logits [T, E] (recomputes the scores from the logits).
-- ``permute_kernel``: ids [S] -> expert offsets [E+1] and the stable expert-major pair order [S], one program
-  per expert (two passes over the ids, no atomics, no host sync: deterministic).
+
+The expert-major permutation and the GEMM tile schedule are O(S) passes in :mod:`desmoe.kernels.permute`.
 """
 from __future__ import annotations
 
@@ -147,26 +147,3 @@ def topk_route_bwd_kernel(
     m2 = row_mask[:, None] & col_mask[None, :]
     tl.store(dlogits_ptr + rows[:, None].to(tl.int64) * stride_dt + cols[None, :] * stride_de,
              dl.to(dlogits_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def permute_kernel(ids_ptr, sorted_pairs_ptr, offsets_ptr, S, E, BLOCK: tl.constexpr):
-    """Program ``e``: ``offsets[e] = #{ids < e}`` and the pairs with id ``e`` in ascending order (stable)."""
-    e = tl.program_id(0)
-    lane = tl.arange(0, BLOCK)
-    less = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, S, BLOCK):
-        offs = start + lane
-        v = tl.load(ids_ptr + offs, mask=offs < S, other=E).to(tl.int32)
-        less += (v < e).to(tl.int32)
-    base = tl.sum(less, axis=0)
-    tl.store(offsets_ptr + e, base)
-    for start in range(0, S, BLOCK):
-        offs = start + lane
-        v = tl.load(ids_ptr + offs, mask=offs < S, other=E).to(tl.int32)
-        hit = (v == e).to(tl.int32)
-        rank = tl.cumsum(hit, axis=0) - 1
-        tl.store(sorted_pairs_ptr + base + rank, offs, mask=hit > 0)
-        base += tl.sum(hit, axis=0)
-    if e == E - 1:
-        tl.store(offsets_ptr + E, base)

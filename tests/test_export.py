@@ -2,6 +2,7 @@
 `desmoe export` (a stock HF model whose linear routers are fitted to the trained routing, with its report)."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from desmoe.train import checkpoint as ck
 from desmoe.train import config_from_dict
 from desmoe.train.trainer import run
 
-from test_train import tiny_cfg
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
+from test_train import tiny_cfg  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,13 +1,12 @@
 """Held-out evaluation: per-domain loss / perplexity, math exact match by greedy generation, general loss.
 
-Inference needs no domain label: the ALR routes. ``evaluate_checkpoint(DIR)`` loads a run's checkpoint and
-returns a JSON-able dict; :func:`format_table` renders it.
+Inference needs no domain label: the ALR routes. :func:`evaluate_model` returns a JSON-able dict;
+:func:`format_table` renders it. Evaluating a run's checkpoint is :func:`desmoe.train.evaluate.evaluate_checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -96,42 +95,6 @@ def evaluate_model(model, tokenizer, eval_docs: dict[str, list[list[int]]], *, s
         res["general"] = res["domains"][general]
     if "math" in eval_docs and math_n > 0:
         res["math"] = math_exact_match(model, tokenizer, n=math_n, device=device)
-    return res
-
-
-def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: int = 16, device: str = "auto",
-                        domains: list[str] | None = None) -> dict:
-    """Load a run directory's latest checkpoint (or a checkpoint directory) and evaluate it."""
-    from .. import patch
-    from ..data import load_domain_texts, tokenize_domains
-    from ..method import MethodController
-    from ..train import checkpoint as ck
-    from ..train.config import load_config
-
-    ckpt = ck.resolve_checkpoint(path)
-    cfg_path = ck.run_config_path(ckpt)
-    if cfg_path is None:
-        raise FileNotFoundError(f"no config.yaml found beside checkpoint {ckpt!r}")
-    cfg = load_config(cfg_path)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model, tok = ck.load_model(ckpt, device=dev)
-    if tok is None:
-        raise FileNotFoundError(f"checkpoint {ckpt!r} has no tokenizer in model/")
-    patch(model, backend=cfg.model.backend)
-    meta = ck.read_meta(ckpt)
-    ctl = MethodController(model, cfg.method, max(int(meta.get("total_steps", 1)), 1), list(meta["domains"]))
-    ctl.load_state_dict(ck.load_method_state(ckpt))
-    model.to(dev)
-    names = domains or list(cfg.data.domains) + ([cfg.data.general] if cfg.data.general and cfg.data.general not in cfg.data.domains else [])
-    texts = {d: load_domain_texts(d, "test", source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs,
-                                  seed=cfg.data.seed, text_field=cfg.data.text_field) for d in names}
-    docs = tokenize_domains(tok, texts)
-    res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                         max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0, device=dev,
-                         bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general)
-    res["checkpoint"] = os.path.abspath(ckpt)
-    res["step"] = meta["step"]
-    res["method"] = cfg.method.name
     return res
 
 

@@ -1,4 +1,4 @@
-"""Issue 8's small-scale replication of the DES-MoE paper's claims: ``desmoe experiment NAME --out DIR``.
+"""A small-scale replication of the DES-MoE paper's claims: ``desmoe experiment NAME --out DIR``.
 
 A tiny MoE is pretrained once on ``general`` (cached), then fine-tuned on the built-in domains by every method
 with the same steps, data order and LR-search budget; results.json + PNG plots per experiment.

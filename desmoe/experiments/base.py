@@ -17,62 +17,6 @@ def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def load_balance_loss(routers) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss ``E·Σ_e f_e·P_e`` averaged over layers, from the routers' recorded
-    forward (``f_e``: share of top-k slots routed to ``e``, ``P_e``: mean router probability). HF's own aux loss
-    needs ``router_logits`` outputs that the patched model does not return, so the base computes it here."""
-    import torch.nn.functional as F
-
-    losses = []
-    for r in routers:
-        last = r.last
-        r.last = None
-        if last is None:
-            continue
-        logits_TE, ids_TK = last["logits_TE"], last["topk_ids_TK"]
-        E = logits_TE.shape[-1]
-        f_E = torch.bincount(ids_TK.reshape(-1), minlength=E).float() / max(1, ids_TK.numel())
-        P_E = F.softmax(logits_TE.float(), dim=-1).mean(0)
-        losses.append(E * (f_E * P_E).sum())
-    return torch.stack(losses).mean()
-
-
-def pretrain_balanced(model, cfg, docs, eos_id: int, device, steps: int, aux_coef: float,
-                      weights: dict | None = None) -> list[float]:
-    """Base pretraining (full model, AdamW, warm-up + cosine LR as the trainer's ``pretrain``) plus
-    ``aux_coef`` × the load-balancing loss, so that the base's experts are all used. ``docs``: token docs of
-    the general domain, or ``{domain: docs}`` mixed with ``weights``."""
-    import math
-
-    from ..data import MixedDomainStream
-    from ..integrations.hf import moe_blocks
-    from ..train.trainer import task_loss, use_bf16
-
-    routers = [r for _, r, _ in moe_blocks(model)]
-    for r in routers:
-        r.record = aux_coef > 0
-    stream = MixedDomainStream(docs if isinstance(docs, dict) else {"general": docs}, cfg.data.seq_len,
-                               cfg.data.batch_size, seed=cfg.data.seed + 1, eos_id=eos_id, weights=weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.pretrain_lr, betas=(0.9, 0.95))
-    bf16 = use_bf16(cfg, device)
-    losses = []
-    for s in range(steps):
-        lr = cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in stream.next_batch().items()}
-        loss, _, _, _ = task_loss(model, b, device, bf16)
-        total = loss + aux_coef * load_balance_loss(routers) if aux_coef > 0 else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    for r in routers:
-        r.record, r.last = False, None
-    return losses
-
-
 def prepare_base_cached(base_cfg: dict, pretrain_steps: int, cache: str, *, aux_loss_coef: float = 0.0,
                         pretrain_mix: dict | None = None, log=print) -> dict:
     """Pretrain (or reuse) the base; returns ``base_info`` (path, pretraining loss curve, general loss).
@@ -108,7 +52,7 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     from ..eval import evaluate_model
     from ..integrations.hf import unpatch
     from ..train import config_from_dict
-    from ..train.trainer import build_model, build_tokenizer, load_texts, resolve_device, use_bf16
+    from ..train.builders import build_model, build_tokenizer, eval_kwargs, load_texts, pretrain, resolve_device
 
     if os.path.isfile(info_path):
         with open(info_path) as f:
@@ -132,12 +76,11 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     else:
         docs = tokenize_domains(tok, {g: texts[g]})[g]
     held = tokenize_domains(tok, load_texts(cfg, [g], "test", cfg.data.eval_max_docs))
-    ev = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=cfg.train.eval_batches,
-              math_n=0, device=device, bf16=use_bf16(cfg, device), general=g)
+    ev = eval_kwargs(cfg, device)
     l0 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     log(f"base: pretraining {pretrain_steps} steps on {mix or g!r} -> {out}")
-    losses = pretrain_balanced(model, cfg, docs, tok.eos_token_id, device, pretrain_steps, aux_loss_coef,
-                               weights=dict(mix) if mix else None)
+    losses = pretrain(model, cfg, docs, tok.eos_token_id, device, pretrain_steps, aux_coef=aux_loss_coef,
+                      weights=dict(mix) if mix else None)
     l1 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     unpatch(model)
     tmp = out + ".tmp"

@@ -1,4 +1,4 @@
-"""The five experiments of issue 8 (forgetting, scaling, single_vs_mixed, ablations, convergence) and ``all``.
+"""The five experiments (forgetting, scaling, single_vs_mixed, ablations, convergence) and ``all``.
 
 Each writes ``OUT/results.json`` (``{"experiment", "config", "versions", "git_sha", "seeds", "methods": {METHOD:
 {"domain_loss", "general_loss_delta", "math_exact_match", "wall_clock_s", "spread"}}}`` + extras) and PNG plots.
@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 
+from .. import provenance
 from . import plots
 from .base import base_routing, prepare_base_cached
 from .runner import aggregate, run_cells
@@ -21,25 +20,12 @@ EXPERIMENTS = ("forgetting", "scaling", "single_vs_mixed", "ablations", "converg
 
 
 def versions() -> dict:
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "triton", "desmoe"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
+    return provenance.versions("torch", "transformers", "triton", "desmoe")
 
 
 def git_sha() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL).decode().strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, stderr=subprocess.DEVNULL).returncode
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+    sha, dirty = provenance.git_state()
+    return "unknown" if sha is None else sha + ("-dirty" if dirty else "")
 
 
 def _base(spec: ExperimentSpec, log) -> dict:

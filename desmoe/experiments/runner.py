@@ -139,7 +139,7 @@ def _record(spec, s: dict, run_dir: str, method, domains, lr, seed, method_overr
     dl = {d: after["domains"][d]["loss"] for d in domains}
     em = None
     if "math" in domains and spec.math_n > 0:
-        from ..eval import evaluate_checkpoint
+        from ..train.evaluate import evaluate_checkpoint
 
         em = evaluate_checkpoint(run_dir, math_n=spec.math_n, domains=["math"], device="cpu")["math"]["exact_match"]
     hist = _read_history(run_dir)
@@ -171,7 +171,7 @@ def run_cell(spec: ExperimentSpec, base_path: str, method: str, domains: list[st
 
 
 def aggregate(runs: list[dict], domains: list[str] | None = None) -> dict:
-    """The issue's per-METHOD block: means over seeds + ``spread`` (sample std over seeds; 0 for one seed)."""
+    """The per-METHOD block of results.json: means over seeds + ``spread`` (sample std over seeds; 0 for one seed)."""
     domains = domains or runs[0]["domains"]
     per = {d: [r["domain_loss"][d] for r in runs if d in r["domain_loss"]] for d in domains}
     em = [r["math_exact_match"] for r in runs]

@@ -102,17 +102,11 @@ def load_spec(path: str | None = None, *, quick: bool = False, seeds: int | None
     """Load ``path`` (default ``configs/experiments/small.yaml``, or ``quick.yaml`` with ``quick``)."""
     import dataclasses
 
-    import yaml
+    from ..train.config import read_yaml
 
     if path is None:
         path = os.path.join(CONFIG_DIR, "quick.yaml" if quick else "small.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: experiment config not found: {path!r}")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config: {path!r} is not valid YAML: {e}") from None
+    d = read_yaml(path, "--config: experiment config")
     if not isinstance(d, dict):
         raise ValueError(f"--config: {path!r} must hold a mapping at the top level")
     fields = {f.name for f in dataclasses.fields(ExperimentSpec)} - {"source"}

@@ -1,14 +1,22 @@
 """DES-MoE (arXiv 2509.16882) and the fine-tuning baselines, as pure-PyTorch pieces around a patched model.
 
+- :mod:`.registry`: :class:`Method` (what trains in which phase, which experts move, what loss is added) and
+  the registry of method names; one file per method: :mod:`.fft`, :mod:`.frozen_router`, :mod:`.esft`
+  (gate and token scoring), :mod:`.des_moe` (DES-MoE and its ablations);
+- :mod:`.controller`: drives one method through a run (phases, expert masks as a scope, optimizer-state rule);
 - :mod:`.alr`: the Adaptive Lightweight Router residual, the KD loss and the λ schedules;
-- :mod:`.dges`: the domain×expert affinity matrix A (warm-up accumulation, EMA refresh) and the expert masks;
-- :mod:`.controller`: phases, which parameters train when, per-token gradient masks, ESFT expert selection.
+- :mod:`.dges`: the domain×expert affinity matrix A (warm-up accumulation, EMA refresh) and the expert masks.
 """
+from . import des_moe, esft, fft, frozen_router  # noqa: F401  (register the built-in methods)
 from .alr import ALRResidual, attach_alr, detach_alr, kd_loss, lambda_at
-from .config import METHODS, MethodConfig
-from .controller import PHASES, MethodController, classify_parameters, phase_at, phase_bounds, select_top_p
+from .config import MethodConfig
+from .controller import Forward, MethodController, classify_parameters
+from .des_moe import PHASES, phase_at, phase_bounds
 from .dges import AffinityTracker, masks_from_affinity
+from .esft import select_top_p
+from .registry import PARAM_KINDS, Method, method_class, method_names, register_method
 
-__all__ = ["ALRResidual", "attach_alr", "detach_alr", "kd_loss", "lambda_at", "METHODS", "MethodConfig", "PHASES",
-           "MethodController", "classify_parameters", "phase_at", "phase_bounds", "select_top_p",
-           "AffinityTracker", "masks_from_affinity"]
+__all__ = ["ALRResidual", "attach_alr", "detach_alr", "kd_loss", "lambda_at", "MethodConfig", "PHASES", "Method",
+           "MethodController", "Forward", "classify_parameters", "phase_at", "phase_bounds", "select_top_p",
+           "AffinityTracker", "masks_from_affinity", "PARAM_KINDS", "method_class", "method_names",
+           "register_method"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .alr import LAMBDA_SCHEDULES
+from .registry import method_names
 
-METHODS = ("des_moe", "des_moe_no_alr", "des_moe_no_dges", "fft", "frozen_router", "esft_gate", "esft_token")
 SHARED_EXPERT_MODES = ("train", "frozen")
 
 
@@ -13,7 +13,7 @@ SHARED_EXPERT_MODES = ("train", "frozen")
 class MethodConfig:
     """DES-MoE and baseline settings. Fractions are of the total number of optimizer steps T.
 
-    name: which method (``METHODS``). warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T,
+    name: which method (a registered :class:`~desmoe.method.registry.Method`: ``method_names()``). warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T,
     T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
     the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
     period (steps). per_token_masking: False uses one expert-level mask (the union over domains).
@@ -46,8 +46,8 @@ class MethodConfig:
         def bad(field, expected, got):
             raise ValueError(f"method.{field} must be {expected}, got {got!r}")
 
-        if self.name not in METHODS:
-            bad("name", f"one of {METHODS}", self.name)
+        if self.name not in method_names():
+            bad("name", f"one of {method_names()}", self.name)
         if not 0.0 <= self.warmup_frac <= 1.0:
             bad("warmup_frac", "in [0, 1]", self.warmup_frac)
         if not self.warmup_frac <= self.stabilize_frac <= 1.0:
@@ -76,19 +76,3 @@ class MethodConfig:
             bad("esft_p", "in (0, 1]", self.esft_p)
         if int(self.esft_batches) != self.esft_batches or self.esft_batches < 1:
             bad("esft_batches", "an int >= 1", self.esft_batches)
-
-    @property
-    def uses_alr(self) -> bool:
-        return self.name in ("des_moe", "des_moe_no_dges")
-
-    @property
-    def uses_dges(self) -> bool:
-        return self.name in ("des_moe", "des_moe_no_alr")
-
-    @property
-    def phased(self) -> bool:
-        return self.name.startswith("des_moe")
-
-    @property
-    def is_esft(self) -> bool:
-        return self.name.startswith("esft")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from .. import ops
 
 
 def masks_from_affinity(A_LME: torch.Tensor, phi: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ class AffinityTracker:
         self.load_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
 
     def observe(self, topk_ids_LTK: torch.Tensor, token_domains_T: torch.Tensor, topk_weights_LTK=None) -> None:
-        counts, _, load = _ext.get("routing_stats")(
+        counts, _, load = ops.routing_stats(
             topk_ids_LTK.detach(), token_domains_T, self.M, self.E,
             topk_weights_LTK=None if topk_weights_LTK is None else topk_weights_LTK.detach(),
         )
@@ -69,7 +69,7 @@ class AffinityTracker:
         """EMA-refresh A from the counts since the last refresh (momentum ``m``); returns the new masks."""
         if not self.initialised:
             return self.finish_warmup()
-        _ext.get("affinity_ema_")(self.A_LME, self.counts_LME, self.momentum)
+        ops.affinity_ema_(self.A_LME, self.counts_LME, self.momentum)
         self.counts_LME.zero_()
         return self.update_masks()
 

@@ -232,7 +232,14 @@ def moe_experts(
     )
 
 
+# The C++/CUDA extension's ops, one module each (validation, fake, dispatch to the extension or the reference).
+from .affinity import affinity_ema_  # noqa: E402
+from .grad_mask import mask_expert_grads_  # noqa: E402
+from .pair_mask import pair_mask  # noqa: E402
+from .routing_stats import routing_stats  # noqa: E402
+
 __all__ = [
     "BACKENDS", "resolve_backend", "triton_available", "topk_route", "expert_counts", "permute", "moe_experts",
     "check_routing_args", "check_experts_args", "reference",
+    "mask_expert_grads_", "pair_mask", "routing_stats", "affinity_ema_",
 ]

@@ -27,8 +27,9 @@ import torch
 import triton
 
 from ..kernels import moe as _mk
+from ..kernels import permute as _pk
 from ..kernels import routing as _rk
-from . import reference
+from . import dispatch, reference
 
 Tensor = torch.Tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -157,19 +158,72 @@ def topk_route(
 
 # --- permutation ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("desmoe::moe_permute", mutates_args=())
-def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+def _permute_blocks(E: int) -> tuple[int, int]:
+    """(pairs per histogram/scatter program, pairs per one-hot sub-chunk): a [SUB, E_PAD] one-hot of ~16K int32
+    in registers at a time; BLOCK large so the one-program scan has few rows (interpreter: small, loops run)."""
+    if _INTERPRET:
+        return 32, 16
+    sub = max(16, min(1024, 16384 // _pow2(E)))
+    return max(4096, sub), sub
+
+
+def _schedule_len(S: int, E: int, BM: int) -> int:
+    return triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
+
+
+def _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BM, from_offsets):
+    E_PAD = _pow2(E)
+    chunk = 4 if _INTERPRET else max(1, min(64, 8192 // E_PAD))  # interpreter: small, so the tests run the loops
+    _pk.scan_kernel[(1,)](
+        hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BLOCK_M=BM, E_PAD=E_PAD,
+        ROWS=chunk, SLOTS=chunk, FROM_OFFSETS=from_offsets,
+        num_warps=1 if _INTERPRET else 8,
+    )
+
+
+def _routing_metadata(topk_ids_TK: Tensor, E: int, BM: int):
+    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> scan -> stable scatter, no sync.
+
+    Returns ``sorted_pairs_S`` (i32), ``offsets_E1`` (i32), ``sorted_tok_S`` (i32: token of each sorted row),
+    ``tile_expert``, ``tile_row`` (i32, the row-tile GEMMs' schedule for ``BLOCK_M = BM``) and its length."""
+    dev = topk_ids_TK.device
+    K = topk_ids_TK.shape[1] if topk_ids_TK.dim() == 2 else 1
     S = topk_ids_TK.numel()
-    sorted_pairs_S = _empty((S,), torch.int32, topk_ids_TK.device)
-    offsets_E1 = _empty((num_experts + 1,), torch.int32, topk_ids_TK.device)
+    max_tiles = _schedule_len(S, E, BM) if BM else 0
+    sorted_pairs_S = _empty((S,), torch.int32, dev)
+    sorted_tok_S = _empty((S,), torch.int32, dev)
+    offsets_E1 = _empty((E + 1,), torch.int32, dev)
+    tile_expert = _empty((max_tiles,), torch.int32, dev)
+    tile_row = _empty((max_tiles,), torch.int32, dev)
     if S == 0:
         offsets_E1.zero_()
-        return sorted_pairs_S, offsets_E1
-    ids_S = topk_ids_TK.reshape(-1).to(torch.int32)
-    block = 16 if _INTERPRET else min(4096, _pow2(S))
+        return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert.fill_(E), tile_row.zero_(), max_tiles
+    ids_S = topk_ids_TK.reshape(-1)
+    block, sub = _permute_blocks(E)
+    NB = triton.cdiv(S, block)
+    hist = _empty((NB, E), torch.int32, dev)
+    nw = 1 if _INTERPRET else 8
     with _on_device(topk_ids_TK):
-        _rk.permute_kernel[(num_experts,)](ids_S, sorted_pairs_S, offsets_E1, S, num_experts, BLOCK=block,
-                                           num_warps=1 if _INTERPRET else 8)
+        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, SUB=sub, E_PAD=_pow2(E), num_warps=nw)
+        _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, max(BM, 1), False)
+        _pk.scatter_kernel[(NB,)](ids_S, hist, offsets_E1, sorted_pairs_S, sorted_tok_S, S, E, K, BLOCK=block,
+                                  SUB=sub, E_PAD=_pow2(E), num_warps=nw)
+    return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert, tile_row, max_tiles
+
+
+def _tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
+    """The row-tile schedule rebuilt from existing offsets (backward): one small kernel, no sync."""
+    max_tiles = _schedule_len(S, E, BM)
+    tile_expert = _empty((max_tiles,), torch.int32, offsets_E1.device)
+    tile_row = _empty((max_tiles,), torch.int32, offsets_E1.device)
+    with _on_device(offsets_E1):
+        _scan_launch(offsets_E1, offsets_E1, tile_expert, tile_row, 0, E, max_tiles, BM, True)
+    return tile_expert, tile_row, max_tiles
+
+
+@torch.library.custom_op("desmoe::moe_permute", mutates_args=())
+def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    sorted_pairs_S, offsets_E1, *_ = _routing_metadata(topk_ids_TK, num_experts, 0)
     return sorted_pairs_S, offsets_E1
 
 
@@ -205,19 +259,6 @@ def _block_m(S: int, E: int) -> int:
     return 128 if S >= 256 * E else 64
 
 
-def _tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
-    """Per row tile: its expert (E = unused grid slot) and first sorted row. Device ops only: no sync."""
-    counts = (offsets_E1[1:] - offsets_E1[:-1]).long()
-    tiles = (counts + BM - 1) // BM
-    tile_end = torch.cumsum(tiles, 0)
-    max_tiles = triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
-    pid = torch.arange(max_tiles, device=offsets_E1.device)
-    tile_expert = torch.searchsorted(tile_end, pid, right=True)
-    e = tile_expert.clamp(max=E - 1)
-    tile_row = offsets_E1[e].long() + (pid - (tile_end[e] - tiles[e])) * BM
-    return tile_expert.to(torch.int32), tile_row.to(torch.int32), max_tiles
-
-
 def _rows_bucket(S: int, E: int) -> int:
     # autotune key: pairs per expert rounded to a power of two (the raw token count stays out of the key)
     return min(_pow2(S // max(E, 1)), 1 << 16)
@@ -251,7 +292,8 @@ def moe_experts_fwd(
     K = topk_ids_TK.shape[1]
     S = T * K
     dev, dt = x_TD.device, x_TD.dtype
-    sorted_pairs_S, offsets_E1 = moe_permute(topk_ids_TK, E)
+    BM = _block_m(S, E)
+    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = _routing_metadata(topk_ids_TK, E, BM)
     gate_up_S2I = _empty((S, I2) if save_for_backward else (0, I2), dt, dev)
     out_TD = _empty((T, D), dt, dev)
     if S == 0:
@@ -261,8 +303,6 @@ def moe_experts_fwd(
     h_SI = _empty((S, I), dt, dev)
     y_SD = _empty((S, D), dt, dev)
     w_TK = topk_weights_TK.contiguous()
-    BM = _block_m(S, E)
-    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
     bucket = _rows_bucket(S, E)
     ieee = dt == torch.float32 or _INTERPRET
     with _on_device(x_TD):
@@ -296,12 +336,6 @@ def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_tra
     )
 
 
-def _max_n_tiles(I: int) -> int:
-    # upper bound on dh_swiglu_kernel's column tiles over all autotune configs (partial-dot buffer rows)
-    smallest = min(c.kwargs["BLOCK_N"] for c in _mk.dh_swiglu_kernel.configs)
-    return triton.cdiv(I, smallest)
-
-
 @torch.library.custom_op("desmoe::moe_experts_bwd", mutates_args=())
 def moe_experts_bwd(
     dout_TD: Tensor, x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
@@ -333,9 +367,11 @@ def moe_experts_bwd(
     need_dgu = need_dx or need_dw
     dgate_up_S2I = _empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
     hw_SI = _empty((S, I), dt, dev) if need_dw else gate_up_S2I
-    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per column tile of the dh
-    # GEMM (rows beyond the launched tiles stay zero), summed in a fixed order: deterministic, and y is never kept
-    dwp_NS = torch.zeros((_max_n_tiles(I) if need_dweights else 1, S), dtype=torch.float32, device=dev)
+    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
+    # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
+    # deterministic, and y is never kept
+    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
+    dwp_NS = _empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
     em = _mask_u8(expert_trainable_E, offsets_E1)
     pm = _mask_u8(pair_trainable_TK, offsets_E1)
     has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
@@ -343,9 +379,9 @@ def moe_experts_bwd(
         _mk.dh_swiglu_kernel[_row_grid(max_tiles, I, dev)](
             dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, I, D, K, S, sd_t, sd_d, *w_down_EDI.stride(), bucket,
+            E, max_tiles, I, D, K, S, ndwp, sd_t, sd_d, *w_down_EDI.stride(), bucket,
             STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm, IEEE=ieee,
-            BLOCK_M=BM,
+            DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
         )
         if need_dweights:
             dweights_TK.copy_(dwp_NS.sum(0).view(T, K))
@@ -358,15 +394,21 @@ def moe_experts_bwd(
             BD = min(1024, _pow2(D))
             _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
         if need_dw:
-            def grid(a, b):
-                return lambda meta: (E, triton.cdiv(a, meta["BLOCK_A"]), triton.cdiv(b, meta["BLOCK_B"]))
+            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in both dW GEMMs)
+            tok_S = (sorted_pairs_S // K).to(torch.int32)
+            if has_pm:
+                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+
+            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
+                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
 
             _mk.dw_gate_up_kernel[grid(I2, D)](
-                dgate_up_S2I, x_TD, dw1, offsets_E1, sorted_pairs_S, em, pm, I2, D, K, x_TD.stride(0),
-                x_TD.stride(1), bucket, HAS_EXPERT_MASK=has_em, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, I2, D, x_TD.stride(0), x_TD.stride(1),
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
             _mk.dw_down_kernel[grid(D, I)](
-                dout_TD, hw_SI, dw2, offsets_E1, sorted_pairs_S, em, D, I, K, sd_t, sd_d,
+                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, D, I, sd_t, sd_d,
                 bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
             )
     return dx_TD, dw1, dw2, dweights_TK
@@ -417,13 +459,103 @@ def _experts_backward(ctx, dout_TD, *_unused):
 moe_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
 
 
+# --- coarse shapes: torch._grouped_mm GEMMs inside desmoe's metadata, gather/scatter, combine and masks --------
+
+def _combine(y_SD: Tensor, w_TK: Optional[Tensor], T: int, K: int) -> Tensor:
+    D = y_SD.shape[1]
+    out_TD = _empty((T, D), y_SD.dtype, y_SD.device)
+    BD = min(1024, _pow2(D))
+    with _on_device(y_SD):
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, y_SD if w_TK is None else w_TK, out_TD, T, D, K,
+                                                     HAS_W=w_TK is not None, BLOCK_D=BD)
+    return out_TD
+
+
+def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
+    out = torch.empty_like(v_sorted)
+    out[sorted_pairs] = v_sorted
+    return out
+
+
+class _GroupedMMExperts(torch.autograd.Function):
+    """SwiGLU experts with the four GEMMs (and both dW) on ``torch._grouped_mm``; same contract and masks as
+    :func:`moe_experts`. Saves x, the weights, the routing metadata and the gate|up pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1, w2, ids_TK, w_TK, em, pm):
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I = I2 // 2
+        K = ids_TK.shape[1]
+        sp, off, tok, *_ = _routing_metadata(ids_TK, E, 0)
+        sp, tok, ends = sp.long(), tok.long(), off[1:]
+        gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        h = (g * torch.sigmoid(g) * u).to(x_TD.dtype)
+        y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [S, D]
+        out = _combine(_to_pair_rows(y, sp), w_TK.contiguous(), T, K)
+        ctx.save_for_backward(x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I, K = I2 // 2, w_TK.shape[1]
+        ends, dt = off[1:], x_TD.dtype
+        dout_s = dout_TD.contiguous()[tok]
+        dh_u = torch._grouped_mm(dout_s, w2, offs=ends).float()  # dout[t] @ W_down[e], [S, I]
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        sig = torch.sigmoid(g)
+        h = g * sig * u
+        w_s = w_TK.reshape(-1)[sp].float()
+        dweights = torch.empty(T * K, dtype=torch.float32, device=x_TD.device)
+        dweights[sp] = (dh_u * h).sum(-1)
+        dh = dh_u * w_s[:, None]
+        dgu = torch.cat([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig], dim=1).to(dt)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _combine(_to_pair_rows(torch._grouped_mm(dgu, w1, offs=ends), sp), None, T, K)
+        dw1 = dw2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            scale = w_s if pm is None else w_s * pm.reshape(-1)[sp].float()
+            dgu_w = dgu if pm is None else dgu * pm.reshape(-1)[sp].to(dt)[:, None]
+            dw1 = torch._grouped_mm(dgu_w.t(), x_TD[tok], offs=ends)  # [E, 2I, D]
+            dw2 = torch._grouped_mm(dout_s.t(), (h * scale[:, None]).to(dt), offs=ends)  # [E, D, I]
+            keep = (off[1:] > off[:-1]) if em is None else (off[1:] > off[:-1]) & em.bool()
+            zero = torch.zeros((), dtype=dw1.dtype, device=dw1.device)
+            dw1 = torch.where(keep[:, None, None], dw1, zero)
+            dw2 = torch.where(keep[:, None, None], dw2, zero)
+        dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None
+        return dx, dw1, dw2, None, dwts, None, None
+
+
+def moe_experts_grouped_mm(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """:func:`moe_experts` with ``torch._grouped_mm`` GEMMs (the coarse-shape engine of
+    :mod:`desmoe.ops.dispatch`); desmoe's O(S) metadata, gather/scatter, deterministic combine and masks."""
+    if not dispatch.grouped_mm_available():
+        raise RuntimeError(f"torch._grouped_mm is not available in torch {torch.__version__}")
+    if x_TD.shape[0] == 0:
+        return reference.moe_experts_reference(
+            x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
+            expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+        )
+    return _GroupedMMExperts.apply(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                   expert_trainable_E, pair_trainable_TK)
+
+
 def moe_experts(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
     expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
 ) -> Tensor:
     """SwiGLU expert MLP with weighted combine on the Triton kernels: ``x [T, D] -> out [T, D]``.
 
-    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``. Runs on
+    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``. The GEMM
+    engine (these kernels, or ``torch._grouped_mm`` for coarse shapes) is :mod:`desmoe.ops.dispatch`'s. Runs on
     x / weights of one dtype among float32, float16, bfloat16; anything else (float64, mixed dtypes) takes
     the reference path.
     """
@@ -432,6 +564,12 @@ def moe_experts(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, x_TD.dtype)
+    if engine == "grouped_mm":
+        return moe_experts_grouped_mm(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                      expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK)
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK)
     )
@@ -442,4 +580,4 @@ def moe_experts(
 
 
 __all__ = ["topk_route", "permute", "route_and_permute", "moe_experts", "topk_route_fwd", "topk_route_bwd",
-           "moe_permute", "moe_experts_fwd", "moe_experts_bwd"]
+           "moe_permute", "moe_experts_fwd", "moe_experts_bwd", "moe_experts_grouped_mm"]

@@ -229,18 +229,70 @@ def commit_checkpoint(run_dir: str, tmp: str, step: int, *, meta: dict, config: 
 
 
 def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, optimizer, scheduler,
-                    stream_state: dict | None, meta: dict, keep: int | None = None, config: dict | None = None) -> str:
-    """Single-process save: write checkpoint ``step`` atomically and point ``latest`` at it; returns its directory."""
-    tmp = begin_checkpoint(run_dir, step)
+                    stream_state: dict | None, meta: dict, keep: int | None = None, config: dict | None = None,
+                    dist=None, fsdp: bool = False) -> str:
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; returns its directory.
+
+    Under torchrun (``dist``: :class:`desmoe.train.distributed.Dist`) every rank calls this (collective): rank 0
+    creates and commits the directory, every rank writes its RNG/stream state, and with ``fsdp`` the model is
+    gathered for rank 0's HF-format save while each rank writes its optimizer shard."""
+    main = dist is None or dist.is_main
+    rank = 0 if dist is None else dist.rank
+    tmp = begin_checkpoint(run_dir, step) if main else None
+    _barrier(dist)
+    tmp = tmp or os.path.join(run_dir, CKPT_DIR, f".tmp-{checkpoint_name(step)}")
     try:
-        write_model(tmp, model, tokenizer, controller.routers)
-        torch.save(controller.state_dict(), os.path.join(tmp, "method.pt"))
-        write_trainer_state(tmp, step, optimizer_state=optimizer.state_dict() if optimizer is not None else None,
-                            scheduler=scheduler, stream_state=stream_state)
+        full_sd = _full_state_dict(model) if fsdp else None
+        if fsdp:
+            _save_sharded_optimizer(model, optimizer, tmp)
+        msd = controller.state_dict()
+        if fsdp:  # ALR weights are DTensor shards: gather (collective, every rank) to plain tensors
+            msd["alr"] = [{k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                           for k, v in a.items()} for a in msd["alr"]]
+        if main:
+            write_model(tmp, model, tokenizer, controller.routers, state_dict=full_sd)
+            torch.save(msd, os.path.join(tmp, "method.pt"))
+        write_trainer_state(tmp, step, optimizer_state=None if fsdp or optimizer is None else optimizer.state_dict(),
+                            scheduler=scheduler, stream_state=stream_state, rank=rank,
+                            extra={"tracker": controller.tracker.state_dict()} if rank else None)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:  # never leave a half-written checkpoint behind (the next save of this step would clear it too)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _barrier(dist)
+    if not main:
+        return os.path.join(run_dir, CKPT_DIR, checkpoint_name(step))
     return commit_checkpoint(run_dir, tmp, step, meta=meta, config=config, keep=keep)
+
+
+def _barrier(dist) -> None:
+    if dist is not None:
+        dist.barrier()
+
+
+# --- FSDP2 pieces ------------------------------------------------------------------------------------------------
+def _full_state_dict(model) -> dict:
+    """Gathered (unsharded) CPU state dict on every rank (collective), for rank 0's HF-format save."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_sharded_optimizer(model, opt, tmp: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(tmp, "optim"))
+
+
+def load_sharded_optimizer(model, opt, ckpt: str) -> None:
+    """FSDP2: every rank loads its optimizer shard from ``ckpt/optim`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    sd = {"optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(model, opt, sd["optimizer"])
 
 
 # --- reading --------------------------------------------------------------------------------------------------------

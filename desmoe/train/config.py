@@ -249,15 +249,19 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> Config:
-    """Read YAML ``path``, apply ``--set`` overrides, validate."""
+def read_yaml(path: str, what: str = "config file"):
+    """The YAML document at ``path`` (``{}`` when empty); ``what`` names the file in the errors."""
     import yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path!r}")
+        raise FileNotFoundError(f"{what} not found: {path!r}")
     with open(path) as f:
         try:
-            d = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
-    return config_from_dict(apply_overrides(d, overrides or []), source=path)
+            raise ValueError(f"{what} {path!r} is not valid YAML: {e}") from None
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    """Read YAML ``path``, apply ``--set`` overrides, validate."""
+    return config_from_dict(apply_overrides(read_yaml(path), overrides or []), source=path)

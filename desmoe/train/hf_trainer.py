@@ -4,7 +4,7 @@ The KD term needs the routers' logits of the same forward as the task loss, whic
 integration is a ``Trainer`` subclass (``compute_loss``) plus a callback (phases, masks, A, logging, method state
 in checkpoints)::
 
-    from desmoe.integrations import DesMoETrainer
+    from desmoe.train import DesMoETrainer
     desmoe.patch(model)
     trainer = DesMoETrainer(model=model, args=TrainingArguments(..., max_steps=2000),
                             train_dataset=ds,                      # rows with input_ids, labels, domain_ids
@@ -25,7 +25,9 @@ import torch
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as e:  # pragma: no cover - transformers is a hard dependency of desmoe
-    raise ImportError(f"desmoe.integrations.trainer needs transformers: {e}") from None
+    raise ImportError(f"desmoe.train.hf_trainer needs transformers: {e}") from None
+
+from .builders import drop_frozen_state
 
 METHOD_STATE = "desmoe_method.pt"
 
@@ -53,16 +55,10 @@ class DesMoECallback(TrainerCallback):
             self.phase_log.append((state.global_step, phase))
             opt = _unwrap_optimizer(optimizer)
             if opt is not None:  # frozen parameters keep no optimizer state
-                for g in opt.param_groups:
-                    for p in g["params"]:
-                        if not p.requires_grad:
-                            opt.state.pop(p, None)
+                drop_frozen_state(opt)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
         self.ctl.before_optimizer_step(_unwrap_optimizer(optimizer))
-
-    def on_optimizer_step(self, args, state, control, **kw):
-        self.ctl.after_optimizer_step()
 
     def on_step_end(self, args, state, control, **kw):
         self.ctl.end_step(state.global_step - 1)  # global_step was already incremented
@@ -96,8 +92,8 @@ class DesMoETrainer(Trainer):
     the phase clock T). The model is patched (``desmoe.patch``) if it is not already."""
 
     def __init__(self, *args, method=None, domain_names=None, **kwargs):
-        from ..method import MethodConfig, MethodController
-        from .hf import moe_blocks, patch
+        from ..integrations.hf import moe_blocks, patch
+        from ..method import MethodConfig, MethodController, method_class
 
         model = kwargs.get("model", args[0] if args else None)
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -112,8 +108,9 @@ class DesMoETrainer(Trainer):
             raise TypeError(f"method must be a MethodConfig or a dict of its fields, got {type(method).__name__}")
         if not domain_names or not all(isinstance(d, str) for d in domain_names):
             raise ValueError(f"domain_names must be a non-empty list of domain names, got {domain_names!r}")
-        if method.is_esft:
-            raise ValueError("DesMoETrainer: ESFT needs an expert-scoring pass before training; use `desmoe train`")
+        if method_class(method.name)(method, targs.max_steps).prepare_batches():
+            raise ValueError(f"DesMoETrainer: method {method.name!r} needs a preparation pass over training batches "
+                             f"before training (ESFT scores experts); use `desmoe train`")
         if not moe_blocks(model):
             patch(model)
         if not hasattr(model, "hf_device_map"):  # the method's tensors (A, masks, ALR) live beside the routers
@@ -147,11 +144,9 @@ class DesMoETrainer(Trainer):
         inputs = dict(inputs)
         dom_T = inputs.pop("domain_ids").reshape(-1)
         ctl = self.desmoe
-        ctl.before_forward(dom_T)
-        try:
+        with ctl.applied(dom_T) as fwd:
             outputs = model(**inputs)
-        finally:  # always clear the per-batch masks
-            kd = ctl.after_forward(dom_T)
+        kd = fwd.added_loss
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         loss = ctl.combine(task, kd)
         self._task_sum += float(task.detach())

@@ -9,7 +9,8 @@ import desmoe
 from desmoe.integrations.tiny import tiny_model
 from desmoe.method import (AffinityTracker, MethodConfig, MethodController, kd_loss, lambda_at, masks_from_affinity,
                            select_top_p)
-from desmoe.method import _ext
+from desmoe import ops
+from desmoe.ops import reference as ref
 
 
 # --- KD loss ------------------------------------------------------------------------------------------------
@@ -101,26 +102,23 @@ def test_mask_threshold_and_at_least_one_expert():
         masks_from_affinity(A, 0.0)
 
 
-def test_local_ext_functions_match_desmoe_ext_when_present():
+def test_method_ops_match_the_reference():
+    """The method calls ``desmoe.ops`` (extension where built); every op equals its plain-PyTorch reference."""
     L, M, E, T, K = 2, 3, 6, 17, 2
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(L * T)]).view(L, T, K)
     dom = torch.randint(-1, M, (T,))
     w = torch.rand(L, T, K)
     masks = torch.rand(L, M, E) > 0.5
-    pm = _ext.pair_mask(dom, ids, masks)
+    pm = ops.pair_mask(dom, ids, masks)
     for l in range(L):
-        from desmoe.ops.reference import pair_mask_reference
-        assert torch.equal(pm[l], pair_mask_reference(dom, ids[l], masks[l]))
-    c, mass, load = _ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w)
+        assert torch.equal(pm[l], ref.pair_mask_reference(dom, ids[l], masks[l]))
+    c, mass, load = ops.routing_stats(ids, dom, M, E, topk_weights_LTK=w)
     assert c.sum() == (dom >= 0).sum() * K * L and load.sum() == T * K * L
-    try:
-        import desmoe.ext as ext
-    except ImportError:
-        pytest.skip("desmoe.ext not present: local versions are in use")
-    c2, mass2, load2 = ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w)
+    c2, mass2, load2 = ref.routing_stats_reference(ids, dom, M, E, w)
     assert torch.equal(c, c2) and torch.equal(load, load2)
     torch.testing.assert_close(mass, mass2)
-    assert torch.equal(pm, ext.pair_mask(dom, ids, masks))
+    A = torch.rand(L, M, E)
+    torch.testing.assert_close(ops.affinity_ema_(A.clone(), c, 0.9), ref.affinity_ema_reference(A.clone(), c, 0.9))
 
 
 def test_select_top_p():
@@ -147,15 +145,13 @@ def _batch(B=2, S=12, M=2, vocab=64, seed=0):
 def _step(ctl, model, opt, step, batch):
     ctl.begin_step(step)
     dom_T = batch["domain_ids"].reshape(-1)
-    ctl.before_forward(dom_T)
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
-    kd = ctl.after_forward(dom_T)
-    loss = ctl.combine(out.loss, kd)
+    with ctl.applied(dom_T) as fwd:
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    loss = ctl.combine(out.loss, fwd.added_loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     ctl.before_optimizer_step(opt)
     opt.step()
-    ctl.after_optimizer_step()
     ctl.end_step(step)
     return loss
 
@@ -195,9 +191,9 @@ def test_per_token_masking_gradients():
     b["domain_ids"][:] = 0
     dom_T = b["domain_ids"].reshape(-1)
     ctl.begin_step(5)
-    ctl.before_forward(dom_T)
-    m(input_ids=b["input_ids"], labels=b["labels"]).loss.backward()
-    ctl.after_forward(dom_T)
+    with ctl.applied(dom_T):
+        loss = m(input_ids=b["input_ids"], labels=b["labels"]).loss
+    loss.backward()
     for _, _, ex in ctl.blocks:
         for p in (ex.gate_up_proj, ex.down_proj):
             nz = p.grad.flatten(1).abs().sum(1) > 0
@@ -218,9 +214,9 @@ def test_per_token_masking_gradients():
     b = _batch()
     dom_T = b["domain_ids"].reshape(-1)
     b2 = dict(b, domain_ids=torch.ones_like(b["domain_ids"]))
-    ctl.before_forward(b2["domain_ids"].reshape(-1))
-    m(input_ids=b["input_ids"], labels=b["labels"]).loss.backward()
-    ctl.after_forward(b2["domain_ids"].reshape(-1))
+    with ctl.applied(b2["domain_ids"].reshape(-1)):
+        loss = m(input_ids=b["input_ids"], labels=b["labels"]).loss
+    loss.backward()
     for _, _, ex in ctl.blocks:
         nz = ex.gate_up_proj.grad.flatten(1).abs().sum(1) > 0
         assert not nz[1:4].any()
@@ -262,8 +258,8 @@ def test_baselines_select_the_right_parameters(method):
     m = _model("deepseek_v2")
     T = 5
     ctl = MethodController(m, MethodConfig(name=method, shared_experts="frozen", esft_p=0.3), T, ["a", "b"])
-    if ctl.cfg.is_esft:
-        sel = ctl.score_esft([_batch(seed=s) for s in range(2)])
+    if method.startswith("esft"):
+        sel = ctl.prepare([_batch(seed=s) for s in range(2)])
         assert sel.any(1).all() and not sel.all()
     opt = torch.optim.AdamW(ctl.param_groups(0.1), lr=1e-2)
     kinds = ctl.kinds
@@ -279,7 +275,7 @@ def test_baselines_select_the_right_parameters(method):
         "esft_token": {"experts"},
     }[method]
     assert changed_kinds == want
-    if ctl.cfg.is_esft:
+    if method.startswith("esft"):
         for l, (bname, _, _) in enumerate(ctl.blocks):
             got = _changed_experts(before, m, f"{bname}.experts.down_proj")
             assert got == set(sel[l].nonzero().flatten().tolist())
@@ -310,3 +306,45 @@ def test_shared_experts_mode(mode, mt):
     kinds = {ctl.kinds[n] for n in _changed(before, m)}
     assert ("shared_experts" in kinds) == (mode == "train")
     assert any(ctl.kinds[n] == "shared_experts" for n in ctl.kinds)
+
+
+def test_masks_are_a_scope_that_leaves_nothing_behind():
+    """Inside ``applied`` the experts modules carry this step's masks; afterwards they are exactly as before, the
+    routers hold no record, and the method's added loss (KD, in warm-up) is returned."""
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
+    ctl.begin_step(0)
+    before = [dict(vars(ex)) for ex in ctl.experts]
+    b = _batch()
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        assert all(set(vars(ex)) > set(bv) for ex, bv in zip(ctl.experts, before))
+        m(input_ids=b["input_ids"])
+    assert [set(vars(ex)) for ex in ctl.experts] == [set(bv) for bv in before]
+    assert all(r.last is None and not r.record for r in ctl.routers)
+    assert fwd.added_loss is not None and fwd.added_loss.requires_grad
+    assert int(ctl.tracker.counts_LME.sum()) > 0
+    with pytest.raises(RuntimeError, match="boom"):  # a failing forward leaves nothing either
+        with ctl.applied(b["domain_ids"].reshape(-1)):
+            raise RuntimeError("boom")
+    assert [set(vars(ex)) for ex in ctl.experts] == [set(bv) for bv in before]
+
+
+def test_registry_names_every_method_and_refuses_clashes():
+    from desmoe.method import Method, method_class, method_names, register_method
+    from desmoe.method.des_moe import DesMoE
+
+    assert set(method_names()) >= {"des_moe", "des_moe_no_alr", "des_moe_no_dges", "fft", "frozen_router",
+                                   "esft_gate", "esft_token"}
+    assert method_class("des_moe") is DesMoE
+
+    class Clash(Method):
+        name = "des_moe"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Clash)
+    with pytest.raises(TypeError, match="Method subclass"):
+        register_method(object)
+    with pytest.raises(ValueError, match="method.name must be one of"):
+        method_class("lora")
+    with pytest.raises(NotImplementedError, match="trainable_kinds"):
+        Method(MethodConfig(), 10).trainable_kinds("any")

@@ -9,7 +9,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 
 import desmoe  # noqa: E402
 from desmoe.data import MixedDomainStream  # noqa: E402
-from desmoe.integrations import DesMoECallback, DesMoETrainer, StreamDataset  # noqa: E402
+from desmoe.train import DesMoECallback, DesMoETrainer, StreamDataset  # noqa: E402
 from desmoe.integrations.tiny import tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +73,7 @@ def test_trainer_phases_match_our_loop(tmp_path):
             for l, got in experts.items():
                 allowed = set(masks[l].any(0).nonzero().flatten().tolist())
                 assert got and got <= allowed, (step, l, got, allowed)
-    assert trainer.desmoe_callback.phase_log == [(ctl.t1, "stabilization"), (ctl.t2, "consolidation")]
+    assert trainer.desmoe_callback.phase_log == [(ctl.method.t1, "stabilization"), (ctl.method.t2, "consolidation")]
     assert ctl.tracker.initialised
     logs = [h for h in trainer.state.log_history if "desmoe_phase" in h]
     assert logs and {"task_loss", "kd_loss", "desmoe_lambda", "mask_size/a"} <= set(logs[-1])

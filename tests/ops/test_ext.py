@@ -16,7 +16,7 @@ import torch
 from desmoe import ext
 from desmoe.ops import reference as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 
 needs_ext = pytest.mark.skipif(not ext.available(), reason=f"extension not built: {ext.info().get('error')}")

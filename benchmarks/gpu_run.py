@@ -1,0 +1,262 @@
+"""The measurements of one GPU run, in order of importance, streamed as they are taken (driven by gpu_run.sh).
+
+Every measurement is one JSON line appended (and flushed) to ``--out`` the moment it is taken, so a run cut short
+by its time limit keeps everything measured so far. A stage starts only if its estimated cost fits the time left
+of ``--budget`` seconds (counted from ``--start``, the epoch second the whole run began); a skipped stage is one
+line ``{"stage": ..., "skipped": "budget"}``.
+
+Stages: ceilings (8192^3 bf16 matmul, device copy); correctness at a real shape on the 1st and 2nd call against
+an fp32 reference (values and every gradient, backend confirmed ``triton``); the Qwen3-30B-A3B layer at T=32768
+fwd / fwd+bwd / half-frozen vs transformers' grouped_mm (its ``aten::_grouped_mm`` confirmed in a profile), the
+first call's compile+autotune time and compile count, a per-kernel CUDA-time table and the chosen configs;
+routing + permute (T=32768, E=128, K=8) vs the torch sequence; Mixtral at T=16384; Liger if importable; OLMoE and
+DeepSeek-V2-Lite. ``--dry``: the same stages on CPU at tiny shapes, for the CPU suite: correctness and routing
+run the Triton kernels in the interpreter, the layer stages run desmoe's ``auto`` backend (the reference on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _common  # noqa: E402
+from benchmarks import bench_moe_layer as bml  # noqa: E402
+
+QWEN3 = bml.SHAPES["qwen3_30b_a3b"]
+
+
+class Run:
+    def __init__(self, out: str, budget: float, start: float, dry: bool):
+        self.out, self.budget, self.start, self.dry = out, budget, start, dry
+        self.dev = torch.device("cpu" if dry else "cuda")
+        self.dtype = torch.float32 if dry else torch.bfloat16
+        self.iters = 1 if dry else 10
+        self.warmup = 0 if dry else 2
+
+    def emit(self, rec: dict) -> None:
+        rec = {"t_s": round(time.time() - self.start, 1), **rec}
+        with open(self.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+    def stage(self, name: str, est_s: float, fn) -> None:
+        if not self.dry and self.left() < est_s:
+            self.emit({"stage": name, "skipped": "budget", "left_s": round(self.left(), 1), "est_s": est_s})
+            return
+        t0 = time.time()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others
+            self.emit({"stage": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            if self.dry:
+                raise
+        self.emit({"stage": name, "done_s": round(time.time() - t0, 1)})
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def time(self, fn) -> float:
+        return _common.time_fn(fn, warmup=self.warmup, iters=self.iters, device=self.dev)
+
+
+def ceilings(r: Run) -> None:
+    n = 256 if r.dry else 8192
+    a = torch.randn(n, n, device=r.dev, dtype=r.dtype)
+    ms = r.time(lambda: a @ a)
+    r.emit({"stage": "ceilings", "what": f"matmul {n}^3", "ms": ms, "tflops": 2 * n ** 3 / ms / 1e9})
+    big = torch.empty(2 ** 20 if r.dry else 2 ** 30, dtype=torch.uint8, device=r.dev)
+    dst = torch.empty_like(big)
+    ms = r.time(lambda: dst.copy_(big))
+    r.emit({"stage": "ceilings", "what": "device copy", "bytes": big.numel(), "ms": ms,
+            "gbps": 2 * big.numel() / ms / 1e6})
+
+
+def _shape(r: Run, name: str):
+    return (bml.QUICK_SHAPES if r.dry else bml.SHAPES)[name]
+
+
+def correctness(r: Run) -> None:
+    from desmoe import ops
+    from desmoe.ops import reference
+
+    E, K, D, I = _shape(r, "qwen3_30b_a3b")
+    T = 12 if r.dry else 4096
+    x, w1, w2, ids, w = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype, seed=1)
+    backend = ops.resolve_backend("triton", r.dev)  # the Triton kernels (the interpreter in --dry), or an error
+    go = torch.randn_like(x)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, w1, w2, w)]
+        out = fn(*leaves[:3], ids, leaves[3])
+        return [out.detach(), *torch.autograd.grad(out, leaves, go.to(dtype))]
+
+    ref32 = grads(lambda a, b, c, i, ww: reference.moe_experts_reference(a, b, c, i, ww), torch.float32)
+    ref_lp = grads(lambda a, b, c, i, ww: reference.moe_experts_reference(a, b, c, i, ww), r.dtype)
+    for call in (1, 2):
+        fast = grads(lambda a, b, c, i, ww: ops.moe_experts(a, b, c, i, ww, validate_ids=False, backend=backend),
+                     r.dtype)
+        for name, f, lp, ref in zip(("out", "dx", "dw_gate_up", "dw_down", "dweights"), fast, ref_lp, ref32):
+            err = (f.float() - ref).norm().item()
+            base = (lp.float() - ref).norm().item()
+            ok = err <= 2 * base + 1e-6 * ref.norm().item() + 1e-6
+            r.emit({"stage": "correctness", "call": call, "tensor": name, "backend": backend, "err": err,
+                    "torch_lowp_err": base, "ref_norm": ref.norm().item(), "ok": bool(ok), "T": T,
+                    "E": E, "K": K, "D": D, "I": I})
+
+
+def _layer(r: Run, shape: str, T: int, impls=("desmoe", "grouped_mm"), frozen=True, profile=False) -> None:
+    from desmoe import ops
+
+    E, K, D, I = _shape(r, shape)
+    T = 8 if r.dry else T
+    inputs = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype)
+    fns = bml._impls(E, D, I)
+    flops = {"fwd": 6 * T * K * D * I, "fwd+bwd": 18 * T * K * D * I}
+    runs = [(n, p, None) for p in ("fwd", "fwd+bwd") for n in impls]
+    if frozen:
+        runs.append(("desmoe", "fwd+bwd_frozen50", torch.arange(E, device=r.dev) % 2 == 0))
+    base = {}
+    if "desmoe" in impls:  # before any other desmoe call of this shape: the real first call
+        _first_call(r, shape, fns["desmoe"], inputs, T)
+    for name, ps, mask in runs:
+        fn = fns.get(name)
+        if isinstance(fn, str) or fn is None:
+            r.emit({"stage": shape, "impl": name, "skipped": fn or "unknown impl"})
+            continue
+        try:
+            ms, mem = bml._bench_one(fn, inputs, "fwd" if ps == "fwd" else "fwd+bwd", r.dev, r.iters, mask)
+        except torch.cuda.OutOfMemoryError:
+            r.emit({"stage": shape, "impl": name, "pass": ps, "T": T, "error": "out of memory"})
+            torch.cuda.empty_cache()
+            continue
+        fl = flops["fwd" if ps == "fwd" else "fwd+bwd"]
+        rec = {"stage": shape, "shape": shape, "T": T, "impl": name, "pass": ps, "ms": ms,
+               "tflops": fl / ms / 1e9, "peak_mem_gb": mem, "E": E, "K": K, "D": D, "I": I}
+        if name == "grouped_mm":
+            base[ps] = ms
+        key = "fwd+bwd" if ps.startswith("fwd+bwd") else ps
+        if name != "grouped_mm" and key in base:
+            rec["speedup_vs_grouped_mm"] = base[key] / ms
+        if name == "desmoe":
+            rec["backend"] = ops.resolve_backend(None, r.dev)
+            if ps == "fwd+bwd":
+                base["desmoe_all"] = ms
+            if ps == "fwd+bwd_frozen50" and "desmoe_all" in base:
+                rec["ratio_vs_all_trainable"] = ms / base["desmoe_all"]
+        r.emit(rec)
+    if "grouped_mm" in impls and not isinstance(fns.get("grouped_mm"), str):
+        ran = _profiled_ops(r, fns["grouped_mm"], inputs)
+        r.emit({"stage": shape, "impl": "grouped_mm", "native_grouped_mm": "aten::_grouped_mm" in ran,
+                "note": "aten::_grouped_mm in the profile means transformers ran its native path, not a loop"})
+    if profile:
+        _kernel_table(r, shape, fns["desmoe"], inputs)
+
+
+def _first_call(r, shape, fn, inputs, T) -> None:
+    """Compile + autotune cost of the first fwd+bwd of this shape (gpu_run.sh points Triton's cache at an empty
+    folder, so the compiles are real)."""
+    from desmoe.kernels import moe as mk
+
+    before = mk.autotune_stats()
+    x, w1, w2, ids, w = inputs
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, w)]
+    if r.dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    out = fn(*leaves[:3], ids, leaves[3])
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    if r.dev.type == "cuda":
+        torch.cuda.synchronize()
+    after = mk.autotune_stats()
+    r.emit({"stage": shape, "what": "first fwd+bwd (compile + autotune)", "s": time.time() - t0, "T": T,
+            "compiles": {n: after[n]["compiles"] - before[n]["compiles"] for n in after},
+            "chosen": {n: v["chosen"] for n, v in after.items()}})
+
+
+def _profiled_ops(r: Run, fn, inputs) -> set:
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w1, w2, ids, w = inputs
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(x, w1, w2, ids, w)
+    return {e.key for e in prof.key_averages()}
+
+
+def _kernel_table(r: Run, shape: str, fn, inputs) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w1, w2, ids, w = inputs
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, w)]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if r.dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        out = fn(*leaves[:3], ids, leaves[3])
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        if r.dev.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
+        if r.dev.type == "cuda" and dev_us <= 0:
+            continue
+        rows.append({"name": e.key[:80], "calls": e.count,
+                     "us": dev_us if r.dev.type == "cuda" else e.self_cpu_time_total})
+    rows.sort(key=lambda d: -d["us"])
+    r.emit({"stage": shape, "what": "per-kernel time, one fwd+bwd (CUDA time on GPU)", "kernels": rows[:25]})
+
+
+def routing(r: Run) -> None:
+    from desmoe.ops import triton_ops
+
+    E, K = 128, 8
+    T = 64 if r.dry else 32768
+    logits = torch.randn(T, E, device=r.dev, dtype=r.dtype)
+
+    def torch_seq():
+        w, ids = logits.float().softmax(-1).topk(K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        offsets = torch.cumsum(torch.bincount(flat, minlength=E), 0)
+        return w, order, offsets
+
+    def ours():
+        return triton_ops.route_and_permute(logits, K)
+
+    t_torch, t_ours = r.time(torch_seq), r.time(ours)
+    r.emit({"stage": "routing", "T": T, "E": E, "K": K, "torch_ms": t_torch, "desmoe_ms": t_ours,
+            "speedup": t_torch / t_ours})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON-lines file, appended to")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for all stages, counted from --start")
+    p.add_argument("--start", type=float, default=None, help="epoch seconds the run began (default: now)")
+    p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    args = p.parse_args(argv)
+    r = Run(args.out, args.budget, args.start or time.time(), args.dry)
+    if not args.dry and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --dry for the CPU rehearsal")
+    r.emit({"stage": "env", **_common.versions(), "device": _common.device_name(r.dev), "git_sha": _common.git_sha(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry": args.dry})
+    T_big = 32768
+    r.stage("ceilings", 20, lambda: ceilings(r))
+    r.stage("correctness", 60, lambda: correctness(r))
+    r.stage("qwen3_30b_a3b", 150, lambda: _layer(r, "qwen3_30b_a3b", T_big, profile=True))
+    r.stage("routing", 15, lambda: routing(r))
+    r.stage("mixtral_8x7b", 60, lambda: _layer(r, "mixtral_8x7b", 16384, frozen=False))
+    r.stage("liger", 40, lambda: _layer(r, "qwen3_30b_a3b", T_big, impls=("liger",), frozen=False))
+    r.stage("olmoe", 50, lambda: _layer(r, "olmoe", T_big, frozen=False))
+    r.stage("deepseek_v2_lite", 50, lambda: _layer(r, "deepseek_v2_lite", T_big, frozen=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

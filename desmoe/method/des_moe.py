@@ -1,0 +1,104 @@
+"""DES-MoE (arXiv 2509.16882) and its two ablations.
+
+Phases over T steps: warm-up ``[0, T1)``: router (ALR) + all experts train, the affinity A is collected;
+stabilisation ``[T1, T2)``: router (ALR) + the experts of each domain's DGES mask; consolidation ``[T2, T)``:
+router frozen, masked experts. The ALR student is distilled towards the frozen router with weight λ(step).
+``des_moe_no_alr`` trains the router itself and adds no KD term; ``des_moe_no_dges`` masks no experts.
+"""
+from __future__ import annotations
+
+import torch
+
+from .alr import kd_loss, lambda_at
+from .registry import Method, register_method
+
+PHASES = ("warmup", "stabilization", "consolidation")
+
+
+def phase_bounds(total_steps: int, warmup_frac: float, stabilize_frac: float) -> tuple[int, int]:
+    """``(T1, T2)``: first step of stabilisation and of consolidation (rounded to whole steps)."""
+    return int(round(warmup_frac * total_steps)), int(round(stabilize_frac * total_steps))
+
+
+def phase_at(step: int, total_steps: int, warmup_frac: float = 0.2, stabilize_frac: float = 0.7) -> str:
+    t1, t2 = phase_bounds(total_steps, warmup_frac, stabilize_frac)
+    return PHASES[0] if step < t1 else PHASES[1] if step < t2 else PHASES[2]
+
+
+@register_method
+class DesMoE(Method):
+    name = "des_moe"
+    uses_alr = True
+    uses_dges = True  # domain-guided expert masks after warm-up
+
+    def __init__(self, cfg, total_steps):
+        super().__init__(cfg, total_steps)
+        self.t1, self.t2 = phase_bounds(self.T, cfg.warmup_frac, cfg.stabilize_frac)
+
+    def phase_spans(self) -> dict[str, tuple[int, int]]:
+        return {PHASES[0]: (0, self.t1), PHASES[1]: (self.t1, self.t2), PHASES[2]: (self.t2, self.T)}
+
+    def phase(self, step: int) -> str:
+        return PHASES[0] if step < self.t1 else PHASES[1] if step < self.t2 else PHASES[2]
+
+    def trainable_kinds(self, phase: str) -> set[str]:
+        c = self.cfg
+        kinds = {"experts"}
+        if phase != "consolidation":
+            kinds.add("alr" if self.uses_alr else "router")
+        optional = {"shared_experts": c.shared_experts == "train", "attention": c.train_attention,
+                    "embeddings": c.train_embeddings, "other": c.train_other}
+        return kinds | {k for k, on in optional.items() if on}
+
+    def domain_masks_LME(self, ctl) -> torch.Tensor | None:
+        """The DGES masks in force now (None while every expert trains)."""
+        if self.uses_dges and ctl.current_phase in PHASES[1:] and ctl.tracker.masks_LME is not None:
+            return ctl.tracker.masks_LME
+        return None
+
+    def expert_trainable_LE(self, ctl) -> torch.Tensor | None:
+        m = self.domain_masks_LME(ctl)
+        return None if m is None else m.any(dim=1)
+
+    def token_masks_LME(self, ctl) -> torch.Tensor | None:
+        return self.domain_masks_LME(ctl) if self.cfg.per_token_masking else None
+
+    def lambda_at(self, step: int, phase: str) -> float:
+        c = self.cfg
+        if not self.uses_alr or phase == "consolidation":
+            return 0.0
+        end = c.lambda_end if c.lambda_end is not None else c.stabilize_frac
+        return lambda_at(step / self.T, schedule=c.lambda_schedule, lambda_max=c.lambda_max,
+                         end=max(end, 1e-9), decay_rate=c.lambda_decay_rate)
+
+    def added_loss(self, ctl, records, domain_ids_T, phase) -> torch.Tensor | None:
+        """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains."""
+        if not self.uses_alr or phase == "consolidation" or ctl.last_lambda == 0.0:
+            return None
+        valid_T = domain_ids_T >= 0
+        losses = [kd_loss(r["base_logits_TE"], r["logits_TE"], self.cfg.tau, valid_T.to(r["logits_TE"].device))
+                  for r in records]
+        return torch.stack(losses).mean()
+
+    def end_step(self, ctl, step: int) -> bool:
+        """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``."""
+        nxt = step + 1
+        if nxt == self.t1 or (self.t1 == 0 and not ctl.tracker.initialised):
+            ctl.tracker.finish_warmup()
+            return True
+        if nxt > self.t1 and (nxt - self.t1) % self.cfg.update_every == 0:
+            ctl.tracker.refresh()
+            return True
+        return False
+
+
+@register_method
+class DesMoENoALR(DesMoE):
+    name = "des_moe_no_alr"
+    uses_alr = False
+
+
+@register_method
+class DesMoENoDGES(DesMoE):
+    name = "des_moe_no_dges"
+    uses_dges = False

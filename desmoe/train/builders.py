@@ -1,0 +1,179 @@
+"""What a run is built from: device, texts, tokenizer, model, optimizer + LR schedule, and the base-model
+pretraining that precedes fine-tuning when a run starts from a random model."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import patch
+from .config import Config
+from .loss import task_loss, to_device
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    d = cfg.train.device
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {d!r} but no CUDA device is available")
+    return torch.device(d)
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.train.bf16 in ("auto", True, "true")
+
+
+def eval_kwargs(cfg: Config, device: torch.device) -> dict:
+    """Keyword arguments of :func:`desmoe.eval.evaluate_model` for a run under ``cfg``."""
+    return dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=cfg.train.eval_batches,
+                math_n=0, device=device, bf16=use_bf16(cfg, device), general=cfg.data.general)
+
+
+def load_texts(cfg: Config, names: list[str], split: str, max_docs: int | None) -> dict[str, list[str]]:
+    from ..data import load_domain_texts
+
+    out = {}
+    for d in names:
+        texts = load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=max_docs, seed=cfg.data.seed,
+                                  text_field=cfg.data.text_field)
+        if not texts:
+            raise ValueError(f"data.domains: domain {d!r} has no {split} documents"
+                             + (f" in {cfg.data.sources[d]!r}" if d in cfg.data.sources else ""))
+        out[d] = texts
+    return out
+
+
+def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
+    if cfg.tokenizer.path or cfg.model.path:
+        from transformers import AutoTokenizer
+
+        src = cfg.tokenizer.path or cfg.model.path  # a pretrained model brings its own tokenizer
+        try:
+            return AutoTokenizer.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"tokenizer.path: cannot load a tokenizer from {src!r}: {e}") from None
+    from ..data import train_tokenizer
+
+    corpus = [t for ts in texts.values() for t in ts]
+    return train_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size)
+
+
+def build_model(cfg: Config, vocab_size: int, tokenizer=None):
+    """The model (random tiny or ``from_pretrained``), vocab matched to the tokenizer, patched."""
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.tiny:
+        from ..integrations.tiny import tiny_model
+
+        extra = {}
+        if tokenizer is not None:
+            extra = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                     if getattr(tokenizer, k, None) is not None}
+        model = tiny_model(cfg.model.tiny, seed=cfg.model.seed, dtype=dtype,
+                           **{**extra, **cfg.model.overrides, "vocab_size": vocab_size})
+    else:
+        from transformers import AutoModelForCausalLM
+
+        src = cfg.model.path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **cfg.model.overrides)
+        except OSError as e:
+            raise FileNotFoundError(f"model.path: cannot load {src!r} (a local directory or a cached Hugging Face "
+                                    f"name is needed; no downloads): {e}") from None
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    patch(model, backend=cfg.model.backend)
+    return model.train()
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    x = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    f = 0.5 * (1 + math.cos(math.pi * x)) if t.lr_schedule == "cosine" else 1.0 - x
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * f
+
+
+def build_optimizer(ctl, cfg: Config):
+    """AdamW over the method's parameter groups (parameters that never train get no state) + LR schedule."""
+    opt = torch.optim.AdamW(ctl.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=(cfg.train.beta1, cfg.train.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    return opt, sched
+
+
+def drop_frozen_state(opt: torch.optim.Optimizer) -> None:
+    """Frozen parameters keep no optimizer state (after a phase freezes them)."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if not p.requires_grad:
+                opt.state.pop(p, None)
+
+
+def progress_bar(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, desc=desc, dynamic_ncols=True, leave=True)
+
+
+# --- base-model pretraining ----------------------------------------------------------------------------------------
+def load_balance_loss(records: list[dict]) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``E·Σ_e f_e·P_e`` averaged over layers, from the routers' records of
+    one forward (``f_e``: share of top-k slots routed to ``e``, ``P_e``: mean router probability). HF's own aux
+    loss needs ``router_logits`` outputs that the patched model does not return, so it is computed here."""
+    losses = []
+    for last in records:
+        logits_TE, ids_TK = last["logits_TE"], last["topk_ids_TK"]
+        E = logits_TE.shape[-1]
+        f_E = torch.bincount(ids_TK.reshape(-1), minlength=E).float() / max(1, ids_TK.numel())
+        P_E = F.softmax(logits_TE.float(), dim=-1).mean(0)
+        losses.append(E * (f_E * P_E).sum())
+    return torch.stack(losses).mean()
+
+
+def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_coef: float = 0.0,
+             weights: dict | None = None, progress: bool = False) -> list[float]:
+    """Base-model pretraining (full model, AdamW, warm-up + cosine LR to 10%, no method): the 'pretrained' MoE of
+    the demo and the experiments. ``docs``: token docs of the general domain, or ``{domain: docs}`` mixed with
+    ``weights``. ``aux_coef`` > 0 adds that multiple of :func:`load_balance_loss` so every expert gets used.
+    Returns the per-step loss (task loss + the model's own aux loss, if its config enables one)."""
+    from ..data import MixedDomainStream
+    from ..integrations.hf import moe_blocks
+
+    routers = [r for _, r, _ in moe_blocks(model)]
+    stream = MixedDomainStream(docs if isinstance(docs, dict) else {"general": docs}, cfg.data.seq_len,
+                               cfg.data.batch_size, seed=cfg.data.seed + 1, eos_id=eos_id, weights=weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.pretrain_lr, betas=(0.9, 0.95))
+    bf16 = use_bf16(cfg, device)
+    losses = []
+    it = progress_bar(range(steps), progress, "pretrain (general)")
+    for s in it:
+        lr = cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for r in routers:
+            r.record = aux_coef > 0
+        loss, aux, _, _ = task_loss(model, to_device(stream.next_batch(), device), device, bf16)
+        if aux is not None:
+            loss = loss + aux
+        records = [r.last for r in routers]
+        for r in routers:
+            r.record, r.last = False, None
+        total = loss + aux_coef * load_balance_loss(records) if aux_coef > 0 else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{losses[-1]:.3f}")
+    del opt
+    return losses
