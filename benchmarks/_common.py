@@ -3,8 +3,13 @@
     {"benchmark", "device", "torch", "triton", "transformers", "date", "git_sha",
      "records": [{"shape", "T", "impl", "pass", "ms", "tflops" | "gbps", "peak_mem_gb", ...}]}
 
-written to ``benchmarks/results/<benchmark>-<device>-<date>.json``. ``impl`` is one of ``IMPLS``; extra keys in
-a record are allowed (e.g. ``"note"``), the listed ones are required.
+written to ``<benchmark>-<device>-<date>[-quick].json``. ``impl`` is one of ``IMPLS``; extra keys in a record are
+allowed (e.g. ``"note"``), the listed ones are required.
+
+Where results go (:func:`add_output_args`, :func:`output_dir`): ``runs/bench/`` under the current directory by
+default (git-ignored), ``--out-dir DIR`` where asked, and the committed ``benchmarks/results/`` only with ``--save``.
+A quick-mode result is tagged ``"quick": true`` and its file name ends in ``-quick``; ``--save`` refuses it, and
+``report.py`` never puts one in the README's tables.
 """
 from __future__ import annotations
 
@@ -68,13 +73,45 @@ def check_record(rec: dict) -> dict:
     return rec
 
 
+def add_output_args(p) -> None:
+    """The output options every benchmark script takes (see the module docstring)."""
+    p.add_argument("--save", action="store_true",
+                   help=f"write the results JSON into {os.path.relpath(RESULTS_DIR)} (the committed results; "
+                        "not for --quick runs)")
+    p.add_argument("--out-dir", default=None,
+                   help="write the results JSON into this folder (default: runs/bench/ under the current directory)")
+    p.add_argument("--no-write", action="store_true", help="print the table only, write no file")
+
+
+def default_out_dir() -> str:
+    return os.path.join(os.getcwd(), "runs", "bench")
+
+
+def output_dir(args, *, quick: bool) -> str | None:
+    """Where this run's JSON goes, or None for ``--no-write``; ValueError for contradictory options."""
+    if args.save and args.out_dir:
+        raise ValueError(f"--save writes into {RESULTS_DIR}; do not also pass --out-dir {args.out_dir!r}")
+    if args.save and args.no_write:
+        raise ValueError("--save and --no-write contradict each other")
+    if args.save and quick:
+        raise ValueError("--save with a quick-mode run: quick results are smoke tests, not committed results "
+                         "(use --out-dir, or run without --quick)")
+    if args.no_write:
+        return None
+    return RESULTS_DIR if args.save else (args.out_dir or default_out_dir())
+
+
 def write_results(result: dict, out_dir: str | None = None) -> str:
-    """Validate every record and write ``<benchmark>-<device>-<date>.json``; returns the path."""
+    """Validate every record and write ``<benchmark>-<device>-<date>[-quick].json`` into ``out_dir`` (default
+    ``runs/bench/`` under the current directory, never the source tree); returns the path."""
     for rec in result["records"]:
         check_record(rec)
-    out_dir = out_dir or RESULTS_DIR
+    out_dir = out_dir or default_out_dir()
+    if os.path.abspath(out_dir) == os.path.abspath(RESULTS_DIR) and result.get("quick"):
+        raise ValueError("quick-mode results are not written into benchmarks/results (the committed results)")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{result['benchmark']}-{result['device']}-{result['date']}.json")
+    tag = "-quick" if result.get("quick") else ""
+    path = os.path.join(out_dir, f"{result['benchmark']}-{result['device']}-{result['date']}{tag}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -3,7 +3,7 @@
 Same HF experts module (Qwen3-MoE layout), same inputs and routing, switched between experts implementations
 through transformers' own ``config._experts_implementation``. Writes the project's results JSON.
 
-    python benchmarks/bench_experts_cpu.py [--quick] [--out DIR]
+    python benchmarks/bench_experts_cpu.py [--quick] [--save | --out-dir DIR | --no-write]
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def inputs(T, E, K, D, dtype=torch.float32, seed=1):
     return x, ids, (w / w.sum(-1, keepdim=True)).to(dtype)
 
 
-def run(shapes, tokens, iters, out_dir=None, verbose=True):
+def run(shapes, tokens, iters, out_dir=None, verbose=True, quick=False):
     result = _common.header("bench_experts_cpu", "cpu")
+    result["quick"] = quick
     for shape in shapes:
         E, K, D, I = SHAPES[shape]
         layer = make_layer(E, K, D, I)
@@ -80,22 +81,24 @@ def run(shapes, tokens, iters, out_dir=None, verbose=True):
                     })
             for impl in IMPLS[1:]:  # the comparison is only meaningful if all agree
                 torch.testing.assert_close(outs["desmoe"], outs[impl], rtol=1e-4, atol=1e-5)
-    path = _common.write_results(result, out_dir)
+    path = _common.write_results(result, out_dir) if out_dir is not None else None
     if verbose:
         _common.print_table(result["records"])
-        print(f"wrote {path}")
+        if path:
+            print(f"wrote {path}")
     return result, path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one tiny shape, few iterations (CI)")
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    _common.add_output_args(ap)
     args = ap.parse_args(argv)
+    out = _common.output_dir(args, quick=args.quick)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     if args.quick:
-        return run(["tiny_cpu"], [64], iters=3, out_dir=args.out)
-    return run(list(SHAPES), [256, 1024], iters=5, out_dir=args.out)
+        return run(["tiny_cpu"], [64], iters=3, out_dir=out, quick=True)
+    return run(list(SHAPES), [256, 1024], iters=5, out_dir=out)
 
 
 if __name__ == "__main__":

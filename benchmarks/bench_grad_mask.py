@@ -48,12 +48,12 @@ def main(argv=None) -> dict:
     p.add_argument("--frozen-frac", type=float, default=0.5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-write", action="store_true")
+    _common.add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type != "cuda"
+    quick = args.quick or device.type != "cuda"  # CPU: small shapes
+    out = _common.output_dir(args, quick=args.quick)
     cfg = QUICK if quick else FULL
     L = args.layers or cfg["layers"]
     dtype = getattr(torch, args.dtype)
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
 
     result = _common.header("bench_grad_mask", device)
     info = ext.info()
-    result.update(quick=quick, frozen_frac=args.frozen_frac, grad_bytes=total_bytes, frozen_bytes=frozen_bytes,
+    result.update(quick=args.quick, small_shapes=quick, frozen_frac=args.frozen_frac, grad_bytes=total_bytes, frozen_bytes=frozen_bytes,
                   extension=info)
 
     # Correctness first (also the records' "ok"): frozen rows exact zero, trainable rows unchanged (checksums).
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     if not ok:
         print("WARNING: extension result check FAILED")
     if not args.no_write:
-        print("wrote", _common.write_results(result, args.out_dir))
+        print("wrote", _common.write_results(result, out))
     return result
 
 

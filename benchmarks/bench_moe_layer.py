@@ -140,14 +140,14 @@ def main(argv=None) -> dict:
     p.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--no-write", action="store_true")
+    _common.add_output_args(p)
     args = p.parse_args(argv)
 
     from desmoe import ops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type != "cuda"
+    quick = args.quick or device.type != "cuda"  # CPU: small shapes
+    out = _common.output_dir(args, quick=args.quick)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     table = QUICK_SHAPES if quick else SHAPES
     shapes = args.shapes or list(table)
@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     iters = args.iters or (3 if quick else 10)
     result = _common.header("bench_moe_layer", device)
     result["dtype"] = str(dtype).replace("torch.", "")
-    result["quick"] = quick
+    result["quick"] = args.quick  # tagged only for the user's --quick
+    result["small_shapes"] = quick
     result["roofline_tflops"] = _roofline_tflops(device, dtype, quick)
     result["notes"] = []
     for shape in shapes:
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     for n in result["notes"]:
         print("note:", n)
     if not args.no_write:
-        print("wrote", _common.write_results(result, args.out_dir))
+        print("wrote", _common.write_results(result, out))
     return result
 
 

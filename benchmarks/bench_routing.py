@@ -86,17 +86,18 @@ def main(argv=None) -> dict:
     p.add_argument("--T", nargs="*", type=int, default=None)
     p.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-write", action="store_true")
+    _common.add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type != "cuda"
+    quick = args.quick or device.type != "cuda"  # CPU: small shapes
+    out = _common.output_dir(args, quick=args.quick)
     Ts = args.T or (T_QUICK if quick else T_FULL)
     iters = args.iters or (3 if quick else 50)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = _common.header("bench_routing", device)
-    result["quick"] = quick
+    result["quick"] = args.quick  # tagged only for the user's --quick
+    result["small_shapes"] = quick
     result["logits_dtype"] = str(dtype).replace("torch.", "")
     for shape in args.shapes or list(SHAPES):
         E, K, kw = SHAPES[shape]
@@ -131,7 +132,7 @@ def main(argv=None) -> dict:
     _common.print_table(result["records"], cols=("shape", "T", "impl", "pass", "ms", "gbps", "peak_mem_gb",
                                                   "speedup_vs_torch"))
     if not args.no_write:
-        print("wrote", _common.write_results(result, args.out_dir))
+        print("wrote", _common.write_results(result, out))
     return result
 
 

@@ -57,18 +57,18 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--T", nargs="*", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--no-write", action="store_true")
+    _common.add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type != "cuda"
+    quick = args.quick or device.type != "cuda"  # CPU: small shapes
+    out = _common.output_dir(args, quick=args.quick)
     cfg = QUICK if quick else FULL
     L, E, K, M = cfg["L"], cfg["E"], cfg["K"], cfg["M"]
     iters = args.iters or (10 if quick else 50)
     info = ext.info()
     result = _common.header("bench_routing_stats", device)
-    result.update(quick=quick, extension=info, L=L, E=E, K=K, M=M)
+    result.update(quick=args.quick, small_shapes=quick, extension=info, L=L, E=E, K=K, M=M)
 
     def ext_step(ids, dom, w, valid, A):
         c, m, ld = ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w, valid_T=valid, validate=False)
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     _common.print_table(result["records"], cols=("shape", "T", "impl", "pass", "ms", "gbps", "speedup_vs_torch",
                                                   "peak_mem_gb", "ok"))
     if not args.no_write:
-        print("wrote", _common.write_results(result, args.out_dir))
+        print("wrote", _common.write_results(result, out))
     return result
 
 

@@ -102,8 +102,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU")
     ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--out-dir", default=None, help="results directory (default benchmarks/results)")
+    _common.add_output_args(ap)
     a = ap.parse_args(argv)
+    out = _common.output_dir(a, quick=a.quick)
     cuda = torch.cuda.is_available() and not a.quick
     device = torch.device("cuda" if cuda else "cpu")
     spec = GPU if cuda else QUICK
@@ -112,6 +113,7 @@ def main(argv=None):
     runs = [("eager", "fft"), ("grouped_mm", "fft"), ("desmoe", "fft"), ("desmoe", "des_warmup"),
             ("desmoe", "des_stabilization"), ("desmoe", "des_consolidation")]
     res = _common.header("train_step", device)
+    res["quick"] = a.quick
     for impl, pass_ in runs:
         try:
             rec = bench_one(spec, impl, pass_, device, dtype, iters, warmup=2)
@@ -120,10 +122,11 @@ def main(argv=None):
             continue
         res["records"].append(rec)
         print(f"{impl:>10} {pass_:<18} {rec['ms']:9.2f} ms  {rec['tokens_per_s']:10.0f} tok/s", flush=True)
-    path = _common.write_results(res, a.out_dir)
+    path = _common.write_results(res, out) if out is not None else None
     _common.print_table(res["records"], cols=("shape", "T", "impl", "pass", "ms", "tokens_per_s", "tflops", "peak_mem_gb",
                                               "trainable_params"))
-    print(f"wrote {path}")
+    if path:
+        print(f"wrote {path}")
     return res
 
 

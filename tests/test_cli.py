@@ -96,3 +96,30 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert (tmp_path / "des_moe" / "summary.json").is_file() and (tmp_path / "fft" / "summary.json").is_file()
     assert any(p.name.startswith("base-") for p in (tmp_path / "cache").iterdir())
     assert main(["demo", "--steps", "2", "--out", str(tmp_path)]) == 2  # bad argument: clear error, exit 2
+
+
+def test_quick_bench_leaves_the_source_tree_alone(tmp_path, capsys, monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = os.path.join(root, "benchmarks", "results")
+    before = sorted(os.listdir(results))
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--", "benchmarks"], cwd=root, capture_output=True,
+                              text=True).stdout
+
+    s0 = status()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "train_step", "--quick", "--iters", "1"]) == 0
+    assert sorted(os.listdir(results)) == before and status() == s0
+    (name,) = os.listdir(tmp_path / "runs" / "bench")
+    assert name.endswith("-quick.json")
+    assert json.loads((tmp_path / "runs" / "bench" / name).read_text())["quick"] is True
+    capsys.readouterr()
+    assert main(["bench", "train_step", "--quick", "--save"]) == 2  # quick results are never committed results
+    assert "quick" in capsys.readouterr().err
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    assert report.latest_results(str(tmp_path / "runs" / "bench")) == []  # never in the README's tables
