@@ -108,7 +108,7 @@ def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: in
     from ..train import checkpoint as ck
     from ..train.config import load_config
 
-    ckpt = ck.resolve_checkpoint(path)
+    ckpt = ck.open_checkpoint(path)  # verified against its manifest before anything is loaded
     cfg_path = ck.run_config_path(ckpt)
     if cfg_path is None:
         raise FileNotFoundError(f"no config.yaml found beside checkpoint {ckpt!r}")

@@ -489,7 +489,7 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
                                for k, v in a.items()} for a in msd["alr"]]
             if main:
                 ck.write_model(tmp, model, tok, ctl.routers, state_dict=full_sd)
-                torch.save(msd, os.path.join(tmp, "method.pt"))
+                ck.write_method_state(tmp, msd)
             ck.write_trainer_state(tmp, step, optimizer_state=None if fsdp else opt.state_dict(), scheduler=sched,
                                    stream_state=stream.state_dict(), rank=dist.rank,
                                    extra={"tracker": ctl.tracker.state_dict()} if dist.rank else None)
