@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 
 import torch
@@ -24,8 +23,10 @@ from .. import patch
 from ..eval import autocast_ctx, evaluate_model, token_losses
 from ..method import MethodController
 from . import checkpoint as ck
+from . import rundir
 from .config import Config
 from .plots import Scalars, save_affinity_png
+from .signals import StopFlag
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -271,41 +272,9 @@ def run_info(cfg: Config, device, world_size: int) -> dict:
             "method": cfg.method.name, "total_steps": cfg.train.max_steps}
 
 
-class _SignalFlag:
-    """SIGTERM/SIGINT set a flag (the loop checkpoints at the next step boundary); a second SIGINT aborts."""
-
-    def __init__(self):
-        self.signame: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
-        try:
-            import sys
-
-            print(f"desmoe train: {self.signame} received: writing a checkpoint at the end of this step"
-                  + (" (Ctrl-C again aborts without one)" if signum == signal.SIGINT else ""), file=sys.stderr,
-                  flush=True)
-        except Exception:
-            pass
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False
-
-
 # --- the run --------------------------------------------------------------------------------------------------------
 def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: bool | str = False,
-        progress: bool | None = None, log=print) -> dict:
+        progress: bool | None = None, log=print, overwrite: bool = False) -> dict:
     """Fine-tune per ``cfg`` into ``output_dir``; returns the summary (also written to ``summary.json``).
 
     ``max_steps`` caps the steps run now (T, the phase clock, stays ``train.max_steps``). ``resume``: ``True``
@@ -319,14 +288,14 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
 
     dist = Dist.setup(cfg.train.distributed, cfg.train.device)
     try:
-        with _SignalFlag() as flag:
+        with rundir.hold(output_dir, enabled=dist.is_main), StopFlag() as flag:  # one run per directory
             return _run(cfg, output_dir, max_steps=max_steps, resume=resume, progress=progress, log=log,
-                        dist=dist, flag=flag)
+                        dist=dist, flag=flag, overwrite=overwrite)
     finally:
         dist.close()
 
 
-def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist, flag) -> dict:
+def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist, flag, overwrite=False) -> dict:
     from ..data import MixedDomainStream, tokenize_domains
     from .distributed import (fsdp_before_optimizer_step, fully_shard_model, routing_snapshot, sync_routing_stats_,
                               wrap_ddp)
@@ -367,6 +336,7 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
         ckpt = ck.resolve_checkpoint(src)
         ck.verify_checkpoint(ckpt)
         ck.check_config_matches(ckpt, cfg_dict)
+        rundir.check_resume(ckpt, output_dir, stop, overwrite=overwrite)  # finished run / another run's dir
     elif os.path.exists(os.path.join(output_dir, ck.LATEST)):
         raise ValueError(f"--output-dir {output_dir!r} already holds a run; pass --resume to continue it or choose "
                          f"another directory")
@@ -520,6 +490,7 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
     rss0, rss_peak = _rss_mb(), _rss_mb()
     snap = routing_snapshot(ctl.tracker)
     W = dist.world
+    flag.defer(True)  # signals in the steps: checkpoint at the next step boundary
     for step in bar:
         t_step, tok_step = time.time(), 0
         prev = ctl.current_phase
@@ -659,6 +630,7 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < stop:
             save(step + 1, phase)
     final = save(stop, phase)
+    flag.defer(False, checkpoint=final)  # from here a signal stops at once
     after = evaluate_model(model, tok, eval_docs, **ev)
     if main and ctl.tracker.initialised and cfg.train.plots:
         from .plots import affinity_figure
