@@ -168,6 +168,9 @@ def check_experts_args(
         raise ValueError(f"w_down_EDI must be [E={E}, D={D}, I={I2 // 2}], got {tuple(w_down_EDI.shape)}")
     if w_gate_up_E2ID.dtype != w_down_EDI.dtype:
         raise TypeError(f"w_gate_up_E2ID ({w_gate_up_E2ID.dtype}) and w_down_EDI ({w_down_EDI.dtype}) differ in dtype")
+    if x_TD.dtype != w_gate_up_E2ID.dtype and not torch.is_autocast_enabled(dev.type):  # autocast casts them
+        raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
+                        f"one of them, or run under torch.autocast")
     _check_tensor("topk_ids_TK", topk_ids_TK, device=dev)
     _check_ids(topk_ids_TK, E, validate_range=validate_ids)
     if topk_ids_TK.shape[0] != T:

@@ -15,6 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ..data.hub import LOCAL_EXTS, is_hub_name
 from ..method.config import MethodConfig
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -33,6 +34,9 @@ INT_BOUNDS = {
     "train.pretrain_steps": (0, _BIG), "train.keep_last": (0, 1 << 20),
     "method.alr_expansion": (1, 64), "method.update_every": (1, _BIG), "method.esft_batches": (1, 1 << 20),
 }
+
+
+_EXPECT = {"train.device": "auto, cpu, cuda or cuda:N", "train.bf16": "auto, true or false"}
 
 
 def _bad(field_name, expected, got):
@@ -99,6 +103,8 @@ def check_field_types(section: str, cls, values: dict) -> None:
                 ok = isinstance(v, t)
             if ok:
                 break
+        if not ok and f"{section}.{k}" in _EXPECT:
+            _bad(f"{section}.{k}", _EXPECT[f"{section}.{k}"], v)
         if not ok:
             _bad(f"{section}.{k}", " or ".join(names.get(getattr(t, "__name__", str(t)), str(t)) for t in kinds), v)
         if isinstance(v, int) and not isinstance(v, bool) and f"{section}.{k}" in INT_BOUNDS:
@@ -124,12 +130,6 @@ def check_overrides(overrides: dict, model_config, source: str) -> None:
         if not ok:
             tn = type(cur).__name__
             _bad(f"model.overrides.{k}", f"{'an' if tn[0] in 'aeiou' else 'a'} {tn} like the config's default {cur!r}", v)
-
-
-def is_hub_name(s: str) -> bool:
-    """``org/name`` (optionally ``org/name:config``) as Hugging Face names datasets and models."""
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?", s)) and not s.lower().endswith(
-        (".json", ".jsonl", ".parquet", ".txt"))
 
 
 @dataclass
@@ -229,7 +229,8 @@ class DataConfig:
         for d, src in self.sources.items():
             if not isinstance(src, str) or not src:
                 _bad(f"data.sources.{d}", "a dataset name or file path", src)
-            if not os.path.exists(os.path.expanduser(src)) and not is_hub_name(src):
+            if not os.path.exists(os.path.expanduser(src)) and not is_hub_name(src) and (
+                    os.sep in src or src.startswith((".", "~")) or src.lower().endswith(LOCAL_EXTS)):
                 raise ValueError(f"data.sources.{d}: file {src!r} does not exist (and it is not a Hugging Face "
                                  f"dataset name org/name)")
         if self.max_docs is not None:

@@ -39,13 +39,16 @@ class RunFinished(Exception):
 
 
 def _explain(e: OSError, path: str) -> str:
-    if e.errno == errno.EEXIST or e.errno == errno.ENOTDIR:
-        return f"{path!r} (or a parent of it) is a file, not a directory"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{path!r} is not writable ({e.strerror}); choose a writable --output-dir"
-    if e.errno == errno.ENOSPC:
-        return f"no space left on the device holding {path!r}"
-    return f"{path!r}: {e.strerror or e}"
+    """``'PATH': why`` for an OSError met while creating or writing ``path``."""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = "it (or a parent of it) is a file, not a directory"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = f"not writable ({e.strerror}); choose a writable --output-dir"
+    elif e.errno == errno.ENOSPC:
+        why = "no space left on the device"
+    else:
+        why = e.strerror or str(e)
+    return f"{path!r}: {why}"
 
 
 def prepare_run_dir(path: str) -> str:

@@ -20,6 +20,7 @@ import time
 import torch
 
 from .. import patch
+from ..data.hub import check_config_hub_names
 from ..eval import autocast_ctx, evaluate_model, token_losses
 from ..method import MethodController
 from . import checkpoint as ck
@@ -62,10 +63,11 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
         from transformers import AutoTokenizer
 
         src = cfg.tokenizer.path or cfg.model.path  # a pretrained model brings its own tokenizer
+        field = "tokenizer.path" if cfg.tokenizer.path else "model.path"
         try:
             return AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"tokenizer.path: cannot load a tokenizer from {src!r}: {e}") from None
+            raise FileNotFoundError(f"{field}: cannot load a tokenizer from {src!r}: {e}") from None
     from ..data import train_tokenizer
 
     corpus = [t for ts in texts.values() for t in ts]
@@ -331,6 +333,7 @@ def _run(cfg: Config, output_dir: str, *, max_steps, resume, progress, log, dist
     eval_names = domains + ([general] if general and general not in domains else [])
     ckpt = None
     cfg_dict = cfg.to_dict()
+    check_config_hub_names(cfg, data_only=bool(resume))  # hub names: cached or reachable, else fail fast
     if resume:
         src = output_dir if resume is True else str(resume)
         ckpt = ck.resolve_checkpoint(src)
