@@ -440,8 +440,9 @@ def read_meta(ckpt: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected an object with an integer 'step'")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("domains"), list):
+        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected an object with an integer 'step' and "
+                              f"a list of 'domains'")
     return meta
 
 
