@@ -7,6 +7,7 @@ Runs the suite with ``DESMOE_BAD_INPUT_TALLY`` set, so every CLI/library attempt
 
     python benchmarks/bad_input_tally.py                              # this checkout
     python benchmarks/bad_input_tally.py --code /tmp/old --label before-issue-15
+    python benchmarks/bad_input_tally.py --readme     # the table between README.md's tally markers, from results/
 
 Writes ``benchmarks/results/bad_inputs_tally-<label>.json`` and prints the table last.
 """
@@ -26,6 +27,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTCOMES = ("clear", "unclear", "traceback", "silent", "lost")
 
 
+HEADER = ("| code | attempts tried | clear | unclear | traceback | silent | lost | other checks passed | suite time |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def row(res: dict) -> str:
+    return (f"| {res['label']} | {res['attempts_tried']} | " + " | ".join(str(res[k]) for k in OUTCOMES)
+            + f" | {res['plain_checks'] - res['plain_checks_failed']} of {res['plain_checks']} | {res['seconds']:.0f} s |")
+
+
+def write_readme() -> int:
+    import glob
+
+    rows = []
+    for p in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "bad_inputs_tally-*.json")),
+                    key=lambda p: ("current" in p, p)):
+        with open(p) as f:
+            rows.append(row(json.load(f)))
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme).read()
+    a, b = "<!-- tally:start -->", "<!-- tally:end -->"
+    if a not in text or b not in text:
+        raise SystemExit("README.md has no tally markers")
+    text = text[:text.index(a) + len(a)] + "\n" + HEADER + "\n" + "\n".join(rows) + "\n" + text[text.index(b):]
+    with open(readme, "w") as f:
+        f.write(text)
+    print(HEADER + "\n" + "\n".join(rows))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code", default=None, help="directory holding another checkout's desmoe/ package")
@@ -35,7 +65,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="for the whole suite (s)")
     ap.add_argument("--case-timeout", type=int, default=150,
                     help="per test (s): a bad input that is accepted and runs on (e.g. 10^10 steps) is 'silent'")
+    ap.add_argument("--readme", action="store_true", help="only rewrite README.md's table from the results")
     a = ap.parse_args()
+    if a.readme:
+        return write_readme()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as td:
         tally, junit = os.path.join(td, "tally.jsonl"), os.path.join(td, "junit.xml")
@@ -98,10 +131,8 @@ def main() -> int:
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {out}")
-    print(f"| code | tried | clear | unclear | traceback | silent | lost | other checks passed | suite time |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
-    print(f"| {a.label} | {len(records)} | " + " | ".join(str(counts.get(k, 0)) for k in OUTCOMES)
-          + f" | {len(plain) - res['plain_checks_failed']} of {len(plain)} | {seconds:.0f} s |")
+    print(HEADER)
+    print(row(res))
     return 0
 
 

@@ -168,9 +168,6 @@ def check_experts_args(
         raise ValueError(f"w_down_EDI must be [E={E}, D={D}, I={I2 // 2}], got {tuple(w_down_EDI.shape)}")
     if w_gate_up_E2ID.dtype != w_down_EDI.dtype:
         raise TypeError(f"w_gate_up_E2ID ({w_gate_up_E2ID.dtype}) and w_down_EDI ({w_down_EDI.dtype}) differ in dtype")
-    if x_TD.dtype != w_gate_up_E2ID.dtype and not torch.is_autocast_enabled(dev.type):  # autocast casts them
-        raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
-                        f"one of them, or run under torch.autocast")
     _check_tensor("topk_ids_TK", topk_ids_TK, device=dev)
     _check_ids(topk_ids_TK, E, validate_range=validate_ids)
     if topk_ids_TK.shape[0] != T:
@@ -226,6 +223,10 @@ def moe_experts(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
+    if x_TD.dtype != w_gate_up_E2ID.dtype and not torch.is_autocast_enabled(x_TD.device.type):
+        # the reference's matmuls would fail with a message naming neither argument (autocast casts them itself)
+        raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
+                        f"one of them, or run under torch.autocast")
     return reference.moe_experts_reference(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
         expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
