@@ -284,7 +284,9 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
     continues from that checkpoint, writing on into ``output_dir``. A checkpoint is verified (manifest sizes and
     sha256) and its config compared with ``cfg`` first: any problem is a :class:`CheckpointError`, never a silent
     restart. SIGTERM/SIGINT write a checkpoint at the next step boundary and raise :class:`TrainingInterrupted`.
-    Under ``torchrun`` with ``train.distributed: ddp|fsdp2`` every rank calls this.
+    Under ``torchrun`` with ``train.distributed: ddp|fsdp2`` every rank calls this. ``output_dir`` is locked for
+    the run's life (:mod:`.rundir`); resuming a finished run raises ``RunFinished`` and changes nothing; a
+    checkpoint from elsewhere is resumed into an ``output_dir`` holding another run only with ``overwrite``.
     """
     from .distributed import Dist
 
