@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -26,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-compare", action="store_true", help="skip the full fine-tuning (FFT) comparison run")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--no-parity", action="store_true", help="skip the desmoe.patch parity table")
+    d.add_argument("--overwrite", action="store_true", help="replace the runs an earlier demo left in --out")
 
     pa = sub.add_parser("parity", help="desmoe.patch vs transformers eager on tiny models of every supported type")
     pa.add_argument("--model-types", nargs="*", default=None, help="subset of model types (default: all)")
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method.phi=0.5 (repeatable)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="with --resume CKPT: allow rewinding an --output-dir that holds another run to CKPT")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: per-domain loss/ppl, math exact match, general loss")
     e.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
@@ -100,9 +102,15 @@ def cmd_train(a) -> int:
     cfg = load_config(a.config, a.overrides)
     if a.no_progress:
         cfg.train.progress = False
+    from .train.rundir import RunFinished
+    from .train.signals import Interrupted
+
     try:
-        s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume)
-    except TrainingInterrupted as e:
+        s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume, overwrite=a.overwrite)
+    except RunFinished as e:
+        print(f"desmoe train: {e}", file=sys.stderr, flush=True)
+        return 0
+    except (TrainingInterrupted, Interrupted) as e:
         print(f"desmoe train: stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except NonFiniteLossError as e:
@@ -123,6 +131,9 @@ def cmd_eval(a) -> int:
 
     if a.math_n < 0 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"--math-n must be >= 0 and --max-batches >= 1, got {a.math_n}, {a.max_batches}")
+    from .train.config import check_device
+
+    check_device("--device", a.device)
     res = evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n, device=a.device)
     text = json.dumps(res, indent=1, default=str)
     if a.format == "json":  # machine output only: nothing else on stdout
@@ -192,11 +203,11 @@ def cmd_demo(a) -> int:
         raise ValueError(f"--steps must be >= 5 and --pretrain-steps >= 1, got {a.steps}, {a.pretrain_steps}")
     t0 = time.time()
     progress = not a.quiet
-    os.makedirs(a.out, exist_ok=True)
-    for sub in ("des_moe", "fft"):  # the demo's own outputs from an earlier demo: start fresh
-        p = os.path.join(a.out, sub)
-        if os.path.isfile(os.path.join(p, "config.yaml")) or os.path.isfile(os.path.join(p, "config.json")):
-            shutil.rmtree(p)
+    from .train.rundir import clear_for_overwrite, prepare_run_dir
+
+    prepare_run_dir(a.out)
+    for sub in ("des_moe", "fft"):  # runs an earlier demo left: replaced only with --overwrite
+        clear_for_overwrite(os.path.join(a.out, sub), overwrite=a.overwrite, what="demo run (from an earlier demo)")
     if not a.no_parity:
         from .integrations.parity import parity_rows, print_parity
 
@@ -311,11 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
           "experiment": cmd_experiment, "parity": cmd_parity, "info": cmd_info,
           "export": cmd_export}[args.cmd]
+    from .train.signals import Interrupted
+
     try:
         return fn(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"desmoe {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system (read-only, full, a file in the way): the message names the path
+        print(f"desmoe {args.cmd}: error: {e.strerror or e}" + (f": {e.filename!r}" if e.filename else ""),
+              file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"desmoe {args.cmd}: stopped: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"desmoe {args.cmd}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

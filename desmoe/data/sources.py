@@ -12,9 +12,8 @@ from pathlib import Path
 
 from ._util import check_split, seeded_subset, split_of
 from .builtin import DOMAINS, DataSourceError, load_builtin
+from .hub import LOCAL_EXTS, check_hub_name, is_hub_name
 from .mathgen import format_math
-
-LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".txt")
 _LANG_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
                "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ro": "Romanian",
                "cs": "Czech", "fi": "Finnish", "tr": "Turkish"}
@@ -72,6 +71,22 @@ def _records_to_texts(records, source: str, domain: str, text_field: str) -> lis
 
 
 def _read_local_file(path: Path, domain: str, text_field: str) -> list[str]:
+    """One data file's texts; an unreadable or malformed file is a :class:`DataSourceError` naming it."""
+    try:
+        return _parse_local_file(path, domain, text_field)
+    except DataSourceError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataSourceError(f"data.sources.{domain}: {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                              f"is it a binary file?") from None
+    except OSError as e:
+        raise DataSourceError(f"data.sources.{domain}: cannot read {path} ({e.strerror or e})") from None
+    except Exception as e:  # pyarrow's ArrowInvalid on a damaged parquet, ...
+        raise DataSourceError(f"data.sources.{domain}: {path} is malformed ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+
+
+def _parse_local_file(path: Path, domain: str, text_field: str) -> list[str]:
     ext = path.suffix.lower()
     if ext == ".txt":
         import re
@@ -102,6 +117,9 @@ def _read_local_file(path: Path, domain: str, text_field: str) -> list[str]:
                 obj = lists[0]
             else:
                 raise DataSourceError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        if not isinstance(obj, list):
+            raise DataSourceError(f"{path}: holds a JSON {type(obj).__name__}, expected a list of records (or "
+                                  f"{{'data': [...]}})")
         return _records_to_texts(obj, str(path), domain, text_field)
     if ext == ".parquet":
         try:
@@ -168,10 +186,11 @@ def _load_hub(name: str, domain: str, split: str, text_field: str) -> list[str]:
         raise DataSourceError(f"source {name!r} (domain {domain!r}) is neither a local file nor loadable: hub "
                               f"datasets need the `datasets` package (`pip install datasets`)") from None
     repo, _, config = name.partition(":")
+    check_hub_name(name, f"data.sources.{domain}", "dataset")  # cached, or one short request: fail fast
     try:
         dsd = datasets.load_dataset(repo, config or None)
     except Exception as e:  # offline / unknown name: the library's own exceptions vary by version
-        raise DataSourceError(f"source {name!r} (domain {domain!r}): not a local path, and loading it from the "
+        raise DataSourceError(f"data.sources.{domain}: source {name!r}: not a local path, and loading it from the "
                               f"Hugging Face hub failed ({type(e).__name__}: {e}). Without network, pass a local "
                               f"json/jsonl/parquet/txt file or directory instead") from None
     if split in dsd:
@@ -214,8 +233,8 @@ def load_domain_texts(domain: str, split: str = "train", *, source: str | None =
     path = Path(source).expanduser()
     if path.exists():
         texts = _load_local(path, domain, split, text_field)
-    elif _looks_like_path(source):
-        raise DataSourceError(f"source file {source!r} for domain {domain!r} does not exist")
+    elif _looks_like_path(source) and not is_hub_name(source):
+        raise DataSourceError(f"data.sources.{domain}: source file {source!r} does not exist")
     else:
         texts = _load_hub(source, domain, split, text_field)
     texts = [t for t in texts if t.strip()]

@@ -226,6 +226,10 @@ def moe_experts(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
+    if x_TD.dtype != w_gate_up_E2ID.dtype and not torch.is_autocast_enabled(x_TD.device.type):
+        # the reference's matmuls would fail with a message naming neither argument (autocast casts them itself)
+        raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
+                        f"one of them, or run under torch.autocast")
     return reference.moe_experts_reference(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
         expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,

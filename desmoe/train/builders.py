@@ -50,10 +50,11 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
         from transformers import AutoTokenizer
 
         src = cfg.tokenizer.path or cfg.model.path  # a pretrained model brings its own tokenizer
+        key = "tokenizer.path" if cfg.tokenizer.path else "model.path"
         try:
             return AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"tokenizer.path: cannot load a tokenizer from {src!r}: {e}") from None
+            raise FileNotFoundError(f"{key}: cannot load a tokenizer from {src!r}: {e}") from None
     from ..data import train_tokenizer
 
     corpus = [t for ts in texts.values() for t in ts]

@@ -11,18 +11,28 @@ Layout of a run directory ``DIR``::
         method.pt                   ALR weights, affinity A, counts, masks, ESFT selection
         trainer.pt                  optimizer, scheduler, step, data-stream state, RNG states (rank 0)
         rng-rank000001.pt ...       RNG states of the other ranks (distributed runs)
+                                    (the .pt files hold only tensors, numbers, strings and containers, RNG states
+                                    included, and are read with ``torch.load(weights_only=True)``: a received
+                                    checkpoint can carry no code; a file asking for any other object is refused)
         optim/                      FSDP2 only: sharded optimizer state (torch.distributed.checkpoint)
         config.json                 the config that wrote it (resume refuses a different one, naming the keys)
         meta.json                   step, phase, method, domains, eval before training
         manifest.json               written last: size + sha256 of every file (truncation / bit flips detected)
     DIR/latest                      name of the newest checkpoint (replaced atomically)
+
+Every file-system failure while writing (no space left, read-only, a file in the way) is a
+:class:`CheckpointError` naming the path; the temporary directory is removed and the previous checkpoint and
+``latest`` stay as they were.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import functools
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 
@@ -31,14 +41,52 @@ import torch
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: RNG states as tensors, every state file loadable with weights_only=True
 # config keys that may change between a checkpoint and its resumption (they cannot change the weights)
 RESUMABLE_KEYS = ("train.progress", "train.log_every", "train.plots", "train.save_every", "train.keep_last",
                   "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, corrupt, or does not match the run that wants to resume from it."""
+    """A checkpoint is missing, truncated, corrupt, unsafe to load, or does not match the run that wants to resume
+    from it; or writing one failed (the message names the path)."""
+
+
+def _write_fault(e: BaseException) -> bool:
+    """An exception a full disk / read-only or vanished directory raises from a writer: OSError, torch's zip
+    writer (``RuntimeError: ... inline_container.cc ... unexpected pos`` / ``file write failed``), safetensors'
+    ``SafetensorError`` (``No space left on device (os error 28)``)."""
+    if isinstance(e, OSError):
+        return True
+    return type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("inline_container", "PytorchStreamWriter", "file write failed", "os error")))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return f"{e.strerror or e}{where}"
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def writes_checkpoint(fn):
+    """Decorator for the writers below: a file-system failure becomes a :class:`CheckpointError` naming the
+    directory being written (the callers remove their temporary directory)."""
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            if not _write_fault(e):
+                raise
+            raise CheckpointError(f"cannot write checkpoint files in {path!r}: {_describe(e)}. Nothing was "
+                                  f"committed: the previous checkpoint and 'latest' are unchanged (free space or "
+                                  f"fix permissions, then resume)") from e
+    return wrapper
 
 
 # --- durable file primitives --------------------------------------------------------------------------------------
@@ -105,13 +153,16 @@ def save_config(run_dir: str, cfg_dict: dict) -> None:
 
 # --- RNG ----------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    """Every RNG a training step may draw from: python, numpy (if installed), torch CPU, all CUDA devices."""
+    """Every RNG a training step may draw from: python, numpy (if installed), torch CPU, all CUDA devices; as
+    tensors, ints, floats and strings only (loadable with ``weights_only=True``)."""
     st = {"python": random.getstate(), "torch": torch.get_rng_state(),
           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "numpy": None}
     try:
         import numpy as np
 
-        st["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        st["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
     except ImportError:
         pass
     return st
@@ -123,7 +174,10 @@ def set_rng_state(st: dict) -> None:
     if st.get("numpy") is not None:
         import numpy as np
 
-        np.random.set_state(st["numpy"])
+        n = st["numpy"]
+        if isinstance(n, dict):
+            n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        np.random.set_state(n)
     torch.set_rng_state(st["torch"])
     if st.get("cuda") is not None and torch.cuda.is_available():
         # a resume on fewer/more GPUs restores what matches (CUDA RNG is per device)
@@ -138,6 +192,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+@writes_checkpoint
 def begin_checkpoint(run_dir: str, step: int) -> str:
     """Create (empty) the temporary directory of checkpoint ``step``; returns it. The name is deterministic so
     every rank of a distributed run can write its own files into it (rank 0 calls this, then a barrier)."""
@@ -150,6 +205,7 @@ def begin_checkpoint(run_dir: str, step: int) -> str:
     return tmp
 
 
+@writes_checkpoint
 def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = None) -> None:
     """HF-format model (+ tokenizer) without the ALR residuals, so stock transformers can load it; the ALR goes
     to ``model/desmoe_alr.safetensors`` (read by :func:`desmoe.from_pretrained`; ``desmoe export`` folds it into
@@ -175,6 +231,13 @@ def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = N
     write_alr(os.path.join(tmp, "model"), model, full_state_dict)
 
 
+@writes_checkpoint
+def write_method_state(tmp: str, state: dict) -> None:
+    """``method.pt``: the method controller's state (tensors and plain values only)."""
+    torch.save(state, os.path.join(tmp, "method.pt"))
+
+
+@writes_checkpoint
 def write_trainer_state(tmp: str, step: int, *, optimizer_state, scheduler, stream_state, rank: int = 0,
                         extra: dict | None = None) -> None:
     """``trainer.pt`` (rank 0) or ``rng-rankNNNNNN.pt`` (other ranks: RNG, stream position, and ``extra``, e.g. the
@@ -196,36 +259,54 @@ def commit_checkpoint(run_dir: str, tmp: str, step: int, *, meta: dict, config: 
     name = checkpoint_name(step)
     final = os.path.join(root, name)
     try:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "format": FORMAT_VERSION, **meta}, f, indent=1, default=str)
-        if config is not None:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config, f, indent=1, default=str)
-        files = {}
-        for rel in _files(tmp):
-            p = os.path.join(tmp, rel)
-            _fsync_file(p)
-            files[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"format": FORMAT_VERSION, "step": step, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for dp, _, _ in os.walk(tmp):
-            fsync_dir(dp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
+        _commit(tmp, final, root, step, meta, config)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _write_fault(e):
+            raise CheckpointError(f"cannot write checkpoint {final!r}: {_describe(e)}. The temporary directory was "
+                                  f"removed; the previous checkpoint and 'latest' are unchanged (free space or fix "
+                                  f"permissions, then resume)") from e
         raise
-    _write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
+    try:
+        _write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {final!r} was written but {os.path.join(run_dir, LATEST)!r} could not be "
+                              f"updated ({_describe(e)}); resume with --resume {final}") from e
     if keep:
         olds = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
         for d in olds[: max(0, len(olds) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         fsync_dir(root)
     return final
+
+
+def _commit(tmp: str, final: str, root: str, step: int, meta: dict, config: dict | None) -> None:
+    """meta + config + manifest into ``tmp``, fsync every file and directory, rename ``tmp`` to ``final``."""
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step, "format": FORMAT_VERSION, **meta}, f, indent=1, default=str)
+    if config is not None:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1, default=str)
+    files = {}
+    for rel in _files(tmp):
+        p = os.path.join(tmp, rel)
+        _fsync_file(p)
+        files[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"format": FORMAT_VERSION, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for dp, _, _ in os.walk(tmp):
+        fsync_dir(dp)
+    old = None
+    if os.path.exists(final):  # a rewritten step (resumed from an earlier checkpoint): keep it until replaced
+        old = os.path.join(root, f".old-{os.path.basename(final)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, optimizer, scheduler,
@@ -251,7 +332,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, tokenizer, controller, op
                            for k, v in a.items()} for a in msd["alr"]]
         if main:
             write_model(tmp, model, tokenizer, controller.routers, state_dict=full_sd)
-            torch.save(msd, os.path.join(tmp, "method.pt"))
+            write_method_state(tmp, msd)
         write_trainer_state(tmp, step, optimizer_state=None if fsdp or optimizer is None else optimizer.state_dict(),
                             scheduler=scheduler, stream_state=stream_state, rank=rank,
                             extra={"tracker": controller.tracker.state_dict()} if rank else None)
@@ -304,8 +385,13 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+        try:
+            with open(latest, encoding="utf-8") as f:
+                name = f.read(256).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{latest} is unreadable ({_describe(e)})") from None
+        if not re.fullmatch(r"step-\d{6,}", name):
+            raise CheckpointError(f"{latest} should name a checkpoint like 'step-000050', it holds {name[:60]!r}")
         ck = os.path.join(path, CKPT_DIR, name)
         if os.path.isfile(os.path.join(ck, "meta.json")):
             return ck
@@ -340,11 +426,21 @@ def verify_checkpoint(ckpt: str) -> dict:
         files = man["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} is unreadable ({e}){hint}") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} is malformed (no file table){hint}")
+    extra = sorted(set(_files(ckpt)) - set(files) - {MANIFEST})
+    if extra:
+        raise CheckpointError(f"checkpoint {ckpt!r} holds file(s) its manifest does not list: {', '.join(extra[:5])}"
+                              f"; it was altered after it was written{hint}")
     for rel, info in files.items():
         p = os.path.join(ckpt, rel)
+        if os.path.isabs(rel) or ".." in rel.split("/"):
+            raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} names a path outside the checkpoint: {rel!r}")
         if not os.path.isfile(p):
             raise CheckpointError(f"checkpoint {ckpt!r} is incomplete: {rel} is missing{hint}")
         size = os.path.getsize(p)
+        if not isinstance(info, dict) or "bytes" not in info or "sha256" not in info:
+            raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} entry for {rel} is malformed{hint}")
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint {ckpt!r} is truncated or corrupt: {rel} has {size} bytes, the "
                                   f"manifest says {info['bytes']}{hint}")
@@ -382,8 +478,13 @@ def check_config_matches(ckpt: str, current: dict) -> None:
     p = os.path.join(ckpt, "config.json")
     if not os.path.isfile(p):
         raise CheckpointError(f"checkpoint {ckpt!r} has no config.json, so it cannot be matched to this run's config")
-    with open(p) as f:
-        saved = json.load(f)
+    try:
+        with open(p) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected a mapping")
     diffs = config_differences(saved, current)
     if diffs:
         raise CheckpointError(f"checkpoint {ckpt!r} was written under a different config; differing keys: "
@@ -392,33 +493,92 @@ def check_config_matches(ckpt: str, current: dict) -> None:
 
 
 def read_meta(ckpt: str) -> dict:
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        return json.load(f)
+    p = os.path.join(ckpt, "meta.json")
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("domains"), list):
+        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected an object with an integer 'step' and "
+                              f"a list of 'domains'")
+    return meta
+
+
+def open_checkpoint(path: str) -> str:
+    """Resolve ``path`` (run or checkpoint directory) and verify it against its manifest: what eval and resume
+    call before loading anything from it."""
+    ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt)
+    return ckpt
 
 
 def load_model(ckpt: str, *, device="cpu", dtype=torch.float32):
-    """``(model, tokenizer)`` from a checkpoint's ``model/`` directory (not yet patched)."""
+    """``(model, tokenizer)`` from a checkpoint's ``model/`` directory (not yet patched). Only safetensors
+    weights are read (a ``pytorch_model.bin`` is a pickle and is never loaded from a checkpoint), and no remote
+    code runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mdir = os.path.join(ckpt, "model")
     if not os.path.isdir(mdir):
-        raise FileNotFoundError(f"checkpoint {ckpt!r} has no model/ directory")
-    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype).to(device)
-    tok = AutoTokenizer.from_pretrained(mdir) if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None
+        raise CheckpointError(f"checkpoint {ckpt!r} has no model/ directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False).to(device)
+        tok = (AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
+               if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt!r}: cannot load the model in {mdir!r} ({_describe(e)})") from None
     return model, tok
 
 
+def _legacy_numpy_globals() -> list:
+    """Format-2 checkpoints stored numpy's RNG state as an ndarray: the (data-only) globals to rebuild it."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dt = getattr(np, "dtypes", None)
+    if dt is not None:
+        out.append(type(np.dtype(np.uint32)))
+    return out
+
+
+def load_state_file(path: str) -> dict:
+    """A ``.pt`` state file of a checkpoint, read with ``torch.load(weights_only=True)``: tensors, numbers,
+    strings and containers only. A file that asks the unpickler for anything else (a planted payload) is refused
+    with a :class:`CheckpointError` naming the file and the object it asked for; a truncated or corrupt file
+    likewise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path!r} is missing")
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        asked = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise CheckpointError(f"refusing to load {path!r}: it holds objects other than tensors and plain values "
+                              f"({asked or 'an unsupported pickle opcode'}), which could run code; desmoe never "
+                              f"writes such files, so it was altered or is not a desmoe checkpoint") from None
+    except Exception as e:  # truncated zip, bad magic number, ...
+        raise CheckpointError(f"checkpoint file {path!r} is truncated or corrupt ({_describe(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file {path!r} holds a {type(obj).__name__}, expected a mapping")
+    return obj
+
+
 def load_method_state(ckpt: str) -> dict:
-    return torch.load(os.path.join(ckpt, "method.pt"), map_location="cpu", weights_only=False)
+    return load_state_file(os.path.join(ckpt, "method.pt"))
 
 
 def load_trainer_state(ckpt: str, rank: int = 0) -> dict:
     """``trainer.pt``; for ``rank > 0`` its RNG states come from ``rng-rankNNNNNN.pt`` when present."""
-    st = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    st = load_state_file(os.path.join(ckpt, "trainer.pt"))
     if rank:
         p = os.path.join(ckpt, f"rng-rank{rank:06d}.pt")
         if os.path.isfile(p):
-            st["rng"] = torch.load(p, map_location="cpu", weights_only=False)["rng"]
+            st["rng"] = load_state_file(p)["rng"]
     return st
 
 

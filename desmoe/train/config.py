@@ -1,18 +1,42 @@
 """Training configuration: dataclasses validated in ``__post_init__``, loaded from YAML, ``--set a.b=c`` overrides.
 
-Every validation error is a ``ValueError`` naming the dotted field (``train.lr``, ``data.domains`` ...).
+Every validation error is a ``ValueError`` naming the dotted field (``train.lr``, ``data.domains`` ...), the
+value and what is expected. Every field is first checked against its annotation (an ``int`` field takes an int,
+a ``float`` field a finite number, never NaN/inf, a bool field true/false), every int against its bounds
+(:data:`INT_BOUNDS`), then each section checks its ranges.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 
+from ..data.hub import LOCAL_EXTS, is_hub_name
 from ..method.config import MethodConfig
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("none", "ddp", "fsdp2")
+_DEVICE_RE = re.compile(r"(auto|cpu|cuda(:\d{1,3})?)")
+_BIG = 10**9
+# inclusive [lo, hi] of every int field (beyond these a run aborts, exhausts memory or never ends)
+INT_BOUNDS = {
+    "model.seed": (0, 2**63 - 1), "data.seed": (0, 2**63 - 1),
+    "tokenizer.vocab_size": (260, 1 << 20),
+    "data.max_docs": (1, _BIG), "data.eval_max_docs": (1, _BIG), "data.seq_len": (8, 1 << 20),
+    "data.batch_size": (1, 1 << 16),
+    "train.max_steps": (1, _BIG), "train.warmup_steps": (0, _BIG), "train.grad_accum": (1, 1 << 16),
+    "train.log_every": (1, _BIG), "train.save_every": (0, _BIG), "train.eval_batches": (1, 1 << 20),
+    "train.pretrain_steps": (0, _BIG), "train.keep_last": (0, 1 << 20),
+    "method.alr_expansion": (1, 64), "method.update_every": (1, _BIG), "method.esft_batches": (1, 1 << 20),
+}
+
+
+_EXPECT = {"train.device": "auto, cpu, cuda or cuda:N", "train.bf16": "auto, true or false"}
 
 
 def _bad(field_name, expected, got):
@@ -22,8 +46,90 @@ def _bad(field_name, expected, got):
 def _int(name, v, lo=None):
     if isinstance(v, bool) or not isinstance(v, int):
         _bad(name, "an int", v)
+    lo_b, hi_b = INT_BOUNDS.get(name, (lo, None))
+    lo = lo if lo is not None else lo_b
     if lo is not None and v < lo:
         _bad(name, f">= {lo}", v)
+    if hi_b is not None and v > hi_b:
+        _bad(name, f"<= {hi_b}", v)
+
+
+def _number(name, v, *, lo=None, hi=None, lo_open=False, hi_open=False, none_ok=False):
+    """A finite int/float in the given range (``lo_open``: excluded)."""
+    if v is None and none_ok:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        _bad(name, "a finite number" + (" or null" if none_ok else ""), v)
+    if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and (v >= hi if hi_open else v > hi):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}" \
+              f"{')' if hi_open or hi is None else ']'}"
+        _bad(name, f"in {rng}", v)
+
+
+def check_device(name: str, v) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(v, str) or not _DEVICE_RE.fullmatch(v):
+        _bad(name, "auto, cpu, cuda or cuda:N", v)
+    return v
+
+
+def _kinds(hint) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (typing.get_origin(hint) or hint,)
+
+
+def check_field_types(section: str, cls, values: dict) -> None:
+    """Each value against its field's annotation: ``int`` (not bool, within :data:`INT_BOUNDS`), ``float`` (a
+    finite int/float), ``bool``, ``str``, ``dict``, ``list``, ``None`` where the annotation allows it."""
+    hints = typing.get_type_hints(cls)
+    names = {"int": "an int", "float": "a finite number", "bool": "true or false", "str": "a string",
+             "dict": "a mapping", "list": "a list", "NoneType": "null"}
+    for k, v in values.items():
+        if k not in hints:
+            continue
+        kinds = _kinds(hints[k])
+        ok = False
+        for t in kinds:
+            if t is type(None):
+                ok = v is None
+            elif t is bool:
+                ok = isinstance(v, bool)
+            elif t is int:
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif t is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            else:
+                ok = isinstance(v, t)
+            if ok:
+                break
+        if not ok and f"{section}.{k}" in _EXPECT:
+            _bad(f"{section}.{k}", _EXPECT[f"{section}.{k}"], v)
+        if not ok:
+            _bad(f"{section}.{k}", " or ".join(names.get(getattr(t, "__name__", str(t)), str(t)) for t in kinds), v)
+        if isinstance(v, int) and not isinstance(v, bool) and f"{section}.{k}" in INT_BOUNDS:
+            _int(f"{section}.{k}", v)
+
+
+def check_overrides(overrides: dict, model_config, source: str) -> None:
+    """``model.overrides`` keys must be attributes of the model's config (a typo would otherwise be written into
+    the config silently), and a value must have the type of the config's own (int/float/bool) default."""
+    for k, v in overrides.items():
+        if not isinstance(k, str) or not hasattr(model_config, k):
+            raise ValueError(f"model.overrides: {k!r} is not an attribute of the {source} config "
+                             f"({type(model_config).__name__}); check the spelling against its config.json")
+        cur = getattr(model_config, k)
+        if isinstance(cur, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(cur, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(cur, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = True
+        if not ok:
+            tn = type(cur).__name__
+            _bad(f"model.overrides.{k}", f"{'an' if tn[0] in 'aeiou' else 'a'} {tn} like the config's default {cur!r}", v)
 
 
 @dataclass
@@ -39,6 +145,7 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_field_types("model", ModelConfig, vars(self))
         if (self.tiny is None) == (self.path is None):
             raise ValueError(f"model: set exactly one of model.tiny (a model_type) or model.path, "
                              f"got tiny={self.tiny!r}, path={self.path!r}")
@@ -49,6 +156,18 @@ class ModelConfig:
                 _bad("model.tiny", f"one of {tiny_model_types()}", self.tiny)
         if not isinstance(self.overrides, dict):
             _bad("model.overrides", "a mapping of config keys", self.overrides)
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            _bad("model.path", "a local model directory or a Hugging Face name (org/name)", self.path)
+        if self.overrides:
+            if self.tiny is not None:
+                from ..integrations.tiny import tiny_config
+
+                check_overrides(self.overrides, tiny_config(self.tiny), f"tiny {self.tiny}")
+            elif os.path.isfile(os.path.join(self.path, "config.json")):
+                from transformers import AutoConfig
+
+                check_overrides(self.overrides, AutoConfig.from_pretrained(self.path, trust_remote_code=False),
+                                repr(self.path))
         from ..ops import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -66,9 +185,11 @@ class TokenizerConfig:
     vocab_size: int = 2048
 
     def __post_init__(self):
+        check_field_types("tokenizer", TokenizerConfig, vars(self))
         _int("tokenizer.vocab_size", self.vocab_size, 260)
-        if self.path is not None and not os.path.isdir(self.path):
-            raise ValueError(f"tokenizer.path: no tokenizer directory at {self.path!r}")
+        if self.path is not None and not os.path.isdir(self.path) and not is_hub_name(self.path):
+            raise ValueError(f"tokenizer.path: no tokenizer directory at {self.path!r} (and not a Hugging Face "
+                             f"name org/name)")
 
 
 @dataclass
@@ -90,6 +211,9 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.domains, str):
             self.domains = [self.domains]
+        check_field_types("data", DataConfig, vars(self))
+        if isinstance(self.domains, str):
+            self.domains = [self.domains]
         if not isinstance(self.domains, list) or not self.domains or not all(isinstance(d, str) for d in self.domains):
             _bad("data.domains", "a non-empty list of domain names", self.domains)
         if len(set(self.domains)) != len(self.domains):
@@ -103,10 +227,12 @@ class DataConfig:
                 raise ValueError(f"data.domains: {d!r} is not a built-in domain ({', '.join(DOMAINS)}) and has no "
                                  f"data.sources entry")
         for d, src in self.sources.items():
-            if not isinstance(src, str):
+            if not isinstance(src, str) or not src:
                 _bad(f"data.sources.{d}", "a dataset name or file path", src)
-            if (os.sep in src or src.startswith(".")) and not os.path.exists(src):
-                raise ValueError(f"data.sources.{d}: file {src!r} does not exist")
+            if not os.path.exists(os.path.expanduser(src)) and not is_hub_name(src) and (
+                    os.sep in src or src.startswith((".", "~")) or src.lower().endswith(LOCAL_EXTS)):
+                raise ValueError(f"data.sources.{d}: file {src!r} does not exist (and it is not a Hugging Face "
+                                 f"dataset name org/name)")
         if self.max_docs is not None:
             _int("data.max_docs", self.max_docs, 1)
         if self.eval_max_docs is not None:
@@ -116,7 +242,8 @@ class DataConfig:
         if isinstance(self.weights, list) and len(self.weights) == len(self.domains):
             self.weights = dict(zip(self.domains, self.weights))
         if self.weights is not None and (not isinstance(self.weights, dict) or set(self.weights) != set(self.domains)
-                                         or any(not isinstance(w, (int, float)) or w <= 0 for w in self.weights.values())):
+                                         or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0
+                                                or not math.isfinite(w) for w in self.weights.values())):
             _bad("data.weights", f"a mapping {{domain: positive number}} over exactly {self.domains} (or a list "
                  f"in that order, or null for balanced mixing)", self.weights)
 
@@ -141,7 +268,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    bf16: str = "auto"
+    bf16: str | bool = "auto"
     device: str = "auto"
     log_every: int = 10
     save_every: int = 0
@@ -155,33 +282,30 @@ class TrainConfig:
     distributed: str = "none"
 
     def __post_init__(self):
+        check_field_types("train", TrainConfig, vars(self))
         _int("train.max_steps", self.max_steps, 1)
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            _bad("train.lr", "a number > 0", self.lr)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            _bad("train.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _number("train.lr", self.lr, lo=0.0, hi=10.0, lo_open=True)
+        _number("train.pretrain_lr", self.pretrain_lr, lo=0.0, hi=10.0, lo_open=True)
+        _number("train.min_lr_ratio", self.min_lr_ratio, lo=0.0, hi=1.0)
         if self.lr_schedule not in LR_SCHEDULES:
             _bad("train.lr_schedule", f"one of {LR_SCHEDULES}", self.lr_schedule)
         _int("train.warmup_steps", self.warmup_steps, 0)
-        if self.weight_decay < 0:
-            _bad("train.weight_decay", ">= 0", self.weight_decay)
+        _number("train.weight_decay", self.weight_decay, lo=0.0, hi=10.0)
         for n in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                _bad(f"train.{n}", "in [0, 1)", getattr(self, n))
+            _number(f"train.{n}", getattr(self, n), lo=0.0, hi=1.0, hi_open=True)
         _int("train.grad_accum", self.grad_accum, 1)
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            _bad("train.max_grad_norm", "> 0 or null", self.max_grad_norm)
+        _number("train.max_grad_norm", self.max_grad_norm, lo=0.0, lo_open=True, none_ok=True)
         if self.bf16 not in ("auto", True, False, "true", "false"):
             _bad("train.bf16", "auto, true or false", self.bf16)
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            _bad("train.device", "auto, cpu or cuda[:N]", self.device)
+        check_device("train.device", self.device)
         _int("train.log_every", self.log_every, 1)
         _int("train.save_every", self.save_every, 0)
         _int("train.eval_batches", self.eval_batches, 1)
         _int("train.pretrain_steps", self.pretrain_steps, 0)
         _int("train.keep_last", self.keep_last, 0)
-        if not isinstance(self.skip_nonfinite, bool):
-            _bad("train.skip_nonfinite", "true or false", self.skip_nonfinite)
+        for n in ("skip_nonfinite", "plots", "progress"):
+            if not isinstance(getattr(self, n), bool):
+                _bad(f"train.{n}", "true or false", getattr(self, n))
         if self.distributed not in DISTRIBUTED:
             _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
 
@@ -221,6 +345,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> Config:
         if bad:
             raise ValueError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}; "
                              f"valid keys: {', '.join(sorted(fields))}")
+        check_field_types(name, cls, sec)
         try:
             kw[name] = cls(**sec)
         except TypeError as e:

@@ -16,7 +16,7 @@ from .config import load_config
 def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: int = 16, device: str = "auto",
                         domains: list[str] | None = None) -> dict:
     """Load a run directory's latest checkpoint (or a checkpoint directory) and evaluate it."""
-    ckpt = ck.resolve_checkpoint(path)
+    ckpt = ck.open_checkpoint(path)  # verified against its manifest before anything is loaded
     cfg_path = ck.run_config_path(ckpt)
     if cfg_path is None:
         raise FileNotFoundError(f"no config.yaml found beside checkpoint {ckpt!r}")

@@ -1,11 +1,10 @@
-"""What stops a run cleanly: SIGTERM/SIGINT (checkpoint at the next step boundary, then
-:class:`TrainingInterrupted`) and NaN/inf losses or gradients (:class:`NonFiniteLossError` naming the step, the
-loss term and the first module with a non-finite output, or a skipped batch under ``train.skip_nonfinite``)."""
+"""What stops a run cleanly: SIGTERM/SIGINT in the training steps (checkpoint at the next step boundary, then
+:class:`TrainingInterrupted`; the handlers are :class:`desmoe.train.signals.StopFlag`) and NaN/inf losses or
+gradients (:class:`NonFiniteLossError` naming the step, the loss term and the first module with a non-finite
+output, or a skipped batch under ``train.skip_nonfinite``)."""
 from __future__ import annotations
 
 import signal
-import sys
-import threading
 
 import torch
 
@@ -59,32 +58,3 @@ def diagnose_nonfinite(model, batch: dict, device, bf16: bool) -> str:
         parts.append(f"non-finite gradients: {', '.join(bad_g[:8])}{' ...' if len(bad_g) > 8 else ''}")
     return "; ".join(parts)
 
-
-class SignalFlag:
-    """SIGTERM/SIGINT set a flag (the loop checkpoints at the next step boundary); a second SIGINT aborts."""
-
-    def __init__(self):
-        self.signame: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
-        try:
-            print(f"desmoe train: {self.signame} received: writing a checkpoint at the end of this step"
-                  + (" (Ctrl-C again aborts without one)" if signum == signal.SIGINT else ""), file=sys.stderr,
-                  flush=True)
-        except Exception:
-            pass
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        return False

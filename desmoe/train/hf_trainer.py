@@ -180,5 +180,7 @@ class DesMoETrainer(Trainer):
             p = os.path.join(ckpt, METHOD_STATE)
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"checkpoint {ckpt!r} has no {METHOD_STATE} (not written by DesMoETrainer?)")
-            self.desmoe.load_state_dict(torch.load(p, map_location="cpu", weights_only=False))
+            from .checkpoint import load_state_file  # weights_only: a received file runs no code
+
+            self.desmoe.load_state_dict(load_state_file(p))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, *args, **kwargs)

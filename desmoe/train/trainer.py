@@ -1,8 +1,9 @@
 """The training loop for DES-MoE and every other method: :class:`Trainer` reads as data → step → log → save → eval.
 
 ``run(cfg, output_dir)`` builds a :class:`Trainer` and returns its JSON-able summary. The pieces live beside it:
-:mod:`.builders` (device, texts, tokenizer, model, optimizer, base pretraining), :mod:`.guards` (signals,
-non-finite losses), :mod:`.runlog` (train.log, history.jsonl, run_info.json, TensorBoard, per-phase summary),
+:mod:`.builders` (device, texts, tokenizer, model, optimizer, base pretraining), :mod:`.signals` (SIGTERM/SIGINT),
+:mod:`.guards` (non-finite losses, :class:`TrainingInterrupted`), :mod:`.rundir` (one run per directory, resume
+and overwrite rules), :mod:`.runlog` (train.log, history.jsonl, run_info.json, TensorBoard, per-phase summary),
 :mod:`.checkpoint` (every checkpoint read and write; exact resume), :mod:`.distributed` (torchrun DDP/FSDP2).
 The method (what trains when, masks, added loss) is a :class:`desmoe.method.MethodController`.
 """
@@ -17,22 +18,25 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import patch
+from ..data.hub import check_config_hub_names
 from ..eval import evaluate_model
 from ..method import MethodController
 from . import checkpoint as ck
+from . import rundir
 from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state, eval_kwargs, load_texts,
                        lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
 from .config import Config
-from .guards import NonFiniteLossError, SignalFlag, TrainingInterrupted, diagnose_nonfinite
+from .guards import NonFiniteLossError, TrainingInterrupted, diagnose_nonfinite
 from .loss import task_loss, to_device
 from .plots import save_affinity_png, save_loss_curve_png
 from .runlog import RunLog, rss_mb, truncate_history
+from .signals import StopFlag
 
 __all__ = ["run", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "lr_factor", "build_model"]
 
 
 def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: bool | str = False,
-        progress: bool | None = None, log=print) -> dict:
+        progress: bool | None = None, log=print, overwrite: bool = False) -> dict:
     """Fine-tune per ``cfg`` into ``output_dir``; returns the summary (also written to ``summary.json``).
 
     ``max_steps`` caps the steps run now (T, the phase clock, stays ``train.max_steps``). ``resume``: ``True``
@@ -40,15 +44,18 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
     continues from that checkpoint, writing on into ``output_dir``. A checkpoint is verified (manifest sizes and
     sha256) and its config compared with ``cfg`` first: any problem is a :class:`CheckpointError`, never a silent
     restart. SIGTERM/SIGINT write a checkpoint at the next step boundary and raise :class:`TrainingInterrupted`.
-    Under ``torchrun`` with ``train.distributed: ddp|fsdp2`` every rank calls this.
+    Under ``torchrun`` with ``train.distributed: ddp|fsdp2`` every rank calls this. ``output_dir`` is locked for
+    the run's life (:mod:`.rundir`); resuming a finished run raises ``RunFinished`` and changes nothing; a
+    checkpoint from elsewhere is resumed into an ``output_dir`` holding another run only with ``overwrite``.
+    A signal outside the training steps stops the run at once (:class:`desmoe.train.signals.Interrupted`).
     """
     from .distributed import Dist
 
     dist = Dist.setup(cfg.train.distributed, cfg.train.device)
     try:
-        with SignalFlag() as flag:
+        with rundir.hold(output_dir, enabled=dist.is_main), StopFlag() as flag:  # one run per directory
             return Trainer(cfg, output_dir, max_steps=max_steps, resume=resume, progress=progress, log=log,
-                           dist=dist, flag=flag).train()
+                           dist=dist, flag=flag, overwrite=overwrite).train()
     finally:
         dist.close()
 
@@ -77,8 +84,9 @@ class Trainer:
     """One training session of a run directory (a fresh run or a resumed one)."""
 
     def __init__(self, cfg: Config, output_dir: str, *, max_steps=None, resume=False, progress=None, log=print,
-                 dist, flag: SignalFlag):
+                 dist, flag: StopFlag, overwrite: bool = False):
         self.cfg, self.out, self.dist, self.flag, self.resume = cfg, output_dir, dist, flag, resume
+        self.overwrite = overwrite
         self.t_start = time.time()
         self.main = dist.is_main
         self.progress = (cfg.train.progress if progress is None else progress) and self.main
@@ -120,10 +128,11 @@ class Trainer:
         self.summary["phases"] = {p: list(span) for p, span in self.ctl.method.phase_spans().items()}
 
     def _checkpoint_to_resume(self) -> str | None:
+        check_config_hub_names(self.cfg, data_only=bool(self.resume))  # hub names: cached or reachable, else fail fast
         if self.resume:
-            ckpt = ck.resolve_checkpoint(self.out if self.resume is True else str(self.resume))
-            ck.verify_checkpoint(ckpt)
+            ckpt = ck.open_checkpoint(self.out if self.resume is True else str(self.resume))  # resolve + verify
             ck.check_config_matches(ckpt, self.cfg_dict)
+            rundir.check_resume(ckpt, self.out, self.stop, overwrite=self.overwrite)  # finished run / another run's dir
             return ckpt
         if os.path.exists(os.path.join(self.out, ck.LATEST)):
             raise ValueError(f"--output-dir {self.out!r} already holds a run; pass --resume to continue it or "
@@ -244,12 +253,14 @@ class Trainer:
         bar = progress_bar(range(self.start, self.stop), self.progress, self.cfg.method.name)
         self.phase = self.ctl.phase(self.start)
         self.snap = routing_snapshot(self.ctl.tracker)
+        self.flag.defer(True)  # signals in the steps: checkpoint at the next step boundary
         for step in bar:
             t_step = time.time()
             out = self.train_step(step)
             self.log_step(step, out, t_step, bar)
             self.maybe_stop_or_save(step)
         final = self.save(self.stop)
+        self.flag.defer(False, checkpoint=final)  # from here a signal stops at once
         return self.finish(final)
 
     def train_step(self, step: int) -> StepStats:

@@ -203,7 +203,10 @@ def test_mismatched_config_or_model_names_the_keys(two_step_run):
     ok = json.loads(json.dumps(d))
     ok["train"]["log_every"] = 3  # display-only keys may change
     ok["train"]["max_steps"] = 2
-    run(config_from_dict(ok), str(tmp_path / "r"), resume=True, **QUIET)
+    from desmoe.train.rundir import RunFinished
+
+    with pytest.raises(RunFinished, match="already finished"):  # the config matched; the run has nothing left
+        run(config_from_dict(ok), str(tmp_path / "r"), resume=True, **QUIET)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(config_from_dict(d), str(tmp_path / "empty"), resume=True, **QUIET)
 
@@ -248,10 +251,11 @@ def test_sigint_checkpoints_at_the_step_boundary_then_resume_is_exact(full_run, 
             sent.append(1)
             os.kill(os.getpid(), signal.SIGINT)
 
+    inherited = signal.getsignal(signal.SIGINT)  # whatever the parent shell left (default, or ignored)
     with pytest.raises(TrainingInterrupted, match="SIGINT received: checkpoint of step 3") as ei:
         run(config_from_dict(d2), str(tmp_path / "r"), progress=False, log=log)
     assert ei.value.exit_code == 130 and ei.value.step == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is inherited  # handler restored
     res = run(config_from_dict(d2), str(tmp_path / "r"), resume=True, **QUIET)
     assert res["start_step"] == 3
     _assert_same_checkpoint(full["checkpoint"], res["checkpoint"])

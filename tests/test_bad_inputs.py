@@ -1,0 +1,691 @@
+"""Bad inputs and faults, as a new user and as a tester would try them (issue 15).
+
+Every case calls the CLI's ``main()`` in-process (or the library function a user would call) and asserts a
+*clear* error: exit code 2 (or the documented code), no traceback, the field / file / directory named in the
+message, and no data lost (the files of every run directory involved are unchanged, byte for byte). The helper
+:func:`attempt` classifies each outcome as clear / unclear / traceback / silent / lost; with
+``DESMOE_BAD_INPUT_TALLY=FILE`` every classification is appended to FILE (``benchmarks/bad_input_tally.py``
+turns that into the README's reliability table).
+"""
+import copy
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import yaml
+
+from desmoe.cli import main
+from desmoe.train import checkpoint as ck
+from desmoe.train import config_from_dict
+from desmoe.train.trainer import run
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
+from test_train import tiny_cfg  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def snapshot(root) -> dict:
+    """{relative path: sha256} of every file under ``root`` (empty if absent)."""
+    out = {}
+    for dp, _, fns in os.walk(root):
+        for fn in fns:
+            p = os.path.join(dp, fn)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def classify(rc, err, exc, names, changed, expect_rc=2) -> str:
+    if changed:
+        return "lost"
+    if exc is not None or "Traceback (most recent call last)" in err:
+        return "traceback"
+    if rc == 0 and expect_rc != 0:
+        return "silent"
+    if rc != expect_rc or any(str(n) not in err for n in names):
+        return "unclear"
+    return "clear"
+
+
+def _record(request, outcome, detail):
+    path = os.environ.get("DESMOE_BAD_INPUT_TALLY")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": request.node.nodeid, "outcome": outcome, "detail": detail[-500:]}) + "\n")
+
+
+def _started(request):
+    """Noted before an attempt: a case that then never classifies itself hung or killed the process."""
+    path = os.environ.get("DESMOE_BAD_INPUT_TALLY")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": request.node.nodeid, "started": time.time()}) + "\n")
+
+
+def attempt(request, capsys, argv, *, names=(), protect=(), expect_rc=2) -> str:
+    """Run ``desmoe ARGV`` in-process; assert a clear error naming ``names`` with ``protect``'s files intact.
+    Returns stderr."""
+    capsys.readouterr()
+    before = {str(p): snapshot(p) for p in protect}
+    _started(request)
+    rc, exc = None, None
+    try:
+        rc = main([str(a) for a in argv])
+    except BaseException as e:  # noqa: BLE001 - an escaping exception is what this suite looks for
+        exc = e
+    out, err = capsys.readouterr()
+    if exc is not None:
+        err += "".join(traceback.format_exception(exc))
+    changed = [p for p in before if snapshot(p) != before[p]]
+    outcome = classify(rc, err, exc, names, changed, expect_rc)
+    _record(request, outcome, err)
+    assert outcome == "clear", f"{outcome}: rc={rc}, changed={changed}\nstderr: {err}\nstdout: {out[-2000:]}"
+    return err
+
+
+def library_attempt(request, fn, exc_type, *, names=(), protect=()):
+    """The library path: ``fn()`` must raise ``exc_type`` naming ``names``, leaving ``protect`` intact."""
+    before = {str(p): snapshot(p) for p in protect}
+    _started(request)
+    msg, other = "", None
+    try:
+        fn()
+    except exc_type as e:
+        msg = str(e)
+    except BaseException as e:  # noqa: BLE001
+        other = e
+        msg = "".join(traceback.format_exception(e))
+    changed = [p for p in before if snapshot(p) != before[p]]
+    rc = 2 if other is None and msg else (0 if other is None else 1)
+    outcome = classify(rc, msg, other, names, changed)
+    _record(request, outcome, msg)
+    assert outcome == "clear", f"{outcome}: changed={changed}\n{msg}"
+    return msg
+
+
+def write_cfg(path, d) -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny config (no general domain: short runs) and a finished 2-step run made with it."""
+    root = tmp_path_factory.mktemp("bad")
+    os.makedirs(root / "data")
+    d = tiny_cfg(str(root / "data"), max_steps=2, save_every=1)
+    d["data"]["general"] = None
+    cfg = write_cfg(root / "c.yaml", d)
+    run(config_from_dict(copy.deepcopy(d)), str(root / "run"), **QUIET)
+    return {"root": root, "d": d, "cfg": cfg, "run": root / "run"}
+
+
+@pytest.fixture()
+def run_copy(base, tmp_path):
+    """A private copy of the finished run (cases that damage it)."""
+    dst = tmp_path / "run"
+    shutil.copytree(base["run"], dst)
+    (dst / "latest").write_text("step-000002\n")
+    return dst
+
+
+def train(base, out, *extra):
+    return ["train", "--config", base["cfg"], "--output-dir", out, "--no-progress", *extra]
+
+
+# --- 1. configuration values: each names field, value and expectation; nothing is created ------------------------
+CONFIG_CASES = [
+    ("train.lr=.nan", ["train.lr", "nan", "finite"]),
+    ("train.lr=-1", ["train.lr", "-1"]),
+    ("train.lr=0", ["train.lr", "(0.0, 10.0]"]),
+    ("train.max_grad_norm=.nan", ["train.max_grad_norm", "nan"]),
+    ("train.max_grad_norm=-2", ["train.max_grad_norm", "-2"]),
+    ("train.weight_decay=.nan", ["train.weight_decay", "nan"]),
+    ("train.weight_decay=-0.1", ["train.weight_decay", "-0.1"]),
+    ("train.pretrain_lr=0", ["train.pretrain_lr", "0"]),
+    ("train.pretrain_lr=.inf", ["train.pretrain_lr", "inf"]),
+    ("train.min_lr_ratio=-0.1", ["train.min_lr_ratio", "-0.1"]),
+    ("train.beta1=1.0", ["train.beta1", "1.0"]),
+    ("train.beta2=.nan", ["train.beta2", "nan"]),
+    ("tokenizer.vocab_size=1000000000", ["tokenizer.vocab_size", "1000000000", "<= 1048576"]),
+    ("tokenizer.vocab_size=10", ["tokenizer.vocab_size", "10", ">= 260"]),
+    ("tokenizer.vocab_size=1e9", ["tokenizer.vocab_size", "1e9", "an int"]),
+    ("train.device=123", ["train.device", "123", "auto, cpu, cuda"]),
+    ("train.device=gpu", ["train.device", "gpu"]),
+    ("train.device=cuda:x", ["train.device", "cuda:x"]),
+    ("model.overrides.hiden_size=64", ["model.overrides", "hiden_size", "not an attribute"]),
+    ("model.overrides.hidden_size=abc", ["model.overrides.hidden_size", "abc", "an int"]),
+    ("method.tau=.nan", ["method.tau", "nan"]),
+    ("method.tau=abc", ["method.tau", "abc"]),
+    ("method.tau=0", ["method.tau", "0"]),
+    ("method.phi=2", ["method.phi", "2"]),
+    ("method.lambda_decay_rate=.inf", ["method.lambda_decay_rate", "inf"]),
+    ("method.alr_expansion=1000", ["method.alr_expansion", "1000", "<= 64"]),
+    ("method.update_every=0", ["method.update_every", "0"]),
+    ("method.name=lora", ["method.name", "lora"]),
+    ("method.per_token_masking=maybe", ["method.per_token_masking", "maybe", "true or false"]),
+    ("train.max_steps=true", ["train.max_steps", "True", "an int"]),
+    ("train.max_steps=10000000000", ["train.max_steps", "10000000000"]),
+    ("train.grad_accum=0", ["train.grad_accum", "0"]),
+    ("train.keep_last=-1", ["train.keep_last", "-1"]),
+    ("train.bf16=maybe", ["train.bf16", "maybe"]),
+    ("train.skip_nonfinite=maybe", ["train.skip_nonfinite", "maybe"]),
+    ("train.distributed=mpi", ["train.distributed", "mpi"]),
+    ("train.lr_schedule=step", ["train.lr_schedule", "step"]),
+    ("data.seq_len=1.5", ["data.seq_len", "1.5", "an int"]),
+    ("data.batch_size=0", ["data.batch_size", "0"]),
+    ("data.batch_size=100000000", ["data.batch_size", "100000000"]),
+    ("data.domains=[]", ["data.domains"]),
+    ("data.domains=[alpha,alpha]", ["data.domains", "duplicates"]),
+    ("data.text_field=123", ["data.text_field", "123", "a string"]),
+    ("data.weights={alpha: .inf, beta: 1, gamma: 1}", ["data.weights", "inf"]),
+    ("data.sources.alpha=./missing.jsonl", ["data.sources.alpha", "missing.jsonl"]),
+    ("model.tiny=gpt2", ["model.tiny", "gpt2"]),
+    ("model.path=/no/such/model", ["model", "path"]),
+    ("train.lrr=0.1", ["train.lrr"]),
+    ("trian.lr=0.1", ["trian"]),
+    ("model.seed=-1", ["model.seed", "-1"]),
+]
+
+
+@pytest.mark.parametrize("setting,names", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_value(request, capsys, base, tmp_path, setting, names):
+    out = tmp_path / "out"
+    attempt(request, capsys, train(base, out, "--set", setting), names=names, protect=[base["run"]])
+    assert not out.exists(), "a config error must not create the output directory"
+
+
+def test_set_without_equals(request, capsys, base, tmp_path):
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "train.lr"), names=["--set", "train.lr"])
+
+
+def test_set_without_section(request, capsys, base, tmp_path):
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "lr=1"), names=["section.key", "lr"])
+
+
+def test_config_file_missing(request, capsys, base, tmp_path):
+    attempt(request, capsys, ["train", "--config", tmp_path / "none.yaml", "--output-dir", tmp_path / "o"],
+            names=["none.yaml"])
+
+
+def test_config_file_not_yaml(request, capsys, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [unclosed\n")
+    attempt(request, capsys, ["train", "--config", p, "--output-dir", tmp_path / "o"], names=["bad.yaml", "YAML"])
+
+
+def test_config_file_top_level_list(request, capsys, tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    attempt(request, capsys, ["train", "--config", p, "--output-dir", tmp_path / "o"], names=["list.yaml", "mapping"])
+
+
+def test_max_steps_zero(request, capsys, base, tmp_path):
+    attempt(request, capsys, train(base, tmp_path / "o", "--max-steps", "0"), names=["--max-steps", "0"])
+
+
+def test_model_overrides_checked_against_a_local_model_config(request, tmp_path):
+    """``model.path`` to a local directory: override keys are checked against its config.json."""
+    from desmoe.integrations.tiny import tiny_config
+
+    tiny_config("qwen3_moe").save_pretrained(tmp_path / "m")
+    library_attempt(request, lambda: config_from_dict({"model": {"path": str(tmp_path / "m"),
+                                                                 "overrides": {"num_expert": 4}}}),
+                    ValueError, names=["model.overrides", "num_expert"])
+
+
+def test_eval_bad_device(request, capsys, base):
+    attempt(request, capsys, ["eval", "--checkpoint", base["run"], "--device", "gpu0"], names=["--device", "gpu0"],
+            protect=[base["run"]])
+
+
+def test_eval_negative_math_n(request, capsys, base):
+    attempt(request, capsys, ["eval", "--checkpoint", base["run"], "--math-n", "-1"], names=["--math-n", "-1"])
+
+
+def test_ops_mixed_dtypes_name_both_arguments(request):
+    from desmoe.ops import moe_experts
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    w, d = torch.randn(3, 6, 8), torch.randn(3, 8, 3)
+    library_attempt(request, lambda: moe_experts(x, w, d, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)),
+                    TypeError, names=["x_TD", "bfloat16", "float32"])
+
+
+# --- 2. the output directory: in the way, unwritable, in use ---------------------------------------------------------
+def test_output_dir_is_a_file(request, capsys, base, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    attempt(request, capsys, train(base, f), names=[str(f), "is a file"], protect=[tmp_path])
+
+
+def test_output_dir_under_a_file(request, capsys, base, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    attempt(request, capsys, train(base, f / "sub"), names=[str(f / "sub"), "a file"], protect=[tmp_path])
+
+
+def test_output_dir_read_only(request, capsys, base, tmp_path, monkeypatch):
+    """Read-only parent (simulated with EROFS: this suite may run as root, which ignores permission bits)."""
+    out = tmp_path / "ro" / "run"
+    real = os.makedirs
+
+    def makedirs(p, *a, **k):
+        if str(p).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    attempt(request, capsys, train(base, out), names=[str(out), "not writable"])
+
+
+def test_demo_out_is_a_file(request, capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    attempt(request, capsys, ["demo", "--out", f, "--no-parity", "--quiet"], names=[str(f)], protect=[tmp_path])
+
+
+def _holder(run_dir):
+    """A separate process holding the run lock of ``run_dir`` (as a running `desmoe train` would)."""
+    code = ("import sys, time\nfrom desmoe.train.rundir import RunLock\nRunLock(sys.argv[1]).acquire()\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_run_in_a_locked_dir_fails_naming_dir_and_pid_then_stale_lock_is_taken_over(
+        request, capsys, base, tmp_path):
+    run_copy = tmp_path / "demo" / "des_moe"
+    shutil.copytree(base["run"], run_copy)
+    p = _holder(run_copy)
+    try:
+        attempt(request, capsys, train(base, run_copy, "--resume"), names=[str(run_copy), f"pid {p.pid}", "in use"],
+                protect=[run_copy])
+        attempt(request, capsys, ["demo", "--out", run_copy.parent, "--overwrite", "--no-parity", "--quiet"],
+                names=[f"pid {p.pid}"], protect=[run_copy])  # --overwrite never removes a run in progress
+    finally:
+        p.kill()  # SIGKILL: the holder cannot clean up; its pid stays in the lock file
+        p.wait()
+    assert json.loads((run_copy / ".desmoe.lock").read_text())["pid"] == p.pid
+    err = attempt(request, capsys, train(base, run_copy, "--resume"), names=["already finished"], expect_rc=0)
+    assert f"stale lock" in err and f"pid {p.pid}" in err
+
+
+def test_lock_is_released_after_a_run_and_after_a_failure(request, base, tmp_path):
+    from desmoe.train.rundir import LOCK_NAME, RunLock
+
+    d = copy.deepcopy(base["d"])
+    d["data"]["sources"]["alpha"] = str(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    library_attempt(request, lambda: run(config_from_dict(d), str(tmp_path / "r"), **QUIET), ValueError,
+                    names=["alpha", "no train documents"])
+    with RunLock(str(tmp_path / "r")) as lk:  # free again (not stale: the failed run released it)
+        assert lk.stale is None
+    assert (tmp_path / "r" / LOCK_NAME).read_text() == ""
+
+
+# --- 3. nothing deleted or overwritten without asking -----------------------------------------------------------------
+def test_resume_of_a_finished_run_changes_nothing(request, capsys, base, run_copy):
+    err = attempt(request, capsys, train(base, run_copy, "--resume"), names=["already finished", "step 2"],
+                  protect=[run_copy], expect_rc=0)
+    assert "nothing was changed" in err.lower()
+
+
+def test_resume_into_another_runs_dir_needs_overwrite(request, capsys, base, run_copy, tmp_path):
+    src = run_copy / "checkpoints" / "step-000001"
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    attempt(request, capsys, train(base, other, "--resume", src), names=[str(other), "rewind", "--overwrite"],
+            protect=[other, run_copy])
+
+
+def test_train_into_a_dir_holding_a_run_needs_resume(request, capsys, base, run_copy):
+    attempt(request, capsys, train(base, run_copy), names=[str(run_copy), "--resume"], protect=[run_copy])
+
+
+def test_demo_does_not_delete_an_earlier_run(request, capsys, base, tmp_path):
+    out = tmp_path / "demo"
+    shutil.copytree(base["run"], out / "des_moe")
+    attempt(request, capsys, ["demo", "--out", out, "--no-parity", "--quiet", "--steps", "6", "--pretrain-steps", "1"],
+            names=[str(out / "des_moe"), "--overwrite"], protect=[out])
+
+
+def test_demo_overwrite_clears_the_earlier_run(base, tmp_path):
+    from desmoe.train.rundir import clear_for_overwrite
+
+    out = tmp_path / "des_moe"
+    shutil.copytree(base["run"], out)
+    clear_for_overwrite(str(out), overwrite=True)
+    assert os.listdir(out) == [".desmoe.lock"]
+
+
+# --- 4. received checkpoints: integrity, and no code ------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(ckpt, rel, obj):
+    """Replace file ``rel`` of ``ckpt`` with ``torch.save(obj)`` and rewrite the manifest to match (what a
+    malicious sender does)."""
+    p = os.path.join(ckpt, rel)
+    torch.save(obj, p)
+    man = json.load(open(os.path.join(ckpt, ck.MANIFEST)))
+    man["files"][rel] = {"bytes": os.path.getsize(p), "sha256": ck._sha256(p)}
+    json.dump(man, open(os.path.join(ckpt, ck.MANIFEST), "w"))
+
+
+@pytest.mark.parametrize("rel", ["method.pt", "trainer.pt"])
+def test_planted_payload_is_refused_on_eval_and_resume(request, capsys, base, run_copy, tmp_path, rel):
+    marker = tmp_path / "pwned"
+    ckpt = run_copy / "checkpoints" / "step-000002"
+    _plant(str(ckpt), rel, {"state": _Payload(marker)})
+    names = ["refusing to load", rel, "posix.system" if os.name == "posix" else "system"]
+    if rel == "method.pt":
+        attempt(request, capsys, ["eval", "--checkpoint", run_copy, "--math-n", "0"], names=names, protect=[run_copy])
+    src = run_copy / "checkpoints" / "step-000001"  # resume *from* the damaged one into a fresh dir
+    _plant(str(src), rel, {"state": _Payload(marker)})
+    attempt(request, capsys, train(base, tmp_path / "fresh", "--resume", src), names=names, protect=[run_copy])
+    assert not marker.exists(), "the payload ran"
+
+
+def test_planted_pickle_model_weights_are_never_loaded(request, capsys, base, run_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = run_copy / "checkpoints" / "step-000002"
+    torch.save({"x": _Payload(marker)}, ckpt / "model" / "pytorch_model.bin")
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy, "--math-n", "0"],
+            names=["pytorch_model.bin", "manifest does not list"], protect=[run_copy])
+    _plant(str(ckpt), "model/pytorch_model.bin", {"x": _Payload(marker)})  # listed too: still only safetensors load
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_copy), "--math-n", "0", "--max-batches", "1",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert not marker.exists(), "the payload ran"
+
+
+def _truncate(p, keep=0.5):
+    with open(p, "r+b") as f:
+        f.truncate(int(os.path.getsize(p) * keep))
+
+
+@pytest.mark.parametrize("rel", ["model/model.safetensors", "method.pt", "trainer.pt", "meta.json"])
+def test_eval_of_a_truncated_checkpoint(request, capsys, run_copy, rel):
+    _truncate(run_copy / "checkpoints" / "step-000002" / rel)
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["truncated", rel], protect=[run_copy])
+
+
+def test_truncated_state_file_with_a_matching_manifest(request, capsys, base, run_copy, tmp_path):
+    """A sender's manifest matches a truncated trainer.pt: the loader itself names the file."""
+    src = run_copy / "checkpoints" / "step-000001"
+    p = src / "trainer.pt"
+    _truncate(p)
+    man = json.load(open(src / ck.MANIFEST))
+    man["files"]["trainer.pt"] = {"bytes": os.path.getsize(p), "sha256": ck._sha256(str(p))}
+    json.dump(man, open(src / ck.MANIFEST, "w"))
+    attempt(request, capsys, train(base, tmp_path / "fresh", "--resume", src), names=["trainer.pt", "corrupt"],
+            protect=[run_copy])
+
+
+def test_eval_bit_flip(request, capsys, run_copy):
+    p = run_copy / "checkpoints" / "step-000002" / "method.pt"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["method.pt", "sha256"], protect=[run_copy])
+
+
+def test_eval_without_manifest(request, capsys, run_copy):
+    os.remove(run_copy / "checkpoints" / "step-000002" / ck.MANIFEST)
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["manifest.json", "step-000001"],
+            protect=[run_copy])
+
+
+def test_eval_malformed_manifest(request, capsys, run_copy):
+    (run_copy / "checkpoints" / "step-000002" / ck.MANIFEST).write_text("{not json")
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["manifest.json", "unreadable"],
+            protect=[run_copy])
+
+
+def test_manifest_path_escape(request, capsys, run_copy):
+    m = run_copy / "checkpoints" / "step-000002" / ck.MANIFEST
+    man = json.loads(m.read_text())
+    man["files"]["../../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    m.write_text(json.dumps(man))
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["outside the checkpoint"], protect=[run_copy])
+
+
+@pytest.mark.parametrize("content", ["../../../../etc\n", "\xff\xfe garbage", ""])
+def test_latest_points_nowhere(request, capsys, run_copy, content):
+    (run_copy / "latest").write_bytes(content.encode("latin-1"))
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=[str(run_copy / "latest")], protect=[run_copy])
+
+
+def test_latest_names_a_missing_checkpoint(request, capsys, run_copy):
+    (run_copy / "latest").write_text("step-000009\n")
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["step-000009", "missing"], protect=[run_copy])
+
+
+def test_eval_checkpoint_is_a_file(request, capsys, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    attempt(request, capsys, ["eval", "--checkpoint", f], names=[str(f), "not a directory"])
+
+
+def test_eval_without_config_yaml(request, capsys, run_copy):
+    os.remove(run_copy / "config.yaml")
+    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["config.yaml"], protect=[run_copy])
+
+
+def test_hf_trainer_method_state_payload_refused(request, tmp_path):
+    from desmoe.train.checkpoint import CheckpointError, load_state_file
+
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, tmp_path / "desmoe_method.pt")
+    library_attempt(request, lambda: load_state_file(str(tmp_path / "desmoe_method.pt")), CheckpointError,
+                    names=["desmoe_method.pt", "refusing"])
+    assert not marker.exists()
+
+
+# --- 5. file-system faults while writing a checkpoint -------------------------------------------------------------
+@pytest.mark.parametrize("writer", ["write_model", "write_method_state", "write_trainer_state", "_commit"])
+def test_write_fault_during_checkpoint_keeps_the_previous_one(request, capsys, base, tmp_path, monkeypatch, writer):
+    """A file-size limit (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk) from the second checkpoint on:
+    a clear error naming the checkpoint, its temp dir gone, the first checkpoint intact and resumable."""
+    real = getattr(ck, writer)
+    calls = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limited(*a, **k):
+        calls.append(1)
+        if len(calls) < 2:
+            return real(*a, **k)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+        try:
+            return real(*a, **k)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(ck, writer, limited)
+    out = tmp_path / "r"
+    try:
+        err = attempt(request, capsys, train(base, out), names=["step-000002", "cannot write checkpoint"])
+    finally:
+        signal.signal(signal.SIGXFSZ, old_xfsz)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "File too large" in err or "os error 27" in err or "unexpected pos" in err or "write" in err
+    root = out / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step-000001"], "temp dir left behind"
+    assert (out / "latest").read_text().strip() == "step-000001"
+    ck.verify_checkpoint(str(root / "step-000001"))
+
+
+def test_no_space_left_from_torch_save_is_named(request, capsys, base, tmp_path, monkeypatch):
+    """torch's own message for a full disk (as the issue saw it), raised from the zip writer."""
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "r"
+    attempt(request, capsys, train(base, out), names=["step-000001", "unexpected pos", "previous checkpoint"])
+    assert os.listdir(out / "checkpoints") == []
+
+
+def test_enospc_while_updating_latest(request, capsys, base, tmp_path, monkeypatch):
+    real = ck._write_text_atomic
+
+    def full(path, text):
+        if path.endswith(ck.LATEST) and "000002" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, text)
+
+    monkeypatch.setattr(ck, "_write_text_atomic", full)
+    out = tmp_path / "r"
+    attempt(request, capsys, train(base, out), names=["latest", "No space left", "--resume"])
+    assert (out / "latest").read_text().strip() == "step-000001"
+
+
+# --- 6. data files and names --------------------------------------------------------------------------------------
+DATA_CASES = [
+    ("number.json", "5", ["number.json", "int"]),
+    ("dict.json", '{"a": 1, "b": 2}', ["dict.json", "list of records"]),
+    ("broken.json", '[{"text": "a"', ["broken.json", "not valid JSON"]),
+    ("badline.jsonl", '{"text": "a b c"}\n{oops\n', ["badline.jsonl", "line 2"]),
+    ("binary.jsonl", b"\xff\xfe\x00\x81garbage", ["binary.jsonl", "UTF-8"]),
+    ("garbage.parquet", b"not a parquet file at all", ["garbage.parquet", "malformed"]),
+    ("nofield.jsonl", '{"foo": "a b c"}\n', ["nofield.jsonl", "text_field"]),
+    ("numbers.jsonl", "1\n2\n", ["numbers.jsonl", "record 0 is a int"]),
+    ("empty.jsonl", "", ["alpha", "no train documents"]),
+    ("table.csv", "a,b\n1,2\n", ["table.csv", "unsupported file type"]),
+]
+
+
+@pytest.mark.parametrize("name,content,names", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_malformed_data_file(request, capsys, base, tmp_path, name, content, names):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", f"data.sources.alpha={p}"), names=names,
+            protect=[base["run"]])
+
+
+def test_source_directory_without_data_files(request, capsys, base, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.md").write_text("x")
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", f"data.sources.alpha={tmp_path / 'd'}"),
+            names=[str(tmp_path / "d"), "holds no"])
+
+
+@pytest.mark.parametrize("field,setting", [
+    ("data.sources.alpha", "data.sources.alpha=someorg/somedata"),
+    ("model.path", "model.path=someorg/somemodel"),
+    ("tokenizer.path", "tokenizer.path=someorg/sometok"),
+])
+def test_hub_name_offline_fails_fast_naming_the_field(request, capsys, base, tmp_path, monkeypatch, field, setting):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    extra = ["--set", "model.tiny=null"] if field == "model.path" else []
+    t0 = time.time()
+    attempt(request, capsys, train(base, tmp_path / "o", *extra, "--set", setting),
+            names=[field, setting.split("=", 1)[1], "HF_HUB_OFFLINE"])
+    assert time.time() - t0 < 20
+
+
+def test_hub_unreachable_fails_fast_naming_the_field(request, capsys, base, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def down(self, *a, **k):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", down)
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.tiny=null", "--set", "model.path=org/m"),
+            names=["model.path", "org/m", "cannot be reached"])
+
+
+def test_hub_dataset_names_resolve_as_hub_names(base):
+    """``org/name`` with no such local path is a hub name (validation accepts it; it is not "a missing file")."""
+    d = copy.deepcopy(base["d"])
+    d["data"]["sources"]["alpha"] = "someorg/somedata"
+    assert config_from_dict(d).data.sources["alpha"] == "someorg/somedata"
+    from desmoe.data.hub import is_hub_name
+
+    assert is_hub_name("openai/gsm8k") and is_hub_name("org/name:config")
+    assert not is_hub_name("dir/file.jsonl") and not is_hub_name("/abs/path") and not is_hub_name("a/b/c")
+
+
+# --- 7. signals: honoured within one step outside the training loop ------------------------------------------------
+@pytest.mark.parametrize("where", ["load_domain_texts", "train_tokenizer", "evaluate_model"])
+def test_signal_outside_the_steps_stops_at_once(request, capsys, base, tmp_path, monkeypatch, where):
+    """SIGTERM while corpora are read, the tokenizer trains, or the model is evaluated: the run stops at once
+    (exit 143, a message, no traceback) instead of noting it and carrying on to the first training step."""
+    import desmoe.data as data
+    import desmoe.train.trainer as tr
+
+    mod = tr if where == "evaluate_model" else data
+    real = getattr(mod, where)
+    reached = []
+
+    def hit(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append(1)  # the handler raises before this line
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, where, hit)
+    old = signal.getsignal(signal.SIGTERM)
+    attempt(request, capsys, train(base, tmp_path / "o"), names=["SIGTERM", "stopped at once"],
+            expect_rc=128 + signal.SIGTERM)
+    assert not reached and signal.getsignal(signal.SIGTERM) is old
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_sigterm_during_base_pretraining_subprocess(tmp_path):
+    d = tiny_cfg(str(tmp_path))
+    d["train"].update(pretrain_steps=100000, max_steps=2)
+    cfg = write_cfg(tmp_path / "c.yaml", d)
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "desmoe", "train", "--config", cfg, "--output-dir", str(out),
+                          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    t0 = time.time()
+    while not (out / "run_info.json").exists():  # written when the run starts, before data and tokenizer
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+        time.sleep(0.2)
+    time.sleep(4)  # data, tokenizer and first evaluation take ~1 s here: this lands inside base pretraining
+    t1 = time.time()
+    p.send_signal(signal.SIGTERM)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError("SIGTERM during base pretraining was not honoured within 60 s") from None
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert time.time() - t1 < 10, "SIGTERM was not honoured within a step"
+    assert "SIGTERM received outside the training steps" in err and "Traceback" not in err
+
+
+def test_ctrl_c_in_eval_is_a_message_not_a_traceback(request, capsys, base, monkeypatch):
+    import desmoe.train.evaluate as ev
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", interrupted)
+    attempt(request, capsys, ["eval", "--checkpoint", base["run"]], names=["interrupted"], expect_rc=130)
