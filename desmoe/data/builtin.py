@@ -31,6 +31,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+from ..progress import bar, stage
 from ._util import cache_root, check_split, read_json_cache, seeded_subset, split_of, stable_hash, write_json_atomic
 from .mathgen import format_math, math_problems
 from .roff import parse_man, read_man
@@ -172,7 +173,9 @@ def _cached(domain: str, files: list[tuple[str, str]], build: Callable[[], list[
     docs = read_json_cache(path)
     if isinstance(docs, list):
         return [tuple(d) for d in docs]
-    docs = build()
+    with stage(f"building the built-in '{domain}' corpus from {len(files)} installed files "
+               f"(once; cached in {path.parent})"):
+        docs = build()
     write_json_atomic(path, docs)
     for old in path.parent.glob(f"{domain}-*.json"):  # corpora of older file lists / versions
         if old != path:
@@ -222,14 +225,14 @@ def _general_docs() -> list[Doc]:
         docs: list[Doc] = []
         for name in sorted(topics):
             docs += [(f"pydoc/{name}", c) for c in _chunks(topics[name], unwrap=True) if _is_prose(c)]
-        for key, path in man:
+        for key, path in bar(man, "general: man pages", unit="file"):
             try:
                 sections = parse_man(read_man(path))
             except (OSError, EOFError, ValueError):
                 continue
             body = "\n\n".join(v for k, v in sections.items() if k not in ("NAME", "SYNOPSIS", "SEE ALSO"))
             docs += [(key, c) for c in _chunks(body, unwrap=True) if _is_prose(c)]
-        for key, path in meta + readmes:
+        for key, path in bar(meta + readmes, "general: package docs", unit="file"):
             try:
                 text = _read_text(path)
             except (OSError, EOFError):
@@ -250,7 +253,7 @@ def _summary_docs() -> list[Doc]:
 
     def build() -> list[Doc]:
         docs: list[Doc] = []
-        for key, path in man:
+        for key, path in bar(man, "summary: man pages", unit="file"):
             try:
                 sections = parse_man(read_man(path))
             except (OSError, EOFError, ValueError):
@@ -344,7 +347,7 @@ def _code_docs() -> list[Doc]:
 
     def build() -> list[Doc]:
         docs = []
-        for key, path in files:
+        for key, path in bar(files, "code: stdlib modules", unit="file"):
             try:
                 docs += [(key, c) for c in _code_chunks(_read_text(path, 2_000_000))]
             except OSError:

@@ -86,9 +86,12 @@ def evaluate_model(model, tokenizer, eval_docs: dict[str, list[list[int]]], *, s
                    general: str | None = "general") -> dict:
     """Per-domain held-out loss/ppl for every domain in ``eval_docs`` (+ math exact match when ``math`` is one
     of them); ``general`` is reported separately as the forgetting probe."""
+    from ..progress import bar
+
     eos = tokenizer.eos_token_id
     res = {"domains": {}}
-    for d, docs in eval_docs.items():
+    for d, docs in bar(eval_docs.items(), "evaluating held-out loss", total=len(eval_docs), unit="domain",
+                       leave=False):
         res["domains"][d] = domain_loss(model, docs, seq_len=seq_len, batch_size=batch_size, eos_id=eos,
                                         max_batches=max_batches, device=device, bf16=bf16)
     if general is not None and general in res["domains"]:

@@ -80,7 +80,7 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     l0 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     log(f"base: pretraining {pretrain_steps} steps on {mix or g!r} -> {out}")
     losses = pretrain(model, cfg, docs, tok.eos_token_id, device, pretrain_steps, aux_coef=aux_loss_coef,
-                      weights=dict(mix) if mix else None)
+                      weights=dict(mix) if mix else None, progress=True)  # silent under progress.quiet()
     l1 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     unpatch(model)
     tmp = out + ".tmp"

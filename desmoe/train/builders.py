@@ -57,8 +57,12 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
             raise FileNotFoundError(f"{key}: cannot load a tokenizer from {src!r}: {e}") from None
     from ..data import train_tokenizer
 
+    from ..progress import stage
+
     corpus = [t for ts in texts.values() for t in ts]
-    return train_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size)
+    with stage(f"training a {cfg.tokenizer.vocab_size}-token BPE tokenizer on {len(corpus)} documents "
+               f"({sum(map(len, corpus)) / 1e6:.1f} M characters)"):
+        return train_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size)
 
 
 def build_model(cfg: Config, vocab_size: int, tokenizer=None):
@@ -115,14 +119,10 @@ def drop_frozen_state(opt: torch.optim.Optimizer) -> None:
                 opt.state.pop(p, None)
 
 
-def progress_bar(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, dynamic_ncols=True, leave=True)
+def progress_bar(it, enabled: bool, desc: str, unit: str = "step"):
+    from ..progress import bar
+
+    return bar(it, desc, enabled=enabled, unit=unit)
 
 
 # --- base-model pretraining ----------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.pretrain_lr, betas=(0.9, 0.95))
     bf16 = use_bf16(cfg, device)
     losses = []
-    it = progress_bar(range(steps), progress, "pretrain (general)")
+    it = progress_bar(range(steps), progress, "pretraining the base model")
     for s in it:
         lr = cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
         for g in opt.param_groups:

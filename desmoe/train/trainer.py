@@ -70,6 +70,7 @@ class StepStats:
     kd: float = 0.0
     tokens: int = 0
     grad_norm: float | None = None
+    lr: float | None = None  # the learning rate this step's update used (before the scheduler steps)
     bad: tuple | None = None  # (term, value, batch) of the first non-finite loss or gradient norm
     last_batch: dict | None = None
     dom_loss_M: torch.Tensor = field(init=False)
@@ -106,6 +107,7 @@ class Trainer:
         self.skipped: list[int] = []
         self.losses: list[float] = []
         self.tokens_done, self.t_train = 0, 0.0
+        self.first_loss: float | None = None  # the run's first task loss (from the checkpoint when resumed)
         self.rss0 = self.rss_peak = rss_mb()
 
     # --- setup ------------------------------------------------------------------------------------------------
@@ -207,7 +209,9 @@ class Trainer:
                 raise ck.CheckpointError(f"checkpoint {self.ckpt!r} is at step {self.start}, beyond "
                                          f"train.max_steps={self.T}")
             self.ctl.apply_phase(self.ctl.phase(min(self.start, self.T - 1)))
-            self.before = ck.read_meta(self.ckpt).get("eval_before")
+            meta = ck.read_meta(self.ckpt)
+            self.before = meta.get("eval_before")
+            self._restore_progress(meta.get("run_progress"))
         elif n_prep:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
             prep = self._stream(seed=cfg.data.seed + 7, batch_size=cfg.data.batch_size * self.dist.world,
@@ -290,6 +294,7 @@ class Trainer:
             self._nonfinite(step, *st.bad)
         else:
             opt.step()
+        st.lr = opt.param_groups[0]["lr"]
         self.sched.step()
         sync_routing_stats_(ctl.tracker, self.snap, self.dist)  # every rank: the same counts, A and masks
         ctl.end_step(step)
@@ -364,13 +369,14 @@ class Trainer:
         skipped_now = bool(self.skipped) and self.skipped[-1] == step
         self.runlog.phase_step(self.phase, step, dt, out.tokens * W, out.task, skipped_now)
         tps = self.tokens_done / max(self.t_train, 1e-9)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{out.loss:.3f}", phase=self.phase, tok_s=f"{tps:.0f}")
+        if hasattr(bar, "set_postfix"):  # the task loss, as in the summary; KD and its weight beside it
+            bar.set_postfix(task=f"{out.task:.3f}", kd=f"{out.kd:.3f}", lam=f"{ctl.last_lambda:.2f}",
+                            phase=self.phase, tok_s=f"{tps:.0f}")
         rss = rss_mb()
         if rss is not None:
             self.rss_peak = max(self.rss_peak or 0.0, rss)
         rec = {"step": step, "phase": self.phase, "loss": out.loss, "task": out.task, "kd": out.kd,
-               "lambda": ctl.last_lambda, "lr": self.sched.get_last_lr()[0], "grad_norm": out.grad_norm,
+               "lambda": ctl.last_lambda, "lr": out.lr, "grad_norm": out.grad_norm,
                "tok_s": tps, "rss_mb": rss, "skipped_nonfinite": len(self.skipped)}
         if self.device.type == "cuda":
             rec["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -378,8 +384,8 @@ class Trainer:
         self.runlog.step(rec, write=step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now)
         if self.main and not self.progress and (step % self.cfg.train.log_every == 0 or step == self.stop - 1
                                                  or skipped_now):
-            self.say(f"step {step:5d} {self.phase:<13} loss {out.loss:.4f} task {out.task:.4f} kd "
-                     f"{out.kd:.4f} lambda {ctl.last_lambda:.3f} tok/s {tps:.0f}")
+            self.say(f"step {step:5d} {self.phase:<13} task {out.task:.4f} kd {out.kd:.4f} lambda "
+                     f"{ctl.last_lambda:.3f} (objective {out.loss:.4f}) tok/s {tps:.0f}")
 
     def _routing_record(self, out: StepStats) -> dict:
         """Per-domain loss, mask sizes and expert load of the step."""
@@ -414,7 +420,8 @@ class Trainer:
         """Checkpoint ``step`` (every rank calls this under torchrun; rank 0 commits) + the affinity plot."""
         ctl, cfg = self.ctl, self.cfg
         meta = {"total_steps": self.T, "phase": self.phase, "method": cfg.method.name, "domains": ctl.domain_names,
-                "eval_before": self.before, "world_size": self.dist.world, "distributed": cfg.train.distributed}
+                "eval_before": self.before, "world_size": self.dist.world, "distributed": cfg.train.distributed,
+                "run_progress": self._progress_state()}
         path = ck.save_checkpoint(self.out, step, model=self.model, tokenizer=self.tok, controller=ctl,
                                   optimizer=self.opt, scheduler=self.sched, stream_state=self.stream.state_dict(),
                                   meta=meta, config=self.cfg_dict, keep=cfg.train.keep_last or None,
@@ -427,6 +434,21 @@ class Trainer:
                 self.summary["plot"] = png
         self.dist.barrier()
         return path
+
+    def _progress_state(self) -> dict:
+        """What the summary needs of the steps run so far; kept in the checkpoint so that a resumed run's summary
+        covers the whole run, not only the last session."""
+        first = self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses else None)
+        return {"phases": self.runlog.phases, "train_loss_first": first,
+                "tokens_done": self.tokens_done, "t_train": self.t_train, "skipped": list(self.skipped)}
+
+    def _restore_progress(self, st: dict | None) -> None:
+        if not st:  # a checkpoint from before this was recorded: the summary covers this session only
+            return
+        self.runlog.phases = {p: dict(v) for p, v in st.get("phases", {}).items()}
+        self.first_loss = st.get("train_loss_first")
+        self.tokens_done, self.t_train = int(st.get("tokens_done", 0)), float(st.get("t_train", 0.0))
+        self.skipped = list(st.get("skipped", []))
 
     # --- eval and summary -------------------------------------------------------------------------------------
     def finish(self, final: str) -> dict:
@@ -445,7 +467,9 @@ class Trainer:
         cuda_peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         self.summary.update({
             "steps_run": stop - start, "start_step": start, "final_step": stop, "checkpoint": final,
-            "resumed_from": self.ckpt, "train_loss_first": self.losses[0] if self.losses else None,
+            "resumed_from": self.ckpt,
+            "train_loss_first": self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses
+                                                                                     else None),
             "train_loss_last": self.losses[-1] if self.losses else None, "eval_before": self.before,
             "eval_after": after, "tokens_per_s": self.tokens_done / max(self.t_train, 1e-9),
             **self.runlog.phase_summary(), "skipped_nonfinite": self.skipped,

@@ -129,6 +129,40 @@ def test_end_to_end_and_exact_resume(tmp_path):
     for sa, sb in zip(ma["alr"], mb["alr"]):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    # the resumed run's summary covers the whole run, as the uninterrupted one does
+    assert res["train_loss_first"] == full["train_loss_first"]
+    for p, v in full["phase_summary"].items():
+        r = res["phase_summary"][p]
+        assert (r["steps"], r["first_step"], r["last_step"]) == (v["steps"], v["first_step"], v["last_step"]), p
+        assert r["tokens"] == v["tokens"] and r["task_loss_first"] == pytest.approx(v["task_loss_first"], abs=1e-6)
+        assert r["task_loss_last"] == pytest.approx(v["task_loss_last"], abs=1e-6)
+
+
+def test_logs_mean_what_they_say(tmp_path, monkeypatch):
+    """The logged LR is the one the step used; the bar, the log lines and the summary show the task loss."""
+    from desmoe.train import trainer as trainer_mod
+
+    posts = []
+
+    class Bar(list):
+        def set_postfix(self, **kw):
+            posts.append(kw)
+
+    monkeypatch.setattr(trainer_mod, "progress_bar", lambda it, enabled, desc: Bar(it))
+    lines = []
+    d = tiny_cfg(str(tmp_path), max_steps=6, warmup_steps=3, log_every=1)
+    cfg = config_from_dict(d)
+    s = run(cfg, str(tmp_path / "r"), progress=True, log=lines.append)
+    hist = [json.loads(l) for l in open(tmp_path / "r" / "history.jsonl")]
+    assert [h["step"] for h in hist] == list(range(6))
+    for h in hist:  # the LR the optimizer applied at that step (warmup: lr·(step+1)/warmup), not the next one
+        assert h["lr"] == pytest.approx(cfg.train.lr * lr_factor(h["step"], cfg), rel=1e-12)
+    assert len(posts) == 6
+    for p, h in zip(posts, hist):
+        assert float(p["task"]) == pytest.approx(h["task"], abs=6e-4) and "loss" not in p
+        assert float(p["lam"]) == pytest.approx(h["lambda"], abs=6e-3) and float(p["kd"]) == pytest.approx(h["kd"], abs=6e-4)
+    assert s["train_loss_last"] == hist[-1]["task"] and s["train_loss_first"] == hist[0]["task"]
+    assert any(h["kd"] > 0 and h["loss"] != h["task"] for h in hist)  # the objective differs: not what is shown
 
 
 def test_missing_data_file_is_named(tmp_path):
