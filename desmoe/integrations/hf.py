@@ -6,14 +6,22 @@
 1. checks the model type is supported (else :class:`UnsupportedModelError` listing what is);
 2. switches every experts module to ``"desmoe"`` (``model.set_experts_implementation``), recording the
    backend and activation on each module;
-3. replaces each MoE block's router with :class:`desmoe.layers.TopKRouter`, which shares the router's
-   Parameter (no weight copies; state-dict keys unchanged).
+3. replaces each MoE block's router with :class:`desmoe.layers.TopKRouter`, which adopts the router's
+   parameters, buffers and submodules (no weight copies; state-dict keys unchanged).
+
+The registry :data:`MODEL_TYPES` says, per ``model_type``, which router class is replaced, how its routing
+spec is read and where its weight and bias live; :data:`REFUSED` names the fused-experts model types desmoe
+refuses and why.
 
 ``unpatch(model)`` restores the original routers and experts implementation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import layers
 from ..layers import RouterSpec, TopKRouter
@@ -33,20 +41,49 @@ def register() -> None:
 
 
 # --- router specs, one per HF router family (read off each router's forward) ------------------------------
+# Each builder reads a RouterSpec off one of the model's router modules. What each family's stock router does
+# is checked against the installed transformers' own router modules in tests/test_hf_routers.py.
 
-def _softmax_router(gate: nn.Module, config, *, renormalize: bool, weights_dtype: str) -> RouterSpec:
-    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, scoring="softmax",
-                      renormalize=renormalize, weights_dtype=weights_dtype)
-
-
-def _mixtral(gate, config):
-    # softmax(logits.float()) -> topk -> always renormalised; float32 weights
-    return _softmax_router(gate, config, renormalize=True, weights_dtype="float32")
+def _softmax_topk(gate, config):
+    # softmax(float32) -> topk -> renormalised -> float32 weights (Mixtral, MiniMax)
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True)
 
 
-def _qwen_like(gate, config):
-    # softmax(float) -> topk -> renormalised iff norm_topk_prob; weights cast back to the logits dtype
-    return _softmax_router(gate, config, renormalize=bool(gate.norm_topk_prob), weights_dtype="logits")
+def _softmax_topk_norm_flag(gate, config):
+    # softmax(float32) -> topk -> renormalised iff norm_topk_prob -> weights cast back to the logits dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=bool(gate.norm_topk_prob),
+                      weights_dtype="logits")
+
+
+def _softmax_topk_norm(gate, config):
+    # softmax(float32) -> topk -> always renormalised -> weights cast back to the logits dtype (Qwen3.5/VL)
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, weights_dtype="logits")
+
+
+def _topk_softmax(gate, config):
+    # float32 logits from a model-dtype linear; topk of the logits, softmax over the K picked (== softmax, topk,
+    # renormalise); weights in the input dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, logits_dtype="model_float",
+                      weights_dtype="input")
+
+
+def _hunyuan(gate, config):
+    # logits in the router weight's dtype (float32 as built), softmax, topk, renormalised, logits dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, logits_dtype="weight",
+                      weights_dtype="logits")
+
+
+def _ernie(gate, config):
+    # float32 logits, softmax, topk of softmax + bias (moe_statics), weights unbiased, sum floored at norm_min
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True,
+                      renorm_min=float(gate.norm_min), logits_dtype="float32", weights_dtype="input")
+
+
+def _lfm2(gate, config):
+    # sigmoid in the model dtype, topk of sigmoid (+ the block's expert_bias), renormalised (+1e-6), scaled
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, scoring="sigmoid",
+                      renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-6,
+                      scaling=float(gate.routed_scaling_factor), weights_dtype="logits")
 
 
 def _deepseek_v2(gate, config):
@@ -54,49 +91,109 @@ def _deepseek_v2(gate, config):
     if method not in ("greedy", "group_limited_greedy"):
         raise UnsupportedModelError(f"deepseek_v2 topk_method {method!r} is not supported (greedy, group_limited_greedy)")
     grouped = method == "group_limited_greedy"
+    # softmax; ineligible experts filled with 0.0 *in the scores*, so a masked expert picked weighs 0.0
     return RouterSpec(
         top_k=gate.top_k, num_experts=gate.num_experts, scoring="softmax", renormalize=False,
         n_group=gate.num_group if grouped else 1, topk_group=gate.topk_group if grouped else 1,
-        group_score="max", masked_value=0.0, scaling=float(gate.routed_scaling_factor), fp32_logits=True,
+        group_score="max", masked_value=0.0, weights_from_masked=True, scaling=float(gate.routed_scaling_factor),
+        logits_dtype="float32",
     )
 
 
 def _deepseek_v3(gate, config):
+    # sigmoid; + bias for selection; groups by top-2 sum; ineligible experts -inf; weights unbiased
     return RouterSpec(
         top_k=gate.top_k, num_experts=gate.num_experts, scoring="sigmoid", renormalize=bool(gate.norm_topk_prob),
         n_group=gate.num_group, topk_group=gate.topk_group, group_score="top2sum", renorm_eps=1e-20,
-        scaling=float(gate.routed_scaling_factor), fp32_logits=True,
+        scaling=float(gate.routed_scaling_factor), logits_dtype="float32",
     )
 
 
-# model_type -> (router class name, spec builder). Experts of all of these are the standard fused SwiGLU
-# layout (`gate_up_proj [E, 2I, D]`, `down_proj [E, D, I]`) dispatched through ExpertsInterface.
-_MODEL_TYPES = {
-    "mixtral": ("MixtralTopKRouter", _mixtral),
-    "qwen2_moe": ("Qwen2MoeTopKRouter", _qwen_like),
-    "qwen3_moe": ("Qwen3MoeTopKRouter", _qwen_like),
-    "olmoe": ("OlmoeTopKRouter", _qwen_like),
-    "flex_olmo": ("FlexOlmoTopKRouter", _qwen_like),
-    "deepseek_v2": ("DeepseekV2TopkRouter", _deepseek_v2),
-    "deepseek_v3": ("DeepseekV3TopkRouter", _deepseek_v3),
-    "glm4_moe": ("Glm4MoeTopkRouter", _deepseek_v3),
-    "glm4_moe_lite": ("Glm4MoeLiteTopkRouter", _deepseek_v3),
-    "dots1": ("Dots1TopkRouter", _deepseek_v3),
-    "exaone_moe": ("ExaoneMoeTopkRouter", _deepseek_v3),
-    "solar_open": ("SolarOpenTopkRouter", _deepseek_v3),
-    "minimax": ("MiniMaxTopKRouter", _mixtral),
-    "qwen3_next": ("Qwen3NextTopKRouter", _qwen_like),
+# --- the model-type registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How desmoe drives one ``model_type``'s MoE blocks.
+
+    Attributes:
+        router_class: class name of the model's router module (only routers of this class are replaced).
+        spec: builds the :class:`RouterSpec` from one router module and the model config.
+        routing: the routing family, in words (README table).
+        router_attr: attribute of the MoE block that holds the router (``gate`` or ``router``).
+        weight_path: where the router weight lives inside the router (kept there: same state-dict keys).
+        bias_path: the selection bias inside the router, if the family has one.
+    """
+
+    router_class: str
+    spec: Callable[[nn.Module, object], RouterSpec]
+    routing: str
+    router_attr: str = "gate"
+    weight_path: str = "weight"
+    bias_path: str | None = None
+
+
+_SOFTMAX = "softmax top-k, renormalised"
+_SOFTMAX_FLAG = "softmax top-k, renormalised iff norm_topk_prob"
+_V3 = "sigmoid + bias, group-limited (top-2 sum), DeepSeek-V3"
+
+# Experts of every type here are the standard fused gated layout (``gate_up_proj [E, 2I, D]``, ``down_proj
+# [E, D, I]``) dispatched through ExpertsInterface; _check_experts_layout refuses a module that is not.
+MODEL_TYPES: dict[str, ModelFamily] = {
+    "mixtral": ModelFamily("MixtralTopKRouter", _softmax_topk, _SOFTMAX),
+    "minimax": ModelFamily("MiniMaxTopKRouter", _softmax_topk, _SOFTMAX),
+    "qwen2_moe": ModelFamily("Qwen2MoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_moe": ModelFamily("Qwen3MoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_next": ModelFamily("Qwen3NextTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "olmoe": ModelFamily("OlmoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "flex_olmo": ModelFamily("FlexOlmoTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_5_moe": ModelFamily("Qwen3_5MoeTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_5_moe_text": ModelFamily("Qwen3_5MoeTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_vl_moe": ModelFamily("Qwen3VLMoeTextTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_vl_moe_text": ModelFamily("Qwen3VLMoeTextTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "granitemoe": ModelFamily("GraniteMoeTopKRouter", _topk_softmax, "top-k logits, softmax over the K",
+                              router_attr="router"),
+    "granitemoeshared": ModelFamily("GraniteMoeSharedTopKRouter", _topk_softmax, "top-k logits, softmax over the K",
+                                    router_attr="router"),
+    "hunyuan_v1_moe": ModelFamily("HunYuanMoEV1Gate", _hunyuan, _SOFTMAX, weight_path="wg.weight"),
+    "ernie4_5_moe": ModelFamily("Ernie4_5_MoeTopKRouter", _ernie, "softmax + bias top-k, sum floored at norm_min",
+                                bias_path="moe_statics.e_score_correction_bias"),
+    "lfm2_moe": ModelFamily("Lfm2MoeTopKRouter", _lfm2, "sigmoid (+ expert bias) top-k, renormalised, scaled"),
+    "deepseek_v2": ModelFamily("DeepseekV2TopkRouter", _deepseek_v2, "softmax, group-limited (max), DeepSeek-V2"),
+    "deepseek_v3": ModelFamily("DeepseekV3TopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "glm4_moe": ModelFamily("Glm4MoeTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "glm4_moe_lite": ModelFamily("Glm4MoeLiteTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "dots1": ModelFamily("Dots1TopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "exaone_moe": ModelFamily("ExaoneMoeTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "solar_open": ModelFamily("SolarOpenTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+}
+_MODEL_TYPES = MODEL_TYPES  # the name the upstream-test kit's plugin reads
+
+# Model types whose MoE block uses transformers' fused experts module but that desmoe refuses, and why.
+REFUSED: dict[str, str] = {
+    "gpt_oss": "its experts carry biases, an interleaved and transposed gate/up layout and a clamped SwiGLU "
+               "(alpha, limit); desmoe's experts ops implement the bias-free concatenated [E, 2I, D] SwiGLU only",
+    "phimoe": "its router is SparseMixer (jittered, masked two-pass selection with straight-through weights), "
+              "which desmoe's top-k routing spec cannot express",
 }
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_MODEL_TYPES)
+    return sorted(MODEL_TYPES)
 
 
 def _experts_modules(model: nn.Module):
     for name, mod in model.named_modules():
         if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and hasattr(mod, "has_gate"):
             yield name, mod
+
+
+def _custom_gate(mod: nn.Module) -> bool:
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # older transformers: no per-class gate hook
+        return False
+    gate = getattr(type(mod), "_apply_gate", _default_apply_gate)
+    return gate is not _default_apply_gate
 
 
 def _check_experts_layout(name: str, mod: nn.Module) -> None:
@@ -111,8 +208,31 @@ def _check_experts_layout(name: str, mod: nn.Module) -> None:
         problems.append("interleaved gate/up layout")
     if getattr(mod, "has_post_expert_norm", False):  # transformers >= 5.2x: a norm after each expert
         problems.append("a post-expert norm")
+    if _custom_gate(mod):
+        problems.append(f"its own gated activation ({type(mod).__name__}._apply_gate)")
     if problems:
         raise UnsupportedModelError(f"experts module {name!r} uses {', '.join(problems)}, which desmoe does not support")
+
+
+def family(model_type: str | None) -> ModelFamily:
+    """The registry entry of ``model_type``, or :class:`UnsupportedModelError` saying why not."""
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported by desmoe.patch: {REFUSED[model_type]}")
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported by desmoe.patch (its router has not been checked against "
+        f"desmoe's routing families); supported: {', '.join(supported_model_types())}"
+    )
+
+
+def _activation(mod: nn.Module) -> str:
+    """The experts' gate activation: their ``act_fn`` when it is plain SiLU (LFM2-MoE hard-codes ``F.silu``),
+    else the config's ``hidden_act``."""
+    act = getattr(mod, "act_fn", None)
+    if act is F.silu or isinstance(act, nn.SiLU):
+        return "silu"
+    return layers.activation_name(mod.config.hidden_act)
 
 
 def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn.Module:
@@ -120,8 +240,8 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
 
     Args:
         model: a ``transformers`` model of a supported ``model_type`` (see :func:`supported_model_types`).
-        backend: ``"auto"`` (Triton on CUDA, else reference), ``"triton"`` or ``"reference"``; the
-            ``DESMOE_BACKEND`` environment variable overrides ``"auto"``.
+        backend: ``"auto"`` (Triton on CUDA, else the grouped-GEMM path), ``"triton"``, ``"grouped"`` or
+            ``"reference"``; the ``DESMOE_BACKEND`` environment variable overrides ``"auto"``.
         router: also replace routers with :class:`desmoe.layers.TopKRouter` (needed by DES-MoE's ALR).
     """
     from ..ops import BACKENDS
@@ -130,17 +250,13 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported by desmoe.patch; supported: {', '.join(supported_model_types())}"
-        )
-    router_cls_name, spec_fn = _MODEL_TYPES[model_type]
+    fam = family(model_type)
     experts = list(_experts_modules(model))
     if not experts:
         raise UnsupportedModelError(f"no fused experts modules found in this {model_type} model")
     for name, mod in experts:
         _check_experts_layout(name, mod)
-        mod._desmoe_activation = layers.activation_name(mod.config.hidden_act)
+        mod._desmoe_activation = _activation(mod)
     register()
     resolved = None if backend == "auto" else backend
     for _, mod in experts:
@@ -150,24 +266,33 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     if router:
         for parent in list(model.modules()):
-            gate = getattr(parent, "gate", None)
-            if gate is None:
-                continue
+            gate = getattr(parent, fam.router_attr, None)
             if isinstance(gate, TopKRouter):
                 gate.backend = resolved
-                continue
-            if type(gate).__name__ != router_cls_name:
-                continue
-            new = _router_class(type(gate))(gate.weight, spec_fn(gate, model.config),
-                                            bias_E=getattr(gate, "e_score_correction_bias", None), backend=resolved)
-            # transformers' output-capturing hooks (router logits for the aux loss) may already sit on the
-            # original router: carry them over so output_router_logits keeps working
-            new._forward_hooks.update(gate._forward_hooks)
-            new._forward_pre_hooks.update(gate._forward_pre_hooks)
-            # kept for unpatch(); stored outside nn.Module's registry so it adds no state-dict keys
-            new.__dict__["_desmoe_original"] = gate
-            parent.gate = new
+            elif gate is not None and type(gate).__name__ == fam.router_class:
+                setattr(parent, fam.router_attr, _replace_router(gate, fam, model.config, resolved))
     return model
+
+
+def _replace_router(gate: nn.Module, fam: ModelFamily, config, backend) -> TopKRouter:
+    weight = gate.get_parameter(fam.weight_path)
+    bias = getattr(gate, "e_score_correction_bias", None) if fam.bias_path == "e_score_correction_bias" else None
+    new = _router_class(type(gate))(weight, fam.spec(gate, config), bias_E=bias, backend=backend,
+                                    weight_path=fam.weight_path, bias_path=fam.bias_path)
+    # adopt the original's submodules, parameters and buffers (the same objects): state-dict keys unchanged
+    for name, child in gate.named_children():
+        new.add_module(name, child)
+    for name, p in gate._parameters.items():
+        new._parameters.setdefault(name, p)
+    for name, b in gate._buffers.items():
+        new._buffers.setdefault(name, b)
+    # transformers' output-capturing hooks (router logits for the aux loss) may already sit on the original
+    # router: carry them over so output_router_logits keeps working
+    new._forward_hooks.update(gate._forward_hooks)
+    new._forward_pre_hooks.update(gate._forward_pre_hooks)
+    # kept for unpatch(); stored outside nn.Module's registry so it adds no state-dict keys
+    new.__dict__["_desmoe_original"] = gate
+    return new
 
 
 _ROUTER_CLASSES: dict[type, type] = {}
@@ -187,14 +312,22 @@ def _router_class(hf_router_cls: type) -> type:
     return cls
 
 
+def _router_slots(model: nn.Module):
+    """``(parent, attribute, router)`` for every patched router."""
+    for parent in list(model.modules()):
+        for attr in ("gate", "router"):
+            r = getattr(parent, attr, None)
+            if isinstance(r, TopKRouter):
+                yield parent, attr, r
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original routers back, previous experts implementation restored."""
-    for parent in list(model.modules()):
-        gate = getattr(parent, "gate", None)
-        if isinstance(gate, TopKRouter) and "_desmoe_original" in gate.__dict__:
+    for parent, attr, gate in list(_router_slots(model)):
+        if "_desmoe_original" in gate.__dict__:
             original = gate.__dict__["_desmoe_original"]
             original._forward_hooks.update(gate._forward_hooks)  # hooks installed while patched
-            parent.gate = original
+            setattr(parent, attr, original)
     prev = getattr(model, "_desmoe_previous_experts_implementation", None)
     if prev is not None:
         model.set_experts_implementation(prev)
@@ -211,7 +344,9 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """``(name, router, experts)`` for every patched MoE block, in layer order."""
     out = []
     for name, mod in model.named_modules():
-        gate, experts = getattr(mod, "gate", None), getattr(mod, "experts", None)
-        if isinstance(gate, TopKRouter) and experts is not None and hasattr(experts, "gate_up_proj"):
-            out.append((name, gate, experts))
+        experts = getattr(mod, "experts", None)
+        for attr in ("gate", "router"):
+            gate = getattr(mod, attr, None)
+            if isinstance(gate, TopKRouter) and experts is not None and hasattr(experts, "gate_up_proj"):
+                out.append((name, gate, experts))
     return out
