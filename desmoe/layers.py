@@ -52,6 +52,7 @@ class TopKRouter(nn.Module):
         self.num_experts = spec.num_experts
         self.hidden_dim = weight.shape[1]
         self.backend = backend
+        self.index_first = False  # return (ids, weights, logits): the order some families' routers use
         self.residual: nn.Module | None = None
         self.record = False
         self.last: dict | None = None
@@ -97,6 +98,8 @@ class TopKRouter(nn.Module):
         if self.record:
             self.last = {"x_TD": x_TD, "base_logits_TE": base_TE, "logits_TE": logits_TE,
                          "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
+        if self.index_first:
+            return ids_TK, weights_TK, logits_TE
         return logits_TE, weights_TK, ids_TK
 
     def extra_repr(self) -> str:

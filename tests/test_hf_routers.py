@@ -45,9 +45,12 @@ def _first_router(model, fam):
 
 
 def _route(block, router, x):
+    """``(logits, weights, ids)`` whatever order this transformers release's router returns them in."""
     if hasattr(block, "expert_bias") and getattr(block, "use_expert_bias", False):  # LFM2-MoE passes its bias
-        return router(x, block.expert_bias)
-    return router(x)
+        out = router(x, block.expert_bias)
+    else:
+        out = router(x)
+    return tuple(reversed(out)) if not out[0].is_floating_point() else out
 
 
 def _bias_tensor(router):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -274,11 +275,23 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
     return model
 
 
+def _returns_index_first(gate: nn.Module, weight) -> bool:
+    """Whether this router returns ``(ids, weights, logits)`` rather than ``(logits, weights, ids)`` (the order
+    changed across transformers releases for some families): one probe call on a single token, hooks bypassed."""
+    args = (weight.new_zeros(1, weight.shape[1]),)
+    if getattr(gate, "use_expert_bias", False):  # LFM2-MoE: the block passes its selection bias in
+        args += (weight.new_zeros(weight.shape[0], dtype=torch.float32),)
+    with torch.no_grad():
+        out = type(gate).forward(gate, *args)
+    return not out[0].is_floating_point()
+
+
 def _replace_router(gate: nn.Module, fam: ModelFamily, config, backend) -> TopKRouter:
     weight = gate.get_parameter(fam.weight_path)
     bias = getattr(gate, "e_score_correction_bias", None) if fam.bias_path == "e_score_correction_bias" else None
     new = _router_class(type(gate))(weight, fam.spec(gate, config), bias_E=bias, backend=backend,
                                     weight_path=fam.weight_path, bias_path=fam.bias_path)
+    new.index_first = _returns_index_first(gate, weight)
     # adopt the original's submodules, parameters and buffers (the same objects): state-dict keys unchanged
     for name, child in gate.named_children():
         new.add_module(name, child)
