@@ -104,8 +104,10 @@ def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_
 def grouped_experts_bwd(
     dout_TD: Tensor, x_SD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
     perm_S: Tensor, offs_E: Tensor, h_S2I: Tensor, act_SI: Tensor, trainable_S: Tensor | None, activation: str,
+    need_dx: bool, need_dw: bool, need_dweights: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``; ``trainable_S`` (pair order t*K+k) masks dW."""
+    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``; ``trainable_S`` (pair order t*K+k) masks dW.
+    A gradient not needed (``need_*`` False) is skipped and returned as an empty tensor."""
     T, K = topk_weights_TK.shape
     tok_S = perm_S // K
     wdt = w_down_EDI.dtype
@@ -115,27 +117,39 @@ def grouped_experts_bwd(
     g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
     a_SI = act_SI * up_SI
-    dweights_S = torch.linalg.vecdot(g_SI.to(acc), a_SI.to(acc))
+    skipped = dout_TD.new_empty(0)
+    dweights_TK = skipped
+    if need_dweights:
+        dweights_S = torch.linalg.vecdot(g_SI.to(acc), a_SI.to(acc))
+        dweights_TK = torch.empty_like(dweights_S).index_copy_(0, perm_S, dweights_S).view(T, K)
+        dweights_TK = dweights_TK.to(topk_weights_TK.dtype)
     da_SI = g_SI * w_S1
     dh_S2I = torch.cat([_act_backward(activation, da_SI * up_SI, gate_SI, act_SI), da_SI * act_SI], dim=1)
-    dx_TD = torch.zeros(T, dout_TD.shape[1], dtype=acc, device=dout_TD.device)
-    dx_TD.index_add_(0, tok_S, _gmm(dh_S2I, w_gate_up_E2ID, offs_E).to(acc))
-    aw_SI = a_SI.mul_(w_S1)
-    if trainable_S is not None:
-        keep_S1 = trainable_S[perm_S].unsqueeze(1)
-        dh_S2I = dh_S2I * keep_S1
-        aw_SI = aw_SI * keep_S1
-    dw1 = _gmm(dh_S2I.t(), x_SD, offs_E)
-    dw2 = _gmm(dout_SD.t(), aw_SI, offs_E)
-    dweights_TK = torch.empty_like(dweights_S).index_copy_(0, perm_S, dweights_S).view(T, K)
-    return dx_TD.to(dout_TD.dtype), dw1, dw2, dweights_TK.to(topk_weights_TK.dtype)
+    dx_TD = skipped
+    if need_dx:
+        dx_TD = torch.zeros(T, dout_TD.shape[1], dtype=acc, device=dout_TD.device)
+        dx_TD.index_add_(0, tok_S, _gmm(dh_S2I, w_gate_up_E2ID, offs_E).to(acc))
+        dx_TD = dx_TD.to(dout_TD.dtype)
+    dw1 = dw2 = skipped
+    if need_dw:
+        aw_SI = a_SI.mul_(w_S1)
+        if trainable_S is not None:
+            keep_S1 = trainable_S[perm_S].unsqueeze(1)
+            dh_S2I = dh_S2I * keep_S1
+            aw_SI = aw_SI * keep_S1
+        dw1 = _gmm(dh_S2I.t(), x_SD, offs_E)
+        dw2 = _gmm(dout_SD.t(), aw_SI, offs_E)
+    return dx_TD, dw1, dw2, dweights_TK
 
 
 @grouped_experts_bwd.register_fake
 def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S,
-      activation):
-    return (dout_TD.new_empty(dout_TD.shape), w_gate_up_E2ID.new_empty(w_gate_up_E2ID.shape),
-            w_down_EDI.new_empty(w_down_EDI.shape), topk_weights_TK.new_empty(topk_weights_TK.shape))
+      activation, need_dx, need_dw, need_dweights):
+    def shaped(t, need):
+        return t.new_empty(t.shape if need else (0,))
+
+    return (shaped(dout_TD, need_dx), shaped(w_gate_up_E2ID, need_dw), shaped(w_down_EDI, need_dw),
+            shaped(topk_weights_TK, need_dweights))
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,9 +163,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout_TD, *_saved_grads):
     x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_dweights = need[0], need[1] or need[2], need[4]
     dx, dw1, dw2, dweights = grouped_experts_bwd(
-        dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S, ctx.activation)
-    return dx, dw1, dw2, None, dweights, None, None
+        dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S, ctx.activation,
+        need_dx, need_dw, need_dweights)
+    return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
+            dweights if need_dweights else None, None, None)
 
 
 grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
