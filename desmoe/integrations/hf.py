@@ -363,3 +363,66 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
             if isinstance(gate, TopKRouter) and experts is not None and hasattr(experts, "gate_up_proj"):
                 out.append((name, gate, experts))
     return out
+
+
+# --- the README's model-type table, generated from the registry -------------------------------------------
+
+README_BEGIN = "<!-- model-types:begin (generated: python -m desmoe.integrations.hf --update-readme) -->"
+README_END = "<!-- model-types:end -->"
+
+
+def _paths(model_type: str) -> tuple[str, str]:
+    """(CUDA path, CPU path) for the tiny model of ``model_type`` (its default config's routing spec and
+    experts activation decide what the kernels carry)."""
+    from ..ops import kernel_routes
+    from .tiny import COVERED_BY, tiny_model
+
+    model = tiny_model(COVERED_BY.get(model_type, model_type))
+    patch(model, backend="reference")
+    spec = routers(model)[0].spec
+    activation = next(mod for _, mod in _experts_modules(model))._desmoe_activation
+    routing = "Triton routing" if kernel_routes(spec) else "reference routing"
+    experts = "Triton experts" if activation == "silu" else f"grouped experts ({activation})"
+    return f"{routing}, {experts}", "reference routing, grouped experts"
+
+
+def model_type_table() -> str:
+    """Markdown: one row per supported model type (router, routing family, kernel paths, masks), then the
+    model types refused with their reason."""
+    lines = ["| model type | router replaced | routing family | CUDA path | CPU path | DES-MoE masks |",
+             "|---|---|---|---|---|---|"]
+    for mt in supported_model_types():
+        fam = MODEL_TYPES[mt]
+        cuda, cpu = _paths(mt)
+        lines.append(f"| `{mt}` | `{fam.router_attr}`: `{fam.router_class}` | {fam.routing} | {cuda} | {cpu} "
+                     f"| per expert, per (token, expert) |")
+    lines += ["", "| refused model type | why |", "|---|---|"]
+    lines += [f"| `{mt}` | {why} |" for mt, why in sorted(REFUSED.items())]
+    return "\n".join(lines)
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated table between the README markers; returns whether the file changed."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_BEGIN!r} ... {README_END!r} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{model_type_table()}\n{README_END}{tail}"
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print (or write into the README) the model-type table.")
+    ap.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="PATH")
+    args = ap.parse_args()
+    if args.update_readme:
+        print("updated" if update_readme(args.update_readme) else "unchanged", args.update_readme)
+    else:
+        print(model_type_table())
