@@ -222,9 +222,38 @@ def family(model_type: str | None) -> ModelFamily:
     if model_type in REFUSED:
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported by desmoe.patch: {REFUSED[model_type]}")
     raise UnsupportedModelError(
-        f"model_type {model_type!r} is not supported by desmoe.patch (its router has not been checked against "
-        f"desmoe's routing families); supported: {', '.join(supported_model_types())}"
+        f"model_type {model_type!r} is not supported by desmoe.patch: {refusal_reason(model_type)}; "
+        f"supported: {', '.join(supported_model_types())}"
     )
+
+
+_LAYOUT_FLAGS = {"has_gate=False": "no gate projection", "has_bias=True": "expert biases",
+                 "is_transposed=True": "transposed weights", "is_concatenated=False": "an interleaved gate/up layout",
+                 "has_post_expert_norm=True": "a post-expert norm"}
+
+
+def refusal_reason(model_type: str) -> str:
+    """Why desmoe refuses ``model_type``: the registry's reason, else what its transformers modeling file
+    declares (an experts layout desmoe's ops do not implement, or a router not checked against a family)."""
+    import importlib
+    import inspect
+    import re
+
+    if model_type in REFUSED:
+        return REFUSED[model_type]
+    try:
+        source = inspect.getsource(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"))
+    except (ImportError, OSError, TypeError):
+        return "it is not a transformers model type with fused experts that desmoe knows"
+    decorators = re.findall(r"@use_experts_implementation(?:\(([^)]*)\))?", source)
+    if not decorators:
+        return "its MoE block does not use transformers' fused experts module"
+    layout = [why for d in decorators for flag, why in _LAYOUT_FLAGS.items() if flag in d.replace(" ", "")]
+    if layout:
+        return f"its experts use {', '.join(sorted(set(layout)))}, which desmoe's experts ops do not implement"
+    routers_ = sorted(set(re.findall(r"^class (\w*(?:Router|Gate)\w*)\(", source, re.M))) or ["its router"]
+    return (f"its router ({', '.join(routers_)}) has not been checked against desmoe's routing families "
+            "(tests/test_hf_routers.py), so desmoe will not guess its semantics")
 
 
 def _activation(mod: nn.Module) -> str:
