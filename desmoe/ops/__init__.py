@@ -213,28 +213,19 @@ def moe_experts(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
-    trainable_TK = _trainable_pairs(topk_ids_TK, expert_trainable_E, pair_trainable_TK)
     # grouped: its own backend; triton with an activation its epilogue does not carry; reference under
     # torch.compile (the reference loop syncs with the host and branches on data; the grouped op is one opaque
     # custom op with a fake implementation, tested against the reference)
     if name != "reference" or torch.compiler.is_compiling():
         from .grouped import grouped_experts
 
-        trainable_S = None if trainable_TK is None else trainable_TK.reshape(-1)
+        trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
         return grouped_experts(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
-                               activation=activation, trainable_S=trainable_S)
+                               activation=activation, trainable_S=trainable_S, trainable_E=expert_trainable_E)
     return reference.moe_experts_reference(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
-        pair_trainable_TK=trainable_TK,
+        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
     )
-
-
-def _trainable_pairs(topk_ids_TK, expert_trainable_E, pair_trainable_TK):
-    """The two DES-MoE masks as one per-pair mask ``[T, K]`` (None when neither is set)."""
-    if expert_trainable_E is None:
-        return pair_trainable_TK
-    by_expert_TK = expert_trainable_E[topk_ids_TK.long()]
-    return by_expert_TK if pair_trainable_TK is None else by_expert_TK & pair_trainable_TK
 
 
 __all__ = [

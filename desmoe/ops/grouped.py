@@ -10,10 +10,10 @@ eager PyTorch on the sorted pairs:
     backward  g = dout[tok] @ W2[e] (grouped, unweighted) -> dw = <g, a>, da = w * g -> dh = act'(h) (da)
               -> dx[tok] += dh @ W1[e] (grouped) -> dW1 = dh^T x_g, dW2 = dout[tok]^T (w * a) (grouped, K = pairs)
 
-It saves the pair order, offsets, ``x_g``, ``h`` and ``act(gate)``; ``y`` is never stored
+It saves the pair order, offsets, ``x_g``, ``h``, ``act(gate)`` and ``a``; ``y`` is never stored
 (``dw = <dout, y> = <dout @ W2, a>``).
-The DES-MoE masks zero the rows of non-trainable pairs in the two dW GEMMs only; values, dX and d(weights) are
-untouched. Shapes as in :mod:`desmoe.ops.reference` (whose per-expert loop stays the readable oracle).
+The DES-MoE masks act on the two dW GEMMs only (values, dX and d(weights) are untouched): a frozen expert's dW
+GEMMs are skipped, and a non-trainable pair's rows are zeroed. Shapes as in :mod:`desmoe.ops.reference` (whose per-expert loop stays the readable oracle).
 """
 from __future__ import annotations
 
@@ -34,6 +34,21 @@ def _gmm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     if b.dim() == 3:
         return torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
     return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+
+
+def _gmm_dw(a_MS: Tensor, b_SN: Tensor, offs_E: Tensor, trainable_E: Tensor | None) -> Tensor:
+    """dW ``[E, M, N]`` as a grouped GEMM over the pair dimension; with ``trainable_E``, one GEMM per trainable
+    expert and zeros for the frozen ones (their FLOPs are skipped, not masked)."""
+    if trainable_E is None:
+        return _gmm(a_MS, b_SN, offs_E)
+    E = offs_E.shape[0]
+    out = a_MS.new_zeros(E, a_MS.shape[0], b_SN.shape[1])
+    bounds, keep = [0] + offs_E.tolist(), trainable_E.tolist()  # host reads: we are inside an eager custom op
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if keep[e] and hi > lo:
+            torch.mm(a_MS[:, lo:hi], b_SN[lo:hi], out=out[e])
+    return out
 
 
 def _grouped_mm_ok(t: Tensor) -> bool:
@@ -70,10 +85,10 @@ def _pairs(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("desmoe::grouped_experts_fwd", mutates_args=())
 def grouped_experts_fwd(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
-    trainable_S: Tensor | None, activation: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(out_TD, perm_S int64, offs_E int32, x_SD, h_S2I, act_SI)``; all but ``out_TD`` are saved for
-    the backward (``trainable_S`` too: it only masks the dW of the backward)."""
+    trainable_S: Tensor | None, trainable_E: Tensor | None, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out_TD, perm_S int64, offs_E int32, x_SD, h_S2I, act_SI, a_SI)``; all but ``out_TD`` are saved
+    for the backward (the masks too: they only act on the dW of the backward)."""
     T, K = topk_ids_TK.shape
     perm_S, offs_E = _pairs(topk_ids_TK, w_gate_up_E2ID.shape[0])
     tok_S = perm_S // K
@@ -84,30 +99,32 @@ def grouped_experts_fwd(
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1)
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
     act_SI = _ACT[activation](gate_SI)
-    aw_SI = (act_SI * up_SI * w_S1).to(wdt)
+    a_SI = act_SI * up_SI
+    aw_SI = (a_SI * w_S1).to(wdt)
     y_SD = _gmm(aw_SI, w_down_EDI.transpose(-2, -1), offs_E)
     out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
     out_TD.index_add_(0, tok_S, y_SD.to(out_TD.dtype))  # fp32 accumulate of the K contributions
-    return out_TD.to(x_TD.dtype), perm_S, offs_E, x_SD, h_S2I, act_SI
+    return out_TD.to(x_TD.dtype), perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI
 
 
 @grouped_experts_fwd.register_fake
-def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S, activation):
-    S = topk_ids_TK.numel()
+def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S, trainable_E, activation):
+    S, I2 = topk_ids_TK.numel(), w_gate_up_E2ID.shape[1]
     return (x_TD.new_empty(x_TD.shape), topk_ids_TK.new_empty((S,), dtype=torch.int64),
             topk_ids_TK.new_empty((w_gate_up_E2ID.shape[0],), dtype=torch.int32),
-            w_gate_up_E2ID.new_empty((S, x_TD.shape[1])), w_gate_up_E2ID.new_empty((S, w_gate_up_E2ID.shape[1])),
-            w_gate_up_E2ID.new_empty((S, w_gate_up_E2ID.shape[1] // 2)))
+            w_gate_up_E2ID.new_empty((S, x_TD.shape[1])), w_gate_up_E2ID.new_empty((S, I2)),
+            w_gate_up_E2ID.new_empty((S, I2 // 2)), w_gate_up_E2ID.new_empty((S, I2 // 2)))
 
 
 @torch.library.custom_op("desmoe::grouped_experts_bwd", mutates_args=())
 def grouped_experts_bwd(
     dout_TD: Tensor, x_SD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
-    perm_S: Tensor, offs_E: Tensor, h_S2I: Tensor, act_SI: Tensor, trainable_S: Tensor | None, activation: str,
-    need_dx: bool, need_dw: bool, need_dweights: bool,
+    perm_S: Tensor, offs_E: Tensor, h_S2I: Tensor, act_SI: Tensor, a_SI: Tensor, trainable_S: Tensor | None,
+    trainable_E: Tensor | None, activation: str, need_dx: bool, need_dw: bool, need_dweights: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``; ``trainable_S`` (pair order t*K+k) masks dW.
-    A gradient not needed (``need_*`` False) is skipped and returned as an empty tensor."""
+    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``. ``trainable_S`` (pair order t*K+k) zeroes pairs'
+    rows in the dW GEMMs; an expert with ``trainable_E`` False skips its dW GEMMs (zeros). A gradient not
+    needed (``need_*`` False) is skipped and returned as an empty tensor."""
     T, K = topk_weights_TK.shape
     tok_S = perm_S // K
     wdt = w_down_EDI.dtype
@@ -116,7 +133,6 @@ def grouped_experts_bwd(
     dout_SD = dout_TD[tok_S].to(wdt)
     g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
-    a_SI = act_SI * up_SI
     skipped = dout_TD.new_empty(0)
     dweights_TK = skipped
     if need_dweights:
@@ -132,19 +148,19 @@ def grouped_experts_bwd(
         dx_TD = dx_TD.to(dout_TD.dtype)
     dw1 = dw2 = skipped
     if need_dw:
-        aw_SI = a_SI.mul_(w_S1)
+        aw_SI = a_SI * w_S1
         if trainable_S is not None:
             keep_S1 = trainable_S[perm_S].unsqueeze(1)
             dh_S2I = dh_S2I * keep_S1
             aw_SI = aw_SI * keep_S1
-        dw1 = _gmm(dh_S2I.t(), x_SD, offs_E)
-        dw2 = _gmm(dout_SD.t(), aw_SI, offs_E)
+        dw1 = _gmm_dw(dh_S2I.t(), x_SD, offs_E, trainable_E)
+        dw2 = _gmm_dw(dout_SD.t(), aw_SI, offs_E, trainable_E)
     return dx_TD, dw1, dw2, dweights_TK
 
 
 @grouped_experts_bwd.register_fake
-def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S,
-      activation, need_dx, need_dw, need_dweights):
+def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
+      trainable_S, trainable_E, activation, need_dx, need_dw, need_dweights):
     def shaped(t, need):
         return t.new_empty(t.shape if need else (0,))
 
@@ -153,23 +169,23 @@ def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E
 
 
 def _setup_context(ctx, inputs, output):
-    _x, w_gate_up_E2ID, w_down_EDI, _ids, topk_weights_TK, trainable_S, activation = inputs
-    _out, perm_S, offs_E, x_SD, h_S2I, act_SI = output
-    ctx.mark_non_differentiable(perm_S, offs_E, x_SD, h_S2I, act_SI)
-    ctx.save_for_backward(x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI,
-                          trainable_S)
+    _x, w_gate_up_E2ID, w_down_EDI, _ids, topk_weights_TK, trainable_S, trainable_E, activation = inputs
+    _out, perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI = output
+    ctx.mark_non_differentiable(perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI)
+    ctx.save_for_backward(x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
+                          trainable_S, trainable_E)
     ctx.activation = activation
 
 
 def _backward(ctx, dout_TD, *_saved_grads):
-    x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S = ctx.saved_tensors
+    x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S, trainable_E = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dx, need_dw, need_dweights = need[0], need[1] or need[2], need[4]
     dx, dw1, dw2, dweights = grouped_experts_bwd(
-        dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, trainable_S, ctx.activation,
-        need_dx, need_dw, need_dweights)
+        dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S,
+        trainable_E, ctx.activation, need_dx, need_dw, need_dweights)
     return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
-            dweights if need_dweights else None, None, None)
+            dweights if need_dweights else None, None, None, None)
 
 
 grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -177,8 +193,8 @@ grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_experts(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
-    activation: str = "silu", trainable_S: Tensor | None = None,
+    activation: str = "silu", trainable_S: Tensor | None = None, trainable_E: Tensor | None = None,
 ) -> Tensor:
     """``out_TD`` (dtype of ``x_TD``), differentiable in x, both weights and the routing weights."""
     return grouped_experts_fwd(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S,
-                               activation)[0]
+                               trainable_E, activation)[0]
