@@ -93,7 +93,7 @@ def grouped_experts_fwd(
     perm_S, offs_E = _pairs(topk_ids_TK, w_gate_up_E2ID.shape[0])
     tok_S = perm_S // K
     wdt = w_gate_up_E2ID.dtype
-    x_SD = x_TD[tok_S].to(wdt)
+    x_SD = x_TD.index_select(0, tok_S).to(wdt)  # index_select: a row copy, ~2x aten::index on CPU
     h_S2I = _gmm(x_SD, w_gate_up_E2ID.transpose(-2, -1), offs_E)
     # the routing weight is folded into the down projection's input ([S, I], narrower than its output)
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1)
@@ -130,7 +130,7 @@ def grouped_experts_bwd(
     wdt = w_down_EDI.dtype
     acc = torch.promote_types(dout_TD.dtype, torch.float32)  # fp32 math for low precision; fp64 stays fp64
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1).to(wdt)
-    dout_SD = dout_TD[tok_S].to(wdt)
+    dout_SD = dout_TD.index_select(0, tok_S).to(wdt)
     g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
     skipped = dout_TD.new_empty(0)
