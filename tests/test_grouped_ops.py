@@ -85,3 +85,23 @@ def test_grouped_mm_kernel_rejection_is_detected():
     assert not grouped._grouped_mm_ok(a)
     assert grouped._grouped_mm_ok(torch.randn(10, 8))
     assert not grouped._grouped_mm_ok(torch.randn(10, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_grouped_backward_computes_only_what_is_needed(needs):
+    # frozen weights (the method freezes all but some experts' params) or constant inputs: the backward skips
+    # those gradients and the rest still match the reference
+    x, w1, w2, ids, w = _inputs(9, 6, 2, 16, 8, torch.float64, seed=2)
+    leaves = [x.clone(), w1.clone(), w2.clone(), w.clone()]
+    want_x, want_w, want_r = needs
+    for t, flag in zip(leaves, (want_x, want_w, want_w, want_r)):
+        t.requires_grad_(flag)
+    out = ops.moe_experts(*leaves[:3], ids, leaves[3], backend="grouped")
+    out.square().sum().backward()
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, w)]
+    ref.moe_experts_reference(*ref_leaves[:3], ids, ref_leaves[3]).square().sum().backward()
+    for t, r in zip(leaves, ref_leaves):
+        if t.requires_grad:
+            torch.testing.assert_close(t.grad, r.grad, rtol=1e-10, atol=1e-10)
+        else:
+            assert t.grad is None

@@ -133,20 +133,22 @@ def grouped_experts_bwd(
     dout_SD = dout_TD.index_select(0, tok_S).to(wdt)
     g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
-    skipped = dout_TD.new_empty(0)
-    dweights_TK = skipped
+    def skipped():  # a fresh empty tensor each: a custom op's outputs must not alias one another
+        return dout_TD.new_empty(0)
+
+    dweights_TK = skipped()
     if need_dweights:
         dweights_S = torch.linalg.vecdot(g_SI.to(acc), a_SI.to(acc))
         dweights_TK = torch.empty_like(dweights_S).index_copy_(0, perm_S, dweights_S).view(T, K)
         dweights_TK = dweights_TK.to(topk_weights_TK.dtype)
     da_SI = g_SI * w_S1
     dh_S2I = torch.cat([_act_backward(activation, da_SI * up_SI, gate_SI, act_SI), da_SI * act_SI], dim=1)
-    dx_TD = skipped
+    dx_TD = skipped()
     if need_dx:
         dx_TD = torch.zeros(T, dout_TD.shape[1], dtype=acc, device=dout_TD.device)
         dx_TD.index_add_(0, tok_S, _gmm(dh_S2I, w_gate_up_E2ID, offs_E).to(acc))
         dx_TD = dx_TD.to(dout_TD.dtype)
-    dw1 = dw2 = skipped
+    dw1, dw2 = skipped(), skipped()
     if need_dw:
         aw_SI = a_SI * w_S1
         if trainable_S is not None:
