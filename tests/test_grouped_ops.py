@@ -85,6 +85,8 @@ def test_grouped_mm_kernel_rejection_is_detected():
     assert not grouped._grouped_mm_ok(a)
     assert grouped._grouped_mm_ok(torch.randn(10, 8))
     assert not grouped._grouped_mm_ok(torch.randn(10, 8, dtype=torch.float64))
+    # off CPU only bfloat16 goes to the kernel (float32 grouped GEMMs are not on every GPU architecture)
+    assert not grouped._grouped_mm_ok(torch.empty(10, 8, device="meta"))
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import ACTIVATIONS
+
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -52,15 +54,15 @@ def _gmm_dw(a_MS: Tensor, b_SN: Tensor, offs_E: Tensor, trainable_E: Tensor | No
 
 
 def _grouped_mm_ok(t: Tensor) -> bool:
-    """The grouped GEMM kernels want 16-byte aligned data and strides, and a float32/16 or bfloat16 dtype."""
+    """The grouped GEMM kernels want 16-byte aligned data and strides, and a float32/16 or bfloat16 dtype on
+    CPU (bfloat16 on CUDA, where the other dtypes are not implemented on every architecture)."""
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if t.device.type != "cpu" and t.dtype != torch.bfloat16:
         return False
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all(st == 1 or (st * size) % 16 == 0 or n == 1
                                           for n, st in zip(t.shape, t.stride()))
-
-
-_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def _act_backward(activation: str, grad: Tensor, x: Tensor, act_x: Tensor) -> Tensor:
@@ -72,7 +74,7 @@ def _act_backward(activation: str, grad: Tensor, x: Tensor, act_x: Tensor) -> Te
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if activation == "gelu_tanh" else "none")
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, act_x, 0)
-    raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
 def _pairs(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -98,7 +100,7 @@ def grouped_experts_fwd(
     # the routing weight is folded into the down projection's input ([S, I], narrower than its output)
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1)
     gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
-    act_SI = _ACT[activation](gate_SI)
+    act_SI = ACTIVATIONS[activation](gate_SI)
     a_SI = act_SI * up_SI
     aw_SI = (a_SI * w_S1).to(wdt)
     y_SD = _gmm(aw_SI, w_down_EDI.transpose(-2, -1), offs_E)
