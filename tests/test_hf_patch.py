@@ -69,10 +69,11 @@ def test_patched_matches_eager_fp32_logits_and_grads(model_type):
     assert n > 10
 
 
-# glm4_moe_lite's tiny model flips one token's expert choice in bf16 on this input (desmoe's fp32-accumulating
-# experts vs transformers' bf16 ones round differently), which a logit-norm rule cannot absorb; its bf16
-# gradients are checked below like every other type's.
-@pytest.mark.parametrize("model_type", [t for t in SUPPORTED if t != "glm4_moe_lite"])
+# A logit-norm rule cannot absorb one token choosing another expert in bf16 (desmoe's experts accumulate in
+# fp32, transformers' eager ones in bf16, so they round differently), which the tiny models of some types do on
+# this input (glm4_moe_lite on 5.24, dots1 on 5.17): the logits rule runs on four families, the bf16
+# gradient rule below on every type.
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe"])
 def test_patched_bf16_within_tolerance_rule(model_type):
     ids = _ids()
     oracle = tiny_model(model_type, dtype=torch.float32)
