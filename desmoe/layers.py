@@ -10,43 +10,21 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
 from .ops import reference
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """How a model family turns router logits into top-k weights (mirrors its HF router exactly)."""
-
-    top_k: int
-    num_experts: int
-    scoring: str = "softmax"
-    renormalize: bool = True
-    n_group: int = 1
-    topk_group: int = 1
-    group_score: str = "max"
-    scaling: float = 1.0
-    renorm_eps: float = 0.0
-    masked_value: float | None = None
-    fp32_logits: bool = False  # compute logits as float32 linear (DeepSeek) instead of in the model dtype
-    weights_dtype: str = "float32"  # "float32" or "logits": dtype of returned weights
-    extra: dict = field(default_factory=dict, compare=False)
-
-    def __post_init__(self):
-        if self.top_k < 1 or self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.weights_dtype not in ("float32", "logits"):
-            raise ValueError(f"weights_dtype must be 'float32' or 'logits', got {self.weights_dtype!r}")
+from .ops.spec import RouterSpec  # noqa: F401  (re-exported: desmoe.layers.RouterSpec)
 
 
 class TopKRouter(nn.Module):
     """Router over a pretrained gate weight ``[E, D]``, computed by :func:`desmoe.ops.topk_route`.
+
+    The routing options are one :class:`RouterSpec`, passed whole to the op. ``weight_path`` / ``bias_path`` name
+    where the weight and the selection bias live when they belong to a submodule adopted from the model's own
+    router (e.g. ``"wg.weight"``, ``"moe_statics.e_score_correction_bias"``), so state-dict keys stay the model's.
 
     Attributes set by the method layer (all optional):
         residual: module mapping ``x_TD -> delta_logits_TE`` added to the pretrained logits (ALR).
@@ -54,47 +32,74 @@ class TopKRouter(nn.Module):
             "topk_weights_TK"}`` of the latest forward (tensors, not detached) for KD and routing statistics.
     """
 
-    def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None):
+    def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
+                 *, weight_path: str = "weight", bias_path: str | None = None):
         # nn.Module's init directly: patch() may mix the model's own router class in after this one (so
         # transformers' output recorders, which match by isinstance, still see a router), and that class's
         # __init__ takes a config we do not have.
         nn.Module.__init__(self)
         if weight.dim() != 2 or weight.shape[0] != spec.num_experts:
             raise ValueError(f"router weight must be [E={spec.num_experts}, D], got {tuple(weight.shape)}")
-        self.weight = weight  # the same Parameter object as the original router's
+        self.weight_path = weight_path
+        if weight_path == "weight":
+            self.weight = weight  # the same Parameter object as the original router's
         if bias_E is not None:
             self.register_buffer("e_score_correction_bias", bias_E)
-        else:
-            self.e_score_correction_bias = None
+            bias_path = bias_path or "e_score_correction_bias"
+        self.bias_path = bias_path
         self.spec = spec
         self.top_k = spec.top_k
         self.num_experts = spec.num_experts
         self.hidden_dim = weight.shape[1]
         self.backend = backend
+        self.index_first = False  # return (ids, weights, logits): the order some families' routers use
         self.residual: nn.Module | None = None
         self.record = False
         self.last: dict | None = None
 
-    def base_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.spec.fp32_logits:
-            return F.linear(x_TD.float(), self.weight.float())
-        return F.linear(x_TD, self.weight)
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("weight_path", "weight") != "weight":
+            return self._resolve(self.weight_path)
+        return super().__getattr__(name)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def _resolve(self, path: str):
+        obj = self
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def bias_E(self) -> torch.Tensor | None:
+        """The selection bias ``[E]`` (None when the family has none)."""
+        return None if self.bias_path is None else self._resolve(self.bias_path).reshape(-1)
+
+    def base_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        w = self._resolve(self.weight_path)
+        if self.spec.logits_dtype == "float32":
+            return F.linear(x_TD.float(), w.float())
+        if self.spec.logits_dtype == "weight":
+            return F.linear(x_TD.to(w.dtype), w)
+        if self.spec.logits_dtype == "model_float":
+            return F.linear(x_TD, w).float()
+        return F.linear(x_TD, w)
+
+    def forward(self, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None):
+        """``(logits_TE, weights_TK, ids_TK)`` like the HF routers; ``expert_bias`` is the selection bias a
+        family passes in (LFM2-MoE) instead of holding it."""
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         base_TE = self.base_logits(x_TD)
         logits_TE = base_TE if self.residual is None else base_TE + self.residual(x_TD).to(base_TE.dtype)
         s = self.spec
-        weights_TK, ids_TK = ops.topk_route(
-            logits_TE, s.top_k, scoring=s.scoring, renormalize=s.renormalize, bias_E=self.e_score_correction_bias,
-            n_group=s.n_group, topk_group=s.topk_group, group_score=s.group_score, scaling=s.scaling,
-            renorm_eps=s.renorm_eps, masked_value=s.masked_value, backend=self.backend,
-        )
+        bias_E = expert_bias if expert_bias is not None else self.bias_E()
+        weights_TK, ids_TK = ops.topk_route(logits_TE, s, bias_E=bias_E, backend=self.backend)
         if s.weights_dtype == "logits":
             weights_TK = weights_TK.to(logits_TE.dtype)
+        elif s.weights_dtype == "input":
+            weights_TK = weights_TK.to(hidden_states.dtype)
         if self.record:
             self.last = {"x_TD": x_TD, "base_logits_TE": base_TE, "logits_TE": logits_TE,
                          "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
+        if self.index_first:
+            return ids_TK, weights_TK, logits_TE
         return logits_TE, weights_TK, ids_TK
 
     def extra_repr(self) -> str:

@@ -84,14 +84,18 @@ def topk_route_fwd_kernel(
     kcols = tl.arange(0, K_PAD)
     w_tk = tl.zeros([BLOCK_T, K_PAD], tl.float32)
     id_tk = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    # K arg-max passes over the experts not yet taken. `avail` (not a -inf sentinel in `choice`) marks what is
+    # left: masked experts may themselves hold -inf, and when K exceeds the eligible experts the stock routers
+    # go on to pick masked ones, so a taken expert must never tie with them. Ties: lowest expert id.
+    avail = (cols[None, :] < E) & row_mask[:, None]
     for k in tl.static_range(TOP_K):
-        m = tl.max(choice, axis=1)
-        idx = tl.min(tl.where(choice == m[:, None], cols[None, :], E_PAD), axis=1)
+        m = tl.max(tl.where(avail, choice, NEG), axis=1)
+        idx = tl.min(tl.where(avail & (choice == m[:, None]), cols[None, :], E_PAD), axis=1)
         hit = cols[None, :] == idx[:, None]
         w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         w_tk = tl.where(kcols[None, :] == k, w[:, None], w_tk)
         id_tk = tl.where(kcols[None, :] == k, idx[:, None], id_tk)
-        choice = tl.where(hit, NEG, choice)
+        avail = avail & ~hit
     if RENORM:
         denom = tl.sum(w_tk, axis=1) + renorm_eps
         w_tk = w_tk / tl.where(row_mask, denom, 1.0)[:, None]

@@ -10,14 +10,15 @@ import torch
 
 import desmoe
 from desmoe.integrations import moe_blocks, routers
-from desmoe.integrations.tiny import tiny_model, tiny_model_types
+from desmoe.integrations.tiny import COVERED_BY, tiny_model, tiny_model_types
 from desmoe.layers import TopKRouter, set_expert_masks
 
-SUPPORTED = desmoe.supported_model_types()
+SUPPORTED = tiny_model_types()  # every supported model type, or the one whose machinery it shares
 
 
 def test_every_supported_type_has_a_tiny_model():
-    assert set(SUPPORTED) == set(tiny_model_types())
+    covered = set(tiny_model_types()) | {t for t, by in COVERED_BY.items() if by in tiny_model_types()}
+    assert set(desmoe.supported_model_types()) == covered
     for must in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"):
         assert must in SUPPORTED
 
@@ -68,6 +69,10 @@ def test_patched_matches_eager_fp32_logits_and_grads(model_type):
     assert n > 10
 
 
+# A logit-norm rule cannot absorb one token choosing another expert in bf16 (desmoe's experts accumulate in
+# fp32, transformers' eager ones in bf16, so they round differently), which the tiny models of some types do on
+# this input (glm4_moe_lite on 5.24, dots1 on 5.17): the logits rule runs on four families, the bf16
+# gradient rule below on every type.
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe"])
 def test_patched_bf16_within_tolerance_rule(model_type):
     ids = _ids()
@@ -81,6 +86,38 @@ def test_patched_bf16_within_tolerance_rule(model_type):
     o_logits = ours(ids).logits.double()
     assert ours(ids).logits.dtype == torch.bfloat16
     assert (o_logits - ref_logits).norm() <= 2 * (e_logits - ref_logits).norm() + 1e-2
+
+
+def _flat_grads(model):
+    return torch.cat([p.grad.double().reshape(-1) for _, p in sorted(model.named_parameters()) if p.grad is not None])
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_patched_bf16_gradients_within_tolerance_rule(model_type):
+    # every parameter's gradient, bf16, default backend (the grouped path on CPU): no further from the fp32
+    # oracle than twice what transformers' own bf16 eager experts are
+    ids = _ids()
+    oracle = tiny_model(model_type, dtype=torch.float32).train()
+    oracle.set_experts_implementation("eager")
+    oracle(ids, labels=ids).loss.backward()
+    eager_bf16 = tiny_model(model_type, dtype=torch.bfloat16).train()
+    eager_bf16.set_experts_implementation("eager")
+    ours = desmoe.patch(copy.deepcopy(eager_bf16))
+    eager_bf16(ids, labels=ids).loss.backward()
+    ours(ids, labels=ids).loss.backward()
+    g_ref, g_eager, g_ours = _flat_grads(oracle), _flat_grads(eager_bf16), _flat_grads(ours)
+    assert g_ours.shape == g_ref.shape
+    assert (g_ours - g_ref).norm() <= 2 * (g_eager - g_ref).norm() + 1e-3 * g_ref.norm()
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_patch_keeps_every_state_dict_key(model_type):
+    model = tiny_model(model_type)
+    keys = set(model.state_dict())
+    desmoe.patch(model)
+    assert set(model.state_dict()) == keys and len(routers(model)) >= 1
+    desmoe.unpatch(model)
+    assert set(model.state_dict()) == keys and not routers(model)
 
 
 def test_patch_shares_parameters_and_keeps_state_dict_keys():

@@ -256,8 +256,12 @@ def test_routing_bad_inputs_raise_clear_errors():
         ops.topk_route(lg, 2, n_group=4)
     with pytest.raises(ValueError, match="topk_group"):
         ops.topk_route(lg, 2, n_group=3, topk_group=4)
-    with pytest.raises(ValueError, match="group-limited"):
-        ops.topk_route(lg, 5, n_group=3, topk_group=2)
+    with pytest.raises(TypeError, match="RouterSpec, not as keywords"):
+        ops.topk_route(lg, ops.RouterSpec(top_k=2, num_experts=6), scoring="sigmoid")
+    with pytest.raises(ValueError, match="num_experts=5"):
+        ops.topk_route(lg, ops.RouterSpec(top_k=2, num_experts=5))
+    with pytest.raises(ValueError, match="logits_dtype"):
+        ops.RouterSpec(top_k=2, num_experts=6, logits_dtype="half")
     with pytest.raises(ValueError, match="bias_E is on meta"):
         ops.topk_route(lg, 2, bias_E=torch.zeros(6, device="meta"))
 
@@ -305,8 +309,8 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("DESMOE_BACKEND", "reference")
     assert ops.resolve_backend(None, torch.device("cpu")) == "reference"
     monkeypatch.delenv("DESMOE_BACKEND")
-    # auto on CPU tensors is always the reference (Triton needs CUDA outside the interpreter)
-    assert ops.resolve_backend(None, torch.device("cpu")) == "reference"
+    # auto on CPU tensors is the grouped-GEMM path (Triton needs CUDA outside the interpreter)
+    assert ops.resolve_backend(None, torch.device("cpu")) == "grouped"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if ops.triton_available():
         with pytest.raises(ValueError, match="needs CUDA tensors"):

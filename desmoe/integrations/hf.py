@@ -6,14 +6,23 @@
 1. checks the model type is supported (else :class:`UnsupportedModelError` listing what is);
 2. switches every experts module to ``"desmoe"`` (``model.set_experts_implementation``), recording the
    backend and activation on each module;
-3. replaces each MoE block's router with :class:`desmoe.layers.TopKRouter`, which shares the router's
-   Parameter (no weight copies; state-dict keys unchanged).
+3. replaces each MoE block's router with :class:`desmoe.layers.TopKRouter`, which adopts the router's
+   parameters, buffers and submodules (no weight copies; state-dict keys unchanged).
+
+The registry :data:`MODEL_TYPES` says, per ``model_type``, which router class is replaced, how its routing
+spec is read and where its weight and bias live; :data:`REFUSED` names the fused-experts model types desmoe
+refuses and why.
 
 ``unpatch(model)`` restores the original routers and experts implementation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import layers
 from ..layers import RouterSpec, TopKRouter
@@ -33,20 +42,49 @@ def register() -> None:
 
 
 # --- router specs, one per HF router family (read off each router's forward) ------------------------------
+# Each builder reads a RouterSpec off one of the model's router modules. What each family's stock router does
+# is checked against the installed transformers' own router modules in tests/test_hf_routers.py.
 
-def _softmax_router(gate: nn.Module, config, *, renormalize: bool, weights_dtype: str) -> RouterSpec:
-    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, scoring="softmax",
-                      renormalize=renormalize, weights_dtype=weights_dtype)
-
-
-def _mixtral(gate, config):
-    # softmax(logits.float()) -> topk -> always renormalised; float32 weights
-    return _softmax_router(gate, config, renormalize=True, weights_dtype="float32")
+def _softmax_topk(gate, config):
+    # softmax(float32) -> topk -> renormalised -> float32 weights (Mixtral, MiniMax)
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True)
 
 
-def _qwen_like(gate, config):
-    # softmax(float) -> topk -> renormalised iff norm_topk_prob; weights cast back to the logits dtype
-    return _softmax_router(gate, config, renormalize=bool(gate.norm_topk_prob), weights_dtype="logits")
+def _softmax_topk_norm_flag(gate, config):
+    # softmax(float32) -> topk -> renormalised iff norm_topk_prob -> weights cast back to the logits dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=bool(gate.norm_topk_prob),
+                      weights_dtype="logits")
+
+
+def _softmax_topk_norm(gate, config):
+    # softmax(float32) -> topk -> always renormalised -> weights cast back to the logits dtype (Qwen3.5/VL)
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, weights_dtype="logits")
+
+
+def _topk_softmax(gate, config):
+    # float32 logits from a model-dtype linear; topk of the logits, softmax over the K picked (== softmax, topk,
+    # renormalise); weights in the input dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, logits_dtype="model_float",
+                      weights_dtype="input")
+
+
+def _hunyuan(gate, config):
+    # logits in the router weight's dtype (float32 as built), softmax, topk, renormalised, logits dtype
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, logits_dtype="weight",
+                      weights_dtype="logits")
+
+
+def _ernie(gate, config):
+    # float32 logits, softmax, topk of softmax + bias (moe_statics), weights unbiased, sum floored at norm_min
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True,
+                      renorm_min=float(gate.norm_min), logits_dtype="float32", weights_dtype="input")
+
+
+def _lfm2(gate, config):
+    # sigmoid in the model dtype, topk of sigmoid (+ the block's expert_bias), renormalised (+1e-6), scaled
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, scoring="sigmoid",
+                      renormalize=bool(gate.norm_topk_prob), renorm_eps=1e-6,
+                      scaling=float(gate.routed_scaling_factor), weights_dtype="logits")
 
 
 def _deepseek_v2(gate, config):
@@ -54,49 +92,109 @@ def _deepseek_v2(gate, config):
     if method not in ("greedy", "group_limited_greedy"):
         raise UnsupportedModelError(f"deepseek_v2 topk_method {method!r} is not supported (greedy, group_limited_greedy)")
     grouped = method == "group_limited_greedy"
+    # softmax; ineligible experts filled with 0.0 *in the scores*, so a masked expert picked weighs 0.0
     return RouterSpec(
         top_k=gate.top_k, num_experts=gate.num_experts, scoring="softmax", renormalize=False,
         n_group=gate.num_group if grouped else 1, topk_group=gate.topk_group if grouped else 1,
-        group_score="max", masked_value=0.0, scaling=float(gate.routed_scaling_factor), fp32_logits=True,
+        group_score="max", masked_value=0.0, weights_from_masked=True, scaling=float(gate.routed_scaling_factor),
+        logits_dtype="float32",
     )
 
 
 def _deepseek_v3(gate, config):
+    # sigmoid; + bias for selection; groups by top-2 sum; ineligible experts -inf; weights unbiased
     return RouterSpec(
         top_k=gate.top_k, num_experts=gate.num_experts, scoring="sigmoid", renormalize=bool(gate.norm_topk_prob),
         n_group=gate.num_group, topk_group=gate.topk_group, group_score="top2sum", renorm_eps=1e-20,
-        scaling=float(gate.routed_scaling_factor), fp32_logits=True,
+        scaling=float(gate.routed_scaling_factor), logits_dtype="float32",
     )
 
 
-# model_type -> (router class name, spec builder). Experts of all of these are the standard fused SwiGLU
-# layout (`gate_up_proj [E, 2I, D]`, `down_proj [E, D, I]`) dispatched through ExpertsInterface.
-_MODEL_TYPES = {
-    "mixtral": ("MixtralTopKRouter", _mixtral),
-    "qwen2_moe": ("Qwen2MoeTopKRouter", _qwen_like),
-    "qwen3_moe": ("Qwen3MoeTopKRouter", _qwen_like),
-    "olmoe": ("OlmoeTopKRouter", _qwen_like),
-    "flex_olmo": ("FlexOlmoTopKRouter", _qwen_like),
-    "deepseek_v2": ("DeepseekV2TopkRouter", _deepseek_v2),
-    "deepseek_v3": ("DeepseekV3TopkRouter", _deepseek_v3),
-    "glm4_moe": ("Glm4MoeTopkRouter", _deepseek_v3),
-    "glm4_moe_lite": ("Glm4MoeLiteTopkRouter", _deepseek_v3),
-    "dots1": ("Dots1TopkRouter", _deepseek_v3),
-    "exaone_moe": ("ExaoneMoeTopkRouter", _deepseek_v3),
-    "solar_open": ("SolarOpenTopkRouter", _deepseek_v3),
-    "minimax": ("MiniMaxTopKRouter", _mixtral),
-    "qwen3_next": ("Qwen3NextTopKRouter", _qwen_like),
+# --- the model-type registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How desmoe drives one ``model_type``'s MoE blocks.
+
+    Attributes:
+        router_class: class name of the model's router module (only routers of this class are replaced).
+        spec: builds the :class:`RouterSpec` from one router module and the model config.
+        routing: the routing family, in words (README table).
+        router_attr: attribute of the MoE block that holds the router (``gate`` or ``router``).
+        weight_path: where the router weight lives inside the router (kept there: same state-dict keys).
+        bias_path: the selection bias inside the router, if the family has one.
+    """
+
+    router_class: str
+    spec: Callable[[nn.Module, object], RouterSpec]
+    routing: str
+    router_attr: str = "gate"
+    weight_path: str = "weight"
+    bias_path: str | None = None
+
+
+_SOFTMAX = "softmax top-k, renormalised"
+_SOFTMAX_FLAG = "softmax top-k, renormalised iff norm_topk_prob"
+_V3 = "sigmoid + bias, group-limited (top-2 sum), DeepSeek-V3"
+
+# Experts of every type here are the standard fused gated layout (``gate_up_proj [E, 2I, D]``, ``down_proj
+# [E, D, I]``) dispatched through ExpertsInterface; _check_experts_layout refuses a module that is not.
+MODEL_TYPES: dict[str, ModelFamily] = {
+    "mixtral": ModelFamily("MixtralTopKRouter", _softmax_topk, _SOFTMAX),
+    "minimax": ModelFamily("MiniMaxTopKRouter", _softmax_topk, _SOFTMAX),
+    "qwen2_moe": ModelFamily("Qwen2MoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_moe": ModelFamily("Qwen3MoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_next": ModelFamily("Qwen3NextTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "olmoe": ModelFamily("OlmoeTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "flex_olmo": ModelFamily("FlexOlmoTopKRouter", _softmax_topk_norm_flag, _SOFTMAX_FLAG),
+    "qwen3_5_moe": ModelFamily("Qwen3_5MoeTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_5_moe_text": ModelFamily("Qwen3_5MoeTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_vl_moe": ModelFamily("Qwen3VLMoeTextTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "qwen3_vl_moe_text": ModelFamily("Qwen3VLMoeTextTopKRouter", _softmax_topk_norm, _SOFTMAX),
+    "granitemoe": ModelFamily("GraniteMoeTopKRouter", _topk_softmax, "top-k logits, softmax over the K",
+                              router_attr="router"),
+    "granitemoeshared": ModelFamily("GraniteMoeSharedTopKRouter", _topk_softmax, "top-k logits, softmax over the K",
+                                    router_attr="router"),
+    "hunyuan_v1_moe": ModelFamily("HunYuanMoEV1Gate", _hunyuan, _SOFTMAX, weight_path="wg.weight"),
+    "ernie4_5_moe": ModelFamily("Ernie4_5_MoeTopKRouter", _ernie, "softmax + bias top-k, sum floored at norm_min",
+                                bias_path="moe_statics.e_score_correction_bias"),
+    "lfm2_moe": ModelFamily("Lfm2MoeTopKRouter", _lfm2, "sigmoid (+ expert bias) top-k, renormalised, scaled"),
+    "deepseek_v2": ModelFamily("DeepseekV2TopkRouter", _deepseek_v2, "softmax, group-limited (max), DeepSeek-V2"),
+    "deepseek_v3": ModelFamily("DeepseekV3TopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "glm4_moe": ModelFamily("Glm4MoeTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "glm4_moe_lite": ModelFamily("Glm4MoeLiteTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "dots1": ModelFamily("Dots1TopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "exaone_moe": ModelFamily("ExaoneMoeTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "solar_open": ModelFamily("SolarOpenTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+}
+_MODEL_TYPES = MODEL_TYPES  # the name the upstream-test kit's plugin reads
+
+# Model types whose MoE block uses transformers' fused experts module but that desmoe refuses, and why.
+REFUSED: dict[str, str] = {
+    "gpt_oss": "its experts carry biases, an interleaved and transposed gate/up layout and a clamped SwiGLU "
+               "(alpha, limit); desmoe's experts ops implement the bias-free concatenated [E, 2I, D] SwiGLU only",
+    "phimoe": "its router is SparseMixer (jittered, masked two-pass selection with straight-through weights), "
+              "which desmoe's top-k routing spec cannot express",
 }
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_MODEL_TYPES)
+    return sorted(MODEL_TYPES)
 
 
 def _experts_modules(model: nn.Module):
     for name, mod in model.named_modules():
         if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and hasattr(mod, "has_gate"):
             yield name, mod
+
+
+def _custom_gate(mod: nn.Module) -> bool:
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # older transformers: no per-class gate hook
+        return False
+    gate = getattr(type(mod), "_apply_gate", _default_apply_gate)
+    return gate is not _default_apply_gate
 
 
 def _check_experts_layout(name: str, mod: nn.Module) -> None:
@@ -111,8 +209,60 @@ def _check_experts_layout(name: str, mod: nn.Module) -> None:
         problems.append("interleaved gate/up layout")
     if getattr(mod, "has_post_expert_norm", False):  # transformers >= 5.2x: a norm after each expert
         problems.append("a post-expert norm")
+    if _custom_gate(mod):
+        problems.append(f"its own gated activation ({type(mod).__name__}._apply_gate)")
     if problems:
         raise UnsupportedModelError(f"experts module {name!r} uses {', '.join(problems)}, which desmoe does not support")
+
+
+def family(model_type: str | None) -> ModelFamily:
+    """The registry entry of ``model_type``, or :class:`UnsupportedModelError` saying why not."""
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported by desmoe.patch: {REFUSED[model_type]}")
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported by desmoe.patch: {refusal_reason(model_type)}; "
+        f"supported: {', '.join(supported_model_types())}"
+    )
+
+
+_LAYOUT_FLAGS = {"has_gate=False": "no gate projection", "has_bias=True": "expert biases",
+                 "is_transposed=True": "transposed weights", "is_concatenated=False": "an interleaved gate/up layout",
+                 "has_post_expert_norm=True": "a post-expert norm"}
+
+
+def refusal_reason(model_type: str) -> str:
+    """Why desmoe refuses ``model_type``: the registry's reason, else what its transformers modeling file
+    declares (an experts layout desmoe's ops do not implement, or a router not checked against a family)."""
+    import importlib
+    import inspect
+    import re
+
+    if model_type in REFUSED:
+        return REFUSED[model_type]
+    try:
+        source = inspect.getsource(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"))
+    except (ImportError, OSError, TypeError):
+        return "it is not a transformers model type with fused experts that desmoe knows"
+    decorators = re.findall(r"@use_experts_implementation(?:\(([^)]*)\))?", source)
+    if not decorators:
+        return "its MoE block does not use transformers' fused experts module"
+    layout = [why for d in decorators for flag, why in _LAYOUT_FLAGS.items() if flag in d.replace(" ", "")]
+    if layout:
+        return f"its experts use {', '.join(sorted(set(layout)))}, which desmoe's experts ops do not implement"
+    routers_ = sorted(set(re.findall(r"^class (\w*(?:Router|Gate)\w*)\(", source, re.M))) or ["its router"]
+    return (f"its router ({', '.join(routers_)}) has not been checked against desmoe's routing families "
+            "(tests/test_hf_routers.py), so desmoe will not guess its semantics")
+
+
+def _activation(mod: nn.Module) -> str:
+    """The experts' gate activation: their ``act_fn`` when it is plain SiLU (LFM2-MoE hard-codes ``F.silu``),
+    else the config's ``hidden_act``."""
+    act = getattr(mod, "act_fn", None)
+    if act is F.silu or isinstance(act, nn.SiLU):
+        return "silu"
+    return layers.activation_name(mod.config.hidden_act)
 
 
 def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn.Module:
@@ -120,8 +270,8 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
 
     Args:
         model: a ``transformers`` model of a supported ``model_type`` (see :func:`supported_model_types`).
-        backend: ``"auto"`` (Triton on CUDA, else reference), ``"triton"`` or ``"reference"``; the
-            ``DESMOE_BACKEND`` environment variable overrides ``"auto"``.
+        backend: ``"auto"`` (Triton on CUDA, else the grouped-GEMM path), ``"triton"``, ``"grouped"`` or
+            ``"reference"``; the ``DESMOE_BACKEND`` environment variable overrides ``"auto"``.
         router: also replace routers with :class:`desmoe.layers.TopKRouter` (needed by DES-MoE's ALR).
     """
     from ..ops import BACKENDS
@@ -130,17 +280,13 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported by desmoe.patch; supported: {', '.join(supported_model_types())}"
-        )
-    router_cls_name, spec_fn = _MODEL_TYPES[model_type]
+    fam = family(model_type)
     experts = list(_experts_modules(model))
     if not experts:
         raise UnsupportedModelError(f"no fused experts modules found in this {model_type} model")
     for name, mod in experts:
         _check_experts_layout(name, mod)
-        mod._desmoe_activation = layers.activation_name(mod.config.hidden_act)
+        mod._desmoe_activation = _activation(mod)
     register()
     resolved = None if backend == "auto" else backend
     for _, mod in experts:
@@ -150,24 +296,45 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     if router:
         for parent in list(model.modules()):
-            gate = getattr(parent, "gate", None)
-            if gate is None:
-                continue
+            gate = getattr(parent, fam.router_attr, None)
             if isinstance(gate, TopKRouter):
                 gate.backend = resolved
-                continue
-            if type(gate).__name__ != router_cls_name:
-                continue
-            new = _router_class(type(gate))(gate.weight, spec_fn(gate, model.config),
-                                            bias_E=getattr(gate, "e_score_correction_bias", None), backend=resolved)
-            # transformers' output-capturing hooks (router logits for the aux loss) may already sit on the
-            # original router: carry them over so output_router_logits keeps working
-            new._forward_hooks.update(gate._forward_hooks)
-            new._forward_pre_hooks.update(gate._forward_pre_hooks)
-            # kept for unpatch(); stored outside nn.Module's registry so it adds no state-dict keys
-            new.__dict__["_desmoe_original"] = gate
-            parent.gate = new
+            elif gate is not None and type(gate).__name__ == fam.router_class:
+                setattr(parent, fam.router_attr, _replace_router(gate, fam, model.config, resolved))
     return model
+
+
+def _returns_index_first(gate: nn.Module, weight) -> bool:
+    """Whether this router returns ``(ids, weights, logits)`` rather than ``(logits, weights, ids)`` (the order
+    changed across transformers releases for some families): one probe call on a single token, hooks bypassed."""
+    args = (weight.new_zeros(1, weight.shape[1]),)
+    if getattr(gate, "use_expert_bias", False):  # LFM2-MoE: the block passes its selection bias in
+        args += (weight.new_zeros(weight.shape[0], dtype=torch.float32),)
+    with torch.no_grad():
+        out = type(gate).forward(gate, *args)
+    return not out[0].is_floating_point()
+
+
+def _replace_router(gate: nn.Module, fam: ModelFamily, config, backend) -> TopKRouter:
+    weight = gate.get_parameter(fam.weight_path)
+    bias = getattr(gate, "e_score_correction_bias", None) if fam.bias_path == "e_score_correction_bias" else None
+    new = _router_class(type(gate))(weight, fam.spec(gate, config), bias_E=bias, backend=backend,
+                                    weight_path=fam.weight_path, bias_path=fam.bias_path)
+    new.index_first = _returns_index_first(gate, weight)
+    # adopt the original's submodules, parameters and buffers (the same objects): state-dict keys unchanged
+    for name, child in gate.named_children():
+        new.add_module(name, child)
+    for name, p in gate._parameters.items():
+        new._parameters.setdefault(name, p)
+    for name, b in gate._buffers.items():
+        new._buffers.setdefault(name, b)
+    # transformers' output-capturing hooks (router logits for the aux loss) may already sit on the original
+    # router: carry them over so output_router_logits keeps working
+    new._forward_hooks.update(gate._forward_hooks)
+    new._forward_pre_hooks.update(gate._forward_pre_hooks)
+    # kept for unpatch(); stored outside nn.Module's registry so it adds no state-dict keys
+    new.__dict__["_desmoe_original"] = gate
+    return new
 
 
 _ROUTER_CLASSES: dict[type, type] = {}
@@ -187,14 +354,22 @@ def _router_class(hf_router_cls: type) -> type:
     return cls
 
 
+def _router_slots(model: nn.Module):
+    """``(parent, attribute, router)`` for every patched router."""
+    for parent in list(model.modules()):
+        for attr in ("gate", "router"):
+            r = getattr(parent, attr, None)
+            if isinstance(r, TopKRouter):
+                yield parent, attr, r
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original routers back, previous experts implementation restored."""
-    for parent in list(model.modules()):
-        gate = getattr(parent, "gate", None)
-        if isinstance(gate, TopKRouter) and "_desmoe_original" in gate.__dict__:
+    for parent, attr, gate in list(_router_slots(model)):
+        if "_desmoe_original" in gate.__dict__:
             original = gate.__dict__["_desmoe_original"]
             original._forward_hooks.update(gate._forward_hooks)  # hooks installed while patched
-            parent.gate = original
+            setattr(parent, attr, original)
     prev = getattr(model, "_desmoe_previous_experts_implementation", None)
     if prev is not None:
         model.set_experts_implementation(prev)
@@ -211,7 +386,72 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """``(name, router, experts)`` for every patched MoE block, in layer order."""
     out = []
     for name, mod in model.named_modules():
-        gate, experts = getattr(mod, "gate", None), getattr(mod, "experts", None)
-        if isinstance(gate, TopKRouter) and experts is not None and hasattr(experts, "gate_up_proj"):
-            out.append((name, gate, experts))
+        experts = getattr(mod, "experts", None)
+        for attr in ("gate", "router"):
+            gate = getattr(mod, attr, None)
+            if isinstance(gate, TopKRouter) and experts is not None and hasattr(experts, "gate_up_proj"):
+                out.append((name, gate, experts))
     return out
+
+
+# --- the README's model-type table, generated from the registry -------------------------------------------
+
+README_BEGIN = "<!-- model-types:begin (generated: python -m desmoe.integrations.hf --update-readme) -->"
+README_END = "<!-- model-types:end -->"
+
+
+def _paths(model_type: str) -> tuple[str, str]:
+    """(CUDA path, CPU path) for the tiny model of ``model_type`` (its default config's routing spec and
+    experts activation decide what the kernels carry)."""
+    from ..ops import kernel_routes
+    from .tiny import COVERED_BY, tiny_model
+
+    model = tiny_model(COVERED_BY.get(model_type, model_type))
+    patch(model, backend="reference")
+    spec = routers(model)[0].spec
+    activation = next(mod for _, mod in _experts_modules(model))._desmoe_activation
+    routing = "Triton routing" if kernel_routes(spec) else "reference routing"
+    experts = "Triton experts" if activation == "silu" else f"grouped experts ({activation})"
+    return f"{routing}, {experts}", "reference routing, grouped experts"
+
+
+def model_type_table() -> str:
+    """Markdown: one row per supported model type (router, routing family, kernel paths, masks), then the
+    model types refused with their reason."""
+    lines = ["| model type | router replaced | routing family | CUDA path | CPU path | DES-MoE masks |",
+             "|---|---|---|---|---|---|"]
+    for mt in supported_model_types():
+        fam = MODEL_TYPES[mt]
+        cuda, cpu = _paths(mt)
+        lines.append(f"| `{mt}` | `{fam.router_attr}`: `{fam.router_class}` | {fam.routing} | {cuda} | {cpu} "
+                     f"| per expert, per (token, expert) |")
+    lines += ["", "| refused model type | why |", "|---|---|"]
+    lines += [f"| `{mt}` | {why} |" for mt, why in sorted(REFUSED.items())]
+    return "\n".join(lines)
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated table between the README markers; returns whether the file changed."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_BEGIN!r} ... {README_END!r} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{model_type_table()}\n{README_END}{tail}"
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print (or write into the README) the model-type table.")
+    ap.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="PATH")
+    args = ap.parse_args()
+    if args.update_readme:
+        print("updated" if update_readme(args.update_readme) else "unchanged", args.update_readme)
+    else:
+        print(model_type_table())

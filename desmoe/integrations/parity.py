@@ -14,14 +14,14 @@ import torch
 def parity_rows(model_types=None, *, backend: str = "reference", seed: int = 0) -> list[dict]:
     """One dict per model type: ``model_type, logits_max_abs, grad_max_rel, eager_ms, desmoe_ms, ok``."""
     import desmoe
-    from .tiny import tiny_model
+    from .tiny import tiny_model, tiny_model_types
 
     rows = []
-    for mt in model_types or desmoe.supported_model_types():
+    for mt in model_types or tiny_model_types():
         ref = tiny_model(mt, seed=seed).train()
         ref.set_experts_implementation("eager")
         ours = desmoe.patch(copy.deepcopy(ref), backend=backend)
-        ids = torch.randint(3, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(3, ref.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
         out, ms = {}, {}
         for name, m in (("eager", ref), ("desmoe", ours)):
             t0 = time.perf_counter()

@@ -12,6 +12,8 @@ _COMMON = dict(
     max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 
+_COMMON_TEXT = {k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}
+
 _TINY = {
     "mixtral": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=32,
@@ -49,7 +51,31 @@ _TINY = {
                        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, head_dim=8,
                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                        linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_moe_text": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+                             num_experts=8, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                             linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"]),
+    # a vision-language model: text-only inputs, a one-block vision tower
+    "qwen3_vl_moe": dict(text_config=dict(_COMMON_TEXT, intermediate_size=64, moe_intermediate_size=24, num_experts=8,
+                                          num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [1, 1, 2]}),
+                         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                            out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=[0],
+                                            patch_size=4, temporal_patch_size=1, spatial_merge_size=1)),
+    "granitemoe": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+    "granitemoeshared": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                             shared_intermediate_size=32),
+    "hunyuan_v1_moe": dict(intermediate_size=24, num_experts=8, moe_topk=2, head_dim=8, num_shared_expert=1),
+    "ernie4_5_moe": dict(intermediate_size=64, moe_intermediate_size=24, moe_num_experts=8, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_interval=1),
+    "lfm2_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                     num_dense_layers=0, norm_topk_prob=True, use_expert_bias=True, routed_scaling_factor=1.5,
+                     layer_types=["conv", "full_attention"]),
 }
+_VISION_LANGUAGE = {"qwen3_vl_moe"}
+# model types whose MoE machinery is that of another tiny model type (a composite and its text model)
+COVERED_BY = {"qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe_text": "qwen3_vl_moe"}
 
 
 def tiny_model_types() -> list[str]:
@@ -62,6 +88,8 @@ def tiny_config(model_type: str, **overrides):
 
     if model_type not in _TINY:
         raise ValueError(f"model_type must be one of {tiny_model_types()}, got {model_type!r}")
+    if model_type in _VISION_LANGUAGE:
+        return AutoConfig.for_model(model_type, tie_word_embeddings=False, **{**_TINY[model_type], **overrides})
     kwargs = {**_COMMON, **_TINY[model_type], **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -72,18 +100,22 @@ def tiny_model(model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.flo
     HF initialises some routers to zeros (every token ties); we draw router weights (and the DeepSeek-V3 bias)
     so routing is informative, deterministically from ``seed``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    auto = AutoModelForImageTextToText if model_type in _VISION_LANGUAGE else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(model_type, **overrides), dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and p.dim() == 2:
+            if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        for name, p in model.named_parameters(remove_duplicate=False):  # ERNIE keeps its bias as a parameter
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()

@@ -2,8 +2,10 @@
 
 Backends:
     ``"triton"``     Triton kernels (``desmoe.kernels``) behind ``torch.library.custom_op``s; CUDA tensors.
-    ``"reference"``  plain PyTorch (``desmoe.ops.reference``): runs anywhere, the test oracle.
-    ``"auto"``       triton for CUDA tensors when Triton and the kernels import, else reference.
+    ``"grouped"``    PyTorch grouped GEMMs with a hand-written backward (``desmoe.ops.grouped``); any device.
+    ``"reference"``  plain PyTorch (``desmoe.ops.reference``): runs anywhere, the readable test oracle.
+    ``"auto"``       triton for CUDA tensors when Triton and the kernels import, else grouped. Routing has
+                     two implementations: triton, and the reference (which every other backend uses).
 
 The backend comes from the ``backend=`` argument, else the ``DESMOE_BACKEND`` environment variable, else
 ``"auto"``. Every entry point validates its inputs here, once, for all backends, and raises ``ValueError`` /
@@ -17,20 +19,19 @@ import os
 import torch
 
 from . import reference
+from .spec import GROUP_SCORES, ROUTING_SCORINGS, RouterSpec, as_spec
 
-BACKENDS = ("auto", "triton", "reference")
-ROUTING_SCORINGS = ("softmax", "sigmoid")
-GROUP_SCORES = ("max", "top2sum")
+BACKENDS = ("auto", "triton", "grouped", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend (``"triton"`` or ``"reference"``) for tensors on ``device``."""
+    """The concrete backend (``"triton"``, ``"grouped"`` or ``"reference"``) for tensors on ``device``."""
     name = backend if backend is not None else os.environ.get("DESMOE_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        return "triton" if device.type == "cuda" and triton_available() else "grouped"
     if name == "triton":
         if not triton_available():
             raise RuntimeError(
@@ -71,66 +72,55 @@ def _check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=N
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move them to one device")
 
 
-def check_routing_args(
-    logits_TE, top_k, *, scoring="softmax", bias_E=None, n_group=1, topk_group=1, group_score="max"
-) -> None:
+def check_routing_args(logits_TE, spec: RouterSpec, bias_E=None) -> None:
+    """Validate the tensors of a routing call against its (already validated) spec."""
     _check_tensor("logits_TE", logits_TE, dim=2, dtypes=_FLOAT_DTYPES)
     E = logits_TE.shape[1]
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, num_experts={E}], got {top_k}")
-    if scoring not in ROUTING_SCORINGS:
-        raise ValueError(f"scoring must be one of {ROUTING_SCORINGS}, got {scoring!r}")
-    if group_score not in GROUP_SCORES:
-        raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+    if spec.num_experts != E:
+        raise ValueError(f"logits_TE has {E} experts but RouterSpec.num_experts={spec.num_experts}")
     if bias_E is not None:
         _check_tensor("bias_E", bias_E, dim=1, dtypes=_FLOAT_DTYPES, device=logits_TE.device)
         if bias_E.shape[0] != E:
             raise ValueError(f"bias_E must have shape [{E}] (num_experts), got {tuple(bias_E.shape)}")
-    if n_group < 1 or E % n_group != 0:
-        raise ValueError(f"n_group must be >= 1 and divide num_experts={E}, got {n_group}")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
-    if n_group > 1 and top_k > topk_group * (E // n_group):
-        raise ValueError(
-            f"top_k={top_k} exceeds the experts eligible under group-limited routing "
-            f"(topk_group={topk_group} x {E // n_group} experts per group)"
-        )
+
+
+def kernel_routes(spec: RouterSpec) -> bool:
+    """Whether the Triton routing kernel carries every option of ``spec`` (else routing runs on the reference).
+
+    The kernel reads the weights from the unmasked scores and renormalises by ``sum + eps``: a spec whose
+    weights come from the masked scores *and* that can pick masked experts (K > eligible), or whose sum is
+    floored (``renorm_min``), runs on the reference.
+    """
+    return not (spec.weights_from_masked and spec.top_k > spec.num_eligible) and not spec.renorm_min
 
 
 def topk_route(
     logits_TE: torch.Tensor,
-    top_k: int,
+    spec: RouterSpec | int,
     *,
-    scoring: str = "softmax",
-    renormalize: bool = True,
     bias_E: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    group_score: str = "max",
-    scaling: float = 1.0,
-    renorm_eps: float = 0.0,
-    masked_value: float | None = None,
     backend: str | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing ``logits [T, E] -> (weights [T, K] float32, ids [T, K] int64)``.
 
-    See :func:`desmoe.ops.reference.topk_route_reference` for the semantics of every option.
+    ``spec`` is a :class:`RouterSpec` (or ``top_k`` with the spec's fields as keywords, e.g.
+    ``topk_route(logits, 2, scoring="sigmoid")``). Semantics: :func:`desmoe.ops.reference.topk_route_reference`.
     """
-    check_routing_args(
-        logits_TE, top_k, scoring=scoring, bias_E=bias_E, n_group=n_group, topk_group=topk_group,
-        group_score=group_score,
-    )
-    kwargs = dict(
-        scoring=scoring, renormalize=renormalize, bias_E=bias_E, n_group=n_group, topk_group=topk_group,
-        group_score=group_score, scaling=scaling, renorm_eps=renorm_eps, masked_value=masked_value,
-    )
-    if resolve_backend(backend, logits_TE.device) == "triton":
+    if not isinstance(logits_TE, torch.Tensor) or logits_TE.dim() != 2:
+        _check_tensor("logits_TE", logits_TE, dim=2)
+    spec = as_spec(spec, logits_TE.shape[1], options)
+    check_routing_args(logits_TE, spec, bias_E)
+    if kernel_routes(spec) and resolve_backend(backend, logits_TE.device) == "triton":
         from . import triton_ops
 
-        return triton_ops.topk_route(logits_TE, top_k, **kwargs)
-    return reference.topk_route_reference(logits_TE, top_k, **kwargs)
+        # the custom-op boundary: primitives only
+        return triton_ops.topk_route(
+            logits_TE, spec.top_k, scoring=spec.scoring, renormalize=spec.renormalize, bias_E=bias_E,
+            n_group=spec.n_group, topk_group=spec.topk_group, group_score=spec.group_score, scaling=spec.scaling,
+            renorm_eps=spec.renorm_eps, masked_value=spec.masked_value,
+        )
+    return reference.topk_route_reference(logits_TE, spec, bias_E=bias_E)
 
 
 def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -230,6 +220,15 @@ def moe_experts(
         # the reference's matmuls would fail with a message naming neither argument (autocast casts them itself)
         raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
                         f"one of them, or run under torch.autocast")
+    # grouped: its own backend; triton with an activation its epilogue does not carry; reference under
+    # torch.compile (the reference loop syncs with the host and branches on data; the grouped op is one opaque
+    # custom op with a fake implementation, tested against the reference)
+    if name != "reference" or torch.compiler.is_compiling():
+        from .grouped import grouped_experts
+
+        trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
+        return grouped_experts(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                               activation=activation, trainable_S=trainable_S, trainable_E=expert_trainable_E)
     return reference.moe_experts_reference(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
         expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
@@ -243,7 +242,7 @@ from .pair_mask import pair_mask  # noqa: E402
 from .routing_stats import routing_stats  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "resolve_backend", "triton_available", "topk_route", "expert_counts", "permute", "moe_experts",
+    "BACKENDS", "RouterSpec", "ROUTING_SCORINGS", "GROUP_SCORES", "resolve_backend", "triton_available", "kernel_routes", "topk_route", "expert_counts", "permute", "moe_experts",
     "check_routing_args", "check_experts_args", "reference",
     "mask_expert_grads_", "pair_mask", "routing_stats", "affinity_ema_",
 ]

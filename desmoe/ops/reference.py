@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .spec import RouterSpec, as_spec
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -23,58 +25,59 @@ ACTIVATIONS = {
 
 
 def topk_route_reference(
-    logits_TE: torch.Tensor,
-    top_k: int,
-    *,
-    scoring: str = "softmax",
-    renormalize: bool = True,
-    bias_E: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    group_score: str = "max",
-    scaling: float = 1.0,
-    renorm_eps: float = 0.0,
-    masked_value: float | None = None,
+    logits_TE: torch.Tensor, spec: RouterSpec | int, *, bias_E: torch.Tensor | None = None, **options
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing from router logits.
+    """Top-k routing from router logits, as the Hugging Face routers compute it.
 
     Args:
         logits_TE: router logits [T, E] (any float dtype; scoring runs in float32).
-        top_k: experts per token K (1 <= K <= E).
-        scoring: ``"softmax"`` over experts or ``"sigmoid"`` per expert.
-        renormalize: divide the K selected scores by their sum (+ ``renorm_eps``).
+        spec: a :class:`~desmoe.ops.spec.RouterSpec`, or ``top_k`` with the spec's fields as keywords.
         bias_E: score-correction bias added to the scores for *selection only* (DeepSeek-V3); the returned
             weights are the unbiased scores.
-        n_group, topk_group: group-limited routing: experts split into ``n_group`` contiguous groups, only the
-            best ``topk_group`` groups are eligible. ``group_score`` ranks groups by their ``"max"`` score
-            (DeepSeek-V2) or the sum of their top-2 scores (``"top2sum"``, DeepSeek-V3).
-        scaling: multiply the final weights (``routed_scaling_factor``).
-        masked_value: value given to ineligible experts before the final top-k (default ``-inf``; DeepSeek-V2
-            uses 0.0 on softmax scores).
+
+    The steps, each one the HF routers' own: scores = softmax|sigmoid(logits); choice = scores + bias; with
+    group-limited routing, experts are split into ``n_group`` contiguous groups ranked by their ``"max"`` choice
+    or the sum of their top-2 (``"top2sum"``), and the experts outside the best ``topk_group`` groups get the
+    choice ``masked_value`` (``-inf`` by default). The ids are ``torch.topk(choice, K)``: when K exceeds the
+    eligible experts, the rest come from the masked ones, tied at ``masked_value`` and broken as ``torch.topk``
+    breaks them (so on the same device, the same set as the stock router). The weights are the unbiased scores
+    of those ids (or, with ``weights_from_masked``, the masked scores: ``masked_value`` for a masked expert),
+    renormalised by their sum + ``renorm_eps`` (floored at ``renorm_min``) if ``renormalize``, then times
+    ``scaling``.
 
     Returns:
-        ``(topk_weights_TK float32, topk_ids_TK int64)``. Ties resolve as ``torch.topk`` does.
+        ``(topk_weights_TK float32, topk_ids_TK int64)``, ids in descending choice order.
     """
-    scores_TE = logits_TE.float().softmax(dim=-1) if scoring == "softmax" else logits_TE.float().sigmoid()
+    spec = as_spec(spec, logits_TE.shape[-1], options)
+    E = spec.num_experts
+    logits32_TE = logits_TE.float()
+    scores_TE = logits32_TE.softmax(dim=-1) if spec.scoring == "softmax" else logits32_TE.sigmoid()
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
-    E = logits_TE.shape[-1]
-    if n_group > 1 and topk_group < n_group:
-        grouped = choice_TE.view(-1, n_group, E // n_group)
-        if group_score == "top2sum":
-            group_scores_TG = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+    eligible_TE = None
+    if spec.grouped:
+        grouped = choice_TE.view(-1, spec.n_group, E // spec.n_group)
+        if spec.group_score == "top2sum":
+            group_scores_TG = grouped.topk(min(2, E // spec.n_group), dim=-1).values.sum(dim=-1)
         else:
             group_scores_TG = grouped.max(dim=-1).values
-        group_idx = group_scores_TG.topk(topk_group, dim=-1).indices
+        group_idx = group_scores_TG.topk(spec.topk_group, dim=-1).indices
         group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
-        eligible_TE = group_mask_TG.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
-        fill = float("-inf") if masked_value is None else masked_value
+        eligible_TE = group_mask_TG.unsqueeze(-1).expand(-1, spec.n_group, E // spec.n_group).reshape(-1, E)
+        fill = float("-inf") if spec.masked_value is None else spec.masked_value
         choice_TE = choice_TE.masked_fill(~eligible_TE, fill)
-    topk_ids_TK = choice_TE.topk(top_k, dim=-1).indices
-    topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
-    if renormalize:
-        topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + renorm_eps)
-    if scaling != 1.0:
-        topk_weights_TK = topk_weights_TK * scaling
+    topk_ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
+    if spec.weights_from_masked and eligible_TE is not None:
+        fill = float("-inf") if spec.masked_value is None else spec.masked_value
+        topk_weights_TK = scores_TE.masked_fill(~eligible_TE, fill).gather(1, topk_ids_TK)
+    else:
+        topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
+    if spec.renormalize:
+        denom_T1 = topk_weights_TK.sum(dim=-1, keepdim=True) + spec.renorm_eps
+        if spec.renorm_min:
+            denom_T1 = denom_T1.clamp(min=spec.renorm_min)
+        topk_weights_TK = topk_weights_TK / denom_T1
+    if spec.scaling != 1.0:
+        topk_weights_TK = topk_weights_TK * spec.scaling
     return topk_weights_TK, topk_ids_TK
 
 
@@ -261,3 +264,4 @@ def affinity_ema_reference(A_LME: torch.Tensor, counts_LME: torch.Tensor, moment
     new = momentum * A_LME.double() + (1.0 - momentum) * frac
     A_LME.copy_(torch.where(total_LM1 != 0, new, A_LME.double()).to(A_LME.dtype))
     return A_LME
+

@@ -1,0 +1,204 @@
+"""Experts on PyTorch's grouped GEMM (``torch.nn.functional.grouped_mm``): the fast path where Triton is not.
+
+Backend ``"grouped"`` (``backend="auto"`` on CPU). One ``torch.library.custom_op`` for the forward and one for the
+backward, both with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them; inside,
+eager PyTorch on the sorted pairs:
+
+    forward   pairs sorted by expert (stable) -> x_g = x[tok] -> h = x_g @ W1[e]^T (grouped) -> a = act(gate) * up
+              -> y = (w * a) @ W2[e]^T (grouped; the weight folded into the narrower input) -> out[tok] += y
+              (fp32 accumulate)
+    backward  g = dout[tok] @ W2[e] (grouped, unweighted) -> dw = <g, a>, da = w * g -> dh = act'(h) (da)
+              -> dx[tok] += dh @ W1[e] (grouped) -> dW1 = dh^T x_g, dW2 = dout[tok]^T (w * a) (grouped, K = pairs)
+
+It saves the pair order, offsets, ``x_g``, ``h``, ``act(gate)`` and ``a``; ``y`` is never stored
+(``dw = <dout, y> = <dout @ W2, a>``).
+The DES-MoE masks act on the two dW GEMMs only (values, dX and d(weights) are untouched): a frozen expert's dW
+GEMMs are skipped, and a non-trainable pair's rows are zeroed. Shapes as in :mod:`desmoe.ops.reference` (whose per-expert loop stays the readable oracle).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import ACTIVATIONS
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _gmm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
+    """Grouped GEMM over row groups ending at ``offs_E``: 2D x 3D -> rows of ``a[g] @ b[e]``; 2D x 2D (the
+    group dimension being the shared K) -> ``[E, M, N]``. A per-expert loop where no grouped GEMM exists."""
+    if _GROUPED_MM is not None and _grouped_mm_ok(a) and _grouped_mm_ok(b):
+        return _GROUPED_MM(a, b, offs=offs_E)  # dW of an expert with no rows: zeros (tested)
+    bounds = [0] + offs_E.tolist()
+    if b.dim() == 3:
+        return torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+
+
+def _gmm_dw(a_MS: Tensor, b_SN: Tensor, offs_E: Tensor, trainable_E: Tensor | None) -> Tensor:
+    """dW ``[E, M, N]`` as a grouped GEMM over the pair dimension; with ``trainable_E``, one GEMM per trainable
+    expert and zeros for the frozen ones (their FLOPs are skipped, not masked)."""
+    if trainable_E is None:
+        return _gmm(a_MS, b_SN, offs_E)
+    E = offs_E.shape[0]
+    out = a_MS.new_zeros(E, a_MS.shape[0], b_SN.shape[1])
+    bounds, keep = [0] + offs_E.tolist(), trainable_E.tolist()  # host reads: we are inside an eager custom op
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if keep[e] and hi > lo:
+            torch.mm(a_MS[:, lo:hi], b_SN[lo:hi], out=out[e])
+    return out
+
+
+def _grouped_mm_ok(t: Tensor) -> bool:
+    """The grouped GEMM kernels want 16-byte aligned data and strides, and a float32/16 or bfloat16 dtype on
+    CPU (bfloat16 on CUDA, where the other dtypes are not implemented on every architecture)."""
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if t.device.type != "cpu" and t.dtype != torch.bfloat16:
+        return False
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st == 1 or (st * size) % 16 == 0 or n == 1
+                                          for n, st in zip(t.shape, t.stride()))
+
+
+def _act_backward(activation: str, grad: Tensor, x: Tensor, act_x: Tensor) -> Tensor:
+    """``grad * act'(x)`` with aten's own activation backward kernels (a custom op's body runs below
+    autograd, so it cannot differentiate by tracing)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, act_x, 0)
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def _pairs(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    flat_S = topk_ids_TK.reshape(-1)
+    perm_S = torch.sort(flat_S, stable=True).indices
+    offs_E = torch.cumsum(torch.bincount(flat_S, minlength=num_experts), 0).to(torch.int32)
+    return perm_S, offs_E
+
+
+@torch.library.custom_op("desmoe::grouped_experts_fwd", mutates_args=())
+def grouped_experts_fwd(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
+    trainable_S: Tensor | None, trainable_E: Tensor | None, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out_TD, perm_S int64, offs_E int32, x_SD, h_S2I, act_SI, a_SI)``; all but ``out_TD`` are saved
+    for the backward (the masks too: they only act on the dW of the backward)."""
+    T, K = topk_ids_TK.shape
+    perm_S, offs_E = _pairs(topk_ids_TK, w_gate_up_E2ID.shape[0])
+    tok_S = perm_S // K
+    wdt = w_gate_up_E2ID.dtype
+    x_SD = x_TD.index_select(0, tok_S).to(wdt)  # index_select: a row copy, ~2x aten::index on CPU
+    h_S2I = _gmm(x_SD, w_gate_up_E2ID.transpose(-2, -1), offs_E)
+    # the routing weight is folded into the down projection's input ([S, I], narrower than its output)
+    w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1)
+    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+    act_SI = ACTIVATIONS[activation](gate_SI)
+    a_SI = act_SI * up_SI
+    aw_SI = (a_SI * w_S1).to(wdt)
+    y_SD = _gmm(aw_SI, w_down_EDI.transpose(-2, -1), offs_E)
+    out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
+    out_TD.index_add_(0, tok_S, y_SD.to(out_TD.dtype))  # fp32 accumulate of the K contributions
+    return out_TD.to(x_TD.dtype), perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI
+
+
+@grouped_experts_fwd.register_fake
+def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S, trainable_E, activation):
+    S, I2 = topk_ids_TK.numel(), w_gate_up_E2ID.shape[1]
+    return (x_TD.new_empty(x_TD.shape), topk_ids_TK.new_empty((S,), dtype=torch.int64),
+            topk_ids_TK.new_empty((w_gate_up_E2ID.shape[0],), dtype=torch.int32),
+            w_gate_up_E2ID.new_empty((S, x_TD.shape[1])), w_gate_up_E2ID.new_empty((S, I2)),
+            w_gate_up_E2ID.new_empty((S, I2 // 2)), w_gate_up_E2ID.new_empty((S, I2 // 2)))
+
+
+@torch.library.custom_op("desmoe::grouped_experts_bwd", mutates_args=())
+def grouped_experts_bwd(
+    dout_TD: Tensor, x_SD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
+    perm_S: Tensor, offs_E: Tensor, h_S2I: Tensor, act_SI: Tensor, a_SI: Tensor, trainable_S: Tensor | None,
+    trainable_E: Tensor | None, activation: str, need_dx: bool, need_dw: bool, need_dweights: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``. ``trainable_S`` (pair order t*K+k) zeroes pairs'
+    rows in the dW GEMMs; an expert with ``trainable_E`` False skips its dW GEMMs (zeros). A gradient not
+    needed (``need_*`` False) is skipped and returned as an empty tensor."""
+    T, K = topk_weights_TK.shape
+    tok_S = perm_S // K
+    wdt = w_down_EDI.dtype
+    acc = torch.promote_types(dout_TD.dtype, torch.float32)  # fp32 math for low precision; fp64 stays fp64
+    w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1).to(wdt)
+    dout_SD = dout_TD.index_select(0, tok_S).to(wdt)
+    g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
+    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+    def skipped():  # a fresh empty tensor each: a custom op's outputs must not alias one another
+        return dout_TD.new_empty(0)
+
+    dweights_TK = skipped()
+    if need_dweights:
+        dweights_S = torch.linalg.vecdot(g_SI.to(acc), a_SI.to(acc))
+        dweights_TK = torch.empty_like(dweights_S).index_copy_(0, perm_S, dweights_S).view(T, K)
+        dweights_TK = dweights_TK.to(topk_weights_TK.dtype)
+    da_SI = g_SI * w_S1
+    dh_S2I = torch.cat([_act_backward(activation, da_SI * up_SI, gate_SI, act_SI), da_SI * act_SI], dim=1)
+    dx_TD = skipped()
+    if need_dx:
+        dx_TD = torch.zeros(T, dout_TD.shape[1], dtype=acc, device=dout_TD.device)
+        dx_TD.index_add_(0, tok_S, _gmm(dh_S2I, w_gate_up_E2ID, offs_E).to(acc))
+        dx_TD = dx_TD.to(dout_TD.dtype)
+    dw1, dw2 = skipped(), skipped()
+    if need_dw:
+        aw_SI = a_SI * w_S1
+        if trainable_S is not None:
+            keep_S1 = trainable_S[perm_S].unsqueeze(1)
+            dh_S2I = dh_S2I * keep_S1
+            aw_SI = aw_SI * keep_S1
+        dw1 = _gmm_dw(dh_S2I.t(), x_SD, offs_E, trainable_E)
+        dw2 = _gmm_dw(dout_SD.t(), aw_SI, offs_E, trainable_E)
+    return dx_TD, dw1, dw2, dweights_TK
+
+
+@grouped_experts_bwd.register_fake
+def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
+      trainable_S, trainable_E, activation, need_dx, need_dw, need_dweights):
+    def shaped(t, need):
+        return t.new_empty(t.shape if need else (0,))
+
+    return (shaped(dout_TD, need_dx), shaped(w_gate_up_E2ID, need_dw), shaped(w_down_EDI, need_dw),
+            shaped(topk_weights_TK, need_dweights))
+
+
+def _setup_context(ctx, inputs, output):
+    _x, w_gate_up_E2ID, w_down_EDI, _ids, topk_weights_TK, trainable_S, trainable_E, activation = inputs
+    _out, perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI = output
+    ctx.mark_non_differentiable(perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI)
+    ctx.save_for_backward(x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
+                          trainable_S, trainable_E)
+    ctx.activation = activation
+
+
+def _backward(ctx, dout_TD, *_saved_grads):
+    x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S, trainable_E = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_dweights = need[0], need[1] or need[2], need[4]
+    dx, dw1, dw2, dweights = grouped_experts_bwd(
+        dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S,
+        trainable_E, ctx.activation, need_dx, need_dw, need_dweights)
+    return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
+            dweights if need_dweights else None, None, None, None)
+
+
+grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_experts(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    activation: str = "silu", trainable_S: Tensor | None = None, trainable_E: Tensor | None = None,
+) -> Tensor:
+    """``out_TD`` (dtype of ``x_TD``), differentiable in x, both weights and the routing weights."""
+    return grouped_experts_fwd(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S,
+                               trainable_E, activation)[0]
