@@ -148,6 +148,11 @@ def from_pretrained(path: str, *, device="cpu", dtype=torch.float32, backend: st
 
 
 # --- fitting linear routers to the trained routing -------------------------------------------------------------
+def _logits_and_ids(mod, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's ``(logits_TE, ids_TK)`` from its forward output, whichever order its family returns."""
+    return (out[2], out[0]) if mod.index_first else (out[0], out[2])
+
+
 class _RouterStats:
     """Per router: float64 ``X^T X`` [D, D], ``X^T Z`` [D, E] and the token count, accumulated by forward hooks."""
 
@@ -162,7 +167,7 @@ class _RouterStats:
     def hook(self, i):
         def fn(mod, args, out):
             x = args[0].reshape(-1, mod.hidden_dim).detach().to(torch.float64).cpu()
-            z = out[0].detach().to(torch.float64).cpu()
+            z = _logits_and_ids(mod, out)[0].detach().to(torch.float64).cpu()
             if self.mask_T is not None:
                 x, z = x[self.mask_T], z[self.mask_T]
             self.xtx[i] += x.T @ x
@@ -220,13 +225,11 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
     def hook(i):
         def fn(mod, args, out):
             x = args[0].reshape(-1, mod.hidden_dim).detach()
-            ids = out[2].detach()
+            ids = _logits_and_ids(mod, out)[1].detach()
             s = mod.spec
             logits = torch.nn.functional.linear(x.float(), weights[i].to(x.device))
-            _, cand = ops.topk_route(logits, s.top_k, scoring=s.scoring, renormalize=s.renormalize,
-                                     bias_E=mod.e_score_correction_bias, n_group=s.n_group,
-                                     topk_group=s.topk_group, group_score=s.group_score, scaling=s.scaling,
-                                     renorm_eps=s.renorm_eps, masked_value=s.masked_value, backend="reference")
+            bias = args[1] if len(args) > 1 and args[1] is not None else mod.bias_E()  # LFM2 passes it in
+            _, cand = ops.topk_route(logits, s, bias_E=bias, backend="reference")
             if mask["T"] is not None:
                 ids, cand = ids[mask["T"]], cand[mask["T"]]
             a, b = ids.sort(-1).values, cand.sort(-1).values

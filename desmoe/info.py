@@ -48,7 +48,9 @@ def _backends(cuda: bool) -> dict:
             chosen = ops.resolve_backend(None, torch.device(dev))
         except (ValueError, RuntimeError) as e:  # e.g. DESMOE_BACKEND set to something unusable here
             chosen = f"error: {e}"
-        out[f"patch_{dev}"] = {"routing": chosen, "experts": chosen}
+        # routing has two implementations: the Triton kernel, and the reference every other backend uses
+        routing = chosen if chosen in ("triton",) or chosen.startswith("error") else "reference"
+        out[f"patch_{dev}"] = {"routing": routing, "experts": chosen}
     return out
 
 

@@ -25,8 +25,13 @@ def test_info_json_is_machine_readable(capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["torch"] == torch.__version__
     assert facts["device"]["cuda_available"] == torch.cuda.is_available()
-    # on a CPU tensor, auto resolves to the reference (Triton needs CUDA tensors outside the interpreter)
-    assert facts["backends"]["patch_cpu"] == {"routing": "reference", "experts": "reference"}
+    # on a CPU tensor, auto resolves to the grouped experts and the reference router (Triton needs CUDA tensors
+    # outside the interpreter); the same rule desmoe.ops applies
+    from desmoe import ops
+
+    assert facts["backends"]["patch_cpu"] == {"routing": "reference",
+                                              "experts": ops.resolve_backend(None, torch.device("cpu"))}
+    assert facts["backends"]["patch_cpu"]["experts"] == "grouped"
     assert "qwen3_moe" in facts["supported_model_types"]
 
 
@@ -72,7 +77,7 @@ def test_info_and_reference_path_run_without_triton():
     facts = json.loads(json_part)
     assert facts["triton"] == "not installed"
     assert facts["backends"]["triton_kernels_importable"] is False
-    assert facts["backends"]["patch_cpu"]["experts"] == "reference"
+    assert facts["backends"]["patch_cpu"] == {"routing": "reference", "experts": "grouped"}
     assert "pip install" in r.stdout and "backend='reference'" in r.stdout
     assert "Y-SHAPE: (5, 8)" in r.stdout
     assert "Traceback" not in r.stderr
