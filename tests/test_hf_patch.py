@@ -271,3 +271,32 @@ def test_router_aux_loss_still_works_after_patch(model_type, forward_before_patc
     desmoe.unpatch(ours)
     u = ours(ids, labels=ids, output_router_logits=True)
     torch.testing.assert_close(u.aux_loss, r.aux_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_parity_timings_are_warm_medians_not_the_cold_first_call(monkeypatch):
+    import desmoe.integrations.parity as par
+
+    calls = []
+    real = par._warm_ms
+
+    def spy(m, ids, iters):
+        calls.append(iters)
+        return real(m, ids, iters)
+
+    monkeypatch.setattr(par, "_warm_ms", spy)
+    (row,) = par.parity_rows(["qwen3_moe"], timing_iters=3)
+    assert calls == [3, 3] and row["ok"] and row["eager_ms"] > 0 and row["desmoe_ms"] > 0
+    (row,) = par.parity_rows(["qwen3_moe"], timing_iters=0)  # no timing: the table shows "-"
+    assert row["eager_ms"] is None and row["ok"]
+    import torch
+
+    from desmoe.integrations.tiny import tiny_model
+
+    m = tiny_model("qwen3_moe").train()
+    ids = torch.randint(3, 50, (1, 8))
+    m(ids, labels=ids).loss.backward()
+    before = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert par._warm_ms(m, ids, 2) > 0
+    for n, p in m.named_parameters():  # timing restores the first call's gradients
+        if n in before:
+            assert torch.equal(p.grad, before[n]), n
