@@ -51,7 +51,9 @@ class TopKRouter(nn.Module):
     Attributes set by the method layer (all optional):
         residual: module mapping ``x_TD -> delta_logits_TE`` added to the pretrained logits (ALR).
         record: when True, ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
-            "topk_weights_TK"}`` of the latest forward (tensors, not detached) for KD and routing statistics.
+            "topk_weights_TK"}`` of the latest forward for KD and routing statistics; ``x_TD`` and
+            ``base_logits_TE`` are detached (KD recomputes its student on the detached input), ``logits_TE``
+            keeps its graph (the pretraining load-balancing loss).
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None):
@@ -93,7 +95,7 @@ class TopKRouter(nn.Module):
         if s.weights_dtype == "logits":
             weights_TK = weights_TK.to(logits_TE.dtype)
         if self.record:
-            self.last = {"x_TD": x_TD, "base_logits_TE": base_TE, "logits_TE": logits_TE,
+            self.last = {"x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
                          "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
         return logits_TE, weights_TK, ids_TK
 

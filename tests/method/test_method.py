@@ -348,3 +348,29 @@ def test_registry_names_every_method_and_refuses_clashes():
         method_class("lora")
     with pytest.raises(NotImplementedError, match="trainable_kinds"):
         Method(MethodConfig(), 10).trainable_kinds("any")
+
+
+@pytest.mark.parametrize("mt", ["qwen3_moe", "deepseek_v2"])
+def test_kd_gradient_reaches_only_the_alr(mt):
+    """λ·KD trains the router only: with *every* parameter requiring grad, the KD term's gradient on every
+    expert, shared-expert, attention, embedding and router-weight parameter is exactly zero (the ALR gets one)."""
+    torch.manual_seed(0)
+    m = _model(mt)
+    ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
+    ctl.begin_step(0)
+    assert ctl.last_lambda > 0
+    for a in ctl.alr:  # a non-zero residual, so the student differs from the teacher
+        torch.nn.init.normal_(a.down.weight, std=0.5)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    b = _batch()
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        m(input_ids=b["input_ids"])
+    fwd.added_loss.backward()
+    kinds = ctl.kinds
+    assert {"experts", "attention", "embeddings"} <= set(kinds.values())
+    for n, p in m.named_parameters():
+        if kinds[n] == "alr":
+            continue
+        assert p.grad is None or not p.grad.any(), f"KD reached {n} ({kinds[n]})"
+    assert all(a.down.weight.grad is not None and a.down.weight.grad.abs().sum() > 0 for a in ctl.alr)
