@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from .alr import LAMBDA_SCHEDULES
 from .registry import method_names
 
-SHARED_EXPERT_MODES = ("train", "frozen")
+SHARED_EXPERT_MODES = ("until_consolidation", "always", "never")
+_SHARED_EXPERT_ALIASES = {"train": "always", "frozen": "never"}  # the names before issue 14
 
 
 @dataclass
@@ -17,7 +18,9 @@ class MethodConfig:
     T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
     the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
     period (steps). per_token_masking: False uses one expert-level mask (the union over domains).
-    shared_experts: always-on shared experts ``train`` in every phase or stay ``frozen``.
+    shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
+    gate) train ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
+    ``always`` or ``never`` (``train``/``frozen`` are accepted as the old names of always/never).
     train_attention/train_embeddings/train_other: unfreeze attention, embeddings + LM head, everything else
     (norms, dense MLPs) in the DES-MoE variants. esft_p/esft_batches: ESFT's top-p and scoring batches.
     """
@@ -35,7 +38,7 @@ class MethodConfig:
     ema_momentum: float = 0.9
     update_every: int = 10
     per_token_masking: bool = True
-    shared_experts: str = "train"
+    shared_experts: str = "until_consolidation"
     train_attention: bool = False
     train_embeddings: bool = False
     train_other: bool = False
@@ -70,6 +73,7 @@ class MethodConfig:
             bad("ema_momentum", "in [0, 1)", self.ema_momentum)
         if int(self.update_every) != self.update_every or self.update_every < 1:
             bad("update_every", "an int >= 1", self.update_every)
+        self.shared_experts = _SHARED_EXPERT_ALIASES.get(self.shared_experts, self.shared_experts)
         if self.shared_experts not in SHARED_EXPERT_MODES:
             bad("shared_experts", f"one of {SHARED_EXPERT_MODES}", self.shared_experts)
         if not 0.0 < self.esft_p <= 1.0:

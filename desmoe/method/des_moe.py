@@ -46,9 +46,14 @@ class DesMoE(Method):
         kinds = {"experts"}
         if phase != "consolidation":
             kinds.add("alr" if self.uses_alr else "router")
-        optional = {"shared_experts": c.shared_experts == "train", "attention": c.train_attention,
+        shared = c.shared_experts == "always" or (c.shared_experts == "until_consolidation"
+                                                   and phase != "consolidation")
+        optional = {"shared_experts": shared, "attention": c.train_attention,
                     "embeddings": c.train_embeddings, "other": c.train_other}
         return kinds | {k for k, on in optional.items() if on}
+
+    def expert_scope(self, phase: str) -> str:
+        return "DGES masks" if self.uses_dges and phase != PHASES[0] else "all"
 
     def domain_masks_LME(self, ctl) -> torch.Tensor | None:
         """The DGES masks in force now (None while every expert trains)."""

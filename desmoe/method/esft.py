@@ -38,6 +38,9 @@ class ESFT(Method):
     def trainable_kinds(self, phase: str) -> set[str]:
         return {"experts"}
 
+    def expert_scope(self, phase: str) -> str:
+        return "ESFT selection"
+
     def expert_trainable_LE(self, ctl) -> torch.Tensor | None:
         return self.selection_LE
 

@@ -296,16 +296,33 @@ def test_config_errors_name_the_field():
         MethodConfig(shared_experts="sometimes")
 
 
-@pytest.mark.parametrize("mode,mt", [("train", "deepseek_v2"), ("frozen", "deepseek_v2"), ("train", "qwen2_moe")])
+@pytest.mark.parametrize("mode,mt", [("until_consolidation", "deepseek_v2"), ("always", "qwen2_moe"),
+                                     ("never", "deepseek_v2"), ("until_consolidation", "qwen2_moe")])
 def test_shared_experts_mode(mode, mt):
+    """Shared experts (and Qwen2-MoE's shared-expert gate) train before consolidation unless ``never``, and in
+    consolidation only with ``always`` (the paper: consolidation updates masked routed experts only)."""
     m = _model(mt)
     ctl = MethodController(m, MethodConfig(name="des_moe", shared_experts=mode), 10, ["a", "b"])
     opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-2)
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    _step(ctl, m, opt, 0, _batch())
-    kinds = {ctl.kinds[n] for n in _changed(before, m)}
-    assert ("shared_experts" in kinds) == (mode == "train")
-    assert any(ctl.kinds[n] == "shared_experts" for n in ctl.kinds)
+    shared = {n for n, k in ctl.kinds.items() if k == "shared_experts"}
+    assert shared and (mt != "qwen2_moe" or any("shared_expert_gate" in n for n in shared))
+    for step in (0, 7):  # warm-up, consolidation
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        _step(ctl, m, opt, step, _batch(seed=step))
+        moved = _changed(before, m) & shared
+        want = mode == "always" or (mode == "until_consolidation" and ctl.current_phase != "consolidation")
+        assert (moved == shared) if want else not moved, (step, ctl.current_phase, moved)
+    assert MethodConfig(shared_experts="train").shared_experts == "always"  # old names still accepted
+    assert MethodConfig(shared_experts="frozen").shared_experts == "never"
+
+
+def test_readme_phase_table_is_generated_from_the_code():
+    from pathlib import Path
+
+    from desmoe.method.registry import phase_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert phase_table_markdown() in readme, "README's per-phase table is stale: paste phase_table_markdown()"
 
 
 def test_masks_are_a_scope_that_leaves_nothing_behind():
