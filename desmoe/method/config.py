@@ -17,7 +17,8 @@ class MethodConfig:
     name: which method (a registered :class:`~desmoe.method.registry.Method`: ``method_names()``). warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T,
     T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
     the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
-    period (steps). per_token_masking: False uses one expert-level mask (the union over domains).
+    period (steps); lock_affinity: A and the masks stop refreshing after T2 (consolidation keeps them, as in
+    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one expert-level mask (the union over domains).
     shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
     gate) train ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
     ``always`` or ``never`` (``train``/``frozen`` are accepted as the old names of always/never).
@@ -38,6 +39,7 @@ class MethodConfig:
     ema_momentum: float = 0.9
     update_every: int = 10
     per_token_masking: bool = True
+    lock_affinity: bool = True
     shared_experts: str = "until_consolidation"
     train_attention: bool = False
     train_embeddings: bool = False
@@ -74,6 +76,8 @@ class MethodConfig:
         if int(self.update_every) != self.update_every or self.update_every < 1:
             bad("update_every", "an int >= 1", self.update_every)
         self.shared_experts = _SHARED_EXPERT_ALIASES.get(self.shared_experts, self.shared_experts)
+        if not isinstance(self.lock_affinity, bool):
+            bad("lock_affinity", "true or false", self.lock_affinity)
         if self.shared_experts not in SHARED_EXPERT_MODES:
             bad("shared_experts", f"one of {SHARED_EXPERT_MODES}", self.shared_experts)
         if not 0.0 < self.esft_p <= 1.0:

@@ -7,6 +7,8 @@ router frozen, masked experts. The ALR student is distilled towards the frozen r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .alr import kd_loss, lambda_at
@@ -16,8 +18,9 @@ PHASES = ("warmup", "stabilization", "consolidation")
 
 
 def phase_bounds(total_steps: int, warmup_frac: float, stabilize_frac: float) -> tuple[int, int]:
-    """``(T1, T2)``: first step of stabilisation and of consolidation (rounded to whole steps)."""
-    return int(round(warmup_frac * total_steps)), int(round(stabilize_frac * total_steps))
+    """``(T1, T2) = (floor(warmup_frac·T), floor(stabilize_frac·T))``: first step of stabilisation and of
+    consolidation (a 1e-9 slack keeps e.g. 0.29·100 = 28.999… at 29)."""
+    return math.floor(warmup_frac * total_steps + 1e-9), math.floor(stabilize_frac * total_steps + 1e-9)
 
 
 def phase_at(step: int, total_steps: int, warmup_frac: float = 0.2, stabilize_frac: float = 0.7) -> str:
@@ -93,11 +96,14 @@ class DesMoE(Method):
         return torch.stack(losses).mean()
 
     def end_step(self, ctl, step: int) -> bool:
-        """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``."""
+        """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``
+        steps; with ``lock_affinity`` (default) the last refresh is at T2 and consolidation keeps A and the masks."""
         nxt = step + 1
         if nxt == self.t1 or (self.t1 == 0 and not ctl.tracker.initialised):
             ctl.tracker.finish_warmup()
             return True
+        if self.cfg.lock_affinity and nxt > self.t2:
+            return False
         if nxt > self.t1 and (nxt - self.t1) % self.cfg.update_every == 0:
             ctl.tracker.refresh()
             return True

@@ -391,3 +391,28 @@ def test_kd_gradient_reaches_only_the_alr(mt):
             continue
         assert p.grad is None or not p.grad.any(), f"KD reached {n} ({kinds[n]})"
     assert all(a.down.weight.grad is not None and a.down.weight.grad.abs().sum() > 0 for a in ctl.alr)
+
+
+def test_phase_bounds_floor_and_affinity_locked_in_consolidation():
+    from desmoe.method import phase_bounds
+
+    assert phase_bounds(18, 0.2, 0.7) == (3, 12)  # floor(3.6), floor(12.6); round() gave (4, 13)
+    assert phase_bounds(10, 0.25, 0.7) == (2, 7) and phase_bounds(100, 0.29, 0.7) == (29, 70)
+    T = 18
+    for lock in (True, False):
+        m = _model()
+        ctl = MethodController(m, MethodConfig(name="des_moe", update_every=2, lock_affinity=lock), T, ["a", "b"])
+        L, E = len(ctl.blocks), ctl.num_experts
+        g = torch.Generator().manual_seed(0)
+        A_at = {}
+        for step in range(T):
+            ids = torch.randint(0, E, (L, 16, 2), generator=g)
+            ctl.tracker.observe(ids, torch.arange(16).remainder(2))
+            ctl.end_step(step)
+            A_at[step + 1] = ctl.tracker.A_LME.clone()
+        assert ctl.phase(12) == "consolidation" and ctl.phase(11) == "stabilization"
+        moved = any(not torch.equal(A_at[12], A_at[s]) for s in range(13, T + 1))
+        assert moved != lock, f"lock_affinity={lock}: A changed in consolidation: {moved}"
+        assert not torch.equal(A_at[4], A_at[12])  # A does refresh during stabilisation
+    with pytest.raises(ValueError, match="method.lock_affinity"):
+        MethodConfig(lock_affinity="yes")
