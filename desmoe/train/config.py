@@ -153,6 +153,7 @@ class TrainConfig:
     keep_last: int = 0
     skip_nonfinite: bool = False
     distributed: str = "none"
+    aux_loss: bool = True
 
     def __post_init__(self):
         _int("train.max_steps", self.max_steps, 1)
@@ -184,6 +185,8 @@ class TrainConfig:
             _bad("train.skip_nonfinite", "true or false", self.skip_nonfinite)
         if self.distributed not in DISTRIBUTED:
             _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
+        if not isinstance(self.aux_loss, bool):
+            _bad("train.aux_loss", "true or false", self.aux_loss)
 
 
 @dataclass

@@ -292,7 +292,8 @@ class Trainer:
         no_sync = W > 1 and hasattr(self.fwd, "no_sync") and micro < ga - 1
         with self.fwd.no_sync() if no_sync else contextlib.nullcontext():
             with ctl.applied(dom_T) as fwd:
-                task, aux, ce, valid = task_loss(self.model, b, self.device, self.bf16, fwd=self.fwd)
+                task, aux, ce, valid = task_loss(self.model, b, self.device, self.bf16, fwd=self.fwd,
+                                                aux=self.cfg.train.aux_loss)
             kd = fwd.added_loss
             g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), (dom_T >= 0).sum().double())
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}
