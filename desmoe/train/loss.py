@@ -1,9 +1,18 @@
 """The task loss of one batch (shared by fine-tuning, base pretraining and the non-finite diagnosis)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..eval import autocast_ctx, token_losses
+from ..eval import token_losses
+
+
+def train_autocast(device, bf16: bool):
+    """bf16 autocast for training compute, on CUDA and (``model.dtype: bfloat16`` runs, tests) on CPU."""
+    if bf16 and torch.device(device).type in ("cuda", "cpu"):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def to_device(batch: dict, device) -> dict:
@@ -34,7 +43,7 @@ def task_loss(model, batch, device, bf16, fwd=None, aux: bool | None = None):
     """``(mean CE, coef·aux loss or None, per-token CE [B,S-1], valid [B,S-1])``; aux is the model's own
     load-balancing loss, requested with ``aux=True`` (``train.aux_loss``), off with False, or as the model's
     config says with None. ``fwd``: the module to call (a DDP wrapper of ``model``), default ``model``."""
-    with autocast_ctx(device, bf16):
+    with train_autocast(device, bf16):
         out = (fwd or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                              **aux_kwargs(model, aux))
     ce, valid = token_losses(out.logits, batch["labels"])

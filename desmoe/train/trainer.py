@@ -140,7 +140,7 @@ class Trainer:
         train_texts = load_texts(cfg, self.eval_names if need_general else self.domains, "train", cfg.data.max_docs)
         eval_texts = load_texts(cfg, self.eval_names, "test", cfg.data.eval_max_docs)
         if self.ckpt is not None:
-            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.dtype))
+            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.param_dtype))
             patch(self.model, backend=cfg.model.backend)
             self.model.train()
         else:
@@ -211,7 +211,7 @@ class Trainer:
         from .distributed import fully_shard_model
 
         if self.fsdp:
-            fully_shard_model(self.model, self.device)
+            fully_shard_model(self.model, self.device, bf16=self.bf16)
         self.opt, self.sched = build_optimizer(self.ctl, self.cfg)
         st = self.trainer_state
         if st is not None:
