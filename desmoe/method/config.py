@@ -23,7 +23,9 @@ class MethodConfig:
     gate) train ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
     ``always`` or ``never`` (``train``/``frozen`` are accepted as the old names of always/never).
     train_attention/train_embeddings/train_other: unfreeze attention, embeddings + LM head, everything else
-    (norms, dense MLPs) in the DES-MoE variants. esft_p/esft_batches: ESFT's top-p and scoring batches.
+    (norms, dense MLPs) in the DES-MoE variants. esft_p: ESFT's top-p; esft_tokens: tokens scored per
+    domain (the official scripts' 131,072, capped by the domain's training data); esft_batches: an optional cap on
+    scoring batches (null: until every domain has its tokens).
     """
 
     name: str = "des_moe"
@@ -45,7 +47,8 @@ class MethodConfig:
     train_embeddings: bool = False
     train_other: bool = False
     esft_p: float = 0.2
-    esft_batches: int = 4
+    esft_tokens: int = 131072
+    esft_batches: int | None = None
 
     def __post_init__(self):
         def bad(field, expected, got):
@@ -82,5 +85,7 @@ class MethodConfig:
             bad("shared_experts", f"one of {SHARED_EXPERT_MODES}", self.shared_experts)
         if not 0.0 < self.esft_p <= 1.0:
             bad("esft_p", "in (0, 1]", self.esft_p)
-        if int(self.esft_batches) != self.esft_batches or self.esft_batches < 1:
-            bad("esft_batches", "an int >= 1", self.esft_batches)
+        if isinstance(self.esft_tokens, bool) or int(self.esft_tokens) != self.esft_tokens or self.esft_tokens < 1:
+            bad("esft_tokens", "an int >= 1", self.esft_tokens)
+        if self.esft_batches is not None and (int(self.esft_batches) != self.esft_batches or self.esft_batches < 1):
+            bad("esft_batches", "an int >= 1 or null", self.esft_batches)

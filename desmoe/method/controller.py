@@ -99,6 +99,7 @@ class MethodController:
         self.current_phase: str | None = None
         self.kinds = classify_parameters(model)
         self.last_lambda = 0.0
+        self.data_tokens_M: list[int] | None = None  # training tokens per domain (caps ESFT's scoring budget)
 
     # --- phases and trainable parameters ----------------------------------------------------------------
     def phase(self, step: int) -> str:

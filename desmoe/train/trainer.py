@@ -203,7 +203,8 @@ class Trainer:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
             prep = self._stream(seed=cfg.data.seed + 7, batch_size=cfg.data.batch_size * self.dist.world,
                                 sharded=False)
-            self.ctl.prepare([to_device(prep.next_batch(), self.device) for _ in range(n_prep)])
+            self.ctl.data_tokens_M = [sum(map(len, self.train_docs[d])) for d in self.stream.domain_names]
+            self.ctl.prepare(to_device(prep.next_batch(), self.device) for _ in range(n_prep))
         if self.before is None:
             self.before = evaluate_model(self.model, self.tok, self.eval_docs, **self.ev)
 

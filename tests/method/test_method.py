@@ -416,3 +416,25 @@ def test_phase_bounds_floor_and_affinity_locked_in_consolidation():
         assert not torch.equal(A_at[4], A_at[12])  # A does refresh during stabilisation
     with pytest.raises(ValueError, match="method.lock_affinity"):
         MethodConfig(lock_affinity="yes")
+
+
+def test_esft_scores_a_token_budget_per_domain_capped_by_the_data():
+    assert MethodConfig(name="esft_gate").esft_tokens == 131072  # the authors' scripts
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="esft_gate", esft_tokens=40), 5, ["a", "b"])
+    consumed = []
+
+    def batches():  # an endless stream: 12 tokens per domain per batch
+        for s in range(1000):
+            consumed.append(s)
+            yield _batch(seed=s)
+
+    ctl.prepare(batches())
+    assert ctl.method.summary()["esft_scored_tokens"] == {"a": 40, "b": 40}
+    assert len(consumed) == 4  # ceil(40 / 12): stops once every domain has its tokens
+    ctl2 = MethodController(m, MethodConfig(name="esft_gate", esft_tokens=40), 5, ["a", "b"])
+    ctl2.data_tokens_M = [15, 10_000]  # domain a has only 15 training tokens
+    ctl2.prepare(_batch(seed=s) for s in range(1000))
+    assert ctl2.method.summary()["esft_scored_tokens"] == {"a": 15, "b": 40}
+    with pytest.raises(ValueError, match="method.esft_tokens"):
+        MethodConfig(esft_tokens=0)
