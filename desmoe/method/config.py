@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .alr import LAMBDA_SCHEDULES
 from .registry import method_names
 
+UNKNOWN_DOMAIN_MODES = ("none", "union")
 SHARED_EXPERT_MODES = ("until_consolidation", "always", "never")
 _SHARED_EXPERT_ALIASES = {"train": "always", "frozen": "never"}  # the names before issue 14
 
@@ -18,7 +19,9 @@ class MethodConfig:
     T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
     the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
     period (steps); lock_affinity: A and the masks stop refreshing after T2 (consolidation keeps them, as in
-    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one expert-level mask (the union over domains).
+    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one expert-level mask (the union over domains). unknown_domain: what a token with
+    domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed
+    expert) or ``union`` (any expert some domain owns).
     shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
     gate) train ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
     ``always`` or ``never`` (``train``/``frozen`` are accepted as the old names of always/never).
@@ -42,6 +45,7 @@ class MethodConfig:
     update_every: int = 10
     per_token_masking: bool = True
     lock_affinity: bool = True
+    unknown_domain: str = "none"
     shared_experts: str = "until_consolidation"
     train_attention: bool = False
     train_embeddings: bool = False
@@ -79,6 +83,8 @@ class MethodConfig:
         if int(self.update_every) != self.update_every or self.update_every < 1:
             bad("update_every", "an int >= 1", self.update_every)
         self.shared_experts = _SHARED_EXPERT_ALIASES.get(self.shared_experts, self.shared_experts)
+        if self.unknown_domain not in UNKNOWN_DOMAIN_MODES:
+            bad("unknown_domain", f"one of {UNKNOWN_DOMAIN_MODES}", self.unknown_domain)
         if not isinstance(self.lock_affinity, bool):
             bad("lock_affinity", "true or false", self.lock_affinity)
         if self.shared_experts not in SHARED_EXPERT_MODES:

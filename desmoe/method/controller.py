@@ -149,11 +149,16 @@ class MethodController:
         out = Forward()
         trainable_LE = self.expert_trainable_LE()
         masks_LME = self.method.token_masks_LME(self)
+        mask_domains_T = domain_ids_T
+        if masks_LME is not None and self.cfg.unknown_domain == "union":
+            # for the masks only, domain -1 (unknown) tokens become domain M, whose mask is the union over domains
+            masks_LME = torch.cat([masks_LME, masks_LME.any(1, keepdim=True)], dim=1)
+            mask_domains_T = torch.where(domain_ids_T < 0, masks_LME.shape[1] - 1, domain_ids_T)
         added = []
         for l, ex in enumerate(self.experts):
             before = set(vars(ex))
             set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
-                             **({} if masks_LME is None else {"token_domains_T": domain_ids_T,
+                             **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
                                                               "domain_expert_mask_ME": masks_LME[l]}))
             added.append(set(vars(ex)) - before)
         try:

@@ -438,3 +438,30 @@ def test_esft_scores_a_token_budget_per_domain_capped_by_the_data():
     assert ctl2.method.summary()["esft_scored_tokens"] == {"a": 15, "b": 40}
     with pytest.raises(ValueError, match="method.esft_tokens"):
         MethodConfig(esft_tokens=0)
+
+
+@pytest.mark.parametrize("mode", ["none", "union"])
+def test_unknown_domain_tokens_in_masked_phases(mode):
+    """Tokens with domain -1 update no routed expert (``none``) or the experts some domain owns (``union``)."""
+    torch.manual_seed(0)
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="des_moe", unknown_domain=mode), 10, ["a", "b"])
+    L, E = len(ctl.blocks), ctl.num_experts
+    masks = torch.zeros(L, 2, E, dtype=torch.bool)
+    masks[:, 0, :2] = True
+    masks[:, 1, 2:4] = True
+    ctl.tracker.masks_LME, ctl.tracker.initialised = masks, True
+    ctl.begin_step(3)  # stabilisation: masks in force
+    b = _batch()
+    b["domain_ids"][:] = -1  # every token of unknown domain
+    m.zero_grad(set_to_none=True)
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        out = m(input_ids=b["input_ids"], labels=b["labels"])
+    out.loss.backward()
+    for bname, _, ex in ctl.blocks:
+        g = ex.gate_up_proj.grad
+        moved = {e for e in range(E) if g is not None and g[e].any()}
+        want_max = set() if mode == "none" else {0, 1, 2, 3}
+        assert moved <= want_max and (mode == "none" or moved), (bname, moved)
+    with pytest.raises(ValueError, match="method.unknown_domain"):
+        MethodConfig(unknown_domain="all")
