@@ -130,8 +130,9 @@ class MethodController:
         """Within the scope the routers record their forward; afterwards the yielded list holds one record per
         layer (empty if a forward did not complete) and the routers hold nothing."""
         records: list[dict] = []
+        kd = bool(self.alr) and self.last_lambda > 0.0  # the routers also compute the KD student (ALR runs)
         for r in self.routers:
-            r.record = True
+            r.record = "kd" if kd else True
         try:
             yield records
         finally:

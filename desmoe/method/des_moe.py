@@ -82,7 +82,7 @@ class DesMoE(Method):
     def added_loss(self, ctl, records, domain_ids_T, phase) -> torch.Tensor | None:
         """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains.
 
-        The student is recomputed on the *detached* router input, ``base(x.detach()) + ALR(x.detach())``, so the
+        The student is computed (by the routers, in their forward) on the *detached* router input, ``base(x.detach()) + ALR(x.detach())``, so the
         KD term reaches the ALR only: no expert, attention, embedding or earlier-layer parameter gets a KD
         gradient (the routing forward itself, and so the task loss, is unchanged)."""
         if not self.uses_alr or phase == "consolidation" or ctl.last_lambda == 0.0:
@@ -90,8 +90,9 @@ class DesMoE(Method):
         valid_T = domain_ids_T >= 0
         losses = []
         for router, r in zip(ctl.routers, records):
-            x_TD, base_TE = r["x_TD"].detach(), r["base_logits_TE"].detach()  # weight frozen: base(x.detach())
-            student_TE = base_TE + router.residual(x_TD).to(base_TE.dtype)
+            base_TE, student_TE = r["base_logits_TE"].detach(), r.get("kd_student_logits_TE")
+            if student_TE is None:  # recorded without "kd": recompute (weight frozen, so base(x.detach()) = base)
+                student_TE = base_TE + router.residual(r["x_TD"].detach()).to(base_TE.dtype)
             losses.append(kd_loss(base_TE, student_TE, self.cfg.tau, valid_T.to(base_TE.device)))
         return torch.stack(losses).mean()
 
