@@ -146,7 +146,7 @@ def test_aux_loss_included_the_same_way_in_the_loop_and_the_trainer(tmp_path):
         hf = tr.compute_loss(model, {k: b[k] for k in ("input_ids", "labels", "attention_mask", "domain_ids")
                                      if k in b})
         torch.testing.assert_close(hf, loop, rtol=1e-5, atol=1e-6)
-        losses[aux_on] = (float(loop), None if aux is None else float(aux))
+        losses[aux_on] = (float(loop.detach()), None if aux is None else float(aux.detach()))
         for a in ctl.alr:
             torch.nn.init.zeros_(a.down.weight)
     assert losses[True][0] - losses[False][0] == pytest.approx(losses[True][1], rel=1e-4)
