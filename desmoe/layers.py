@@ -28,8 +28,11 @@ class TopKRouter(nn.Module):
 
     Attributes set by the method layer (all optional):
         residual: module mapping ``x_TD -> delta_logits_TE`` added to the pretrained logits (ALR).
-        record: when True, ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
-            "topk_weights_TK"}`` of the latest forward (tensors, not detached) for KD and routing statistics.
+        record: when True (or ``"kd"``), ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
+            "topk_weights_TK", "kd_student_logits_TE"}`` of the latest forward for KD and routing statistics;
+            ``x_TD`` and ``base_logits_TE`` are detached, ``logits_TE`` keeps its graph (the pretraining
+            load-balancing loss); with ``"kd"`` and a residual, ``kd_student_logits_TE`` is
+            ``base_logits.detach() + residual(x.detach())`` (else None).
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
@@ -96,7 +99,11 @@ class TopKRouter(nn.Module):
         elif s.weights_dtype == "input":
             weights_TK = weights_TK.to(hidden_states.dtype)
         if self.record:
-            self.last = {"x_TD": x_TD, "base_logits_TE": base_TE, "logits_TE": logits_TE,
+            # record == "kd": the ALR student for KD on the detached input, inside this forward (under FSDP2 the
+            # ALR's parameters are only gathered here), so KD reaches the ALR only
+            kd_TE = (base_TE.detach() + self.residual(x_TD.detach()).to(base_TE.dtype)
+                     if self.record == "kd" and self.residual is not None else None)
+            self.last = {"kd_student_logits_TE": kd_TE, "x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
                          "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
         if self.index_first:
             return ids_TK, weights_TK, logits_TE

@@ -21,7 +21,9 @@ from .spec import ExperimentSpec
 # experiment METHOD name -> trainer method.name
 TRAINER_METHOD = {"fft_mixed": "fft", "fft_single": "fft", "esft_gate": "esft_gate", "esft_token": "esft_token",
                   "frozen_router": "frozen_router", "des_moe": "des_moe", "des_moe_no_alr": "des_moe_no_alr",
-                  "des_moe_no_dges": "des_moe_no_dges"}
+                  "des_moe_no_dges": "des_moe_no_dges", "esft_gate_single": "esft_gate", "esft_token_single": "esft_token"}
+# one run per domain (data.domains = [d]), each with its own LR search and, for ESFT, its own selected experts
+SINGLE_METHODS = ("fft_single", "esft_gate_single", "esft_token_single")
 
 
 def _key(d: dict) -> str:

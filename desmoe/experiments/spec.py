@@ -25,6 +25,7 @@ class ExperimentSpec:
     forgetting_methods: list = field(default_factory=lambda: ["fft_mixed", "esft_gate", "esft_token", "frozen_router",
                                                               "des_moe"])
     phis: list = field(default_factory=lambda: [0.4, 0.6, 0.8])
+    single_methods: list = field(default_factory=lambda: ["fft_single"])  # single_vs_mixed: one model per domain
     variants: dict = field(default_factory=dict)  # extra rows: name -> {method: METHOD, overrides: {method.* keys}}
     cache: str = "runs/experiments/cache"
     keep_checkpoints: bool = True
@@ -32,7 +33,7 @@ class ExperimentSpec:
 
     def __post_init__(self):
         from ..data import DOMAINS
-        from .runner import TRAINER_METHOD
+        from .runner import SINGLE_METHODS, TRAINER_METHOD
 
         s = self.source
         if not isinstance(self.base, dict) or not isinstance(self.base.get("config"), dict):
@@ -79,10 +80,14 @@ class ExperimentSpec:
                 raise ValueError(f"{s}: variants.{name}: the name is already a method")
         for key in ("scaling_methods", "forgetting_methods"):
             bad = [m for m in getattr(self, key) if (m not in TRAINER_METHOD and m not in self.variants)
-                   or m == "fft_single"]
+                   or m in SINGLE_METHODS]
             if bad:
                 raise ValueError(f"{s}: {key} has unknown method(s) {bad}; expected some of "
-                                 f"{[m for m in TRAINER_METHOD if m != 'fft_single']}")
+                                 f"{[m for m in TRAINER_METHOD if m not in SINGLE_METHODS]}")
+        if (not isinstance(self.single_methods, list) or not self.single_methods
+                or any(m not in SINGLE_METHODS for m in self.single_methods)):
+            raise ValueError(f"{s}: single_methods must be a non-empty list of {list(SINGLE_METHODS)}, "
+                             f"got {self.single_methods!r}")
         if not isinstance(self.phis, list) or any(not isinstance(p, (int, float)) or not 0 < p <= 1 for p in self.phis):
             raise ValueError(f"{s}: phis must be a list of numbers in (0, 1], got {self.phis!r}")
 

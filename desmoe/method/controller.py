@@ -99,6 +99,7 @@ class MethodController:
         self.current_phase: str | None = None
         self.kinds = classify_parameters(model)
         self.last_lambda = 0.0
+        self.data_tokens_M: list[int] | None = None  # training tokens per domain (caps ESFT's scoring budget)
 
     # --- phases and trainable parameters ----------------------------------------------------------------
     def phase(self, step: int) -> str:
@@ -129,8 +130,9 @@ class MethodController:
         """Within the scope the routers record their forward; afterwards the yielded list holds one record per
         layer (empty if a forward did not complete) and the routers hold nothing."""
         records: list[dict] = []
+        kd = bool(self.alr) and self.last_lambda > 0.0  # the routers also compute the KD student (ALR runs)
         for r in self.routers:
-            r.record = True
+            r.record = "kd" if kd else True
         try:
             yield records
         finally:
@@ -148,11 +150,16 @@ class MethodController:
         out = Forward()
         trainable_LE = self.expert_trainable_LE()
         masks_LME = self.method.token_masks_LME(self)
+        mask_domains_T = domain_ids_T
+        if masks_LME is not None and self.cfg.unknown_domain == "union":
+            # for the masks only, domain -1 (unknown) tokens become domain M, whose mask is the union over domains
+            masks_LME = torch.cat([masks_LME, masks_LME.any(1, keepdim=True)], dim=1)
+            mask_domains_T = torch.where(domain_ids_T < 0, masks_LME.shape[1] - 1, domain_ids_T)
         added = []
         for l, ex in enumerate(self.experts):
             before = set(vars(ex))
             set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
-                             **({} if masks_LME is None else {"token_domains_T": domain_ids_T,
+                             **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
                                                               "domain_expert_mask_ME": masks_LME[l]}))
             added.append(set(vars(ex)) - before)
         try:

@@ -7,6 +7,8 @@ router frozen, masked experts. The ALR student is distilled towards the frozen r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .alr import kd_loss, lambda_at
@@ -16,8 +18,9 @@ PHASES = ("warmup", "stabilization", "consolidation")
 
 
 def phase_bounds(total_steps: int, warmup_frac: float, stabilize_frac: float) -> tuple[int, int]:
-    """``(T1, T2)``: first step of stabilisation and of consolidation (rounded to whole steps)."""
-    return int(round(warmup_frac * total_steps)), int(round(stabilize_frac * total_steps))
+    """``(T1, T2) = (floor(warmup_frac·T), floor(stabilize_frac·T))``: first step of stabilisation and of
+    consolidation (a 1e-9 slack keeps e.g. 0.29·100 = 28.999… at 29)."""
+    return math.floor(warmup_frac * total_steps + 1e-9), math.floor(stabilize_frac * total_steps + 1e-9)
 
 
 def phase_at(step: int, total_steps: int, warmup_frac: float = 0.2, stabilize_frac: float = 0.7) -> str:
@@ -46,9 +49,14 @@ class DesMoE(Method):
         kinds = {"experts"}
         if phase != "consolidation":
             kinds.add("alr" if self.uses_alr else "router")
-        optional = {"shared_experts": c.shared_experts == "train", "attention": c.train_attention,
+        shared = c.shared_experts == "always" or (c.shared_experts == "until_consolidation"
+                                                   and phase != "consolidation")
+        optional = {"shared_experts": shared, "attention": c.train_attention,
                     "embeddings": c.train_embeddings, "other": c.train_other}
         return kinds | {k for k, on in optional.items() if on}
+
+    def expert_scope(self, phase: str) -> str:
+        return "DGES masks" if self.uses_dges and phase != PHASES[0] else "all"
 
     def domain_masks_LME(self, ctl) -> torch.Tensor | None:
         """The DGES masks in force now (None while every expert trains)."""
@@ -72,20 +80,31 @@ class DesMoE(Method):
                          end=max(end, 1e-9), decay_rate=c.lambda_decay_rate)
 
     def added_loss(self, ctl, records, domain_ids_T, phase) -> torch.Tensor | None:
-        """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains."""
+        """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains.
+
+        The student is computed (by the routers, in their forward) on the *detached* router input, ``base(x.detach()) + ALR(x.detach())``, so the
+        KD term reaches the ALR only: no expert, attention, embedding or earlier-layer parameter gets a KD
+        gradient (the routing forward itself, and so the task loss, is unchanged)."""
         if not self.uses_alr or phase == "consolidation" or ctl.last_lambda == 0.0:
             return None
         valid_T = domain_ids_T >= 0
-        losses = [kd_loss(r["base_logits_TE"], r["logits_TE"], self.cfg.tau, valid_T.to(r["logits_TE"].device))
-                  for r in records]
+        losses = []
+        for router, r in zip(ctl.routers, records):
+            base_TE, student_TE = r["base_logits_TE"].detach(), r.get("kd_student_logits_TE")
+            if student_TE is None:  # recorded without "kd": recompute (weight frozen, so base(x.detach()) = base)
+                student_TE = base_TE + router.residual(r["x_TD"].detach()).to(base_TE.dtype)
+            losses.append(kd_loss(base_TE, student_TE, self.cfg.tau, valid_T.to(base_TE.device)))
         return torch.stack(losses).mean()
 
     def end_step(self, ctl, step: int) -> bool:
-        """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``."""
+        """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``
+        steps; with ``lock_affinity`` (default) the last refresh is at T2 and consolidation keeps A and the masks."""
         nxt = step + 1
         if nxt == self.t1 or (self.t1 == 0 and not ctl.tracker.initialised):
             ctl.tracker.finish_warmup()
             return True
+        if self.cfg.lock_affinity and nxt > self.t2:
+            return False
         if nxt > self.t1 and (nxt - self.t1) % self.cfg.update_every == 0:
             ctl.tracker.refresh()
             return True

@@ -56,6 +56,10 @@ class Method:
         """Parameter kinds (``PARAM_KINDS``) that train in ``phase``."""
         raise NotImplementedError(f"method {self.name!r} must define trainable_kinds(phase)")
 
+    def expert_scope(self, phase: str) -> str:
+        """Which routed experts may train in ``phase``, in words (the README's per-phase table)."""
+        return "all"
+
     # --- experts --------------------------------------------------------------------------------------------
     def expert_trainable_LE(self, ctl: "MethodController") -> torch.Tensor | None:
         """bool ``[L, E]``: experts that may change now (None: all of them)."""
@@ -97,6 +101,37 @@ class Method:
     def summary(self) -> dict:
         """Entries for the run's ``summary.json``."""
         return {}
+
+
+_KIND_COLUMNS = (("router", "router weight"), ("alr", "ALR"), ("experts", "routed experts"),
+                 ("shared_experts", "shared experts¹"), ("attention", "attention"), ("embeddings", "embeddings + LM head"),
+                 ("other", "norms, dense MLPs"))
+
+
+def phase_table_markdown(cfg: "MethodConfig | None" = None, total_steps: int = 100) -> str:
+    """Markdown table of what trains in each phase of every registered method under ``cfg`` (default config),
+    computed from :meth:`Method.trainable_kinds` and :meth:`Method.expert_scope` (the README carries its output).
+    """
+    import dataclasses
+
+    from .config import MethodConfig
+
+    base = cfg or MethodConfig()
+    head = "| method | phase (steps) | " + " | ".join(c for _, c in _KIND_COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (2 + len(_KIND_COLUMNS))]
+    for name in method_names():
+        m = method_class(name)(dataclasses.replace(base, name=name), total_steps)
+        for phase, (a, b) in m.phase_spans().items():
+            kinds = m.trainable_kinds(phase)
+            cells = [(m.expert_scope(phase) if k == "experts" else "✓") if k in kinds else "–" for k, _ in _KIND_COLUMNS]
+            rows.append(f"| `{name}` | {phase} [{a / total_steps:g}T, {b / total_steps:g}T) | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("¹ Families with shared experts (parameter names containing `shared_expert`: DeepSeek-V2/V3 "
+                "`shared_experts`, Qwen2-MoE `shared_expert` + `shared_expert_gate`, and the other DeepSeek-style "
+                "families); families without them (Mixtral, Qwen3-MoE, OLMoE, ...) have nothing in this column. "
+                f"Shown for `method.shared_experts: {base.shared_experts}`; `always` / `never` put ✓ / – in every "
+                "phase of the DES variants.")
+    return "\n".join(rows)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

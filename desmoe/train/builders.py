@@ -22,7 +22,11 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
-    return device.type == "cuda" and cfg.train.bf16 in ("auto", True, "true")
+    """bf16 autocast compute: always for ``model.dtype: bfloat16`` (on CPU too; over float32 master weights unless
+    ``model.pure_dtype``), else on CUDA when ``train.bf16`` is auto/true; ``train.bf16: false`` turns it off."""
+    if cfg.train.bf16 in (False, "false"):
+        return False
+    return cfg.model.dtype == "bfloat16" or (device.type == "cuda" and cfg.train.bf16 in ("auto", True, "true"))
 
 
 def eval_kwargs(cfg: Config, device: torch.device) -> dict:
@@ -66,8 +70,16 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
 
 
 def build_model(cfg: Config, vocab_size: int, tokenizer=None):
-    """The model (random tiny or ``from_pretrained``), vocab matched to the tokenizer, patched."""
-    dtype = getattr(torch, cfg.model.dtype)
+    """The model (random tiny or ``from_pretrained``) in ``model.param_dtype`` (float32 master weights for
+    ``dtype: bfloat16``), vocab matched to the tokenizer, patched."""
+    dtype = getattr(torch, cfg.model.param_dtype)
+    if dtype != torch.float32:
+        import warnings
+
+        warnings.warn(f"model.dtype={cfg.model.dtype} with pure {cfg.model.dtype} parameters: AdamW runs on "
+                      f"{cfg.model.dtype} weights and state, and updates below half an ulp (lr·1 < |w|·2^-9 for "
+                      f"bf16) are lost; drop model.pure_dtype for float32 master weights + bf16 autocast",
+                      stacklevel=2)
     if cfg.model.tiny:
         from ..integrations.tiny import tiny_model
 

@@ -142,7 +142,16 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)
     backend: str = "auto"
     dtype: str = "float32"
+    pure_dtype: bool = False
     seed: int = 0
+
+    @property
+    def param_dtype(self) -> str:
+        """The parameters' dtype: ``dtype: bfloat16`` means bf16 *compute* (autocast) over float32 master weights
+        and float32 AdamW state, unless ``pure_dtype: true`` (parameters and optimizer state in bf16: updates
+        below half an ulp are lost; warned at build). ``float16`` keeps float16 parameters (no autocast + loss
+        scaling path), warned the same way."""
+        return "float32" if self.dtype == "bfloat16" and not self.pure_dtype else self.dtype
 
     def __post_init__(self):
         check_field_types("model", ModelConfig, vars(self))
@@ -174,6 +183,8 @@ class ModelConfig:
             _bad("model.backend", f"one of {BACKENDS}", self.backend)
         if self.dtype not in DTYPES:
             _bad("model.dtype", f"one of {DTYPES}", self.dtype)
+        if not isinstance(self.pure_dtype, bool):
+            _bad("model.pure_dtype", "true or false", self.pure_dtype)
         _int("model.seed", self.seed)
 
 
@@ -280,6 +291,7 @@ class TrainConfig:
     keep_last: int = 0
     skip_nonfinite: bool = False
     distributed: str = "none"
+    aux_loss: bool = True
 
     def __post_init__(self):
         check_field_types("train", TrainConfig, vars(self))
@@ -308,6 +320,8 @@ class TrainConfig:
                 _bad(f"train.{n}", "true or false", getattr(self, n))
         if self.distributed not in DISTRIBUTED:
             _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
+        if not isinstance(self.aux_loss, bool):
+            _bad("train.aux_loss", "true or false", self.aux_loss)
 
 
 @dataclass

@@ -127,9 +127,20 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device):
                find_unused_parameters=False)
 
 
-def fully_shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def fsdp_mp_policy(model: torch.nn.Module, bf16: bool):
+    """FSDP2 mixed precision over float32 shards: bf16 parameters for compute (all-gathered in bf16), gradients
+    reduced in float32 into the float32 shards the optimizer steps; None for pure-dtype or fp32-compute runs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    p = next(model.parameters())
+    if not bf16 or p.dtype != torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def fully_shard_model(model: torch.nn.Module, device: torch.device, bf16: bool = False) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` every decoder layer, then the root (parameters become DTensors sharded on dim 0;
-    the 3-D expert weights are therefore sharded by expert)."""
+    the 3-D expert weights are therefore sharded by expert), with :func:`fsdp_mp_policy` when ``bf16``."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # torch < 2.6
@@ -137,7 +148,9 @@ def fully_shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"train.distributed=fsdp2: {type(model).__name__} has no model.layers to shard")
+    mp = fsdp_mp_policy(model, bf16)
+    kw = {} if mp is None else {"mp_policy": mp}
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model

@@ -14,7 +14,8 @@ in checkpoints)::
 Every training row needs ``domain_ids`` (LongTensor[S], the domain index of each token, -1 on padding), e.g.
 from :class:`StreamDataset` over a :class:`desmoe.data.MixedDomainStream`. Differences from ``desmoe train``:
 gradient clipping (``max_grad_norm``) happens *before* the masked experts' gradients are zeroed (Trainer clips,
-then calls ``on_pre_optimizer_step``), and the task loss is the model's own ``outputs.loss``.
+then calls ``on_pre_optimizer_step``), and the task loss is the model's own ``outputs.loss`` (less the model's
+aux loss, which is added outside ``λ·KD + (1-λ)·task`` exactly as the loop does; ``aux_loss=False`` turns it off).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ except ImportError as e:  # pragma: no cover - transformers is a hard dependency
     raise ImportError(f"desmoe.train.hf_trainer needs transformers: {e}") from None
 
 from .builders import drop_frozen_state
+from .loss import aux_kwargs, model_aux_loss
 
 METHOD_STATE = "desmoe_method.pt"
 
@@ -91,7 +93,7 @@ class DesMoETrainer(Trainer):
     ``domain_names``: the domains indexed by the rows' ``domain_ids``. ``args.max_steps`` must be set (it is
     the phase clock T). The model is patched (``desmoe.patch``) if it is not already."""
 
-    def __init__(self, *args, method=None, domain_names=None, **kwargs):
+    def __init__(self, *args, method=None, domain_names=None, aux_loss: bool = True, **kwargs):
         from ..integrations.hf import moe_blocks, patch
         from ..method import MethodConfig, MethodController, method_class
 
@@ -115,7 +117,10 @@ class DesMoETrainer(Trainer):
             patch(model)
         if not hasattr(model, "hf_device_map"):  # the method's tensors (A, masks, ALR) live beside the routers
             model.to(targs.device)
+        if not isinstance(aux_loss, bool):
+            raise ValueError(f"DesMoETrainer: aux_loss must be True or False, got {aux_loss!r}")
         self.desmoe = MethodController(model, method, targs.max_steps, list(domain_names))
+        self.desmoe_aux_loss = aux_loss
         self.desmoe.apply_phase(self.desmoe.phase(0))
         self._kd_sum, self._task_sum, self._n_loss = 0.0, 0.0, 0
         super().__init__(*args, **kwargs)
@@ -145,10 +150,15 @@ class DesMoETrainer(Trainer):
         dom_T = inputs.pop("domain_ids").reshape(-1)
         ctl = self.desmoe
         with ctl.applied(dom_T) as fwd:
-            outputs = model(**inputs)
+            outputs = model(**inputs, **aux_kwargs(ctl.model, self.desmoe_aux_loss))
         kd = fwd.added_loss
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        aux = model_aux_loss(ctl.model, outputs)
+        if aux is not None and "labels" in inputs:  # HF added coef·aux to outputs.loss: keep it out of (1-λ)
+            task = task - aux.to(task.dtype)
         loss = ctl.combine(task, kd)
+        if aux is not None:
+            loss = loss + aux
         self._task_sum += float(task.detach())
         self._kd_sum += float(kd.detach()) if kd is not None else 0.0
         self._n_loss += 1

@@ -151,7 +151,7 @@ class Trainer:
         train_texts = load_texts(cfg, self.eval_names if need_general else self.domains, "train", cfg.data.max_docs)
         eval_texts = load_texts(cfg, self.eval_names, "test", cfg.data.eval_max_docs)
         if self.ckpt is not None:
-            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.dtype))
+            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.param_dtype))
             patch(self.model, backend=cfg.model.backend)
             self.model.train()
         else:
@@ -216,7 +216,8 @@ class Trainer:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
             prep = self._stream(seed=cfg.data.seed + 7, batch_size=cfg.data.batch_size * self.dist.world,
                                 sharded=False)
-            self.ctl.prepare([to_device(prep.next_batch(), self.device) for _ in range(n_prep)])
+            self.ctl.data_tokens_M = [sum(map(len, self.train_docs[d])) for d in self.stream.domain_names]
+            self.ctl.prepare(to_device(prep.next_batch(), self.device) for _ in range(n_prep))
         if self.before is None:
             self.before = evaluate_model(self.model, self.tok, self.eval_docs, **self.ev)
 
@@ -224,7 +225,7 @@ class Trainer:
         from .distributed import fully_shard_model
 
         if self.fsdp:
-            fully_shard_model(self.model, self.device)
+            fully_shard_model(self.model, self.device, bf16=self.bf16)
         self.opt, self.sched = build_optimizer(self.ctl, self.cfg)
         st = self.trainer_state
         if st is not None:
@@ -308,7 +309,8 @@ class Trainer:
         no_sync = W > 1 and hasattr(self.fwd, "no_sync") and micro < ga - 1
         with self.fwd.no_sync() if no_sync else contextlib.nullcontext():
             with ctl.applied(dom_T) as fwd:
-                task, aux, ce, valid = task_loss(self.model, b, self.device, self.bf16, fwd=self.fwd)
+                task, aux, ce, valid = task_loss(self.model, b, self.device, self.bf16, fwd=self.fwd,
+                                                aux=self.cfg.train.aux_loss)
             kd = fwd.added_loss
             g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), (dom_T >= 0).sum().double())
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}

@@ -116,3 +116,29 @@ def test_shipped_configs_validate():
     for name in os.listdir(CONFIG_DIR):
         spec = load_spec(os.path.join(CONFIG_DIR, name))
         assert set(spec.domains) <= set(spec.base["config"]["data"]["domains"])
+
+
+def test_single_domain_esft_protocol_runs_one_model_per_domain(monkeypatch):
+    """single_methods: esft_gate_single trains one ESFT model per domain (data.domains = [d], its own selection)."""
+    import dataclasses
+
+    from desmoe.experiments import experiments as ex
+    from desmoe.experiments.runner import finetune_config
+
+    spec = dataclasses.replace(load_spec(quick=True), single_methods=["fft_single", "esft_gate_single"])
+    seen = []
+
+    def fake_run_cells(spec_, base_path, cells, seeds, log=print):
+        seen.extend(cells)
+        return [{"lr": 1e-3, "lr_search": {}, "runs": [
+            {"domains": c[1], "domain_loss": {c[1][0]: 1.0}, "general_loss_delta": 0.1, "math_exact_match": None,
+             "wall_clock_s": 1.0} for _ in range(seeds)]} for c in cells]
+
+    monkeypatch.setattr(ex, "run_cells", fake_run_cells)
+    cells, runs = ex._single_runs(spec, "base", print, "esft_gate_single")
+    assert [(c[0], c[1]) for c in seen] == [("esft_gate_single", [d]) for d in spec.domains]
+    cfg = finetune_config(spec, "base", "esft_gate_single", [spec.domains[0]], 1e-3, 0)
+    assert cfg["method"]["name"] == "esft_gate" and cfg["data"]["domains"] == [spec.domains[0]]
+    assert set(runs[0]["domain_loss"]) == set(spec.domains)
+    with pytest.raises(ValueError, match="single_methods"):
+        dataclasses.replace(spec, single_methods=["des_moe"])

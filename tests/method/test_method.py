@@ -296,16 +296,33 @@ def test_config_errors_name_the_field():
         MethodConfig(shared_experts="sometimes")
 
 
-@pytest.mark.parametrize("mode,mt", [("train", "deepseek_v2"), ("frozen", "deepseek_v2"), ("train", "qwen2_moe")])
+@pytest.mark.parametrize("mode,mt", [("until_consolidation", "deepseek_v2"), ("always", "qwen2_moe"),
+                                     ("never", "deepseek_v2"), ("until_consolidation", "qwen2_moe")])
 def test_shared_experts_mode(mode, mt):
+    """Shared experts (and Qwen2-MoE's shared-expert gate) train before consolidation unless ``never``, and in
+    consolidation only with ``always`` (the paper: consolidation updates masked routed experts only)."""
     m = _model(mt)
     ctl = MethodController(m, MethodConfig(name="des_moe", shared_experts=mode), 10, ["a", "b"])
     opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-2)
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    _step(ctl, m, opt, 0, _batch())
-    kinds = {ctl.kinds[n] for n in _changed(before, m)}
-    assert ("shared_experts" in kinds) == (mode == "train")
-    assert any(ctl.kinds[n] == "shared_experts" for n in ctl.kinds)
+    shared = {n for n, k in ctl.kinds.items() if k == "shared_experts"}
+    assert shared and (mt != "qwen2_moe" or any("shared_expert_gate" in n for n in shared))
+    for step in (0, 7):  # warm-up, consolidation
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        _step(ctl, m, opt, step, _batch(seed=step))
+        moved = _changed(before, m) & shared
+        want = mode == "always" or (mode == "until_consolidation" and ctl.current_phase != "consolidation")
+        assert (moved == shared) if want else not moved, (step, ctl.current_phase, moved)
+    assert MethodConfig(shared_experts="train").shared_experts == "always"  # old names still accepted
+    assert MethodConfig(shared_experts="frozen").shared_experts == "never"
+
+
+def test_readme_phase_table_is_generated_from_the_code():
+    from pathlib import Path
+
+    from desmoe.method.registry import phase_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert phase_table_markdown() in readme, "README's per-phase table is stale: paste phase_table_markdown()"
 
 
 def test_masks_are_a_scope_that_leaves_nothing_behind():
@@ -348,3 +365,103 @@ def test_registry_names_every_method_and_refuses_clashes():
         method_class("lora")
     with pytest.raises(NotImplementedError, match="trainable_kinds"):
         Method(MethodConfig(), 10).trainable_kinds("any")
+
+
+@pytest.mark.parametrize("mt", ["qwen3_moe", "deepseek_v2"])
+def test_kd_gradient_reaches_only_the_alr(mt):
+    """λ·KD trains the router only: with *every* parameter requiring grad, the KD term's gradient on every
+    expert, shared-expert, attention, embedding and router-weight parameter is exactly zero (the ALR gets one)."""
+    torch.manual_seed(0)
+    m = _model(mt)
+    ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
+    ctl.begin_step(0)
+    assert ctl.last_lambda > 0
+    for a in ctl.alr:  # a non-zero residual, so the student differs from the teacher
+        torch.nn.init.normal_(a.down.weight, std=0.5)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    b = _batch()
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        m(input_ids=b["input_ids"])
+    fwd.added_loss.backward()
+    kinds = ctl.kinds
+    assert {"experts", "attention", "embeddings"} <= set(kinds.values())
+    for n, p in m.named_parameters():
+        if kinds[n] == "alr":
+            continue
+        assert p.grad is None or not p.grad.any(), f"KD reached {n} ({kinds[n]})"
+    assert all(a.down.weight.grad is not None and a.down.weight.grad.abs().sum() > 0 for a in ctl.alr)
+
+
+def test_phase_bounds_floor_and_affinity_locked_in_consolidation():
+    from desmoe.method import phase_bounds
+
+    assert phase_bounds(18, 0.2, 0.7) == (3, 12)  # floor(3.6), floor(12.6); round() gave (4, 13)
+    assert phase_bounds(10, 0.25, 0.7) == (2, 7) and phase_bounds(100, 0.29, 0.7) == (29, 70)
+    T = 18
+    for lock in (True, False):
+        m = _model()
+        ctl = MethodController(m, MethodConfig(name="des_moe", update_every=2, lock_affinity=lock), T, ["a", "b"])
+        L, E = len(ctl.blocks), ctl.num_experts
+        g = torch.Generator().manual_seed(0)
+        A_at = {}
+        for step in range(T):
+            ids = torch.randint(0, E, (L, 16, 2), generator=g)
+            ctl.tracker.observe(ids, torch.arange(16).remainder(2))
+            ctl.end_step(step)
+            A_at[step + 1] = ctl.tracker.A_LME.clone()
+        assert ctl.phase(12) == "consolidation" and ctl.phase(11) == "stabilization"
+        moved = any(not torch.equal(A_at[12], A_at[s]) for s in range(13, T + 1))
+        assert moved != lock, f"lock_affinity={lock}: A changed in consolidation: {moved}"
+        assert not torch.equal(A_at[4], A_at[12])  # A does refresh during stabilisation
+    with pytest.raises(ValueError, match="method.lock_affinity"):
+        MethodConfig(lock_affinity="yes")
+
+
+def test_esft_scores_a_token_budget_per_domain_capped_by_the_data():
+    assert MethodConfig(name="esft_gate").esft_tokens == 131072  # the authors' scripts
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="esft_gate", esft_tokens=40), 5, ["a", "b"])
+    consumed = []
+
+    def batches():  # an endless stream: 12 tokens per domain per batch
+        for s in range(1000):
+            consumed.append(s)
+            yield _batch(seed=s)
+
+    ctl.prepare(batches())
+    assert ctl.method.summary()["esft_scored_tokens"] == {"a": 40, "b": 40}
+    assert len(consumed) == 4  # ceil(40 / 12): stops once every domain has its tokens
+    ctl2 = MethodController(m, MethodConfig(name="esft_gate", esft_tokens=40), 5, ["a", "b"])
+    ctl2.data_tokens_M = [15, 10_000]  # domain a has only 15 training tokens
+    ctl2.prepare(_batch(seed=s) for s in range(1000))
+    assert ctl2.method.summary()["esft_scored_tokens"] == {"a": 15, "b": 40}
+    with pytest.raises(ValueError, match="method.esft_tokens"):
+        MethodConfig(esft_tokens=0)
+
+
+@pytest.mark.parametrize("mode", ["none", "union"])
+def test_unknown_domain_tokens_in_masked_phases(mode):
+    """Tokens with domain -1 update no routed expert (``none``) or the experts some domain owns (``union``)."""
+    torch.manual_seed(0)
+    m = _model()
+    ctl = MethodController(m, MethodConfig(name="des_moe", unknown_domain=mode), 10, ["a", "b"])
+    L, E = len(ctl.blocks), ctl.num_experts
+    masks = torch.zeros(L, 2, E, dtype=torch.bool)
+    masks[:, 0, :2] = True
+    masks[:, 1, 2:4] = True
+    ctl.tracker.masks_LME, ctl.tracker.initialised = masks, True
+    ctl.begin_step(3)  # stabilisation: masks in force
+    b = _batch()
+    b["domain_ids"][:] = -1  # every token of unknown domain
+    m.zero_grad(set_to_none=True)
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        out = m(input_ids=b["input_ids"], labels=b["labels"])
+    out.loss.backward()
+    for bname, _, ex in ctl.blocks:
+        g = ex.gate_up_proj.grad
+        moved = {e for e in range(E) if g is not None and g[e].any()}
+        want_max = set() if mode == "none" else {0, 1, 2, 3}
+        assert moved <= want_max and (mode == "none" or moved), (bname, moved)
+    with pytest.raises(ValueError, match="method.unknown_domain"):
+        MethodConfig(unknown_domain="all")

@@ -288,7 +288,7 @@ def test_sigterm_subprocess_writes_checkpoint_and_exits_clearly(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_step_term_and_layer(tmp_path, monkeypatch):
-    d = _cfg(str(tmp_path / "data"), max_steps=3)
+    d = _cfg(str(tmp_path / "data"), max_steps=5)  # T1 = floor(0.2·5) = 1: step 0 is warm-up
     real = tr.build_model
 
     def poisoned(*a, **k):
@@ -324,7 +324,7 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "build_model", flaky)
     s = run(config_from_dict(d), str(tmp_path / "r"), **QUIET)
     assert s["skipped_nonfinite"] == [2] and s["final_step"] == 4
-    assert s["phase_summary"]["stabilization"]["skipped_nonfinite"] == 1
+    assert s["phase_summary"]["consolidation"]["skipped_nonfinite"] == 1  # T2 = floor(0.7·4) = 2
     w = load_file(os.path.join(s["checkpoint"], "model", "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
     rec = [json.loads(x) for x in open(tmp_path / "r" / "history.jsonl")]

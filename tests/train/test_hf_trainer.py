@@ -113,3 +113,40 @@ def test_trainer_bad_arguments(tmp_path):
         DesMoETrainer(model=model, args=args, domain_names=[])
     with pytest.raises(ValueError, match="method.name"):
         DesMoETrainer(model=model, args=args, domain_names=["a"], method={"name": "lora"})
+
+
+def test_aux_loss_included_the_same_way_in_the_loop_and_the_trainer(tmp_path):
+    """The model's own load-balancing loss is on by default and added outside λ·KD + (1-λ)·task in both paths
+    (HF's outputs.loss already holds coef·aux: the Trainer path must not scale it by 1-λ); aux_loss=False drops it."""
+    from transformers import TrainingArguments
+
+    from desmoe.train.loss import task_loss
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", vocab_size=64, router_aux_loss_coef=0.5)  # large: a (1-λ) scaling would show
+    desmoe.patch(model, backend="reference")
+    stream = MixedDomainStream({"a": _docs(0), "b": _docs(1)}, seq_len=16, batch_size=4, eos_id=2)
+    b = stream.next_batch()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=10, report_to=[], use_cpu=True)
+    losses = {}
+    for aux_on in (True, False):
+        torch.manual_seed(1)  # the same ALR in both runs
+        tr = DesMoETrainer(model=model, args=args, method={"name": "des_moe"}, domain_names=["a", "b"],
+                           aux_loss=aux_on)
+        ctl = tr.desmoe
+        ctl.begin_step(0)
+        for a in ctl.alr:
+            torch.nn.init.normal_(a.down.weight, std=0.3)
+        assert 0 < ctl.last_lambda < 1
+        dom_T = b["domain_ids"].reshape(-1)
+        with ctl.applied(dom_T) as fwd:  # the loop's formula
+            task, aux, _, _ = task_loss(model, b, torch.device("cpu"), False, aux=aux_on)
+        assert (aux is not None) == aux_on
+        loop = ctl.combine(task, fwd.added_loss) + (aux if aux is not None else 0.0)
+        hf = tr.compute_loss(model, {k: b[k] for k in ("input_ids", "labels", "attention_mask", "domain_ids")
+                                     if k in b})
+        torch.testing.assert_close(hf, loop, rtol=1e-5, atol=1e-6)
+        losses[aux_on] = (float(loop.detach()), None if aux is None else float(aux.detach()))
+        for a in ctl.alr:
+            torch.nn.init.zeros_(a.down.weight)
+    assert losses[True][0] - losses[False][0] == pytest.approx(losses[True][1], rel=1e-4)
