@@ -281,16 +281,21 @@ def _mask_u8(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else like
 
 
+def _dims(x_TD: Tensor, w_gate_up_E2ID: Tensor, pairs_TK: Tensor) -> tuple[int, int, int, int, int, int]:
+    """``T, D, E, I, K, S`` (S = T·K pairs) of an experts call."""
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    K = pairs_TK.shape[1]
+    return T, D, E, I2 // 2, K, T * K
+
+
 @torch.library.custom_op("desmoe::moe_experts_fwd", mutates_args=())
 def moe_experts_fwd(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
     expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor], save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T, D = x_TD.shape
-    E, I2, _ = w_gate_up_E2ID.shape
-    I = I2 // 2
-    K = topk_ids_TK.shape[1]
-    S = T * K
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_ids_TK)
+    I2 = 2 * I
     dev, dt = x_TD.device, x_TD.dtype
     BM = _block_m(S, E)
     sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = _routing_metadata(topk_ids_TK, E, BM)
@@ -343,11 +348,8 @@ def moe_experts_bwd(
     expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
     need_dx: bool, need_dw: bool, need_dweights: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    T, D = x_TD.shape
-    E, I2, _ = w_gate_up_E2ID.shape
-    I = I2 // 2
-    K = topk_weights_TK.shape[1]
-    S = T * K
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_weights_TK)
+    I2 = 2 * I
     dev, dt = x_TD.device, x_TD.dtype
     wdt = w_gate_up_E2ID.dtype
     dx_TD = _empty((T, D) if need_dx else (0,), dt, dev)
