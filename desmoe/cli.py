@@ -20,8 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="CPU demo: tiny MoE, built-in domains, base pretraining, DES-MoE vs FFT")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--steps", type=int, default=150, help="fine-tuning steps T (default 150)")
-    d.add_argument("--pretrain-steps", type=int, default=600,
-                   help="base pretraining steps (default 600; the base is cached in OUT/cache by its config)")
+    d.add_argument("--pretrain-steps", type=int, default=400,
+                   help="base pretraining steps (default 400; the base is cached in OUT/cache by its config)")
     d.add_argument("--no-compare", action="store_true", help="skip the full fine-tuning (FFT) comparison run")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--no-parity", action="store_true", help="skip the desmoe.patch parity table")
