@@ -44,7 +44,7 @@ log "stages rc=$rc"
 T_LEFT=$(left)
 if [ $DRY = 1 ]; then
     log "gpu tests (collected; they skip without CUDA)"
-    $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_permute.py 2>&1 | tail -1
+    $PY -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_triton_permute.py 2>&1 | tail -1
 elif [ "$T_LEFT" -ge 30 ]; then
     log "gpu tests (${T_LEFT}s left)"
     timeout "$(( T_LEFT - 5 ))" $PY -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tail -30

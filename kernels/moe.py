@@ -31,7 +31,7 @@ after the shared-memory prune, so a first call compiles ~2 configs per kernel) a
 (never the raw token count, so a new batch size does not re-tune) and every constexpr that changes the work
 (STORE_* / mask flags). Every output is written in full by every config (no partial buffers whose content
 depends on which configs the autotuner ran), so the first call of a shape equals every later call
-(tests/test_triton_first_call.py). Under ``TRITON_INTERPRET=1`` each kernel has one small config.
+(tests/kernels/test_triton_first_call.py). Under ``TRITON_INTERPRET=1`` each kernel has one small config.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _dw(ba, bb, bk, w, s, group=8):
 # Candidates per kernel and row-tile height (BLOCK_M, chosen by the launcher from the pairs per expert; None for
 # the dW kernels). "default" keeps 2 per class, so a first call compiles ~2 configs per kernel; "full" adds the
 # rest of the sweep. Every listed bf16 config compiles for sm_90 with no stack (spills) and fits shared memory:
-# tests/test_triton_compile.py asserts that for every config the prune can keep. BLOCK_M = 64 classes include
+# tests/kernels/test_triton_compile.py asserts that for every config the prune can keep. BLOCK_M = 64 classes include
 # configs that fit 2-3 CTAs per SM, so one tile's epilogue overlaps another's loads on short-K GEMMs.
 # The small-footprint fallback is what float32 inputs run (tests, debugging; no tensor cores there).
 _ROW_FALLBACK = _row(32, 32, 4, 2)

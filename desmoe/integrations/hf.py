@@ -43,7 +43,7 @@ def register() -> None:
 
 # --- router specs, one per HF router family (read off each router's forward) ------------------------------
 # Each builder reads a RouterSpec off one of the model's router modules. What each family's stock router does
-# is checked against the installed transformers' own router modules in tests/test_hf_routers.py.
+# is checked against the installed transformers' own router modules in tests/integrations/test_hf_routers.py.
 
 def _softmax_topk(gate, config):
     # softmax(float32) -> topk -> renormalised -> float32 weights (Mixtral, MiniMax)
@@ -253,7 +253,7 @@ def refusal_reason(model_type: str) -> str:
         return f"its experts use {', '.join(sorted(set(layout)))}, which desmoe's experts ops do not implement"
     routers_ = sorted(set(re.findall(r"^class (\w*(?:Router|Gate)\w*)\(", source, re.M))) or ["its router"]
     return (f"its router ({', '.join(routers_)}) has not been checked against desmoe's routing families "
-            "(tests/test_hf_routers.py), so desmoe will not guess its semantics")
+            "(tests/integrations/test_hf_routers.py), so desmoe will not guess its semantics")
 
 
 def _activation(mod: nn.Module) -> str:

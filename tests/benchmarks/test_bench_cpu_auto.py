@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
 def test_bench_cpu_auto_quick(tmp_path, one_thread):

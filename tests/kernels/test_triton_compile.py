@@ -18,7 +18,7 @@ Asserted (issue 11, item 8): 0 bytes of stack in every GEMM kernel, >= 3 pipelin
 flight in the dW kernels, wgmma in every bf16 GEMM, everything fits shared memory. One table is printed.
 
 The compiles run in a subprocess (this file as a script) because the test process runs Triton's interpreter;
-Triton's compile cache makes a rerun cheap. ``python tests/test_triton_compile.py [--full]`` prints the table
+Triton's compile cache makes a rerun cheap. ``python tests/kernels/test_triton_compile.py [--full]`` prints the table
 (``--full``: the ``DESMOE_AUTOTUNE=full`` sweep) and one JSON line per compile.
 """
 import json

@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
     # Judged on the reference experts: with AdamW at lr 1e-2, weights whose gradient is near zero turn the
     # last-bit differences of a split batch into ~1e-5 weight differences within 6 steps, and how many cross
     # this test's tolerance depends on the kernel's rounding (the grouped-GEMM path: one weight of 768 at 4e-5).
-    # The kernels' equivalence is tested on their own (tests/test_grouped_ops.py).
+    # The kernels' equivalence is tested on their own (tests/ops/test_grouped_ops.py).
     d["model"]["backend"] = "reference"
     single = run(config_from_dict(d), str(root / "single"), **QUIET)
     dd = json.loads(json.dumps(d))
