@@ -257,7 +257,8 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
 
 
 # --- export ----------------------------------------------------------------------------------------------------
-def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> dict[str, list[dict]]:
+def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> dict[str, tuple[list, list[dict]]]:
+    """Per domain: its token documents and the (at most ``max_tokens``) batches built from them."""
     from .data import eval_batches, load_domain_texts, tokenize_domains
 
     texts = {d: load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs
@@ -266,27 +267,19 @@ def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> 
     docs = tokenize_domains(tok, texts)
     per_batch = cfg.data.seq_len * cfg.data.batch_size
     max_batches = max(1, max_tokens // per_batch)
-    return {d: list(eval_batches(docs[d], cfg.data.seq_len, cfg.data.batch_size, tok.eos_token_id,
-                                 max_batches=max_batches)) for d in names}
+    return {d: (docs[d], list(eval_batches(docs[d], cfg.data.seq_len, cfg.data.batch_size, tok.eos_token_id,
+                                           max_batches=max_batches))) for d in names}
 
 
-def _held_out_loss(model, batches_by_domain: dict[str, list[dict]]) -> dict[str, float]:
-    from .eval import token_losses
+def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]]) -> dict[str, float]:
+    """Per-domain held-out loss over exactly the batches in ``batches_by_domain`` (via :func:`desmoe.eval.domain_loss`,
+    which rebuilds the same batches from the documents)."""
+    from .eval import domain_loss
 
     dev = next(model.parameters()).device
-    out = {}
-    with torch.no_grad():
-        for d, batches in batches_by_domain.items():
-            tot, n = 0.0, 0
-            for b in batches:
-                am = b.get("attention_mask")
-                logits = model(input_ids=b["input_ids"].to(dev),
-                               attention_mask=None if am is None else am.to(dev)).logits
-                ce, valid = token_losses(logits, b["labels"].to(dev))
-                tot += float(ce.sum())
-                n += int(valid.sum())
-            out[d] = tot / max(n, 1)
-    return out
+    return {d: domain_loss(model, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                           eos_id=tok.eos_token_id, max_batches=len(batches), device=dev)["loss"]
+            for d, (docs, batches) in batches_by_domain.items()}
 
 
 def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_tokens: int = 16384,
@@ -325,8 +318,8 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     held = _domain_batches(cfg, tok, "test", list(cfg.data.domains) + general, eval_tokens)
     if has_alr:
         fit = _domain_batches(cfg, tok, "train", list(cfg.data.domains), fit_tokens)
-        weights = fit_linear_routers(model, [b for bs in fit.values() for b in bs], ridge=ridge)
-        agree = routing_agreement(model, weights, [b for bs in held.values() for b in bs])
+        weights = fit_linear_routers(model, [b for _, bs in fit.values() for b in bs], ridge=ridge)
+        agree = routing_agreement(model, weights, [b for _, bs in held.values() for b in bs])
     else:  # nothing to fit: the linear routers are the trained routers
         weights = [r.weight.detach().float().cpu() for r in routers]
         agree = [{"layer": i, "topk_exact": 1.0, "topk_overlap": 1.0, "tokens": 0} for i in range(len(routers))]
@@ -336,7 +329,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
            f"(min_agreement {min_agreement:.1%})")
     if low and on_low == "refuse":
         raise ExportError(msg + "; nothing written (use --on-low warn to export anyway)")
-    trained_loss = _held_out_loss(model, held)
+    trained_loss = _held_out_loss(model, cfg, tok, held)
     for r, w in zip(routers, weights):
         with torch.no_grad():
             r.weight.copy_(w.to(r.weight.device, r.weight.dtype))  # the same Parameter as the HF router's
@@ -347,7 +340,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()  # plain transformers
-    exported_loss = _held_out_loss(stock, held)
+    exported_loss = _held_out_loss(stock, cfg, tok, held)
     report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
               "ridge": ridge, "agreement": agree, "min_topk_exact": worst, "min_agreement": min_agreement,
               "below_threshold": low,

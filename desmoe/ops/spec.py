@@ -61,19 +61,15 @@ class RouterSpec:
             raise ValueError(f"RouterSpec.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"RouterSpec.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.scoring not in ROUTING_SCORINGS:
-            raise ValueError(f"RouterSpec.scoring must be one of {ROUTING_SCORINGS}, got {self.scoring!r}")
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"RouterSpec.group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
+        for name, choices in (("scoring", ROUTING_SCORINGS), ("group_score", GROUP_SCORES),
+                              ("logits_dtype", LOGITS_DTYPES), ("weights_dtype", WEIGHTS_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"RouterSpec.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.n_group < 1 or self.num_experts % self.n_group:
             raise ValueError(
                 f"RouterSpec.n_group must be >= 1 and divide num_experts={self.num_experts}, got {self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
-        if self.logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(f"RouterSpec.logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
-        if self.weights_dtype not in WEIGHTS_DTYPES:
-            raise ValueError(f"RouterSpec.weights_dtype must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}")
 
     @property
     def grouped(self) -> bool:
