@@ -2,12 +2,13 @@
 
 - :mod:`.registry`: :class:`Method` (what trains in which phase, which experts move, what loss is added) and
   the registry of method names; one file per method: :mod:`.fft`, :mod:`.frozen_router`, :mod:`.esft`
-  (gate and token scoring), :mod:`.des_moe` (DES-MoE and its ablations);
+  (gate and token scoring), :mod:`.des_moe` (DES-MoE and its ablations), :mod:`.controls` (experts only, FFT with
+  attention frozen);
 - :mod:`.controller`: drives one method through a run (phases, expert masks as a scope, optimizer-state rule);
 - :mod:`.alr`: the Adaptive Lightweight Router residual, the KD loss and the λ schedules;
 - :mod:`.dges`: the domain×expert affinity matrix A (warm-up accumulation, EMA refresh) and the expert masks.
 """
-from . import des_moe, esft, fft, frozen_router  # noqa: F401  (register the built-in methods)
+from . import controls, des_moe, esft, fft, frozen_router  # noqa: F401  (register the built-in methods)
 from .alr import ALRResidual, attach_alr, detach_alr, kd_loss, lambda_at
 from .config import MethodConfig
 from .controller import Forward, MethodController, classify_parameters

@@ -253,7 +253,8 @@ def test_phases_change_exactly_the_right_parameters():
     assert ctl.tracker.initialised and ctl.tracker.masks_LME is not None
 
 
-@pytest.mark.parametrize("method", ["fft", "frozen_router", "des_moe_no_alr", "des_moe_no_dges", "esft_gate", "esft_token"])
+@pytest.mark.parametrize("method", ["fft", "frozen_router", "des_moe_no_alr", "des_moe_no_dges", "esft_gate", "esft_token",
+                                    "experts_only", "fft_attention_frozen"])
 def test_baselines_select_the_right_parameters(method):
     m = _model("deepseek_v2")
     T = 5
@@ -273,8 +274,13 @@ def test_baselines_select_the_right_parameters(method):
         "des_moe_no_dges": {"experts", "alr"},
         "esft_gate": {"experts"},
         "esft_token": {"experts"},
+        "experts_only": {"experts"},
+        "fft_attention_frozen": {"experts", "router", "shared_experts", "embeddings", "other"},
     }[method]
     assert changed_kinds == want
+    if method == "experts_only":  # every routed expert moves, not a selection
+        for l, (bname, _, _) in enumerate(ctl.blocks):
+            assert len(_changed_experts(before, m, f"{bname}.experts.down_proj")) > 1
     if method.startswith("esft"):
         for l, (bname, _, _) in enumerate(ctl.blocks):
             got = _changed_experts(before, m, f"{bname}.experts.down_proj")
