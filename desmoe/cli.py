@@ -58,11 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
     x = sub.add_parser("experiment", help="replicate the paper's claims at small scale (results.json + plots)")
-    x.add_argument("name", help="forgetting | scaling | single_vs_mixed | ablations | convergence | all")
+    x.add_argument("name", help="pareto | scaling | all")
     x.add_argument("--out", required=True, help="output directory (results.json + PNG plots; 'all': one subdir each)")
     x.add_argument("--quick", action="store_true", help="tiny config (configs/experiments/quick.yaml), < 60 s")
     x.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the config's, 3)")
-    x.add_argument("--config", default=None, help="experiment config (default configs/experiments/small.yaml)")
+    x.add_argument("--config", default=None, help="experiment config (default configs/experiments/paper.yaml)")
+    x.add_argument("--workers", type=int, default=1, help="fine-tuning runs in parallel, one process and one "
+                   "thread each (2 on a 2-core machine)")
     x.add_argument("--cache", default=None, help="where the base model and fine-tuning runs are cached "
                    "(default: the config's cache, under runs/)")
     ex = sub.add_parser("export", help="write a stock Hugging Face model that routes like the trained checkpoint "
@@ -286,7 +288,7 @@ def cmd_experiment(a) -> int:
     spec = load_spec(a.config, quick=a.quick, seeds=a.seeds)
     if a.cache is not None:
         spec.cache = a.cache
-    run_experiment(a.name, a.out, spec, log=lambda m: print(m, flush=True))
+    run_experiment(a.name, a.out, spec, log=lambda m: print(m, flush=True), workers=a.workers)
     return 0
 
 

@@ -68,7 +68,7 @@ def test_bad_inputs_exit_2_with_clear_message(tmp_path, cfg_file, capsys):
     assert "bench_train_step.py" in capsys.readouterr().err
     assert main(["experiment", "paper", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "paper-claim experiments" in err and "forgetting" in err and "issue" not in err
+    assert "paper-claim experiments" in err and "pareto" in err and "issue" not in err
 
 
 def test_bench_dispatch(tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_corpus_build_tokenizer_and_pretraining_report_progress(tmp_path, capsys
 def test_every_long_running_command_takes_quiet():
     p = _parser()
     for cmd in (["demo"], ["parity"], ["train", "--config", "c", "--output-dir", "o"], ["eval", "--checkpoint", "c"],
-                ["experiment", "forgetting", "--out", "o"], ["export", "--checkpoint", "c", "--out", "o"]):
+                ["experiment", "pareto", "--out", "o"], ["export", "--checkpoint", "c", "--out", "o"]):
         assert p.parse_args(cmd + ["--quiet"]).quiet is True
 
 

@@ -11,8 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-SPLITS = ("train", "test")
-TEST_BUCKETS = 10  # 1 bucket in 10 is held out -> test is ~10%
+SPLITS = ("train", "validation", "test")
+TEST_BUCKETS = 10  # bucket 0 of 10 is test (~10%), bucket 1 validation (~10%), the rest train
 _MASK64 = (1 << 64) - 1
 
 
@@ -26,8 +26,10 @@ def stable_hash(*parts: object) -> int:
 
 
 def split_of(key: str) -> str:
-    """'test' for ~1/10 of keys, 'train' otherwise, fixed by hashing the key (file path, problem id, ...)."""
-    return "test" if stable_hash("desmoe-split", key) % TEST_BUCKETS == 0 else "train"
+    """'test' for ~1/10 of keys, 'validation' for another ~1/10, 'train' otherwise, fixed by hashing the key (file
+    path, problem id, ...); the test split is the same as before validation existed."""
+    b = stable_hash("desmoe-split", key) % TEST_BUCKETS
+    return "test" if b == 0 else "validation" if b == 1 else "train"
 
 
 def check_split(split: str) -> str:

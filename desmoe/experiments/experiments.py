@@ -1,8 +1,8 @@
-"""The five experiments (forgetting, scaling, single_vs_mixed, ablations, convergence) and ``all``.
+"""The experiments of issue 16 — ``pareto`` (every method × LR grid × seeds, paired; matched comparisons, controls,
+wall-clock) and ``scaling`` (2 → N domains, fixed steps per domain) — and ``all``.
 
-Each writes ``OUT/results.json`` (``{"experiment", "config", "versions", "git_sha", "seeds", "methods": {METHOD:
-{"domain_loss", "general_loss_delta", "math_exact_match", "wall_clock_s", "spread"}}}`` + extras) and PNG plots.
-``general_loss_delta`` = held-out general loss after fine-tuning minus the base's (forgetting; lower is better).
+Each writes ``OUT/results.json`` and PNG plots. Choices are made on the validation split, numbers are reported
+on the test split. Forgetting = held-out general loss after fine-tuning minus the base's (lower is better).
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import os
 import time
 
 from .. import provenance
+from . import pareto as P
 from . import plots
 from .base import base_routing, prepare_base_cached
-from .runner import TRAINER_METHOD, aggregate, run_cells
+from .runner import SINGLE_METHODS, aggregate, combine_single, run_jobs
 from .spec import ExperimentSpec
 
-EXPERIMENTS = ("forgetting", "scaling", "single_vs_mixed", "ablations", "convergence")
+EXPERIMENTS = ("pareto", "scaling")
 
 
 def versions() -> dict:
@@ -41,27 +42,14 @@ def _base(spec: ExperimentSpec, log) -> dict:
 
 
 def _header(name: str, spec: ExperimentSpec, base: dict) -> dict:
+    keys = ("pretrain_steps", "n_params", "general_loss_random_init", "general_loss", "train_loss_last10pct",
+            "train_loss_prev10pct", "seconds")
     return {"experiment": name, "config": {**spec.to_dict(), "source": spec.source}, "versions": versions(),
             "git_sha": git_sha(), "seeds": list(range(spec.seeds)),
-            "base": {k: base[k] for k in ("pretrain_steps", "n_params", "general_loss_random_init", "general_loss",
-                                         "train_loss_last10pct", "train_loss_prev10pct", "seconds")
-                     if k in base} | {"aux_loss_coef": base.get("aux_loss_coef", 0.0), "pretrain_mix": base.get("pretrain_mix"),
-                        "routing": base["routing"]}}
-
-
-def _block(cell: dict, domains) -> dict:
-    out = aggregate(cell["runs"], domains)
-    out["lr"] = cell["lr"]
-    out["lr_search"] = cell["lr_search"]  # seed 0: avg held-out domain loss per LR
-    if "lr_search_general_loss_delta" in cell:
-        out["lr_search_general_loss_delta"] = cell["lr_search_general_loss_delta"]
-    return out
-
-
-def _cells(spec, base_path, methods, domains, log) -> dict:
-    cells = [(spec.cell_of(m)[0], domains, spec.cell_of(m)[1], None) for m in methods]
-    res = run_cells(spec, base_path, cells, spec.seeds, log=log)
-    return dict(zip(methods, res))
+            "split": {"select": "validation", "report": "test"},
+            "base": {k: base[k] for k in keys if k in base} | {
+                "aux_loss_coef": base.get("aux_loss_coef", 0.0), "pretrain_mix": base.get("pretrain_mix"),
+                "model": spec.base["config"]["model"], "routing": base["routing"]}}
 
 
 def _write(out: str, res: dict) -> str:
@@ -73,220 +61,201 @@ def _write(out: str, res: dict) -> str:
     return p
 
 
-def _targets_forgetting(methods: dict, des_name: str = "des_moe", variants=()) -> dict:
-    """The paper's claims, checked on our numbers (None where a needed method is absent); the same checks for
-    each DES-MoE variant row under ``variants``."""
-    t = {}
-    if variants:
-        t["variants"] = {v: _targets_forgetting(methods, v) for v in variants if v in methods}
-    des, fft = methods.get(des_name), methods.get("fft_mixed")
-    if des and fft:
-        t["forgetting_ratio_des_over_fft"] = (des["general_loss_delta"] / fft["general_loss_delta"]
-                                              if fft["general_loss_delta"] > 0 else None)
-        t["forgetting_le_third_of_fft"] = (t["forgetting_ratio_des_over_fft"] is not None
-                                           and t["forgetting_ratio_des_over_fft"] <= 1 / 3)
-        t["avg_domain_loss_le_fft_mixed"] = des["avg_domain_loss"] <= fft["avg_domain_loss"]
-    single = methods.get("fft_single")
-    if des and single:
-        rel = des["avg_domain_loss"] / single["avg_domain_loss"] - 1
-        t["avg_domain_loss_rel_to_fft_single"] = rel
-        t["within_2pct_of_fft_single"] = rel <= 0.02
-    return t
+def _jobs(spec: ExperimentSpec, methods: list[str], singles: list[str], lrs=None) -> list[tuple]:
+    """Seed-major (a stopped command leaves whole seeds behind), then LR, then method; one-model-per-domain
+    methods as one job per domain."""
+    jobs = []
+    for seed in range(spec.seeds):
+        for lr in (lrs or spec.lrs):
+            for m in methods:
+                meth, ov = spec.cell_of(m)
+                jobs.append((meth, list(spec.domains), lr, seed, ov))
+            for sm in singles:
+                jobs.extend((sm, [d], lr, seed, None) for d in spec.domains)
+    return jobs
 
 
-def exp_forgetting(spec: ExperimentSpec, out: str, log=print) -> dict:
-    base = _base(spec, log)
-    cells = _cells(spec, base["path"], spec.forgetting_methods, spec.domains, log)
-    methods = {m: _block(c, spec.domains) for m, c in cells.items()}
-    res = {**_header("forgetting", spec, base), "domains": spec.domains, "methods": methods,
-           "targets": _targets_forgetting(methods, variants=list(spec.variants))}
-    plots.forgetting_bars(os.path.join(out, "forgetting.png"), methods, "forgetting: mixed fine-tuning on "
-                          + ", ".join(spec.domains))
-    plots.loss_curves(os.path.join(out, "loss_curves.png"), {m: c["runs"] for m, c in cells.items()})
-    if "des_moe" in cells:
-        plots.copy_affinity(cells["des_moe"]["runs"][0], os.path.join(out, "affinity_des_moe.png"))
-    _write(out, res)
-    return res
+def _cell_key(meth: str, ov: dict | None) -> tuple[str, str]:
+    return meth, json.dumps(ov or {}, sort_keys=True)
 
 
-def exp_scaling(spec: ExperimentSpec, out: str, log=print) -> dict:
-    base = _base(spec, log)
-    counts = sorted(spec.scaling_counts)
-    blocks = {}
-    log(f"scaling: {counts} domains")
-    todo = [(spec.cell_of(m)[0], spec.domains[:n], spec.cell_of(m)[1], None) for n in counts for m in spec.scaling_methods]
-    res = iter(run_cells(spec, base["path"], todo, spec.seeds, log=log))
-    for n in counts:
-        doms = spec.domains[:n]
-        blocks[str(n)] = {"domains": doms, "methods": {m: _block(next(res), doms) for m in spec.scaling_methods}}
-    lo, hi = str(counts[0]), str(counts[-1])
-    # degradation from the fewest to the most domains: change in average domain loss (up = worse) and forgetting
-    # the average over a growing domain set mixes in new domains of other difficulty, so the like-for-like
-    # degradation is the loss change on the domains present at every count (the first ``lo`` ones)
-    common = blocks[lo]["domains"]
-
-    def common_change(m):
-        a, b = blocks[lo]["methods"][m]["domain_loss"], blocks[hi]["methods"][m]["domain_loss"]
-        return sum(b[d] - a[d] for d in common) / len(common)
-
-    degr = {m: {"avg_domain_loss_change": blocks[hi]["methods"][m]["avg_domain_loss"] - blocks[lo]["methods"][m]["avg_domain_loss"],
-                "common_domain_loss_change": common_change(m),
-                "general_loss_delta_change": blocks[hi]["methods"][m]["general_loss_delta"] - blocks[lo]["methods"][m]["general_loss_delta"]}
-            for m in spec.scaling_methods}
-    t = {"criterion": f"loss increase on the common domains {common} from {lo} to {hi} domains <= 1/3 of fft_mixed's"}
-    for des in ["des_moe", *spec.variants]:
-        if des in degr and "fft_mixed" in degr:
-            f, d = degr["fft_mixed"]["common_domain_loss_change"], degr[des]["common_domain_loss_change"]
-            t[f"{des}_degradation_le_third_of_fft"] = (d <= f / 3) if f > 0 else None
-    res = {**_header("scaling", spec, base), "domain_counts": blocks, "methods": blocks[hi]["methods"],
-           "degradation": {"from": int(lo), "to": int(hi), "common_domains": common, **degr}, "targets": t}
-    plots.scaling_lines(os.path.join(out, "scaling.png"), blocks)
-    _write(out, res)
-    return res
+def _names(spec: ExperimentSpec, methods) -> dict[tuple[str, str], str]:
+    """(trainer-level METHOD, overrides) -> the experiment's name for it (a method or a variant)."""
+    return {_cell_key(*spec.cell_of(m)): m for m in methods}
 
 
-def _single_runs(spec, base_path, log, method: str = "fft_single") -> tuple[dict, dict]:
-    """``method`` (FFT, or ESFT with its own expert selection per domain: the paper's single-domain protocol) on
-    each domain alone (own LR search per domain); per seed, one record combining the domains."""
-    cells = dict(zip(spec.domains, run_cells(spec, base_path, [(method, [d], None, None) for d in spec.domains],
-                                             spec.seeds, log=log)))
-    runs = []
-    for s in range(spec.seeds):
-        rs = [cells[d]["runs"][s] for d in spec.domains]
-        ems = [r["math_exact_match"] for r in rs if r["math_exact_match"] is not None]
-        runs.append({"domains": list(spec.domains), "domain_loss": {d: cells[d]["runs"][s]["domain_loss"][d] for d in spec.domains},
-                     "general_loss_delta": sum(r["general_loss_delta"] for r in rs) / len(rs),
-                     "math_exact_match": ems[0] if ems else None,
-                     "wall_clock_s": sum(r["wall_clock_s"] for r in rs)})
-    return cells, runs
-
-
-def exp_single_vs_mixed(spec: ExperimentSpec, out: str, log=print) -> dict:
-    base = _base(spec, log)
-    methods = {}
-    for sm in spec.single_methods:
-        cells, single = _single_runs(spec, base["path"], log, sm)
-        methods[sm] = {**aggregate(single, spec.domains), "lr": {d: c["lr"] for d, c in cells.items()},
-                       "lr_search": {d: c["lr_search"] for d, c in cells.items()},
-                       "note": f"one {TRAINER_METHOD[sm]} model per domain; general_loss_delta = mean over the domain "
-                               "models, wall_clock_s = sum over them"}
-    mixed = _cells(spec, base["path"], ["fft_mixed", "des_moe"] + [m for m in spec.forgetting_methods
-                                                                  if m in spec.variants], spec.domains, log)
-    methods.update({m: _block(c, spec.domains) for m, c in mixed.items()})
-    res = {**_header("single_vs_mixed", spec, base), "domains": spec.domains, "methods": methods,
-           "targets": _targets_forgetting(methods, variants=list(spec.variants))}
-    plots.forgetting_bars(os.path.join(out, "single_vs_mixed.png"), methods, "single-domain FFT vs mixed")
-    _write(out, res)
-    return res
-
-
-def exp_ablations(spec: ExperimentSpec, out: str, log=print) -> dict:
-    base = _base(spec, log)
-    cells = _cells(spec, base["path"], ["des_moe", "des_moe_no_alr", "des_moe_no_dges"], spec.domains, log)
-    methods = {m: _block(c, spec.domains) for m, c in cells.items()}
-    des_lr = cells["des_moe"]["lr"]
-    default_phi = spec.finetune.get("method", {}).get("phi", 0.6)
-    # the φ sweep reuses DES-MoE's searched LR (a sweep of the mask threshold, not a new method)
-    others = [p for p in spec.phis if abs(p - default_phi) > 1e-12]
-    res = run_cells(spec, base["path"], [("des_moe", spec.domains, {"phi": p}, [des_lr]) for p in others], spec.seeds,
-                    log=log)
-    phi = {f"{p:g}": (methods["des_moe"] if abs(p - default_phi) <= 1e-12 else _block(res[others.index(p)], spec.domains))
-           for p in spec.phis}
-    full = methods["des_moe"]
-    t = {f"{m}_worse": (methods[m]["avg_domain_loss"] > full["avg_domain_loss"],
-                        methods[m]["general_loss_delta"] > full["general_loss_delta"])
-         for m in ("des_moe_no_alr", "des_moe_no_dges")}
-    t["criterion"] = "(avg domain loss higher, forgetting higher) than full des_moe"
-    res = {**_header("ablations", spec, base), "domains": spec.domains, "methods": methods, "phi_sweep": phi,
-           "default_phi": default_phi, "targets": t}
-    plots.forgetting_bars(os.path.join(out, "ablations.png"), {**methods, **{f"phi={k}": v for k, v in phi.items()}},
-                          "DES-MoE ablations")
-    _write(out, res)
-    return res
-
-
-def _smooth(xs: list[float], w: int) -> list[float]:
-    out = []
-    for i in range(len(xs)):
-        win = xs[max(0, i - w + 1): i + 1]
-        out.append(sum(win) / len(win))
+def _group(spec: ExperimentSpec, jobs: list[tuple], recs: list[dict], methods, singles) -> dict[str, list[dict]]:
+    """Records per method name (variants by their own name); one-model-per-domain runs combined per (LR, seed)."""
+    names = _names(spec, methods)
+    out: dict[str, list[dict]] = {m: [] for m in [*methods, *singles]}
+    single: dict[tuple, list[dict]] = {}
+    for (meth, doms, lr, seed, ov), r in zip(jobs, recs):
+        if meth in SINGLE_METHODS:
+            single.setdefault((meth, lr, seed), []).append(r)
+        else:
+            out[names[_cell_key(meth, ov)]].append(r)
+    for (meth, lr, seed), rs in single.items():
+        out[meth].append(combine_single(rs))
     return out
 
 
-def _avg_domain_curve(rec: dict) -> tuple[list[int], list[float]]:
-    steps, vals = [], []
-    for h in rec["history"]:
-        v = [h[f"loss/{d}"] for d in rec["domains"] if f"loss/{d}" in h]
-        if len(v) == len(rec["domains"]):
-            steps.append(h["step"])
-            vals.append(sum(v) / len(v))
-    return steps, vals
+def _point(r: dict) -> dict:
+    return {"lr": r["lr"], "seed": r["seed"], "domain_loss": r["avg_domain_loss"], "forgetting": r["forgetting"],
+            "domain_loss_val": r["avg_domain_loss_val"], "forgetting_val": r["forgetting_val"],
+            "per_domain_loss": r["domain_loss"]}
 
 
-def _avg_list(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+def _selected(spec: ExperimentSpec, recs: list[dict]) -> tuple[float, list[dict]]:
+    lr = P.select_lr([_point(r) for r in recs])
+    return lr, sorted((r for r in recs if r["lr"] == lr), key=lambda r: r["seed"])
 
 
-def exp_convergence(spec: ExperimentSpec, out: str, log=print, window: int = 5) -> dict:
-    """Steps / wall-clock for each method to reach FFT's final average training domain loss (smoothed over
-    ``window`` logged points), from the forgetting runs' histories (no extra training)."""
+def _phase_step_s(recs: list[dict]) -> dict:
+    """Mean seconds per step of each phase over ``recs`` (training compute only)."""
+    out: dict[str, list[float]] = {}
+    for r in recs:
+        for p, v in (r.get("phase_timing") or {}).items():
+            if v["steps"]:
+                out.setdefault(p, []).append(v["seconds"] / v["steps"])
+    return {p: sum(v) / len(v) for p, v in out.items()}
+
+
+def _eval_se(recs: list[dict]) -> float | None:
+    """Standard error of one run's average test domain loss from the evaluation alone (domains independent)."""
+    vals = []
+    for r in recs:
+        se = [s for s in (r.get("domain_loss_se") or {}).values() if s is not None]
+        if se and len(se) == len(r["domain_loss"]):
+            vals.append(sum(s * s for s in se) ** 0.5 / len(se))
+    return sum(vals) / len(vals) if vals else None
+
+
+def exp_pareto(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> dict:
     base = _base(spec, log)
-    cells = _cells(spec, base["path"], spec.forgetting_methods, spec.domains, log)
-    if "fft_mixed" not in cells:
-        raise ValueError("convergence needs fft_mixed among forgetting_methods")
-    fft_final = []
-    for r in cells["fft_mixed"]["runs"]:
-        _, v = _avg_domain_curve(r)
-        if v:
-            fft_final.append(_smooth(v, window)[-1])
+    methods_, singles = list(spec.pareto_methods), list(spec.single_methods)
+    jobs = _jobs(spec, methods_, singles)
+    log(f"pareto: {len(methods_)} mixed + {len(singles)} one-model-per-domain methods × {len(spec.lrs)} LRs × "
+        f"{spec.seeds} seeds ({len(jobs)} runs)")
+    recs = run_jobs(spec, base["path"], jobs, workers=workers, log=log)
+    grouped = _group(spec, jobs, recs, methods_, singles)
+    methods: dict[str, dict] = {}
+    sel_recs: dict[str, list[dict]] = {}
+    for m, rs in grouped.items():
+        pts = [_point(r) for r in rs]
+        lr, srs = _selected(spec, rs)
+        sel_recs[m] = srs
+        rows = P.lr_means(pts)
+        methods[m] = {"points": pts, "lr_means": rows, "selected_lr": lr, "selected": aggregate(srs, spec.domains),
+                      "frontier": [{"domain_loss": a, "forgetting": b} for a, b in
+                                   P.frontier([(r["domain_loss"], r["forgetting"]) for r in rows])],
+                      "one_model_per_domain": m in SINGLE_METHODS}
+    refs = {r: {"lr": methods[r]["selected_lr"], "domain_loss": methods[r]["selected"]["avg_domain_loss"],
+                "forgetting": methods[r]["selected"]["forgetting"]} for r in ("des_moe", "fft_mixed")}
+    for m, b in methods.items():
+        b["at_matched_forgetting"] = {r: P.matched(b["points"], forgetting=v["forgetting"]) for r, v in refs.items()}
+        b["at_matched_domain_loss"] = {r: P.matched(b["points"], loss=v["domain_loss"]) for r, v in refs.items()}
+    # wall-clock: steps / seconds to FFT's final validation loss (each method at its selected LR)
+    fft_final = [r["val_curve"][-1]["val_avg"] for r in sel_recs["fft_mixed"] if r.get("val_curve")]
     target = sum(fft_final) / len(fft_final)
-    methods = {}
-    for m, c in cells.items():
-        blk = _block(c, spec.domains)
-        st, secs, finals = [], [], []
-        for r in c["runs"]:
-            s, v = _avg_domain_curve(r)
-            sm = _smooth(v, window)
-            finals.append(sm[-1] if sm else None)
-            hit = next((s[i] for i, x in enumerate(sm) if x <= target), None)
-            st.append(hit)
-            secs.append(None if hit is None else (hit + 1) * r["train_seconds"] / max(1, r["steps"]))
-        reached = [x for x in st if x is not None]
-        blk["convergence"] = {"target_avg_train_domain_loss": target, "final_avg_train_domain_loss": _avg_list(finals),
-                              "steps_to_target": st,
-                              "seconds_to_target": secs, "reached": f"{len(reached)}/{len(st)}",
-                              "mean_steps_to_target": sum(reached) / len(reached) if reached else None,
-                              "mean_seconds_to_target": (sum(x for x in secs if x is not None) / len(reached)
-                                                         if reached else None)}
-        methods[m] = blk
-    res = {**_header("convergence", spec, base), "domains": spec.domains, "methods": methods,
-           "note": f"target: fft_mixed's final training avg domain loss (moving average over {window} logged points, "
-                   f"mean over seeds); a method that never reaches it has null steps"}
-    plots.convergence_curves(os.path.join(out, "convergence.png"), {m: c["runs"] for m, c in cells.items()}, target, window)
+    for m, b in methods.items():
+        if m in SINGLE_METHODS:
+            continue
+        b["wall_clock"] = {**P.time_to_target([r["val_curve"] for r in sel_recs[m]], target),
+                           "train_seconds": b["selected"]["train_seconds"],
+                           "step_seconds_by_phase": _phase_step_s(sel_recs[m]),
+                           "steps": sel_recs[m][0]["steps"]}
+    res = {**_header("pareto", spec, base), "domains": spec.domains,
+           "steps": {"mixed": spec.steps_per_domain * len(spec.domains), "per_domain_model": spec.steps_per_domain},
+           "methods": methods, "references": refs,
+           "wall_clock_target": {"what": "fft_mixed's final validation average domain loss at its selected LR "
+                                         "(mean over seeds)", "value": target},
+           "resolution": P.resolution({m: b["points"] for m, b in methods.items()}, _eval_se(recs),
+                                      ("des_moe", "fft_mixed")),
+           "eval_tokens_per_domain": recs[0].get("eval_tokens"),
+           "mask_sizes_des_moe": sel_recs["des_moe"][0].get("mask_sizes")}
+    plots.pareto(os.path.join(out, "pareto.png"), {m: b for m, b in methods.items()},
+                 f"{len(spec.domains)} domains, {spec.steps_per_domain} steps per domain, LRs {spec.lrs}")
+    plots.pareto(os.path.join(out, "pareto_core.png"),
+                 {m: methods[m] for m in ("fft_mixed", "experts_only", "esft_gate", "des_moe") if m in methods},
+                 "core methods")
+    plots.wall_clock(os.path.join(out, "wall_clock.png"),
+                     {m: sel_recs[m][0].get("val_curve") for m in methods if m not in SINGLE_METHODS}, target)
     _write(out, res)
     return res
 
 
-RUNNERS = {"forgetting": exp_forgetting, "scaling": exp_scaling, "single_vs_mixed": exp_single_vs_mixed,
-           "ablations": exp_ablations, "convergence": exp_convergence}
+def exp_scaling(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> dict:
+    """The scaling methods at the LR chosen on validation in the Pareto grid (its runs are reused), on the first
+    n domains for each n of ``scaling_counts``, ``steps_per_domain × n`` steps."""
+    base = _base(spec, log)
+    ms = list(spec.scaling_methods)
+    pjobs = _jobs(spec, ms, [])
+    log(f"scaling: the LR grid of {ms} (from the Pareto runs)")
+    grouped = _group(spec, pjobs, run_jobs(spec, base["path"], pjobs, workers=workers, log=log), ms, [])
+    lrs = {m: _selected(spec, grouped[m])[0] for m in ms}
+    counts = sorted(spec.scaling_counts)
+    jobs = [(*spec.cell_of(m), n, lrs[m], s) for s in range(spec.seeds) for n in counts for m in ms]
+    jobs = [(meth, list(spec.domains[:n]), lr, s, ov) for meth, ov, n, lr, s in jobs]
+    log(f"scaling: {counts} domains × {ms} × {spec.seeds} seeds")
+    recs = run_jobs(spec, base["path"], jobs, workers=workers, log=log)
+    common = list(spec.domains[:counts[0]])
+    names = _names(spec, ms)
+    by: dict[str, dict[int, list[dict]]] = {m: {} for m in ms}
+    for (meth, doms, lr, s, ov), r in zip(jobs, recs):
+        by[names[_cell_key(meth, ov)]].setdefault(len(doms), []).append(r)
+    methods = {}
+    for m in ms:
+        per = {}
+        for n in counts:
+            rs = sorted(by[m][n], key=lambda r: r["seed"])
+            cl = [sum(r["domain_loss"][d] for d in common) / len(common) for r in rs]
+            per[str(n)] = {"domains": list(spec.domains[:n]), "steps": spec.steps_per_domain * n,
+                           "common_domain_loss": P._mean(cl), "common_domain_loss_sd": P._sd(cl),
+                           "common_domain_loss_per_seed": cl, "forgetting": P._mean([r["forgetting"] for r in rs]),
+                           "forgetting_sd": P._sd([r["forgetting"] for r in rs]),
+                           "forgetting_per_seed": [r["forgetting"] for r in rs], **{
+                               "avg_domain_loss": P._mean([r["avg_domain_loss"] for r in rs])}}
+        lo, hi = per[str(counts[0])], per[str(counts[-1])]
+        d_loss = [b - a for a, b in zip(lo["common_domain_loss_per_seed"], hi["common_domain_loss_per_seed"])]
+        d_forg = [b - a for a, b in zip(lo["forgetting_per_seed"], hi["forgetting_per_seed"])]
+        methods[m] = {"lr": lrs[m], "per_count": per,
+                      "change": {"from": counts[0], "to": counts[-1], "common_domain_loss": P._mean(d_loss),
+                                 "common_domain_loss_sd": P._sd(d_loss), "forgetting": P._mean(d_forg),
+                                 "forgetting_sd": P._sd(d_forg)}}
+    res = {**_header("scaling", spec, base), "domains": spec.domains, "counts": counts, "common_domains": common,
+           "steps_per_domain": spec.steps_per_domain, "methods": methods,
+           "note": "each method at the LR chosen on validation in the Pareto grid; change = (most domains) − "
+                   "(fewest), paired per seed; the loss is on the domains present at every count"}
+    plots.scaling(os.path.join(out, "scaling.png"), counts, methods, common)
+    _write(out, res)
+    return res
 
 
-def run_experiment(name: str, out: str, spec: ExperimentSpec, log=print) -> dict:
-    """Run experiment ``name`` (or ``all``: each into ``out/<name>/``); returns its results dict."""
+RUNNERS = {"pareto": exp_pareto, "scaling": exp_scaling}
+
+
+def run_experiment(name: str, out: str, spec: ExperimentSpec, log=print, workers: int = 1) -> dict:
+    """Run experiment ``name`` (or ``all``: each into ``out/<name>/``, then ``out/summary.md``)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an int >= 1, got {workers!r}")
     if name == "all":
         t0 = time.time()
-        res = {n: run_experiment(n, os.path.join(out, n), spec, log) for n in EXPERIMENTS}
+        res = {n: run_experiment(n, os.path.join(out, n), spec, log, workers) for n in EXPERIMENTS}
         from .report import render
 
+        secs = time.time() - t0
         with open(os.path.join(out, "summary.md"), "w") as f:
             f.write(render(out))
-        log(f"all experiments done in {time.time() - t0:.0f}s")
+        with open(os.path.join(out, "timing.json"), "w") as f:
+            json.dump({"command": "desmoe experiment all", "config": spec.source, "workers": workers,
+                       "seconds": secs, "note": "wall time of this invocation; cached runs are not recomputed"}, f,
+                      indent=1)
+        log(f"all experiments done in {secs:.0f}s")
         return res
     if name not in RUNNERS:
         raise ValueError(f"experiment name must be one of {EXPERIMENTS} or 'all', got {name!r}")
     t0 = time.time()
     log(f"experiment {name} -> {out}")
-    res = RUNNERS[name](spec, out, log)
+    res = RUNNERS[name](spec, out, log, workers)
     log(f"experiment {name} done in {time.time() - t0:.0f}s: {os.path.join(out, 'results.json')}")
     return res

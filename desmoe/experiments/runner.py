@@ -1,10 +1,11 @@
-"""One fine-tuning run of the experiment grid, cached by its config, and the LR search / seed aggregation.
+"""One fine-tuning run of the experiment grid, cached by its config, and the grid itself.
 
-A *cell* is (method, domains, method overrides). Per cell: the LR search runs seed 0 at every LR of
-``spec.lrs`` and keeps the LR with the lowest average held-out domain loss; the other seeds run at that LR. Every
-cell gets the same steps, data order (``data.seed`` = seed) and LR budget. Runs are cached in
-``<cache>/ft/<key>/`` (keyed by the full training config), so experiments share runs (the 5-domain FFT run is used
-by forgetting, scaling, single-vs-mixed and convergence) and a re-run only computes what is missing.
+A *job* is (method, domains, lr, seed, method overrides). Every run starts from the cached base (``model.path``)
+with ``train.max_steps = steps_per_domain × len(domains)``; for a seed, every method sees the same data order
+(``data.seed``) and initial weights (``model.seed``): the comparison is paired. Runs are cached in
+``<cache>/ft/<key>/record.json`` (keyed by the full training config), so experiments share runs (scaling reuses
+the 5-domain Pareto runs) and a re-run only computes what is missing. ``workers`` > 1 runs jobs in that many
+processes (one thread each); several commands sharing a cache also split the work (a lock per run).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import time
 from .spec import ExperimentSpec
 
 # experiment METHOD name -> trainer method.name
-TRAINER_METHOD = {"fft_mixed": "fft", "fft_single": "fft", "esft_gate": "esft_gate", "esft_token": "esft_token",
-                  "frozen_router": "frozen_router", "des_moe": "des_moe", "des_moe_no_alr": "des_moe_no_alr",
-                  "des_moe_no_dges": "des_moe_no_dges", "esft_gate_single": "esft_gate", "esft_token_single": "esft_token"}
-# one run per domain (data.domains = [d]), each with its own LR search and, for ESFT, its own selected experts
+TRAINER_METHOD = {"fft_mixed": "fft", "fft_attention_frozen": "fft_attention_frozen", "frozen_router": "frozen_router",
+                  "experts_only": "experts_only", "esft_gate": "esft_gate", "esft_token": "esft_token",
+                  "des_moe": "des_moe", "des_moe_no_alr": "des_moe_no_alr", "des_moe_no_dges": "des_moe_no_dges",
+                  "fft_single": "fft", "esft_gate_single": "esft_gate", "esft_token_single": "esft_token"}
+# one run per domain (data.domains = [d]), each with its own ESFT expert selection: the paper's ESFT protocol
 SINGLE_METHODS = ("fft_single", "esft_gate_single", "esft_token_single")
 
 
@@ -37,7 +39,8 @@ def finetune_config(spec: ExperimentSpec, base_path: str, method: str, domains: 
     cfg = {"model": {"path": base_path, "seed": seed}, "tokenizer": {"path": base_path},
            "data": {**ft.get("data", {}), "domains": list(domains), "seed": seed},
            "method": {**ft.get("method", {}), **(method_overrides or {}), "name": TRAINER_METHOD[method]},
-           "train": {**ft.get("train", {}), "lr": float(lr), "progress": False, "save_every": 0}}
+           "train": {**ft.get("train", {}), "max_steps": spec.steps_per_domain * len(domains), "lr": float(lr),
+                     "progress": False, "save_every": 0}}
     return cfg
 
 
@@ -92,6 +95,13 @@ def _acquire(lock: str, result: str, log, wait: bool = True) -> bool | None:
             time.sleep(2)
 
 
+def run_dir_of(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], lr: float, seed: int,
+               method_overrides: dict | None = None) -> str:
+    cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
+    tag = f"{method}{''.join(f'-{k}{v}' for k, v in sorted((method_overrides or {}).items()))}"
+    return os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{_key(cfg_d)}")
+
+
 def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], lr: float, seed: int,
             method_overrides: dict | None = None, *, log=print, wait: bool = True) -> dict | None:
     """Run (or load from the cache) one fine-tuning run; returns its record (losses, forgetting, timing ...).
@@ -99,8 +109,8 @@ def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str
     from ..train import config_from_dict, run
 
     cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
-    tag = f"{method}{''.join(f'-{k}{v}' for k, v in sorted((method_overrides or {}).items()))}"
-    run_dir = os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{_key(cfg_d)}")
+    cfg_d["train"].setdefault("eval_cache", os.path.join(spec.cache, "eval"))
+    run_dir = run_dir_of(spec, base_path, method, domains, lr, seed, method_overrides)
     rec_path = os.path.join(run_dir, "record.json")
     if os.path.isfile(rec_path):
         with open(rec_path) as f:
@@ -113,13 +123,13 @@ def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str
     if not got:
         with open(rec_path) as f:
             return json.load(f)
+    tag = os.path.basename(run_dir).rsplit("-", 1)[0]
     try:
         if os.path.isfile(rec_path):
             with open(rec_path) as f:
                 return json.load(f)
         if os.path.isdir(run_dir):  # a half-written run from a crash: start it again
             shutil.rmtree(run_dir)
-        log(f"  run {tag} domains={','.join(domains)} lr={lr:g} seed={seed}")
         cfg = config_from_dict(cfg_d, source=f"experiment run {tag}")
         s = run(cfg, run_dir, progress=False, log=lambda *a, **k: None)
         rec = _record(spec, s, run_dir, method, domains, lr, seed, method_overrides)
@@ -128,8 +138,8 @@ def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str
         os.replace(rec_path + ".tmp", rec_path)
         if spec.keep_checkpoints is False:
             shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-        log(f"    avg domain loss {rec['avg_domain_loss']:.4f}, general delta {rec['general_loss_delta']:+.4f}, "
-            f"{rec['wall_clock_s']:.0f}s")
+        log(f"  {tag}: test avg domain loss {rec['avg_domain_loss']:.4f}, forgetting {rec['forgetting']:+.4f} "
+            f"(val {rec['avg_domain_loss_val']:.4f} / {rec['forgetting_val']:+.4f}), {rec['wall_clock_s']:.0f}s")
         return rec
     finally:
         if os.path.exists(lock):
@@ -138,90 +148,110 @@ def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str
 
 def _record(spec, s: dict, run_dir: str, method, domains, lr, seed, method_overrides) -> dict:
     after, before = s["eval_after"], s["eval_before"]
+    va, vb = s["val_after"], s["val_before"]
     dl = {d: after["domains"][d]["loss"] for d in domains}
+    dlv = {d: va["domains"][d]["loss"] for d in domains}
     em = None
     if "math" in domains and spec.math_n > 0:
         from ..train.evaluate import evaluate_checkpoint
 
         em = evaluate_checkpoint(run_dir, math_n=spec.math_n, domains=["math"], device="cpu")["math"]["exact_match"]
     hist = _read_history(run_dir)
-    train_s = sum(v["seconds"] for v in (s.get("phase_timing") or {}).values())
+    timing = s.get("phase_timing") or {}
+    masks = s.get("masks")
     return {
         "method": method, "domains": list(domains), "lr": lr, "seed": seed, "method_overrides": method_overrides or {},
-        "run_dir": os.path.abspath(run_dir), "domain_loss": dl, "avg_domain_loss": sum(dl.values()) / len(dl),
+        "run_dir": os.path.abspath(run_dir),
+        "domain_loss": dl, "avg_domain_loss": sum(dl.values()) / len(dl),
+        "domain_loss_se": {d: after["domains"][d].get("loss_se") for d in domains},
         "domain_loss_before": {d: before["domains"][d]["loss"] for d in domains},
         "general_loss_before": before["general"]["loss"], "general_loss_after": after["general"]["loss"],
-        "general_loss_delta": after["general"]["loss"] - before["general"]["loss"],
-        "math_exact_match": em, "wall_clock_s": s["seconds"], "train_seconds": train_s,
+        "general_loss_se": after["general"].get("loss_se"),
+        "forgetting": after["general"]["loss"] - before["general"]["loss"],
+        "domain_loss_val": dlv, "avg_domain_loss_val": sum(dlv.values()) / len(dlv),
+        "general_loss_val_before": vb["general"]["loss"], "general_loss_val_after": va["general"]["loss"],
+        "forgetting_val": va["general"]["loss"] - vb["general"]["loss"],
+        "eval_tokens": {d: after["domains"][d]["tokens"] for d in after["domains"]},
+        "math_exact_match": em, "wall_clock_s": s["seconds"],
+        "train_seconds": sum(v["seconds"] for v in timing.values()),
+        "phase_timing": {p: {"steps": v["steps"], "seconds": v["seconds"]} for p, v in timing.items()},
         "tokens_per_s": s["tokens_per_s"], "steps": s["steps_run"], "phases": s.get("phases"),
-        "masks": s.get("masks"), "esft_selection": s.get("esft_selection"), "affinity_png": s.get("plot"),
-        "history": [{k: v for k, v in h.items() if k == "step" or k == "phase" or k == "task" or k == "loss"
-                     or k.startswith("loss/") or k == "lambda"} for h in hist],
+        "mask_sizes": None if not masks else {d: sum(map(len, v)) / len(v) for d, v in masks.items()},
+        "esft_selection": s.get("esft_selection"),
+        "val_curve": [{"step": h["step"], "train_s": h.get("train_s"), "val_avg": h["val/avg"],
+                       "val_general": h.get("val/general")} for h in hist if "val/avg" in h],
+        "history": [{k: v for k, v in h.items() if k in ("step", "phase", "task", "train_s")} for h in hist],
     }
 
 
-def run_cell(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], seeds: int,
-             method_overrides: dict | None = None, *, lrs: list[float] | None = None, log=print) -> dict:
-    """LR search on seed 0 (best average held-out domain loss), then seeds 1.. at that LR; returns
-    ``{"lr", "lr_search": {lr: avg domain loss}, "runs": [record per seed]}``."""
-    lrs = list(lrs or spec.lrs)
-    search = {lr: run_one(spec, base_path, method, domains, lr, 0, method_overrides, log=log) for lr in lrs}
-    best = min(lrs, key=lambda lr: search[lr]["avg_domain_loss"])
-    runs = [search[best]] + [run_one(spec, base_path, method, domains, best, s, method_overrides, log=log)
-                             for s in range(1, seeds)]
-    return {"lr": best, "lr_search": {f"{lr:g}": search[lr]["avg_domain_loss"] for lr in lrs}, "runs": runs}
+def _job(spec, base_path, job):
+    import torch
+
+    torch.set_num_threads(1)
+    m, doms, lr, seed, ov = job
+    return run_one(spec, base_path, m, doms, lr, seed, ov, log=lambda msg: print(msg, flush=True))
 
 
-def aggregate(runs: list[dict], domains: list[str] | None = None) -> dict:
-    """The per-METHOD block of results.json: means over seeds + ``spread`` (sample std over seeds; 0 for one seed)."""
-    domains = domains or runs[0]["domains"]
-    per = {d: [r["domain_loss"][d] for r in runs if d in r["domain_loss"]] for d in domains}
-    em = [r["math_exact_match"] for r in runs]
-    out = {
-        "domain_loss": {d: _avg(v) for d, v in per.items()},
-        "general_loss_delta": _avg([r["general_loss_delta"] for r in runs]),
-        "math_exact_match": _avg(em),
-        "wall_clock_s": _avg([r["wall_clock_s"] for r in runs]),
-        "avg_domain_loss": _avg([sum(r["domain_loss"].values()) / len(r["domain_loss"]) for r in runs]),
-        "n_seeds": len(runs),
-        "spread": {
-            "stat": "sample std over seeds",
-            "domain_loss": {d: _std(v) for d, v in per.items()},
-            "general_loss_delta": _std([r["general_loss_delta"] for r in runs]),
-            "math_exact_match": _std(em),
-            "wall_clock_s": _std([r["wall_clock_s"] for r in runs]),
-            "avg_domain_loss": _std([sum(r["domain_loss"].values()) / len(r["domain_loss"]) for r in runs]),
-        },
-    }
-    return out
-
-
-def _run_jobs(spec, base_path, jobs: list[tuple], log) -> list[dict]:
-    """Run ``jobs`` = [(method, domains, lr, seed, overrides)]: first every job no other process is running
-    (so several processes sharing the cache split the work), then wait for the rest."""
+def run_jobs(spec: ExperimentSpec, base_path: str, jobs: list[tuple], *, workers: int = 1, log=print) -> list[dict]:
+    """Run ``jobs`` = [(method, domains, lr, seed, overrides)] (cached ones are loaded, not rerun) and return their
+    records in order. ``workers`` > 1: that many processes; else in this process, first every job no other
+    process is running, then waiting for the rest."""
     out: list[dict | None] = [None] * len(jobs)
+    todo = []
     for i, (m, doms, lr, seed, ov) in enumerate(jobs):
+        p = os.path.join(run_dir_of(spec, base_path, m, doms, lr, seed, ov), "record.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                out[i] = json.load(f)
+        else:
+            todo.append(i)
+    if todo:
+        log(f"  {len(todo)} of {len(jobs)} runs to compute ({len(jobs) - len(todo)} cached)"
+            + (f", {workers} workers" if workers > 1 else ""))
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+            futs = {i: ex.submit(_job, spec, base_path, jobs[i]) for i in todo}
+            for i, f in futs.items():
+                out[i] = f.result()
+        return out
+    for i in todo:
+        m, doms, lr, seed, ov = jobs[i]
         out[i] = run_one(spec, base_path, m, doms, lr, seed, ov, log=log, wait=False)
-    for i, (m, doms, lr, seed, ov) in enumerate(jobs):
+    for i in todo:
         if out[i] is None:
+            m, doms, lr, seed, ov = jobs[i]
             out[i] = run_one(spec, base_path, m, doms, lr, seed, ov, log=log)
     return out
 
 
-def run_cells(spec: ExperimentSpec, base_path: str, cells: list[tuple], seeds: int, *, log=print) -> list[dict]:
-    """:func:`run_cell` for many cells ``[(method, domains, overrides, lrs or None)]`` at once: all LR-search
-    runs first, then all extra seeds (same results as one ``run_cell`` per cell, in any order)."""
-    lrs_of = [list(c[3] or spec.lrs) for c in cells]
-    stage1 = [(c[0], c[1], lr, 0, c[2]) for c, lrs in zip(cells, lrs_of) for lr in lrs]
-    recs = iter(_run_jobs(spec, base_path, stage1, log))
-    search = [{lr: next(recs) for lr in lrs} for lrs in lrs_of]
-    best = [min(lrs, key=lambda lr: sr[lr]["avg_domain_loss"]) for lrs, sr in zip(lrs_of, search)]
-    stage2 = [(c[0], c[1], b, s, c[2]) for c, b in zip(cells, best) for s in range(1, seeds)]
-    recs2 = iter(_run_jobs(spec, base_path, stage2, log))
-    out = []
-    for c, lrs, sr, b in zip(cells, lrs_of, search, best):
-        runs = [sr[b]] + [next(recs2) for _ in range(1, seeds)]
-        out.append({"lr": b, "lr_search": {f"{lr:g}": sr[lr]["avg_domain_loss"] for lr in lrs},
-                    "lr_search_general_loss_delta": {f"{lr:g}": sr[lr]["general_loss_delta"] for lr in lrs},
-                    "runs": runs})
+def combine_single(recs: list[dict]) -> dict:
+    """One point of a one-model-per-domain method from its per-domain runs (same LR and seed): each domain's loss
+    from its own model; forgetting, its validation twin and the times are the mean / sum over the models."""
+    doms = [r["domains"][0] for r in recs]
+    dl = {r["domains"][0]: r["domain_loss"][r["domains"][0]] for r in recs}
+    dlv = {r["domains"][0]: r["domain_loss_val"][r["domains"][0]] for r in recs}
+    return {"method": recs[0]["method"], "domains": doms, "lr": recs[0]["lr"], "seed": recs[0]["seed"],
+            "domain_loss": dl, "avg_domain_loss": sum(dl.values()) / len(dl),
+            "domain_loss_val": dlv, "avg_domain_loss_val": sum(dlv.values()) / len(dlv),
+            "forgetting": sum(r["forgetting"] for r in recs) / len(recs),
+            "forgetting_val": sum(r["forgetting_val"] for r in recs) / len(recs),
+            "wall_clock_s": sum(r["wall_clock_s"] for r in recs), "train_seconds": sum(r["train_seconds"] for r in recs),
+            "steps": sum(r["steps"] for r in recs), "math_exact_match": None,
+            "note": "one model per domain: each domain's loss from its own model; forgetting = mean over the models, "
+                    "seconds = sum"}
+
+
+def aggregate(runs: list[dict], domains: list[str] | None = None) -> dict:
+    """Means over seeds + ``spread`` (sample std over seeds; 0 for one seed) of a list of run records."""
+    domains = domains or runs[0]["domains"]
+    per = {d: [r["domain_loss"][d] for r in runs if d in r["domain_loss"]] for d in domains}
+    keys = ("avg_domain_loss", "forgetting", "avg_domain_loss_val", "forgetting_val", "wall_clock_s",
+            "train_seconds", "math_exact_match")
+    out = {"domain_loss": {d: _avg(v) for d, v in per.items()}, "n_seeds": len(runs)}
+    out.update({k: _avg([r.get(k) for r in runs]) for k in keys})
+    out["spread"] = {"stat": "sample std over seeds", "domain_loss": {d: _std(v) for d, v in per.items()},
+                     **{k: _std([r.get(k) for r in runs]) for k in keys}}
     return out

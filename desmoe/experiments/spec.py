@@ -1,5 +1,5 @@
 """Experiment configuration (``configs/experiments/*.yaml``): the base model, shared fine-tuning settings, the
-domains, LR search grid, seeds, and per-experiment knobs. Validated on load; errors name the key."""
+domains, the LR grid, seeds, the methods of each experiment. Validated on load; errors name the key."""
 from __future__ import annotations
 
 import os
@@ -7,28 +7,30 @@ from dataclasses import dataclass, field
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                           "experiments")
+DEFAULT_CONFIG = "paper.yaml"
 
 
 @dataclass
 class ExperimentSpec:
-    """``base``: {pretrain_steps, config (a desmoe train config dict with model.tiny)}; ``finetune``: the
-    data/method/train sections shared by every fine-tuning run (model/tokenizer come from the base)."""
+    """``base``: {pretrain_steps, config (a desmoe train config dict with model.tiny), aux_loss_coef, pretrain_mix};
+    ``finetune``: the data/method/train sections shared by every fine-tuning run (model/tokenizer come from the
+    base; ``train.max_steps`` is ``steps_per_domain`` × the run's number of domains)."""
 
     base: dict
     finetune: dict
     domains: list = field(default_factory=lambda: ["math", "code", "translation", "law", "summary"])
-    lrs: list = field(default_factory=lambda: [3e-4, 1e-3])
+    steps_per_domain: int = 30
+    lrs: list = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
     seeds: int = 3
-    math_n: int = 32
-    scaling_counts: list = field(default_factory=lambda: [2, 4, 5])
-    scaling_methods: list = field(default_factory=lambda: ["fft_mixed", "esft_gate", "des_moe"])
-    forgetting_methods: list = field(default_factory=lambda: ["fft_mixed", "esft_gate", "esft_token", "frozen_router",
-                                                              "des_moe"])
-    phis: list = field(default_factory=lambda: [0.4, 0.6, 0.8])
-    single_methods: list = field(default_factory=lambda: ["fft_single"])  # single_vs_mixed: one model per domain
+    math_n: int = 0
+    pareto_methods: list = field(default_factory=lambda: ["fft_mixed", "esft_gate", "esft_token", "frozen_router",
+                                                          "des_moe"])
+    single_methods: list = field(default_factory=lambda: ["esft_gate_single"])  # one model per domain
+    scaling_counts: list = field(default_factory=lambda: [2, 3, 4, 5])
+    scaling_methods: list = field(default_factory=lambda: ["fft_mixed", "des_moe"])
     variants: dict = field(default_factory=dict)  # extra rows: name -> {method: METHOD, overrides: {method.* keys}}
     cache: str = "runs/experiments/cache"
-    keep_checkpoints: bool = True
+    keep_checkpoints: bool = False
     source: str = "config"
 
     def __post_init__(self):
@@ -53,43 +55,62 @@ class ExperimentSpec:
         if not isinstance(self.finetune, dict) or set(self.finetune) - {"data", "method", "train"}:
             raise ValueError(f"{s}: finetune must be a mapping with only data/method/train sections, got "
                              f"{sorted(self.finetune) if isinstance(self.finetune, dict) else self.finetune!r}")
-        if (not isinstance(self.domains, list) or not self.domains or len(set(self.domains)) != len(self.domains)
+        if "max_steps" in self.finetune.get("train", {}):
+            raise ValueError(f"{s}: finetune.train.max_steps is set per run (steps_per_domain × domains); "
+                             f"set steps_per_domain instead")
+        tr = self.finetune.get("train", {})
+        if not tr.get("val_batches") or not tr.get("val_every"):
+            raise ValueError(f"{s}: finetune.train.val_batches and val_every must be > 0 (LRs are chosen on the "
+                             f"validation split; wall-clock is read off the validation curve), got "
+                             f"val_batches={tr.get('val_batches')!r}, val_every={tr.get('val_every')!r}")
+        if (not isinstance(self.domains, list) or len(self.domains) < 2 or len(set(self.domains)) != len(self.domains)
                 or any(d not in DOMAINS for d in self.domains)):
-            raise ValueError(f"{s}: domains must be a non-empty list of distinct built-in domains {DOMAINS}, "
+            raise ValueError(f"{s}: domains must be a list of at least 2 distinct built-in domains {DOMAINS}, "
                              f"got {self.domains!r}")
         general = self.finetune.get("data", {}).get("general", "general")
         if general in self.domains:
             raise ValueError(f"{s}: domains must not contain the forgetting probe {general!r}")
-        if not isinstance(self.lrs, list) or not self.lrs or any(not isinstance(x, (int, float)) or x <= 0 for x in self.lrs):
-            raise ValueError(f"{s}: lrs must be a non-empty list of numbers > 0, got {self.lrs!r}")
+        if isinstance(self.steps_per_domain, bool) or not isinstance(self.steps_per_domain, int) or self.steps_per_domain < 1:
+            raise ValueError(f"{s}: steps_per_domain must be an int >= 1, got {self.steps_per_domain!r}")
+        if (not isinstance(self.lrs, list) or not self.lrs or len(set(self.lrs)) != len(self.lrs)
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in self.lrs)):
+            raise ValueError(f"{s}: lrs must be a non-empty list of distinct numbers > 0, got {self.lrs!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"{s}: seeds must be an int >= 1, got {self.seeds!r}")
         if isinstance(self.math_n, bool) or not isinstance(self.math_n, int) or self.math_n < 0:
             raise ValueError(f"{s}: math_n must be an int >= 0, got {self.math_n!r}")
-        if (not isinstance(self.scaling_counts, list) or not self.scaling_counts
-                or any(not isinstance(c, int) or not 1 <= c <= len(self.domains) for c in self.scaling_counts)):
-            raise ValueError(f"{s}: scaling_counts must be ints in [1, {len(self.domains)}], got {self.scaling_counts!r}")
+        if (not isinstance(self.scaling_counts, list) or len(self.scaling_counts) < 2
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= len(self.domains)
+                       for c in self.scaling_counts) or len(set(self.scaling_counts)) != len(self.scaling_counts)):
+            raise ValueError(f"{s}: scaling_counts must be at least 2 distinct ints in [1, {len(self.domains)}], "
+                             f"got {self.scaling_counts!r}")
         if not isinstance(self.variants, dict):
             raise ValueError(f"{s}: variants must be a mapping name -> {{method, overrides}}, got {self.variants!r}")
         for name, v in self.variants.items():
             if (not isinstance(v, dict) or set(v) - {"method", "overrides"} or v.get("method") not in TRAINER_METHOD
-                    or v.get("method") == "fft_single" or not isinstance(v.get("overrides", {}), dict)):
+                    or v.get("method") in SINGLE_METHODS or not isinstance(v.get("overrides", {}), dict)):
                 raise ValueError(f"{s}: variants.{name} must be {{method: one of {list(TRAINER_METHOD)}, overrides: "
                                  f"{{method config keys}}}}, got {v!r}")
             if name in TRAINER_METHOD:
                 raise ValueError(f"{s}: variants.{name}: the name is already a method")
-        for key in ("scaling_methods", "forgetting_methods"):
-            bad = [m for m in getattr(self, key) if (m not in TRAINER_METHOD and m not in self.variants)
-                   or m in SINGLE_METHODS]
-            if bad:
-                raise ValueError(f"{s}: {key} has unknown method(s) {bad}; expected some of "
-                                 f"{[m for m in TRAINER_METHOD if m not in SINGLE_METHODS]}")
-        if (not isinstance(self.single_methods, list) or not self.single_methods
+        mixed = [m for m in TRAINER_METHOD if m not in SINGLE_METHODS]
+        for key in ("pareto_methods", "scaling_methods"):
+            ms = getattr(self, key)
+            bad = [m for m in ms if (m not in TRAINER_METHOD and m not in self.variants) or m in SINGLE_METHODS] \
+                if isinstance(ms, list) else ms
+            if not isinstance(ms, list) or not ms or bad or len(set(ms)) != len(ms):
+                raise ValueError(f"{s}: {key} must be a non-empty list of distinct methods; bad: {bad!r}; expected "
+                                 f"some of {mixed + list(self.variants)}")
+        for need in ("fft_mixed", "des_moe"):
+            if need not in self.pareto_methods:
+                raise ValueError(f"{s}: pareto_methods must include {need!r} (the comparison is against it)")
+        bad = [m for m in self.scaling_methods if m not in self.pareto_methods]
+        if bad:
+            raise ValueError(f"{s}: scaling_methods {bad} must also be in pareto_methods (their LR is chosen there)")
+        if (not isinstance(self.single_methods, list)
                 or any(m not in SINGLE_METHODS for m in self.single_methods)):
-            raise ValueError(f"{s}: single_methods must be a non-empty list of {list(SINGLE_METHODS)}, "
+            raise ValueError(f"{s}: single_methods must be a list of {list(SINGLE_METHODS)}, "
                              f"got {self.single_methods!r}")
-        if not isinstance(self.phis, list) or any(not isinstance(p, (int, float)) or not 0 < p <= 1 for p in self.phis):
-            raise ValueError(f"{s}: phis must be a list of numbers in (0, 1], got {self.phis!r}")
 
     def cell_of(self, name: str) -> tuple[str, dict | None]:
         """``(METHOD, method overrides)`` of a method or variant name."""
@@ -104,13 +125,13 @@ class ExperimentSpec:
 
 
 def load_spec(path: str | None = None, *, quick: bool = False, seeds: int | None = None) -> ExperimentSpec:
-    """Load ``path`` (default ``configs/experiments/small.yaml``, or ``quick.yaml`` with ``quick``)."""
+    """Load ``path`` (default ``configs/experiments/paper.yaml``, or ``quick.yaml`` with ``quick``)."""
     import dataclasses
 
     from ..train.config import read_yaml
 
     if path is None:
-        path = os.path.join(CONFIG_DIR, "quick.yaml" if quick else "small.yaml")
+        path = os.path.join(CONFIG_DIR, "quick.yaml" if quick else DEFAULT_CONFIG)
     d = read_yaml(path, "--config: experiment config")
     if not isinstance(d, dict):
         raise ValueError(f"--config: {path!r} must hold a mapping at the top level")

@@ -1,5 +1,6 @@
-"""``desmoe experiment``: quick mode end to end (results.json schema, plots, cache reuse), aggregation, and bad
-input (exit 2 / ValueError naming the key)."""
+"""``desmoe experiment``: the Pareto analysis (frontier, matched comparisons, selection on validation, time to
+target, resolution), quick mode end to end (results.json in the issue's format, plots, cache reuse, pairing), the
+README's generated Results block, and bad input (exit 2 / ValueError naming the key)."""
 import json
 import os
 
@@ -7,138 +8,159 @@ import pytest
 import yaml
 
 from desmoe.cli import main
-from desmoe.experiments import METHOD_NAMES, aggregate, load_spec
+from desmoe.experiments import METHOD_NAMES, load_spec
+from desmoe.experiments import pareto as P
 from desmoe.experiments.spec import CONFIG_DIR
 
-BLOCK_KEYS = {"domain_loss", "general_loss_delta", "math_exact_match", "wall_clock_s", "spread"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def check_block(blk: dict, domains: list[str]) -> None:
-    assert BLOCK_KEYS <= set(blk)
-    assert set(blk["domain_loss"]) == set(domains)
-    for d in domains:
-        assert 0.0 < blk["domain_loss"][d] < 20.0
-        assert blk["spread"]["domain_loss"][d] >= 0.0
-    assert isinstance(blk["general_loss_delta"], float)
-    assert blk["wall_clock_s"] > 0
-    assert blk["spread"]["general_loss_delta"] >= 0.0
-    if "math" in domains:
-        assert 0.0 <= blk["math_exact_match"] <= 1.0
+def _pt(lr, seed, loss, forg, loss_val=None, forg_val=None):
+    return {"lr": lr, "seed": seed, "domain_loss": loss, "forgetting": forg,
+            "domain_loss_val": loss if loss_val is None else loss_val,
+            "forgetting_val": forg if forg_val is None else forg_val}
+
+
+def test_frontier_drops_dominated_points():
+    pts = [(4.0, 0.1), (3.5, 0.3), (3.8, 0.35), (3.0, 0.5), (3.0, 0.6)]
+    assert P.frontier(pts) == [(4.0, 0.1), (3.5, 0.3), (3.0, 0.5)]
+
+
+def test_matched_reads_of_the_frontier():
+    front = [(4.0, 0.1), (3.5, 0.3), (3.0, 0.5)]
+    assert P.loss_at_forgetting(front, 0.2) == pytest.approx(3.75)
+    assert P.loss_at_forgetting(front, 0.05) is None  # cannot forget that little
+    assert P.loss_at_forgetting(front, 0.9) == pytest.approx(3.0)  # more forgetting allowed does not help
+    assert P.forgetting_at_loss(front, 3.25) == pytest.approx(0.4)
+    assert P.forgetting_at_loss(front, 2.9) is None  # never that low
+    assert P.forgetting_at_loss(front, 4.5) == pytest.approx(0.1)
+
+
+def test_matched_per_seed_and_mean_frontier():
+    pts = [_pt(1e-4, 0, 4.0, 0.1), _pt(1e-3, 0, 3.0, 0.5), _pt(1e-4, 1, 4.2, 0.1), _pt(1e-3, 1, 3.2, 0.5)]
+    m = P.matched(pts, forgetting=0.3)
+    assert m["value"] == pytest.approx(3.6)  # mean frontier: (4.1, 0.1) -> (3.1, 0.5)
+    assert m["per_seed"] == {0: pytest.approx(3.5), 1: pytest.approx(3.7)}
+    assert m["seed_sd"] == pytest.approx(0.2 / 2 ** 0.5) and m["seeds_reaching"] == "2/2"
+    assert P.matched(pts, loss=3.0)["seeds_reaching"] == "1/2"
+    with pytest.raises(ValueError, match="exactly one"):
+        P.matched(pts)
+
+
+def test_lr_is_selected_on_validation_not_test():
+    # test prefers 1e-3, validation prefers 1e-4: the selection must follow validation
+    pts = [_pt(1e-4, s, 4.0, 0.1, loss_val=3.0) for s in range(2)] + [_pt(1e-3, s, 3.0, 0.5, loss_val=3.5)
+                                                                       for s in range(2)]
+    assert P.select_lr(pts) == 1e-4
+    rows = P.lr_means(pts)
+    assert [r["lr"] for r in rows] == [1e-4, 1e-3] and rows[0]["domain_loss_val"] == 3.0
+
+
+def test_time_to_target():
+    c = [{"step": 9, "train_s": 1.0, "val_avg": 4.0}, {"step": 19, "train_s": 2.0, "val_avg": 3.4},
+         {"step": 29, "train_s": 3.0, "val_avg": 3.2}]
+    t = P.time_to_target([c, c[:2]], 3.3)
+    assert t["steps"] == [30, None] and t["reached"] == "1/2" and t["mean_seconds"] is None
+    t = P.time_to_target([c], 3.5)
+    assert t["steps"] == [20] and t["mean_seconds"] == 2.0
+
+
+def test_resolution_uses_paired_differences():
+    a = [_pt(1e-3, s, 3.0 + 0.1 * s, 0.1) for s in range(3)]
+    b = [_pt(1e-3, s, 3.02 + 0.1 * s, 0.2) for s in range(3)]  # same seed effect: the difference is exact
+    r = P.resolution({"a": a, "b": b}, 0.001, ("a", "b"))
+    assert r["paired_diff_sd_median"] == pytest.approx(0.0, abs=1e-12) and r["resolves_0.01_paired"] is True
+    assert r["seed_sd_median"] == pytest.approx(0.1) and r["resolves_0.01_unpaired"] is False
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_all(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
-    out, cache = root / "forgetting", root / "cache"
-    rc = main(["experiment", "forgetting", "--quick", "--out", str(out), "--cache", str(cache)])
+    out, cache = root / "out", root / "cache"
+    rc = main(["experiment", "all", "--quick", "--out", str(out), "--cache", str(cache), "--workers", "1"])
     assert rc == 0
     return out, cache
 
 
-def test_quick_forgetting_schema(quick_run):
-    out, cache = quick_run
-    res = json.loads((out / "results.json").read_text())
-    assert {"experiment", "config", "versions", "git_sha", "seeds", "methods"} <= set(res)
-    assert res["experiment"] == "forgetting"
+def test_quick_pareto_results_in_the_issues_format(quick_all):
+    out, cache = quick_all
+    res = json.loads((out / "pareto" / "results.json").read_text())
     spec = load_spec(quick=True)
-    assert res["seeds"] == list(range(spec.seeds))
-    assert set(res["methods"]) == set(spec.forgetting_methods)
+    assert res["split"] == {"select": "validation", "report": "test"}
+    assert set(res["methods"]) == set(spec.pareto_methods) | set(spec.single_methods)
     assert set(res["methods"]) <= set(METHOD_NAMES)
-    for m, blk in res["methods"].items():
-        check_block(blk, spec.domains)
-        assert blk["n_seeds"] == spec.seeds
-        assert str(blk["lr"]) and blk["lr_search"]
-    # every method started from the same cached base: its general loss is the shared 'before'
-    base_dirs = [p for p in os.listdir(cache) if p.startswith("base-")]
-    assert len(base_dirs) == 1
-    befores = set()
-    for d in os.listdir(cache / "ft"):
-        rec = cache / "ft" / d / "record.json"
-        if rec.is_file():
-            r = json.loads(rec.read_text())
-            if r["seed"] == 0:
-                befores.add(round(r["general_loss_before"], 6))
+    for m, b in res["methods"].items():
+        pts = b["points"]
+        assert len(pts) == len(spec.lrs) * spec.seeds
+        assert {(p["lr"], p["seed"]) for p in pts} == {(lr, s) for lr in spec.lrs for s in range(spec.seeds)}
+        for p in pts:
+            assert {"lr", "seed", "domain_loss", "forgetting", "domain_loss_val", "forgetting_val"} <= set(p)
+            assert 0 < p["domain_loss"] < 20 and 0 < p["domain_loss_val"] < 20
+        assert b["selected_lr"] == P.select_lr(pts)
+        assert set(b["at_matched_forgetting"]) == {"des_moe", "fft_mixed"}
+    assert res["methods"]["des_moe"]["wall_clock"]["steps"] == spec.steps_per_domain * len(spec.domains)
+    assert "wall_clock" not in res["methods"]["esft_gate_single"]
+    for png in ("pareto.png", "pareto_core.png", "wall_clock.png"):
+        assert (out / "pareto" / png).stat().st_size > 1000
+    sc = json.loads((out / "scaling" / "results.json").read_text())
+    assert sc["counts"] == [1, 2] and set(sc["methods"]) == set(spec.scaling_methods)
+    assert (out / "scaling" / "scaling.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert "The paper's claims, measured" in md and "| des_moe |" in md and "Scaling 1 → 2" in md
+
+
+def test_runs_are_paired_and_reused(quick_all, tmp_path):
+    out, cache = quick_all
+    recs = [json.loads((cache / "ft" / d / "record.json").read_text()) for d in os.listdir(cache / "ft")
+            if (cache / "ft" / d / "record.json").is_file()]
+    # every mixed run of a seed starts from the same base and the same held-out sets: one general 'before' value
+    befores = {round(r["general_loss_before"], 6) for r in recs}
     assert len(befores) == 1
-    # FFT updates everything, ESFT only a few experts: ESFT must move general loss less than FFT
-    m = res["methods"]
-    assert abs(m["esft_gate"]["general_loss_delta"]) < abs(m["fft_mixed"]["general_loss_delta"])
-    for png in ("forgetting.png", "loss_curves.png", "affinity_des_moe.png"):
-        assert (out / png).stat().st_size > 1000
+    assert {round(r["general_loss_val_before"], 6) for r in recs} and all(r["val_curve"] for r in recs)
+    n = len(os.listdir(cache / "ft"))
+    assert main(["experiment", "scaling", "--quick", "--out", str(tmp_path / "s"), "--cache", str(cache)]) == 0
+    assert len(os.listdir(cache / "ft")) == n  # everything came from the cache
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["methods"] == \
+        json.loads((out / "scaling" / "results.json").read_text())["methods"]
 
 
-def test_cached_runs_are_reused(quick_run, tmp_path):
-    _, cache = quick_run
-    n_runs = len(os.listdir(cache / "ft"))
-    out = tmp_path / "conv"
-    assert main(["experiment", "convergence", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
-    assert len(os.listdir(cache / "ft")) == n_runs  # convergence reads the forgetting runs' histories
-    res = json.loads((out / "results.json").read_text())
-    conv = res["methods"]["fft_mixed"]["convergence"]
-    assert conv["target_avg_train_domain_loss"] > 0
-    assert len(conv["steps_to_target"]) == load_spec(quick=True).seeds
-    from desmoe.experiments.report import render
+def test_readme_results_block_is_generated_from_the_committed_json():
+    from desmoe.experiments.report import readme_block
 
-    md = render(str(quick_run[0].parent))
-    assert "### Forgetting" in md and "| fft_mixed |" in md and "| des_moe |" in md
-
-
-def test_aggregate_mean_and_spread():
-    runs = [{"domains": ["a", "b"], "domain_loss": {"a": 1.0, "b": 3.0}, "general_loss_delta": 0.1,
-             "math_exact_match": None, "wall_clock_s": 2.0},
-            {"domains": ["a", "b"], "domain_loss": {"a": 2.0, "b": 5.0}, "general_loss_delta": 0.3,
-             "math_exact_match": None, "wall_clock_s": 4.0}]
-    blk = aggregate(runs)
-    assert blk["domain_loss"] == {"a": 1.5, "b": 4.0}
-    assert blk["general_loss_delta"] == pytest.approx(0.2)
-    assert blk["avg_domain_loss"] == pytest.approx(2.75)
-    assert blk["spread"]["domain_loss"]["a"] == pytest.approx(2 ** -0.5)
-    assert blk["spread"]["general_loss_delta"] == pytest.approx(0.1 * 2 ** 0.5)
-    assert blk["math_exact_match"] is None
+    root = os.path.join(ROOT, "results", "experiments")
+    if not os.path.isfile(os.path.join(root, "pareto", "results.json")):
+        pytest.skip("no committed experiment results")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert readme_block(root) in readme, ("README's Results block is stale: run python -m desmoe.experiments.report "
+                                          "results/experiments --readme README.md")
 
 
 def test_bad_input(tmp_path, capsys):
     assert main(["experiment", "paper", "--out", str(tmp_path)]) == 2
     assert "experiment name" in capsys.readouterr().err
-    assert main(["experiment", "forgetting", "--quick", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["experiment", "pareto", "--quick", "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
-    assert main(["experiment", "forgetting", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
+    assert main(["experiment", "pareto", "--quick", "--workers", "0", "--out", str(tmp_path)]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["experiment", "pareto", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
     d = yaml.safe_load(open(os.path.join(CONFIG_DIR, "quick.yaml")))
     for key, val, msg in (("domains", ["math", "general"], "forgetting probe"), ("lrs", [], "lrs"),
-                          ("scaling_counts", [9], "scaling_counts"), ("forgetting_methods", ["sgd"], "forgetting_methods"),
-                          ("bogus", 1, "unknown key")):
+                          ("lrs", [1e-3, 1e-3], "distinct"), ("scaling_counts", [9, 1], "scaling_counts"),
+                          ("pareto_methods", ["sgd", "des_moe"], "pareto_methods"),
+                          ("pareto_methods", ["des_moe"], "fft_mixed"), ("steps_per_domain", 0, "steps_per_domain"),
+                          ("scaling_methods", ["frozen_router"], "also be in pareto_methods"),
+                          ("single_methods", ["des_moe"], "single_methods"), ("bogus", 1, "unknown key")):
         p = tmp_path / f"{key}.yaml"
         p.write_text(yaml.safe_dump({**d, key: val}))
         with pytest.raises(ValueError, match=msg):
             load_spec(str(p))
+    p = tmp_path / "max_steps.yaml"
+    p.write_text(yaml.safe_dump({**d, "finetune": {**d["finetune"], "train": {**d["finetune"]["train"], "max_steps": 5}}}))
+    with pytest.raises(ValueError, match="steps_per_domain"):
+        load_spec(str(p))
 
 
 def test_shipped_configs_validate():
     for name in os.listdir(CONFIG_DIR):
         spec = load_spec(os.path.join(CONFIG_DIR, name))
         assert set(spec.domains) <= set(spec.base["config"]["data"]["domains"])
-
-
-def test_single_domain_esft_protocol_runs_one_model_per_domain(monkeypatch):
-    """single_methods: esft_gate_single trains one ESFT model per domain (data.domains = [d], its own selection)."""
-    import dataclasses
-
-    from desmoe.experiments import experiments as ex
-    from desmoe.experiments.runner import finetune_config
-
-    spec = dataclasses.replace(load_spec(quick=True), single_methods=["fft_single", "esft_gate_single"])
-    seen = []
-
-    def fake_run_cells(spec_, base_path, cells, seeds, log=print):
-        seen.extend(cells)
-        return [{"lr": 1e-3, "lr_search": {}, "runs": [
-            {"domains": c[1], "domain_loss": {c[1][0]: 1.0}, "general_loss_delta": 0.1, "math_exact_match": None,
-             "wall_clock_s": 1.0} for _ in range(seeds)]} for c in cells]
-
-    monkeypatch.setattr(ex, "run_cells", fake_run_cells)
-    cells, runs = ex._single_runs(spec, "base", print, "esft_gate_single")
-    assert [(c[0], c[1]) for c in seen] == [("esft_gate_single", [d]) for d in spec.domains]
-    cfg = finetune_config(spec, "base", "esft_gate_single", [spec.domains[0]], 1e-3, 0)
-    assert cfg["method"]["name"] == "esft_gate" and cfg["data"]["domains"] == [spec.domains[0]]
-    assert set(runs[0]["domain_loss"]) == set(spec.domains)
-    with pytest.raises(ValueError, match="single_methods"):
-        dataclasses.replace(spec, single_methods=["des_moe"])
