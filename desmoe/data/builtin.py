@@ -2,8 +2,8 @@
 
 Each domain is a list of ``(split_key, text)`` documents built from local files (never copied into the repo);
 ``split_key`` is machine-independent (a path relative to its source root, or a problem/message id) and
-:func:`~desmoe.data._util.split_of` hashes it into train (~90%) / test (~10%). Identical texts are kept once, so
-the two splits never share a document. Parsed corpora are cached under ``~/.cache/desmoe/corpora`` keyed by a
+:func:`~desmoe.data._util.split_of` hashes it into train (~80%) / validation (~10%) / test (~10%). Identical texts
+are kept once, so the three splits never share a document. Parsed corpora are cached under ``~/.cache/desmoe/corpora`` keyed by a
 hash of the source file list (paths, sizes, mtimes), so a second load takes well under a second.
 
 Sources (disjoint between domains):
@@ -49,7 +49,7 @@ DOMAINS = ("math", "code", "translation", "law", "summary", "general")
 MAN_ROOT = "/usr/share/man"
 DOC_ROOT = "/usr/share/doc"
 LICENSE_ROOT = "/usr/share/common-licenses"
-MATH_DOCS = {"train": 10000, "test": 1000}
+MATH_DOCS = {"train": 10000, "validation": 1000, "test": 1000}
 MIN_DOCS = 50  # fewer than this many documents in a domain is a broken source, not a corpus
 MAX_DOC_CHARS = 2000  # longer texts are cut into chunks of about this size
 MAX_FILES = 2500  # per source group, taken in a hash order (a stable, spread-out sample)
@@ -470,7 +470,7 @@ _BUILDERS: dict[str, Callable[[], list[Doc]]] = {
 
 
 def builtin_docs(domain: str) -> list[Doc]:
-    """All ``(split_key, text)`` documents of a built-in domain other than math (both splits)."""
+    """All ``(split_key, text)`` documents of a built-in domain other than math (every split)."""
     if domain not in _BUILDERS:
         raise ValueError(f"domain must be one of {DOMAINS} for the built-in sources, got {domain!r}")
     return _BUILDERS[domain]()
