@@ -421,9 +421,7 @@ class Trainer:
         if not every or ((step + 1) % every and step != self.stop - 1):
             return {}
         g = self.cfg.data.general
-        names = self.domains + ([g] if g and g not in self.domains else [])
-        res = evaluate_model(self.model, self.tok, {d: self.val_docs[d] for d in names},
-                             **{**self.ev_val, "general": None})["domains"]  # restores train mode
+        res = evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val)["domains"]  # restores train mode
         rec = {f"val/{d}": res[d]["loss"] for d in self.domains}
         rec["val/avg"] = sum(rec.values()) / len(self.domains)
         if g:
@@ -463,8 +461,8 @@ class Trainer:
         """Checkpoint ``step`` (every rank calls this under torchrun; rank 0 commits) + the affinity plot."""
         ctl, cfg = self.ctl, self.cfg
         meta = {"total_steps": self.T, "phase": self.phase, "method": cfg.method.name, "domains": ctl.domain_names,
-                "eval_before": self.before, "val_before": self.val_before, "world_size": self.dist.world, "distributed": cfg.train.distributed,
-                "run_progress": self._progress_state()}
+                "eval_before": self.before, "val_before": self.val_before, "world_size": self.dist.world,
+                "distributed": cfg.train.distributed, "run_progress": self._progress_state()}
         path = ck.save_checkpoint(self.out, step, model=self.model, tokenizer=self.tok, controller=ctl,
                                   optimizer=self.opt, scheduler=self.sched, stream_state=self.stream.state_dict(),
                                   meta=meta, config=self.cfg_dict, keep=cfg.train.keep_last or None,
