@@ -12,9 +12,9 @@ pretraining (``train.pretrain_steps``), or a resume (whose ``eval_before`` comes
 The key of one entry (stored in the file and compared on read; its hash names the file): the absolute
 ``model.path`` with the name, size and mtime of every file in it (weights, config), ``model.overrides``, the
 parameter dtype and backend, the tokenizer path and vocabulary size, the split, the domain, its data source and
-text field, ``data.eval_max_docs``, ``seq_len``, ``batch_size``, ``max_batches``, the bf16 flag, the fact that
-the starting model is the unchanged base, and a digest of the tokenized documents themselves (which covers the
-data and the tokenizer's output exactly). Files are written atomically (temporary file + ``os.replace``), so
+text field, ``data.eval_max_docs``, ``seq_len``, ``batch_size``, ``max_batches``, the bf16 flag, the device type
+(CPU and GPU numbers differ in the last bits), the fact that the starting model is the unchanged base, and a digest
+of the tokenized documents themselves (which covers the data and the tokenizer's output exactly). Files are written atomically (temporary file + ``os.replace``), so
 concurrent runs sharing the directory never read a partial entry.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ import os
 import re
 from array import array
 from pathlib import Path
+
+import torch
 
 from ..data._util import read_json_cache, write_json_atomic
 
@@ -56,7 +58,8 @@ def _docs_digest(docs: list[list[int]]) -> str:
     return h.hexdigest()
 
 
-def entry_key(cfg, *, split: str, domain: str, docs: list[list[int]], max_batches, bf16: bool, vocab: int) -> dict:
+def entry_key(cfg, *, split: str, domain: str, docs: list[list[int]], max_batches, bf16: bool, vocab: int,
+              device: str = "cpu") -> dict:
     """The identity of one (domain, split) evaluation before training (see the module docstring)."""
     model = os.path.abspath(os.path.expanduser(cfg.model.path))
     tok = os.path.abspath(os.path.expanduser(cfg.tokenizer.path)) if cfg.tokenizer.path else model
@@ -66,7 +69,7 @@ def entry_key(cfg, *, split: str, domain: str, docs: list[list[int]], max_batche
             "backend": cfg.model.backend, "tokenizer_path": tok, "vocab": vocab, "split": split, "domain": domain,
             "source": d.sources.get(domain, "built-in"), "text_field": d.text_field,
             "eval_max_docs": d.eval_max_docs, "seq_len": d.seq_len, "batch_size": d.batch_size,
-            "max_batches": max_batches, "bf16": bool(bf16), "docs": _docs_digest(docs)}
+            "max_batches": max_batches, "bf16": bool(bf16), "device": device, "docs": _docs_digest(docs)}
 
 
 def _path(cache_dir: str, key: dict) -> Path:
@@ -97,7 +100,8 @@ def evaluate_before(cfg, model, tok, docs_by_domain: dict, split: str, ev: dict,
     if ev.get("math_n"):  # math exact match is not a per-domain loss: not cached
         return evaluate_model(model, tok, docs_by_domain, **ev)
     keys = {d: entry_key(cfg, split=split, domain=d, docs=docs, max_batches=ev["max_batches"], bf16=ev["bf16"],
-                         vocab=len(tok)) for d, docs in docs_by_domain.items()}
+                         vocab=len(tok), device=torch.device(ev.get("device", "cpu")).type)
+            for d, docs in docs_by_domain.items()}
     found = {d: lookup(cache, k) for d, k in keys.items()}
     missing = {d: docs_by_domain[d] for d, r in found.items() if r is None}
     if missing:
