@@ -259,12 +259,11 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
 # --- export ----------------------------------------------------------------------------------------------------
 def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> dict[str, tuple[list, list[dict]]]:
     """Per domain: its token documents and the (at most ``max_tokens``) batches built from them."""
-    from .data import eval_batches, load_domain_texts, tokenize_domains
+    from .data import eval_batches, tokenize_domains
+    from .train.builders import load_texts
 
-    texts = {d: load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs
-                                  if split == "test" else cfg.data.max_docs, seed=cfg.data.seed,
-                                  text_field=cfg.data.text_field) for d in names}
-    docs = tokenize_domains(tok, texts)
+    max_docs = cfg.data.max_docs if split == "train" else cfg.data.eval_max_docs
+    docs = tokenize_domains(tok, load_texts(cfg, names, split, max_docs))  # held-out: the trainer's eval docs
     per_batch = cfg.data.seq_len * cfg.data.batch_size
     max_batches = max(1, max_tokens // per_batch)
     return {d: (docs[d], list(eval_batches(docs[d], cfg.data.seq_len, cfg.data.batch_size, tok.eos_token_id,

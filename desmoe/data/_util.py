@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
-TEST_BUCKETS = 10  # bucket 0 of 10 is test (~10%), bucket 1 validation (~10%), the rest train
+TEST_BUCKETS = 10  # keys hash into 10 buckets: bucket 0 is test (~10%), bucket 1 validation (~10%), the rest train
+HELDOUT_SEED = 0  # held-out (validation/test) subsets are drawn with this seed, whatever the training seed
 _MASK64 = (1 << 64) - 1
 
 
@@ -26,16 +27,22 @@ def stable_hash(*parts: object) -> int:
 
 
 def split_of(key: str) -> str:
-    """'test' for ~1/10 of keys, 'validation' for another ~1/10, 'train' otherwise, fixed by hashing the key (file
-    path, problem id, ...); the test split is the same as before validation existed."""
-    b = stable_hash("desmoe-split", key) % TEST_BUCKETS
-    return "test" if b == 0 else "validation" if b == 1 else "train"
+    """The split of a document, fixed by hashing its key (file path, problem id, ...): 'test' for hash bucket 0
+    (~10%, the same documents as when there were only two splits), 'validation' for bucket 1 (~10%), else 'train'."""
+    bucket = stable_hash("desmoe-split", key) % TEST_BUCKETS
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
-def check_split(split: str) -> str:
+def check_split(split: str, name: str = "split") -> str:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"{name} must be one of {SPLITS}, got {split!r}")
     return split
+
+
+def split_seed(split: str, seed: int) -> int:
+    """The subset seed for ``split``: the training seed for 'train', :data:`HELDOUT_SEED` for the held-out splits,
+    so every training seed is evaluated on the same held-out documents."""
+    return seed if check_split(split) == "train" else HELDOUT_SEED
 
 
 def splitmix64(x: int) -> int:

@@ -2,9 +2,10 @@
 
 Each domain is a list of ``(split_key, text)`` documents built from local files (never copied into the repo);
 ``split_key`` is machine-independent (a path relative to its source root, or a problem/message id) and
-:func:`~desmoe.data._util.split_of` hashes it into train (~90%) / test (~10%). Identical texts are kept once, so
-the two splits never share a document. Parsed corpora are cached under ``~/.cache/desmoe/corpora`` keyed by a
-hash of the source file list (paths, sizes, mtimes), so a second load takes well under a second.
+:func:`~desmoe.data._util.split_of` hashes it into train (~80%) / validation (~10%) / test (~10%). Identical texts
+are kept once, so the three splits never share a document. Parsed corpora are cached under
+``~/.cache/desmoe/corpora`` keyed by a hash of the source file list (paths, sizes, mtimes), so a second load takes
+well under a second.
 
 Sources (disjoint between domains):
 - math: generated problems (:mod:`desmoe.data.mathgen`).
@@ -470,7 +471,7 @@ _BUILDERS: dict[str, Callable[[], list[Doc]]] = {
 
 
 def builtin_docs(domain: str) -> list[Doc]:
-    """All ``(split_key, text)`` documents of a built-in domain other than math (both splits)."""
+    """All ``(split_key, text)`` documents of a built-in domain other than math (every split)."""
     if domain not in _BUILDERS:
         raise ValueError(f"domain must be one of {DOMAINS} for the built-in sources, got {domain!r}")
     return _BUILDERS[domain]()

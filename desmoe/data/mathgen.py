@@ -1,7 +1,7 @@
 """Generated arithmetic and word problems with exact integer answers (the built-in ``math`` domain).
 
-A problem's identity is its question text: the train/test split hashes it, so the two splits are disjoint
-whatever seeds produced them, and the same on every machine.
+A problem's identity is its question text: the train/validation/test split hashes it, so the three splits are
+disjoint whatever seeds produced them, and the same on every machine.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _problem(rng: random.Random) -> tuple[str, str]:
 def math_problems(n: int, split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
     """``n`` distinct generated problems ``(question, answer)`` of ``split``; the answer is an exact integer string.
 
-    Deterministic in (n, split, seed); train and test never share a question (split = hash of the question).
+    Deterministic in (n, split, seed); no two splits share a question (split = hash of the question).
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")

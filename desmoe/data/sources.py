@@ -2,7 +2,19 @@
 
 Records (json/jsonl/parquet rows, hub rows) become text through ``text_field`` when present, else through a
 formatter for well-known field layouts (question/answer, prompt/completion, msgid/msgstr, translation dicts,
-document/summary, ...). Local files and hub datasets without a test split are split by hashing each text.
+document/summary, ...).
+
+Splits ('train', 'validation', 'test'). A dataset's own named splits are used where they exist (a hub or
+``save_to_disk`` DatasetDict's splits; a directory's files named ``train*``, ``test*``, ``valid*``/``val*``/
+``dev*``); what a dataset lacks is carved out of its train part by hashing each text
+(:func:`~desmoe.data._util.split_of`: bucket 0 test, bucket 1 validation), and train keeps only the rest, so the
+three splits never overlap:
+
+- train + validation (or dev) + test: each used as is.
+- train + test: test as is; validation = the train texts of hash bucket 1; train = the other train texts.
+- train + validation (or dev), no test: the validation split is the *test* split (as before validation
+  existed: what the dataset holds out is what is reported); validation = train texts of bucket 1; train = the rest.
+- no held-out split at all (one file, one split): all three by hashing (bucket 0 test, 1 validation, else train).
 """
 from __future__ import annotations
 
@@ -136,13 +148,42 @@ def _parse_local_file(path: Path, domain: str, text_field: str) -> list[str]:
 
 
 def _file_split(path: Path) -> str | None:
-    """'train'/'test' when a file's name says so (train.jsonl, test-00000.parquet, validation.json)."""
+    """The split a file's name gives it (train.jsonl, test-00000.parquet, validation.json, dev.txt), else None."""
     stem = path.name.lower()
     if stem.startswith("train"):
         return "train"
-    if stem.startswith(("test", "valid", "val.", "val-", "val_", "dev")):
+    if stem.startswith("test"):
         return "test"
+    if stem.startswith(("valid", "val.", "val-", "val_", "dev")):
+        return "validation"
     return None
+
+
+def resolve_split(names, split: str) -> tuple[str, tuple[str, ...] | None]:
+    """Which of a dataset's named splits ``names`` holds ``split``, and which hash splits of it to keep (None: all
+    its texts). See the module docstring for the rules."""
+    names = list(names)
+    val = next((n for n in ("validation", "dev") if n in names), None)
+    test = "test" if "test" in names else val  # a dataset without test reports on its validation split
+    own_val = val if "test" in names else None
+    if split == "test" and test:
+        return test, None
+    if split == "validation" and own_val:
+        return own_val, None
+    base = "train" if "train" in names else next((n for n in names if n not in (test, own_val)), None)
+    if base is None:  # only held-out splits: carving train/validation out of them would leak into the reported set
+        return names[0], ()
+    if split != "train":
+        return base, (split,)
+    carved = tuple(s for s, own in (("test", test), ("validation", own_val)) if own is None)
+    return base, tuple(s for s in ("train", "validation", "test") if s not in carved) if carved else None
+
+
+def _pick(groups: dict, split: str, texts_of) -> list[str]:
+    """The texts of ``split`` from a dataset's named split ``groups`` (``texts_of(group)`` reads one)."""
+    name, keep = resolve_split(groups, split)
+    texts = texts_of(groups[name])
+    return texts if keep is None else [t for t in texts if split_of(t) in keep]
 
 
 def _load_saved_dataset(path: Path, domain: str, split: str, text_field: str) -> list[str]:
@@ -153,14 +194,8 @@ def _load_saved_dataset(path: Path, domain: str, split: str, text_field: str) ->
         raise DataSourceError(f"{path} (domain {domain!r}) was saved by `datasets.save_to_disk`; reading it needs "
                               f"`pip install datasets`") from None
     ds = datasets.load_from_disk(str(path))
-    if hasattr(ds, "keys"):  # DatasetDict
-        if split in ds:
-            return _records_to_texts(ds[split], str(path), domain, text_field)
-        alt = next((s for s in ("validation", "dev") if s in ds), None) if split == "test" else None
-        if alt:
-            return _records_to_texts(ds[alt], str(path), domain, text_field)
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
-    return [t for t in _records_to_texts(ds, str(path), domain, text_field) if split_of(t) == split]
+    groups = {k: ds[k] for k in ds.keys()} if hasattr(ds, "keys") else {"train": ds}  # DatasetDict or a Dataset
+    return _pick(groups, split, lambda d: _records_to_texts(d, str(path), domain, text_field))
 
 
 def _load_local(path: Path, domain: str, split: str, text_field: str) -> list[str]:
@@ -173,8 +208,12 @@ def _load_local(path: Path, domain: str, split: str, text_field: str) -> list[st
     else:
         files = [path]
     named = {p: _file_split(p) for p in files}
-    if len(files) > 1 and any(named.values()):  # the files themselves define the splits
-        return [t for p in files if named[p] == split for t in _read_local_file(p, domain, text_field)]
+    if len(files) > 1 and any(named.values()):  # the files themselves define the splits (unnamed files: ignored)
+        groups: dict[str, list[Path]] = {}
+        for p in files:
+            if named[p]:
+                groups.setdefault(named[p], []).append(p)
+        return _pick(groups, split, lambda ps: [t for p in ps for t in _read_local_file(p, domain, text_field)])
     texts = [t for p in files for t in _read_local_file(p, domain, text_field)]
     return [t for t in texts if split_of(t) == split]
 
@@ -193,13 +232,7 @@ def _load_hub(name: str, domain: str, split: str, text_field: str) -> list[str]:
         raise DataSourceError(f"data.sources.{domain}: source {name!r}: not a local path, and loading it from the "
                               f"Hugging Face hub failed ({type(e).__name__}: {e}). Without network, pass a local "
                               f"json/jsonl/parquet/txt file or directory instead") from None
-    if split in dsd:
-        return _records_to_texts(dsd[split], name, domain, text_field)
-    alt = next((s for s in ("validation", "dev") if s in dsd), None) if split == "test" else None
-    if alt:
-        return _records_to_texts(dsd[alt], name, domain, text_field)
-    first = "train" if "train" in dsd else next(iter(dsd))
-    return [t for t in _records_to_texts(dsd[first], name, domain, text_field) if split_of(t) == split]
+    return _pick({k: dsd[k] for k in dsd.keys()}, split, lambda d: _records_to_texts(d, name, domain, text_field))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -209,11 +242,12 @@ def _looks_like_path(source: str) -> bool:
 
 def load_domain_texts(domain: str, split: str = "train", *, source: str | None = None, max_docs: int | None = None,
                       seed: int = 0, text_field: str = "text") -> list[str]:
-    """Documents (plain strings) of one domain's ``split`` ('train' or 'test').
+    """Documents (plain strings) of one domain's ``split`` ('train', 'validation' or 'test').
 
     source None: the built-in offline domain ``domain`` (one of :data:`DOMAINS`); otherwise a local file/dir
     (json, jsonl, parquet, txt; txt documents are separated by blank lines; or a ``save_to_disk`` directory;
-    a directory's files named train*/test*/validation* define the splits) or a hub dataset name
+    a directory's files named train*/validation*/test* define the splits; see the module docstring) or a hub
+    dataset name
     (``"repo/name"`` or ``"repo/name:config"``, needs ``datasets`` and network). ``max_docs`` keeps a seeded
     subset. Raises ValueError for a bad domain/split and DataSourceError for a missing/unusable source.
     """

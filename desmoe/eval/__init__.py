@@ -30,24 +30,31 @@ def autocast_ctx(device: torch.device, bf16: bool):
 @torch.no_grad()
 def domain_loss(model, docs: list[list[int]], *, seq_len: int, batch_size: int, eos_id: int,
                 max_batches: int | None = None, device="cpu", bf16: bool = False) -> dict:
-    """Mean next-token loss and perplexity of ``model`` on one domain's held-out token docs."""
+    """Mean next-token loss and perplexity of ``model`` on one domain's held-out token docs.
+
+    Also ``loss_se``, the standard error of ``loss`` with the packed rows (sequences) as the sampling units: row
+    ``i`` has mean loss ``x_i`` over ``w_i`` valid tokens, ``loss = Σ w_i x_i / Σ w_i`` and (ratio estimator)
+    ``loss_se = sqrt(Σ w_i² (x_i - loss)²) / Σ w_i``; ``rows``: the number of rows with a valid token."""
     from ..data import eval_batches
 
     device = torch.device(device)
     was = model.training
     model.eval()
-    tot, n = 0.0, 0
+    sums_R, counts_R = [], []  # per row: summed loss and valid tokens
     for b in eval_batches(docs, seq_len, batch_size, eos_id, max_batches=max_batches):
         ids = b["input_ids"].to(device)
         with autocast_ctx(device, bf16):
             am = b.get("attention_mask")
             logits = model(input_ids=ids, attention_mask=None if am is None else am.to(device)).logits
         ce, valid = token_losses(logits, b["labels"].to(device))
-        tot += float(ce.sum())
-        n += int(valid.sum())
+        sums_R += ce.double().sum(1).tolist()
+        counts_R += valid.sum(1).tolist()
     model.train(was)
-    loss = tot / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+    rows = [(s, w) for s, w in zip(sums_R, counts_R) if w > 0]
+    n = sum(w for _, w in rows)
+    loss = sum(s for s, _ in rows) / max(n, 1)
+    se = math.sqrt(sum((s - w * loss) ** 2 for s, w in rows)) / max(n, 1)  # w_i (x_i - loss) = s_i - w_i loss
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n, "loss_se": se, "rows": len(rows)}
 
 
 @torch.no_grad()

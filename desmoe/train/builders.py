@@ -36,12 +36,15 @@ def eval_kwargs(cfg: Config, device: torch.device) -> dict:
 
 
 def load_texts(cfg: Config, names: list[str], split: str, max_docs: int | None) -> dict[str, list[str]]:
+    """Texts of ``split`` per domain. Training texts are subset with ``data.seed``; held-out ones (validation,
+    test) with a fixed seed, so runs that differ only in ``data.seed`` evaluate on the same documents."""
     from ..data import load_domain_texts
+    from ..data._util import split_seed
 
     out = {}
     for d in names:
-        texts = load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=max_docs, seed=cfg.data.seed,
-                                  text_field=cfg.data.text_field)
+        texts = load_domain_texts(d, split, source=cfg.data.sources.get(d), max_docs=max_docs,
+                                  seed=split_seed(split, cfg.data.seed), text_field=cfg.data.text_field)
         if not texts:
             raise ValueError(f"data.domains: domain {d!r} has no {split} documents"
                              + (f" in {cfg.data.sources[d]!r}" if d in cfg.data.sources else ""))

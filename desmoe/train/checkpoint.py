@@ -16,7 +16,7 @@ Layout of a run directory ``DIR``::
                                     checkpoint can carry no code; a file asking for any other object is refused)
         optim/                      FSDP2 only: sharded optimizer state (torch.distributed.checkpoint)
         config.json                 the config that wrote it (resume refuses a different one, naming the keys)
-        meta.json                   step, phase, method, domains, eval before training
+        meta.json                   step, phase, method, domains, eval (and validation) before training
         manifest.json               written last: size + sha256 of every file (truncation / bit flips detected)
     DIR/latest                      name of the newest checkpoint (replaced atomically)
 
@@ -44,7 +44,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: RNG states as tensors, every state file loadable with weights_only=True
 # config keys that may change between a checkpoint and its resumption (they cannot change the weights)
 RESUMABLE_KEYS = ("train.progress", "train.log_every", "train.plots", "train.save_every", "train.keep_last",
-                  "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs")
+                  "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs",
+                  "train.val_batches", "train.val_every", "train.eval_cache")
 
 
 class CheckpointError(ValueError):

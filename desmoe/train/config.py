@@ -31,7 +31,8 @@ INT_BOUNDS = {
     "data.batch_size": (1, 1 << 16),
     "train.max_steps": (1, _BIG), "train.warmup_steps": (0, _BIG), "train.grad_accum": (1, 1 << 16),
     "train.log_every": (1, _BIG), "train.save_every": (0, _BIG), "train.eval_batches": (1, 1 << 20),
-    "train.pretrain_steps": (0, _BIG), "train.keep_last": (0, 1 << 20),
+    "train.pretrain_steps": (0, _BIG), "train.keep_last": (0, 1 << 20), "train.val_batches": (0, 1 << 20),
+    "train.val_every": (0, _BIG),
     "method.alr_expansion": (1, 64), "method.update_every": (1, _BIG), "method.esft_batches": (1, 1 << 20),
 }
 
@@ -267,7 +268,15 @@ class TrainConfig:
     ``save_every``: checkpoint period in steps (0: only at the end); ``keep_last``: keep the newest N checkpoints
     (0: all). ``skip_nonfinite``: a NaN/inf loss or gradient skips that batch (counted, logged) instead of
     stopping the run. ``distributed``: ``none``, ``ddp`` or ``fsdp2`` (launch with ``torchrun``);
-    ``data.batch_size`` is per rank, so the global batch is ``batch_size × world_size``."""
+    ``data.batch_size`` is per rank, so the global batch is ``batch_size × world_size``.
+
+    Validation (model selection; the test split is only reported): ``val_batches`` > 0 loads the validation split
+    of every evaluated domain (``data.eval_max_docs`` documents) and evaluates it before and after training
+    (``val_before``/``val_after`` in ``summary.json``, as ``eval_before``/``eval_after``); ``val_every`` > 0
+    also evaluates it every that many steps and after the last (``val/<domain>``, ``val/avg``, ``val/general`` in
+    that step's ``history.jsonl`` row; not counted in training time). ``eval_cache``: a directory where the
+    evaluations before training of a run starting from ``model.path`` are kept and reused (see
+    :mod:`desmoe.train.evalcache`)."""
 
     max_steps: int = 100
     lr: float = 1e-3
@@ -292,6 +301,9 @@ class TrainConfig:
     skip_nonfinite: bool = False
     distributed: str = "none"
     aux_loss: bool = True
+    val_batches: int = 0
+    val_every: int = 0
+    eval_cache: str | None = None
 
     def __post_init__(self):
         check_field_types("train", TrainConfig, vars(self))
@@ -322,6 +334,13 @@ class TrainConfig:
             _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
         if not isinstance(self.aux_loss, bool):
             _bad("train.aux_loss", "true or false", self.aux_loss)
+        _int("train.val_batches", self.val_batches, 0)
+        _int("train.val_every", self.val_every, 0)
+        if self.val_every and not self.val_batches:
+            raise ValueError(f"train.val_every={self.val_every} needs train.val_batches > 0 (the number of validation "
+                             f"batches per evaluation), got train.val_batches={self.val_batches}")
+        if self.eval_cache is not None and (not isinstance(self.eval_cache, str) or not self.eval_cache.strip()):
+            _bad("train.eval_cache", "a directory path (a non-empty string) or null", self.eval_cache)
 
 
 @dataclass

@@ -6,10 +6,11 @@ import os
 import torch
 
 from .. import patch
-from ..data import load_domain_texts, tokenize_domains
+from ..data import tokenize_domains
 from ..eval import evaluate_model
 from ..method import MethodController
 from . import checkpoint as ck
+from .builders import load_texts
 from .config import load_config
 
 
@@ -32,9 +33,7 @@ def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: in
     model.to(dev)
     g = cfg.data.general
     names = domains or list(cfg.data.domains) + ([g] if g and g not in cfg.data.domains else [])
-    texts = {d: load_domain_texts(d, "test", source=cfg.data.sources.get(d), max_docs=cfg.data.eval_max_docs,
-                                  seed=cfg.data.seed, text_field=cfg.data.text_field) for d in names}
-    docs = tokenize_domains(tok, texts)
+    docs = tokenize_domains(tok, load_texts(cfg, names, "test", cfg.data.eval_max_docs))  # the trainer's eval docs
     res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                          max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0, device=dev,
                          bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general)

@@ -104,6 +104,8 @@ class Trainer:
         g = cfg.data.general
         self.eval_names = self.domains + ([g] if g and g not in self.domains else [])
         self.ev = eval_kwargs(cfg, self.device)
+        self.ev_val = {**self.ev, "max_batches": cfg.train.val_batches}
+        self.val_docs = None  # the validation split of every evaluated domain (train.val_batches > 0)
         self.skipped: list[int] = []
         self.losses: list[float] = []
         self.tokens_done, self.t_train = 0, 0.0
@@ -150,6 +152,8 @@ class Trainer:
         need_general = self.ckpt is None and bool(cfg.data.general) and (cfg.train.pretrain_steps > 0 or trains_tok)
         train_texts = load_texts(cfg, self.eval_names if need_general else self.domains, "train", cfg.data.max_docs)
         eval_texts = load_texts(cfg, self.eval_names, "test", cfg.data.eval_max_docs)
+        val_texts = load_texts(cfg, self.eval_names, "validation", cfg.data.eval_max_docs) \
+            if cfg.train.val_batches else None
         if self.ckpt is not None:
             self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.param_dtype))
             patch(self.model, backend=cfg.model.backend)
@@ -159,6 +163,8 @@ class Trainer:
             self.model = build_model(cfg, len(self.tok), self.tok).to(self.device)
         self.train_docs = tokenize_domains(self.tok, train_texts)
         self.eval_docs = tokenize_domains(self.tok, eval_texts)
+        if val_texts is not None:
+            self.val_docs = tokenize_domains(self.tok, val_texts)
 
     def _tokenizer(self, train_texts, trains_tok: bool):
         if not (self.dist.enabled and trains_tok):
@@ -199,7 +205,7 @@ class Trainer:
         self.model.to(self.device)
         if self.main:
             ck.save_config(self.out, self.cfg_dict)
-        self.start, self.before, self.trainer_state = 0, None, None
+        self.start, self.before, self.val_before, self.trainer_state = 0, None, None, None
         n_prep = self.ctl.method.prepare_batches()
         if self.ckpt is not None:
             self.ctl.load_state_dict(ck.load_method_state(self.ckpt))
@@ -211,6 +217,10 @@ class Trainer:
             self.ctl.apply_phase(self.ctl.phase(min(self.start, self.T - 1)))
             meta = ck.read_meta(self.ckpt)
             self.before = meta.get("eval_before")
+            self.val_before = meta.get("val_before")
+            if self.val_docs is not None and self.val_before is None:
+                self.say("validation before training: unknown (the checkpoint was written without "
+                         "train.val_batches); val_before stays null")
             self._restore_progress(meta.get("run_progress"))
         elif n_prep:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
@@ -219,7 +229,20 @@ class Trainer:
             self.ctl.data_tokens_M = [sum(map(len, self.train_docs[d])) for d in self.stream.domain_names]
             self.ctl.prepare(to_device(prep.next_batch(), self.device) for _ in range(n_prep))
         if self.before is None:
-            self.before = evaluate_model(self.model, self.tok, self.eval_docs, **self.ev)
+            self.before = self._evaluate_before(self.eval_docs, "test", self.ev)
+        if self.val_docs is not None and self.ckpt is None:
+            self.val_before = self._evaluate_before(self.val_docs, "validation", self.ev_val)
+
+    def _evaluate_before(self, docs: dict, split: str, ev: dict) -> dict:
+        """Evaluation before training, through ``train.eval_cache`` where the run may use it."""
+        from . import evalcache
+
+        if self.cfg.train.eval_cache:
+            why = evalcache.why_not(self.cfg, resumed=self.ckpt is not None)
+            if why is None:
+                return evalcache.evaluate_before(self.cfg, self.model, self.tok, docs, split, ev, write=self.main)
+            self.say(f"train.eval_cache not used: {why}")
+        return evaluate_model(self.model, self.tok, docs, **ev)
 
     def _build_optimizer(self) -> None:
         from .distributed import fully_shard_model
@@ -367,6 +390,7 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.time() - t_step  # tokens/s counts training compute only (not checkpoint or eval time)
         self.t_train += dt
+        val = self._validate(step)  # after dt: validation time is not training time
         self.tokens_done += out.tokens * W
         skipped_now = bool(self.skipped) and self.skipped[-1] == step
         self.runlog.phase_step(self.phase, step, dt, out.tokens * W, out.task, skipped_now)
@@ -379,15 +403,30 @@ class Trainer:
             self.rss_peak = max(self.rss_peak or 0.0, rss)
         rec = {"step": step, "phase": self.phase, "loss": out.loss, "task": out.task, "kd": out.kd,
                "lambda": ctl.last_lambda, "lr": out.lr, "grad_norm": out.grad_norm,
-               "tok_s": tps, "rss_mb": rss, "skipped_nonfinite": len(self.skipped)}
+               "tok_s": tps, "rss_mb": rss, "skipped_nonfinite": len(self.skipped), "train_s": self.t_train, **val}
         if self.device.type == "cuda":
             rec["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         rec.update(self._routing_record(out))
-        self.runlog.step(rec, write=step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now)
+        self.runlog.step(rec, write=step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now
+                         or bool(val))
         if self.main and not self.progress and (step % self.cfg.train.log_every == 0 or step == self.stop - 1
                                                  or skipped_now):
             self.say(f"step {step:5d} {self.phase:<13} task {out.task:.4f} kd {out.kd:.4f} lambda "
                      f"{ctl.last_lambda:.3f} (objective {out.loss:.4f}) tok/s {tps:.0f}")
+
+    def _validate(self, step: int) -> dict:
+        """Every ``train.val_every`` steps and after the last: validation loss per fine-tuning domain
+        (``val/<domain>``), their mean (``val/avg``) and the general domain's (``val/general``)."""
+        every = self.cfg.train.val_every
+        if not every or ((step + 1) % every and step != self.stop - 1):
+            return {}
+        g = self.cfg.data.general
+        res = evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val)["domains"]  # restores train mode
+        rec = {f"val/{d}": res[d]["loss"] for d in self.domains}
+        rec["val/avg"] = sum(rec.values()) / len(self.domains)
+        if g:
+            rec["val/general"] = res[g]["loss"]
+        return rec
 
     def _routing_record(self, out: StepStats) -> dict:
         """Per-domain loss, mask sizes and expert load of the step."""
@@ -422,8 +461,8 @@ class Trainer:
         """Checkpoint ``step`` (every rank calls this under torchrun; rank 0 commits) + the affinity plot."""
         ctl, cfg = self.ctl, self.cfg
         meta = {"total_steps": self.T, "phase": self.phase, "method": cfg.method.name, "domains": ctl.domain_names,
-                "eval_before": self.before, "world_size": self.dist.world, "distributed": cfg.train.distributed,
-                "run_progress": self._progress_state()}
+                "eval_before": self.before, "val_before": self.val_before, "world_size": self.dist.world,
+                "distributed": cfg.train.distributed, "run_progress": self._progress_state()}
         path = ck.save_checkpoint(self.out, step, model=self.model, tokenizer=self.tok, controller=ctl,
                                   optimizer=self.opt, scheduler=self.sched, stream_state=self.stream.state_dict(),
                                   meta=meta, config=self.cfg_dict, keep=cfg.train.keep_last or None,
@@ -457,6 +496,9 @@ class Trainer:
         """Evaluate after training, write ``summary.json`` and return it."""
         ctl, start, stop = self.ctl, self.start, self.stop
         after = evaluate_model(self.model, self.tok, self.eval_docs, **self.ev)
+        if self.val_docs is not None:
+            self.summary.update(val_before=self.val_before,
+                                val_after=evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val))
         if self.main and ctl.tracker.initialised and self.cfg.train.plots:
             from .plots import affinity_figure
 

@@ -38,6 +38,34 @@ def test_domain_loss_random_model_near_log_vocab(tok):
     assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
 
 
+def test_domain_loss_standard_error_over_rows(tok):
+    """``loss_se`` against a direct computation: per packed row its mean loss and valid tokens, ratio-estimator SE."""
+    from desmoe.data import eval_batches
+
+    m = tiny_model("qwen3_moe", vocab_size=len(tok))
+    desmoe.patch(m)
+    docs = [tok.encode(format_math(q, a), add_special_tokens=False) for q, a in math_problems(40, "test", 0)]
+    r = domain_loss(m, docs, seq_len=24, batch_size=3, eos_id=tok.eos_token_id, max_batches=3)
+    x, w = [], []
+    with torch.no_grad():
+        m.eval()
+        for b in eval_batches(docs, 24, 3, tok.eos_token_id, max_batches=3):
+            for i in range(b["input_ids"].shape[0]):  # one row at a time
+                logits = m(input_ids=b["input_ids"][i:i + 1], attention_mask=b["attention_mask"][i:i + 1]).logits
+                ce, valid = token_losses(logits, b["labels"][i:i + 1])
+                if valid.any():  # a row holding only a document's last token predicts nothing
+                    w.append(float(valid.sum()))
+                    x.append(float(ce.sum()) / w[-1])
+    x, w = torch.tensor(x, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
+    mean = float((w * x).sum() / w.sum())
+    se = float(torch.sqrt((w ** 2 * (x - mean) ** 2).sum()) / w.sum())
+    assert r["rows"] == len(x) >= 6 and r["tokens"] == int(w.sum())
+    assert r["loss"] == pytest.approx(mean, rel=1e-5)
+    assert r["loss_se"] == pytest.approx(se, rel=1e-4) and 0 < r["loss_se"] < 0.5
+    one = domain_loss(m, docs[:1], seq_len=64, batch_size=1, eos_id=tok.eos_token_id)
+    assert one["rows"] == 1 and one["loss_se"] == 0.0  # a single row: no spread to estimate
+
+
 class _Scripted(torch.nn.Module):
     """Greedy 'model' that emits a scripted continuation per prompt (to check the exact-match scoring)."""
 
