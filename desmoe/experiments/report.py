@@ -190,26 +190,27 @@ def claims(p: dict, s: dict | None) -> list[list[str]]:
     return rows
 
 
-def render(root: str) -> str:
+def render(root: str, img: str = "") -> str:
+    """The Markdown of ``root``'s results; ``img`` prefixes the plots' paths (``results/experiments/`` in the
+    README, nothing in ``summary.md`` beside them)."""
     p, s = load(root, "pareto"), load(root, "scaling")
     out = []
     if p:
         out.append("#### The paper's claims, measured\n\n" + _table(["claim", "paper", "ours", "holds here?"],
                                                                      claims(p, s)))
         out.append(pareto_md(p))
-        out.append("![pareto](results/experiments/pareto/pareto.png)\n\n"
-                   "![pareto, core methods](results/experiments/pareto/pareto_core.png)")
+        out.append(f"![pareto]({img}pareto/pareto.png)\n\n![pareto, core methods]({img}pareto/pareto_core.png)")
     if s:
         out.append(scaling_md(s))
     if p:
-        out.append("![wall-clock](results/experiments/pareto/wall_clock.png)")
+        out.append(f"![wall-clock]({img}pareto/wall_clock.png)")
     if s:
-        out.append("![scaling](results/experiments/scaling/scaling.png)")
+        out.append(f"![scaling]({img}scaling/scaling.png)")
     return "\n\n".join(out) + "\n"
 
 
 def readme_block(root: str) -> str:
-    return f"{BEGIN}\n{render(root)}{END}"
+    return f"{BEGIN}\n{render(root, img='results/experiments/')}{END}"
 
 
 def update_readme(readme: str, root: str) -> bool:
