@@ -210,18 +210,18 @@ def exp_scaling(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> 
             rs = sorted(by[m][n], key=lambda r: r["seed"])
             cl = [sum(r["domain_loss"][d] for d in common) / len(common) for r in rs]
             per[str(n)] = {"domains": list(spec.domains[:n]), "steps": spec.steps_per_domain * n,
-                           "common_domain_loss": P._mean(cl), "common_domain_loss_sd": P._sd(cl),
-                           "common_domain_loss_per_seed": cl, "forgetting": P._mean([r["forgetting"] for r in rs]),
-                           "forgetting_sd": P._sd([r["forgetting"] for r in rs]),
+                           "common_domain_loss": P.mean(cl), "common_domain_loss_sd": P.sd(cl),
+                           "common_domain_loss_per_seed": cl, "forgetting": P.mean([r["forgetting"] for r in rs]),
+                           "forgetting_sd": P.sd([r["forgetting"] for r in rs]),
                            "forgetting_per_seed": [r["forgetting"] for r in rs], **{
-                               "avg_domain_loss": P._mean([r["avg_domain_loss"] for r in rs])}}
+                               "avg_domain_loss": P.mean([r["avg_domain_loss"] for r in rs])}}
         lo, hi = per[str(counts[0])], per[str(counts[-1])]
         d_loss = [b - a for a, b in zip(lo["common_domain_loss_per_seed"], hi["common_domain_loss_per_seed"])]
         d_forg = [b - a for a, b in zip(lo["forgetting_per_seed"], hi["forgetting_per_seed"])]
         methods[m] = {"lr": lrs[m], "per_count": per,
-                      "change": {"from": counts[0], "to": counts[-1], "common_domain_loss": P._mean(d_loss),
-                                 "common_domain_loss_sd": P._sd(d_loss), "forgetting": P._mean(d_forg),
-                                 "forgetting_sd": P._sd(d_forg)}}
+                      "change": {"from": counts[0], "to": counts[-1], "common_domain_loss": P.mean(d_loss),
+                                 "common_domain_loss_sd": P.sd(d_loss), "forgetting": P.mean(d_forg),
+                                 "forgetting_sd": P.sd(d_forg)}}
     res = {**_header("scaling", spec, base), "domains": spec.domains, "counts": counts, "common_domains": common,
            "steps_per_domain": spec.steps_per_domain, "methods": methods,
            "note": "each method at the LR chosen on validation in the Pareto grid; change = (most domains) − "

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 
 
-def _mean(xs):
+def mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
 
-def _sd(xs):
+def sd(xs):
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return 0.0 if xs else None
@@ -78,7 +78,7 @@ def lr_means(points: list[dict]) -> list[dict]:
     for lr, ps in by_lr(points).items():
         row = {"lr": lr, "n_seeds": len(ps)}
         for k in ("domain_loss", "forgetting", "domain_loss_val", "forgetting_val"):
-            row[k], row[k + "_sd"] = _mean([p[k] for p in ps]), _sd([p[k] for p in ps])
+            row[k], row[k + "_sd"] = mean([p[k] for p in ps]), sd([p[k] for p in ps])
         rows.append(row)
     return rows
 
@@ -104,7 +104,7 @@ def matched(points: list[dict], *, forgetting: float | None = None, loss: float 
     per_seed = {s: read(frontier([(p["domain_loss" + sfx], p["forgetting" + sfx]) for p in ps]))
                 for s, ps in sorted(seeds.items())}
     got = [v for v in per_seed.values() if v is not None]
-    return {"value": read(mean_front), "per_seed": per_seed, "seed_mean": _mean(got), "seed_sd": _sd(got),
+    return {"value": read(mean_front), "per_seed": per_seed, "seed_mean": mean(got), "seed_sd": sd(got),
             "seeds_reaching": f"{len(got)}/{len(per_seed)}"}
 
 
@@ -118,15 +118,15 @@ def time_to_target(curves: list[list[dict]], target: float) -> dict:
         secs.append(None if hit is None else hit["train_s"])
     got = [s for s in steps if s is not None]
     return {"target": target, "steps": steps, "seconds": secs, "reached": f"{len(got)}/{len(steps)}",
-            "mean_steps": _mean(steps) if len(got) == len(steps) else None,
-            "mean_seconds": _mean(secs) if len(got) == len(steps) else None}
+            "mean_steps": mean(steps) if len(got) == len(steps) else None,
+            "mean_seconds": mean(secs) if len(got) == len(steps) else None}
 
 
 def resolution(points_by_method: dict[str, list[dict]], se_avg: float | None, pair: tuple[str, str]) -> dict:
     """Can a 0.01 difference in average domain loss be told apart? The seed spread (std over seeds at one method
     and LR, median over them), the paired spread (std over seeds of the difference between ``pair``'s two methods
     at the same LR and seed, median over LRs) and the evaluation's own standard error ``se_avg``."""
-    sds = [_sd([p["domain_loss"] for p in ps]) for pts in points_by_method.values() for ps in by_lr(pts).values()
+    sds = [sd([p["domain_loss"] for p in ps]) for pts in points_by_method.values() for ps in by_lr(pts).values()
            if len(ps) > 1]
     a, b = (points_by_method.get(m, []) for m in pair)
     key = {(p["lr"], p["seed"]): p["domain_loss"] for p in b}
@@ -134,7 +134,7 @@ def resolution(points_by_method: dict[str, list[dict]], se_avg: float | None, pa
     for p in a:
         if (p["lr"], p["seed"]) in key:
             diffs.setdefault(p["lr"], []).append(p["domain_loss"] - key[(p["lr"], p["seed"])])
-    psd = [_sd(v) for v in diffs.values() if len(v) > 1]
+    psd = [sd(v) for v in diffs.values() if len(v) > 1]
     med = (lambda xs: sorted(xs)[len(xs) // 2] if xs else None)
     seed_sd, pair_sd = med(sds), med(psd)
     worst = max([x for x in (seed_sd, se_avg) if x is not None], default=None)

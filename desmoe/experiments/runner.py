@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 
+from .pareto import mean as _avg
+from .pareto import sd as _std
 from .spec import ExperimentSpec
 
 # experiment METHOD name -> trainer method.name
@@ -42,19 +43,6 @@ def finetune_config(spec: ExperimentSpec, base_path: str, method: str, domains: 
            "train": {**ft.get("train", {}), "max_steps": spec.steps_per_domain * len(domains), "lr": float(lr),
                      "progress": False, "save_every": 0}}
     return cfg
-
-
-def _avg(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs):
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return 0.0 if xs else None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def _read_history(run_dir: str) -> list[dict]:
