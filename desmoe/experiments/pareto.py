@@ -122,23 +122,30 @@ def time_to_target(curves: list[list[dict]], target: float) -> dict:
             "mean_seconds": mean(secs) if len(got) == len(steps) else None}
 
 
+def _paired_sd(a: list[dict], b: list[dict], key: str) -> float | None:
+    """Median over LRs of the std over seeds of ``a[key] - b[key]`` at the same LR and seed."""
+    other = {(p["lr"], p["seed"]): p[key] for p in b}
+    diffs: dict[float, list[float]] = {}
+    for p in a:
+        if (p["lr"], p["seed"]) in other:
+            diffs.setdefault(p["lr"], []).append(p[key] - other[(p["lr"], p["seed"])])
+    sds = sorted(sd(v) for v in diffs.values() if len(v) > 1)
+    return sds[len(sds) // 2] if sds else None
+
+
 def resolution(points_by_method: dict[str, list[dict]], se_avg: float | None, pair: tuple[str, str]) -> dict:
     """Can a 0.01 difference in average domain loss be told apart? The seed spread (std over seeds at one method
     and LR, median over them), the paired spread (std over seeds of the difference between ``pair``'s two methods
-    at the same LR and seed, median over LRs) and the evaluation's own standard error ``se_avg``."""
-    sds = [sd([p["domain_loss"] for p in ps]) for pts in points_by_method.values() for ps in by_lr(pts).values()
-           if len(ps) > 1]
+    at the same LR and seed, median over LRs; also for forgetting) and the evaluation's own standard error
+    ``se_avg``."""
+    sds = sorted(sd([p["domain_loss"] for p in ps]) for pts in points_by_method.values()
+                 for ps in by_lr(pts).values() if len(ps) > 1)
     a, b = (points_by_method.get(m, []) for m in pair)
-    key = {(p["lr"], p["seed"]): p["domain_loss"] for p in b}
-    diffs: dict[float, list[float]] = {}
-    for p in a:
-        if (p["lr"], p["seed"]) in key:
-            diffs.setdefault(p["lr"], []).append(p["domain_loss"] - key[(p["lr"], p["seed"])])
-    psd = [sd(v) for v in diffs.values() if len(v) > 1]
-    med = (lambda xs: sorted(xs)[len(xs) // 2] if xs else None)
-    seed_sd, pair_sd = med(sds), med(psd)
+    seed_sd = sds[len(sds) // 2] if sds else None
+    pair_sd, pair_f_sd = _paired_sd(a, b, "domain_loss"), _paired_sd(a, b, "forgetting")
     worst = max([x for x in (seed_sd, se_avg) if x is not None], default=None)
-    return {"seed_sd_median": seed_sd, "paired_diff_sd_median": pair_sd, "pair": list(pair),
+    return {"seed_sd_median": seed_sd, "paired_diff_sd_median": pair_sd,
+            "paired_forgetting_diff_sd_median": pair_f_sd, "pair": list(pair),
             "eval_se_avg_domain_loss": se_avg,
             "resolves_0.01_unpaired": None if worst is None else 2 * worst < 0.01,
             "resolves_0.01_paired": None if pair_sd is None else 2 * pair_sd < 0.01,

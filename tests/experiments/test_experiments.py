@@ -105,6 +105,8 @@ def test_quick_pareto_results_in_the_issues_format(quick_all):
     sc = json.loads((out / "scaling" / "results.json").read_text())
     assert sc["counts"] == [1, 2] and set(sc["methods"]) == set(spec.scaling_methods)
     assert (out / "scaling" / "scaling.png").stat().st_size > 1000
+    t = json.loads((out / "timing.json").read_text())
+    assert t["runs_computed"] == t["runs_total"] > 0 and t["seconds"] > 0
     md = (out / "summary.md").read_text()
     assert "The paper's claims, measured" in md and "| des_moe |" in md and "Scaling 1 → 2" in md
 
@@ -118,6 +120,9 @@ def test_runs_are_paired_and_reused(quick_all, tmp_path):
     assert len(befores) == 1
     assert {round(r["general_loss_val_before"], 6) for r in recs} and all(r["val_curve"] for r in recs)
     n = len(os.listdir(cache / "ft"))
+    timing = (out / "timing.json").read_text()
+    assert main(["experiment", "all", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    assert (out / "timing.json").read_text() == timing  # the invocation that computed the runs is kept
     assert main(["experiment", "scaling", "--quick", "--out", str(tmp_path / "s"), "--cache", str(cache)]) == 0
     assert len(os.listdir(cache / "ft")) == n  # everything came from the cache
     assert json.loads((tmp_path / "s" / "results.json").read_text())["methods"] == \
