@@ -108,12 +108,16 @@ def matched(points: list[dict], *, forgetting: float | None = None, loss: float 
             "seeds_reaching": f"{len(got)}/{len(per_seed)}"}
 
 
-def time_to_target(curves: list[list[dict]], target: float) -> dict:
+def time_to_target(curves: list[list[dict]], target) -> dict:
     """Steps and training seconds until a validation curve (``[{"step", "train_s", "val_avg"}]`` per seed) first
-    gets to ``target`` or below; None for a seed that never does."""
+    gets to its target or below (``target``: one number, or one per curve — the paired seed's); None for a seed
+    that never does."""
+    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(curves)
+    if len(targets) != len(curves):
+        raise ValueError(f"time_to_target: {len(targets)} targets for {len(curves)} curves")
     steps, secs = [], []
-    for c in curves:
-        hit = next((r for r in c if r["val_avg"] <= target), None)
+    for c, t in zip(curves, targets):
+        hit = next((r for r in c if r["val_avg"] <= t), None)
         steps.append(None if hit is None else hit["step"] + 1)
         secs.append(None if hit is None else hit["train_s"])
     got = [s for s in steps if s is not None]

@@ -63,6 +63,10 @@ def test_time_to_target():
     assert t["steps"] == [30, None] and t["reached"] == "1/2" and t["mean_seconds"] is None
     t = P.time_to_target([c], 3.5)
     assert t["steps"] == [20] and t["mean_seconds"] == 2.0
+    t = P.time_to_target([c, c], [3.5, 3.2])  # one target per seed (the paired FFT run's)
+    assert t["steps"] == [20, 30] and t["mean_steps"] == 25
+    with pytest.raises(ValueError, match="targets"):
+        P.time_to_target([c], [3.5, 3.2])
 
 
 def test_resolution_uses_paired_differences():
@@ -169,3 +173,27 @@ def test_shipped_configs_validate():
     for name in os.listdir(CONFIG_DIR):
         spec = load_spec(os.path.join(CONFIG_DIR, name))
         assert set(spec.domains) <= set(spec.base["config"]["data"]["domains"])
+
+
+def test_claim_verdicts_follow_their_rules():
+    from desmoe.experiments.report import claims
+
+    def blk(loss, forg):
+        return {"selected": {"avg_domain_loss": loss, "forgetting": forg},
+                "at_matched_forgetting": {"des_moe": {"value": loss}},
+                "at_matched_domain_loss": {"des_moe": {"value": forg}}}
+
+    res = {"paired_diff_sd_median": 0.002, "paired_forgetting_diff_sd_median": 0.003}
+    p = {"methods": {"des_moe": blk(3.635, 0.05), "fft_mixed": blk(3.614, 0.08)}, "resolution": res,
+         "references": {"des_moe": {"forgetting": 0.05}}, "base_domain_loss": 3.69}
+    p["methods"]["fft_mixed"]["at_matched_domain_loss"]["des_moe"]["value"] = 0.03
+    def row(start):
+        return next(r for r in claims(p, None) if r[0].startswith(start))
+
+    keep = row("DES-MoE keeps general ability")
+    assert "ratio 0.62" in keep[2] and keep[3].startswith("partly")
+    assert row("… also at matched learning")[3] == "no (FFT forgets less)"
+    match = row("DES-MoE matches mixed FFT")
+    assert match[3].startswith("no") and "72% of its gain" in match[2]  # 0.021 worse > 2 x 0.002
+    res["paired_diff_sd_median"] = 0.02  # now the difference is inside the spread
+    assert row("DES-MoE matches mixed FFT")[3] == "yes"
