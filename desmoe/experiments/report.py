@@ -130,6 +130,16 @@ def scaling_md(r: dict) -> str:
                      + [f"Δ common loss {counts[0]}→{counts[-1]}", "Δ forgetting"], rows))
 
 
+def paired_sd(a: dict | None, b: dict | None) -> float | None:
+    """Sample std over seeds of ``a[seed] - b[seed]`` (per-seed matched readings; None where fewer than 2)."""
+    if not a or not b:
+        return None
+    from .pareto import sd
+
+    diffs = [a[k] - b[k] for k in a if k in b and a[k] is not None and b[k] is not None]
+    return sd(diffs) if len(diffs) > 1 else None
+
+
 def _resolved(d: float | None, res: dict, key: str = "paired_diff_sd_median") -> bool:
     """``d`` (a loss difference, or a forgetting difference with ``key="paired_forgetting_diff_sd_median"``)
     exceeds twice the paired seed spread (0.005 when there is none)."""
@@ -199,13 +209,18 @@ def claims(p: dict, s: dict | None) -> list[list[str]]:
     ref_f = p["references"]["des_moe"]["forgetting"]
     for abl, what in (("des_moe_no_alr", "ALR"), ("des_moe_no_dges", "DGES")):
         if abl in M:
-            v, base = M[abl]["at_matched_forgetting"]["des_moe"]["value"], M["des_moe"]["at_matched_forgetting"]["des_moe"]["value"]
+            ma, md = M[abl]["at_matched_forgetting"]["des_moe"], M["des_moe"]["at_matched_forgetting"]["des_moe"]
+            v, base = ma["value"], md["value"]
             d = None if v is None or base is None else v - base
-            rows.append([f"removing {what} makes DES-MoE worse (domain loss at DES-MoE's forgetting {_f(ref_f, sign=True)})",
-                         "yes (ablation)", f"{_f(v)} without {what} vs {_f(base)}",
+            sd = paired_sd(ma.get("per_seed"), md.get("per_seed"))
+            spread = {"paired_diff_sd_median": sd} if sd is not None else res
+            rows.append([f"removing {what} makes DES-MoE worse (domain loss at DES-MoE's forgetting "
+                         f"{_f(ref_f, sign=True)})", "yes (ablation)",
+                         f"{_f(v)} without {what} vs {_f(base)}" + ("" if sd is None else
+                                                                 f" (paired per-seed spread {sd:.4f})"),
                          "no (cannot forget that little)" if v is None else
-                         "yes" if d > 0 and _resolved(d, res) else "no (better without)" if d < 0 and _resolved(d, res)
-                         else "no difference resolved"])
+                         "yes" if d > 0 and _resolved(d, spread) else "no (better without)"
+                         if d < 0 and _resolved(d, spread) else "no difference resolved"])
     return rows
 
 
