@@ -255,13 +255,19 @@ def run_experiment(name: str, out: str, spec: ExperimentSpec, log=print, workers
         from .report import render
 
         secs, computed = time.time() - t0, _n_records(spec) - n0
-        timing = {"command": "desmoe experiment all", "config": spec.source, "workers": workers, "seconds": secs,
-                  "runs_computed": computed, "runs_total": _n_records(spec), "base_seconds": res["pareto"]["base"].get("seconds"),
-                  "note": "wall time of the invocation that computed the runs (the base is built once and cached: "
-                          "base_seconds); an invocation that finds everything cached keeps this file"}
+        this = {"command": "desmoe experiment all", "config": spec.source, "workers": workers, "seconds": secs,
+                "runs_computed": computed}
         tp = os.path.join(out, "timing.json")
         old = json.load(open(tp)) if os.path.isfile(tp) else None
-        if old is None or computed > 0:
+        if old is None or computed > 0:  # an invocation that found everything cached keeps the file
+            # invocations that extended the same result set (e.g. a grid grown by one LR) add up
+            runs = (old.get("invocations") or [old]) if old and old.get("runs_computed") else []
+            runs = [*({k: r.get(k) for k in this} for r in runs), this]
+            timing = {**this, "seconds": sum(r["seconds"] for r in runs),
+                      "runs_computed": sum(r["runs_computed"] for r in runs), "runs_total": _n_records(spec),
+                      "base_seconds": res["pareto"]["base"].get("seconds"), "invocations": runs,
+                      "note": "wall time of the invocations that computed the runs (the base is built once and "
+                              "cached: base_seconds); one that finds everything cached keeps this file"}
             with open(tp, "w") as f:
                 json.dump(timing, f, indent=1)
         with open(os.path.join(out, "summary.md"), "w") as f:

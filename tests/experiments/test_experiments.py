@@ -127,6 +127,13 @@ def test_runs_are_paired_and_reused(quick_all, tmp_path):
     timing = (out / "timing.json").read_text()
     assert main(["experiment", "all", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     assert (out / "timing.json").read_text() == timing  # the invocation that computed the runs is kept
+    import shutil
+
+    shutil.rmtree(next(p for p in (cache / "ft").iterdir() if p.name.startswith("des_moe-2d")))
+    assert main(["experiment", "all", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    t0, t1 = json.loads(timing), json.loads((out / "timing.json").read_text())
+    assert len(t1["invocations"]) == 2 and t1["runs_computed"] == t0["runs_computed"] + 1  # invocations add up
+    assert t1["seconds"] == pytest.approx(t0["seconds"] + t1["invocations"][1]["seconds"])
     assert main(["experiment", "scaling", "--quick", "--out", str(tmp_path / "s"), "--cache", str(cache)]) == 0
     assert len(os.listdir(cache / "ft")) == n  # everything came from the cache
     assert json.loads((tmp_path / "s" / "results.json").read_text())["methods"] == \
