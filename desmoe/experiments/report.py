@@ -237,9 +237,11 @@ def render(root: str, img: str = "") -> str:
         if os.path.isfile(t):
             with open(t) as f:
                 t = json.load(f)
+            n = len(t.get("invocations") or [t])
             out.append(f"**Cost.** `{t['command']} --workers {t['workers']}` computed {t['runs_computed']} runs in "
-                       f"{t['seconds'] / 60:.0f} min on this machine's 2 CPU cores (the base, built once and cached, "
-                       f"took {_f(t.get('base_seconds'), 0)} s more).")
+                       f"{t['seconds'] / 60:.0f} min on this machine's 2 CPU cores"
+                       + (f" (over {n} invocations, each computing what the cache lacked)" if n > 1 else "")
+                       + f"; the base, built once and cached, took {_f(t.get('base_seconds'), 0)} s more.")
         out.append(f"![pareto]({img}pareto/pareto.png)\n\n![pareto, core methods]({img}pareto/pareto_core.png)")
     if s:
         out.append(scaling_md(s))
