@@ -41,10 +41,17 @@ def _base(spec: ExperimentSpec, log) -> dict:
     return {**base, "routing": base_routing(base["path"], spec)}
 
 
+def _rel(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (results name configs the same on any clone)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ap = os.path.abspath(path)
+    return os.path.relpath(ap, root) if ap.startswith(root + os.sep) else path
+
+
 def _header(name: str, spec: ExperimentSpec, base: dict) -> dict:
     keys = ("pretrain_steps", "n_params", "general_loss_random_init", "general_loss", "train_loss_last10pct",
             "train_loss_prev10pct", "seconds")
-    return {"experiment": name, "config": {**spec.to_dict(), "source": spec.source}, "versions": versions(),
+    return {"experiment": name, "config": {**spec.to_dict(), "source": _rel(spec.source)}, "versions": versions(),
             "git_sha": git_sha(), "seeds": list(range(spec.seeds)),
             "split": {"select": "validation", "report": "test"},
             "base": {k: base[k] for k in keys if k in base} | {
@@ -255,7 +262,7 @@ def run_experiment(name: str, out: str, spec: ExperimentSpec, log=print, workers
         from .report import render
 
         secs, computed = time.time() - t0, _n_records(spec) - n0
-        this = {"command": "desmoe experiment all", "config": spec.source, "workers": workers, "seconds": secs,
+        this = {"command": "desmoe experiment all", "config": _rel(spec.source), "workers": workers, "seconds": secs,
                 "runs_computed": computed}
         tp = os.path.join(out, "timing.json")
         old = json.load(open(tp)) if os.path.isfile(tp) else None
