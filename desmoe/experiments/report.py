@@ -42,7 +42,7 @@ def _matched(b: dict, kind: str, ref: str) -> str:
     m = b[kind][ref]
     if m["value"] is None:
         return "out of reach"
-    return f"{_f(m['value'], sign=kind == 'at_matched_forgetting' and False)} ({_pm(m['seed_mean'], m['seed_sd'])}, " \
+    return f"{_f(m['value'])} ({_pm(m['seed_mean'], m['seed_sd'])}, " \
            f"{m['seeds_reaching']} seeds)"
 
 

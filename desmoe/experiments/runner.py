@@ -84,8 +84,10 @@ def _acquire(lock: str, result: str, log, wait: bool = True) -> bool | None:
 
 
 def run_dir_of(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], lr: float, seed: int,
-               method_overrides: dict | None = None) -> str:
-    cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
+               method_overrides: dict | None = None, cfg_d: dict | None = None) -> str:
+    """The cache directory of one run (``cfg_d``: its :func:`finetune_config`, when already built)."""
+    if cfg_d is None:
+        cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
     tag = f"{method}{''.join(f'-{k}{v}' for k, v in sorted((method_overrides or {}).items()))}"
     return os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{_key(cfg_d)}")
 
@@ -97,8 +99,8 @@ def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str
     from ..train import config_from_dict, run
 
     cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
+    run_dir = run_dir_of(spec, base_path, method, domains, lr, seed, method_overrides, cfg_d)  # key without the cache
     cfg_d["train"].setdefault("eval_cache", os.path.join(spec.cache, "eval"))
-    run_dir = run_dir_of(spec, base_path, method, domains, lr, seed, method_overrides)
     rec_path = os.path.join(run_dir, "record.json")
     if os.path.isfile(rec_path):
         with open(rec_path) as f:

@@ -106,6 +106,7 @@ class Trainer:
         self.ev = eval_kwargs(cfg, self.device)
         self.ev_val = {**self.ev, "max_batches": cfg.train.val_batches}
         self.val_docs = None  # the validation split of every evaluated domain (train.val_batches > 0)
+        self.last_val: tuple[int, dict] | None = None  # (step, evaluate_model result) of the latest validation
         self.skipped: list[int] = []
         self.losses: list[float] = []
         self.tokens_done, self.t_train = 0, 0.0
@@ -421,7 +422,8 @@ class Trainer:
         if not every or ((step + 1) % every and step != self.stop - 1):
             return {}
         g = self.cfg.data.general
-        res = evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val)["domains"]  # restores train mode
+        full = evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val)  # restores train mode
+        self.last_val, res = (step, full), full["domains"]
         rec = {f"val/{d}": res[d]["loss"] for d in self.domains}
         rec["val/avg"] = sum(rec.values()) / len(self.domains)
         if g:
@@ -496,9 +498,10 @@ class Trainer:
         """Evaluate after training, write ``summary.json`` and return it."""
         ctl, start, stop = self.ctl, self.start, self.stop
         after = evaluate_model(self.model, self.tok, self.eval_docs, **self.ev)
-        if self.val_docs is not None:
-            self.summary.update(val_before=self.val_before,
-                                val_after=evaluate_model(self.model, self.tok, self.val_docs, **self.ev_val))
+        if self.val_docs is not None:  # the last step's validation (train.val_every) is already val_after
+            last = self.last_val[1] if self.last_val and self.last_val[0] == stop - 1 else None
+            self.summary.update(val_before=self.val_before, val_after=last or evaluate_model(
+                self.model, self.tok, self.val_docs, **self.ev_val))
         if self.main and ctl.tracker.initialised and self.cfg.train.plots:
             from .plots import affinity_figure
 
