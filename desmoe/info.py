@@ -77,6 +77,8 @@ def collect() -> dict:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "triton": _version("triton"),
+        # Hugging Face's kernel hub (transformers >= 5.25 needs it); desmoe's own Triton kernels are desmoe.kernels
+        "kernels": _version("kernels"),
         "device": dev,
         "backends": _backends(dev["cuda_available"]),
         "env": {k: os.environ[k] for k in ("DESMOE_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS") if k in os.environ},

@@ -6,4 +6,50 @@
 
 Launchers, validation of what the kernels assume, and the ``torch.library`` custom ops live in
 :mod:`desmoe.ops.triton_ops`.
+
+The top-level name ``kernels`` belongs to Hugging Face's kernel-hub package, which transformers >= 5.25 imports.
+Whenever the repository root is first on ``sys.path`` (``python -m pytest``, ``python -m desmoe``, ``python -c``
+from the root) ``import kernels`` finds this folder first. Imported under that name, this file does not define
+desmoe's kernels: it loads Hugging Face's package from the rest of ``sys.path`` into ``sys.modules["kernels"]``
+(the import system then returns that module), or raises ``ModuleNotFoundError`` as if this folder were absent.
 """
+
+if __name__ == "kernels":
+
+    def _hand_over_to_hugging_face_kernels() -> None:
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+        def _is_root(entry) -> bool:
+            try:
+                return os.path.samefile(entry or os.curdir, root)
+            except (OSError, TypeError, ValueError):
+                return False
+
+        search = [p for p in sys.path if isinstance(p, str) and not _is_root(p)]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", search)
+        if spec is None:  # installed through another meta-path finder (an editable install, say)
+            for finder in sys.meta_path:
+                if finder is importlib.machinery.PathFinder or not hasattr(finder, "find_spec"):
+                    continue
+                found = finder.find_spec("kernels", None)
+                if found is not None and found.origin != __file__:
+                    spec = found
+                    break
+        if spec is None or spec.loader is None:
+            raise ModuleNotFoundError(
+                "No module named 'kernels' (Hugging Face's kernel-hub package, `pip install kernels`; the "
+                f"folder {os.path.dirname(os.path.abspath(__file__))} holds desmoe's Triton kernels, imported as "
+                "desmoe.kernels)",
+                name="kernels",
+            )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module  # its own `from kernels.x import ...` must find it, not this file
+        spec.loader.exec_module(module)
+
+    _hand_over_to_hugging_face_kernels()
+    del _hand_over_to_hugging_face_kernels
