@@ -9,10 +9,12 @@ updates with the float32 run's. ``tests/train/test_precision.py`` asserts on it;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def lr_updates(dtype: str, pure: bool, steps: int = 8, lr: float = 1e-5) -> dict:
@@ -22,7 +24,8 @@ def lr_updates(dtype: str, pure: bool, steps: int = 8, lr: float = 1e-5) -> dict
     from desmoe.train.config import Config, ModelConfig, TrainConfig
     from desmoe.train.loss import task_loss
 
-    cfg = Config(model=ModelConfig(tiny="qwen3_moe", dtype=dtype, pure_dtype=pure, backend="reference"),
+    # the default backend (``auto``: the grouped custom ops on CPU), which is what users train with
+    cfg = Config(model=ModelConfig(tiny="qwen3_moe", dtype=dtype, pure_dtype=pure),
                  train=TrainConfig(lr=lr, lr_schedule="constant", warmup_steps=0, max_steps=steps, max_grad_norm=None))
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
@@ -34,11 +37,12 @@ def lr_updates(dtype: str, pure: bool, steps: int = 8, lr: float = 1e-5) -> dict
     bf16 = use_bf16(cfg, dev)
     p0 = {n: p.detach().float().clone() for n, p in m.named_parameters()}
     g = torch.Generator().manual_seed(0)
+    seen = _ExpertsOperandDtypes()
     for s in range(steps):
         ids = torch.randint(3, 64, (2, 16), generator=g)
         b = {"input_ids": ids, "labels": ids.clone(), "domain_ids": torch.zeros(2, 16, dtype=torch.long)}
         ctl.begin_step(s)
-        with ctl.applied(b["domain_ids"].reshape(-1)):
+        with ctl.applied(b["domain_ids"].reshape(-1)), (seen if s == 0 else contextlib.nullcontext()):
             loss, _, _, _ = task_loss(m, b, dev, bf16, aux=False)
         opt.zero_grad()
         loss.backward()
@@ -46,7 +50,21 @@ def lr_updates(dtype: str, pure: bool, steps: int = 8, lr: float = 1e-5) -> dict
     return {"delta": torch.cat([(p.detach().float() - p0[n]).flatten() for n, p in m.named_parameters()]),
             "bf16": bf16, "param_dtype": next(m.parameters()).dtype,
             "state_dtypes": {st["exp_avg"].dtype for st in opt.state.values()},
+            "experts_operand_dtypes": sorted(seen.dtypes),
             "warnings": [str(w.message) for w in caught]}
+
+
+class _ExpertsOperandDtypes(TorchDispatchMode):
+    """The dtypes of (x, W_gate_up, W_down) as the experts op's implementation receives them (below autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("desmoe.") and "experts_fwd" in str(func):
+            self.dtypes.update(str(a.dtype).replace("torch.", "") for a in args[:3])
+        return func(*args, **(kwargs or {}))
 
 
 def compare(d: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -61,9 +79,12 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     ref = lr_updates("float32", False, a.steps, a.lr)["delta"]
-    out = {"torch": torch.__version__, "steps": a.steps, "lr": a.lr, "float32": compare(ref, ref),
-           "bf16_autocast_fp32_master": compare(lr_updates("bfloat16", False, a.steps, a.lr)["delta"], ref),
-           "pure_bf16": compare(lr_updates("bfloat16", True, a.steps, a.lr)["delta"], ref)}
+    mixed, pure = lr_updates("bfloat16", False, a.steps, a.lr), lr_updates("bfloat16", True, a.steps, a.lr)
+    out = {"torch": torch.__version__, "backend": "auto (grouped custom ops on CPU)", "steps": a.steps, "lr": a.lr,
+           "float32": compare(ref, ref),
+           "bf16_autocast_fp32_master": {**compare(mixed["delta"], ref),
+                                         "experts_operand_dtypes": mixed["experts_operand_dtypes"]},
+           "pure_bf16": {**compare(pure["delta"], ref), "experts_operand_dtypes": pure["experts_operand_dtypes"]}}
     print(json.dumps(out, indent=1))
     return out
 

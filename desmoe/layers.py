@@ -79,6 +79,9 @@ class TopKRouter(nn.Module):
         w = self._resolve(self.weight_path)
         if self.spec.logits_dtype == "float32":
             return F.linear(x_TD.float(), w.float())
+        if self.spec.logits_dtype == "float32_exact":
+            with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even inside an autocast region
+                return F.linear(x_TD.float(), w.float())
         if self.spec.logits_dtype == "weight":
             return F.linear(x_TD.to(w.dtype), w)
         if self.spec.logits_dtype == "model_float":

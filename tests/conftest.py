@@ -13,6 +13,19 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    """The versions this run tested (CI's log shows them first)."""
+    import importlib.metadata as md
+
+    parts = []
+    for dist in ("torch", "transformers", "kernels", "triton", "accelerate"):
+        try:
+            parts.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return "desmoe deps: " + ", ".join(parts)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -75,9 +75,10 @@ def _hunyuan(gate, config):
 
 
 def _ernie(gate, config):
-    # float32 logits, softmax, topk of softmax + bias (moe_statics), weights unbiased, sum floored at norm_min
+    # float32 logits (autocast off), softmax, topk of softmax + bias (moe_statics), weights unbiased, sum floored
+    # at norm_min
     return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True,
-                      renorm_min=float(gate.norm_min), logits_dtype="float32", weights_dtype="input")
+                      renorm_min=float(gate.norm_min), logits_dtype="float32_exact", weights_dtype="input")
 
 
 def _lfm2(gate, config):

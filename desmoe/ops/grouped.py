@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _autocast
 from .reference import ACTIVATIONS
 
 
@@ -31,7 +32,9 @@ def _gmm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     """Grouped GEMM over row groups ending at ``offs_E``: 2D x 3D -> rows of ``a[g] @ b[e]``; 2D x 2D (the
     group dimension being the shared K) -> ``[E, M, N]``. A per-expert loop where no grouped GEMM exists."""
     if _GROUPED_MM is not None and _grouped_mm_ok(a) and _grouped_mm_ok(b):
-        return _GROUPED_MM(a, b, offs=offs_E)  # dW of an expert with no rows: zeros (tested)
+        # dW of an expert with no rows: zeros (tested). Contiguous: the kernel pads rows to 16 bytes (e.g. bf16
+        # with 2I = 12), and the custom ops' fake implementations promise dense outputs to torch.compile
+        return _GROUPED_MM(a, b, offs=offs_E).contiguous()
     bounds = [0] + offs_E.tolist()
     if b.dim() == 3:
         return torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
@@ -193,6 +196,9 @@ def _backward(ctx, dout_TD, *_saved_grads):
 
 
 grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+# bf16 compute under torch.autocast over fp32 masters: the GEMM operands take the region's dtype (the op's own
+# Autocast kernel, so torch.compile and every caller get it); routing weights stay as given
+_autocast.register("desmoe::grouped_experts_fwd", ("x_TD", "w_gate_up_E2ID", "w_down_EDI"))
 
 
 def grouped_experts(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 ROUTING_SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2sum")
 WEIGHTS_DTYPES = ("float32", "logits", "input")
-LOGITS_DTYPES = ("model", "float32", "weight", "model_float")
+LOGITS_DTYPES = ("model", "float32", "float32_exact", "weight", "model_float")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class RouterSpec:
             expert picked gets ``masked_value`` as its weight) instead of the unmasked scores.
         scaling: multiply the final weights (``routed_scaling_factor``).
         logits_dtype: the router's logits linear runs in the model dtype (``"model"``), in float32
-            (``"float32"``, DeepSeek family), in the router weight's dtype (``"weight"``, HunYuan), or in the
+            (``"float32"``, DeepSeek family; under autocast the linear still takes the region's dtype, as
+            stock), in float32 with autocast off (``"float32_exact"``, ERNIE-4.5 forces it), in the router
+            weight's dtype (``"weight"``, HunYuan), or in the
             model dtype then cast to float32 (``"model_float"``, Granite).
         weights_dtype: ``"float32"``, ``"logits"`` (cast to the logits' dtype) or ``"input"`` (to the hidden
             states' dtype).

@@ -29,7 +29,7 @@ import triton
 from ..kernels import moe as _mk
 from ..kernels import permute as _pk
 from ..kernels import routing as _rk
-from . import dispatch, reference
+from . import _autocast, dispatch, reference
 
 Tensor = torch.Tensor
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -138,6 +138,8 @@ def _route_backward(ctx, dweights_TK, _dids):
 
 
 topk_route_fwd.register_autograd(_route_backward, setup_context=_route_setup_context)
+# under torch.autocast, scores in fp32 (autocast's softmax policy, as every HF router scores): logits upcast
+_autocast.register("desmoe::topk_route_fwd", ("logits_TE", "bias_E"), policy="float32")
 
 
 def topk_route(
@@ -459,6 +461,9 @@ def _experts_backward(ctx, dout_TD, *_unused):
 
 
 moe_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+# bf16 compute under torch.autocast over fp32 masters: the GEMM operands take the region's dtype (so the kernels
+# never take the IEEE-fp32 path in an autocast run); routing weights stay as given
+_autocast.register("desmoe::moe_experts_fwd", ("x_TD", "w_gate_up_E2ID", "w_down_EDI"))
 
 
 # --- coarse shapes: torch._grouped_mm GEMMs inside desmoe's metadata, gather/scatter, combine and masks --------
@@ -546,6 +551,9 @@ def moe_experts_grouped_mm(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
+    # an autograd.Function has no Autocast kernel: the same rule as the custom ops, applied at its entry (the casts
+    # are autograd ops, so the fp32 masters get fp32 gradients)
+    x_TD, w_gate_up_E2ID, w_down_EDI = _autocast.cast_operands(x_TD, w_gate_up_E2ID, w_down_EDI)
     return _GroupedMMExperts.apply(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
                                    expert_trainable_E, pair_trainable_TK)
 
@@ -561,14 +569,16 @@ def moe_experts(
     x / weights of one dtype among float32, float16, bfloat16; anything else (float64, mixed dtypes) takes
     the reference path.
     """
-    if x_TD.dtype not in _KERNEL_DTYPES or w_gate_up_E2ID.dtype != x_TD.dtype or w_down_EDI.dtype != x_TD.dtype:
+    # the dtypes the op computes in: the autocast region's where one is active (its Autocast kernel casts)
+    dt, dt_gu, dt_dn = (_autocast.compute_dtype(t) for t in (x_TD, w_gate_up_E2ID, w_down_EDI))
+    if dt not in _KERNEL_DTYPES or dt_gu != dt or dt_dn != dt:
         return reference.moe_experts_reference(
             x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation="silu",
             expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
         )
     T, D = x_TD.shape
     E, I2, _ = w_gate_up_E2ID.shape
-    engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, x_TD.dtype)
+    engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, dt)
     if engine == "grouped_mm":
         return moe_experts_grouped_mm(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
                                       expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK)

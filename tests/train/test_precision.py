@@ -17,6 +17,8 @@ def test_bf16_autocast_over_fp32_master_weights_keeps_small_updates():
     mixed = lr_updates("bfloat16", False)
     assert mixed["bf16"] and mixed["param_dtype"] == torch.float32 and mixed["state_dtypes"] == {torch.float32}
     assert not mixed["warnings"]
+    # the experts ran in bf16 (the op's own autocast rule), not fp32 under an autocast that never reached them
+    assert mixed["experts_operand_dtypes"] == ["bfloat16"] and r["experts_operand_dtypes"] == ["float32"]
     c, c_ref = compare(mixed["delta"], ref), compare(ref, ref)
     assert c["cosine"] > 0.97 and c["rel_err"] < 0.3, c
     assert c["changed"] == pytest.approx(c_ref["changed"], abs=0.01)
