@@ -192,3 +192,52 @@ def test_compiled_model_step_under_autocast_equals_eager():
     assert a.dtype == BF16 and torch.equal(a, b)
     a.float().sum().backward()
     assert w1.grad.dtype == torch.float32
+
+
+class _LaunchSpy:
+    """Wraps a Triton kernel: records (first operand's dtype, IEEE constexpr) of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            self.seen.append((args[0].dtype, args[1].dtype, kwargs.get("IEEE")))
+            return launch(*args, **kwargs)
+
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["triton", "grouped_mm"])
+def test_gpu_triton_kernels_get_bf16_and_never_ieee_under_autocast(monkeypatch, engine):
+    # fp32 masters under torch.autocast(bf16) on CUDA: the kernels receive bf16 x and weights and run tensor-core
+    # tl.dot (IEEE=False), forward and backward; both GEMM engines of the Triton backend
+    from desmoe.ops import triton_ops
+
+    monkeypatch.setenv("DESMOE_EXPERTS_GEMM", engine)
+    spies = {}
+    for name in ("up_swiglu_kernel", "down_kernel"):
+        spies[name] = _LaunchSpy(getattr(triton_ops._mk, name))
+        monkeypatch.setattr(triton_ops._mk, name, spies[name])
+    x, w1, w2, ids, wts = (t.cuda() for t in _experts_inputs(T=512, D=256, I=128, E=8, K=2))
+    x, w1, w2 = (t.detach().requires_grad_() for t in (x, w1, w2))
+    rec = OpInputs()
+    with torch.autocast("cuda", dtype=BF16), rec:
+        out = ops.moe_experts(x, w1, w2, ids, wts, backend="triton")
+    assert out.dtype == BF16
+    out.float().square().sum().backward()
+    assert w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    if engine == "triton":
+        assert rec.dtypes("desmoe.moe_experts_fwd")[0][:3] == [BF16] * 3
+        seen = spies["up_swiglu_kernel"].seen + spies["down_kernel"].seen
+        assert seen and all(a == BF16 and b == BF16 and ieee is False for a, b, ieee in seen), seen
+    # parity with the same op on explicit bf16 operands
+    ref = ops.moe_experts(x.detach().to(BF16), w1.detach().to(BF16), w2.detach().to(BF16), ids, wts,
+                          backend="triton")
+    torch.testing.assert_close(out, ref)
