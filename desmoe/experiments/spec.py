@@ -2,6 +2,7 @@
 domains, the LR grid, seeds, the methods of each experiment. Validated on load; errors name the key."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -73,8 +74,9 @@ class ExperimentSpec:
         if isinstance(self.steps_per_domain, bool) or not isinstance(self.steps_per_domain, int) or self.steps_per_domain < 1:
             raise ValueError(f"{s}: steps_per_domain must be an int >= 1, got {self.steps_per_domain!r}")
         if (not isinstance(self.lrs, list) or not self.lrs or len(set(self.lrs)) != len(self.lrs)
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in self.lrs)):
-            raise ValueError(f"{s}: lrs must be a non-empty list of distinct numbers > 0, got {self.lrs!r}")
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
+                       for x in self.lrs)):
+            raise ValueError(f"{s}: lrs must be a non-empty list of distinct finite numbers > 0, got {self.lrs!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"{s}: seeds must be an int >= 1, got {self.seeds!r}")
         if isinstance(self.math_n, bool) or not isinstance(self.math_n, int) or self.math_n < 0:

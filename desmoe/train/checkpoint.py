@@ -146,10 +146,11 @@ def _files(root: str) -> list[str]:
 
 
 def save_config(run_dir: str, cfg_dict: dict) -> None:
-    import yaml
+    """``config.yaml``; strings that read as floats (a name ``1e5``) are quoted, so it loads back unchanged."""
+    from . import yamlio
 
     os.makedirs(run_dir, exist_ok=True)
-    _write_text_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
+    _write_text_atomic(os.path.join(run_dir, "config.yaml"), yamlio.dump(cfg_dict, sort_keys=False))
 
 
 # --- RNG ----------------------------------------------------------------------------------------------------------

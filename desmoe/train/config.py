@@ -107,7 +107,11 @@ def check_field_types(section: str, cls, values: dict) -> None:
         if not ok and f"{section}.{k}" in _EXPECT:
             _bad(f"{section}.{k}", _EXPECT[f"{section}.{k}"], v)
         if not ok:
-            _bad(f"{section}.{k}", " or ".join(names.get(getattr(t, "__name__", str(t)), str(t)) for t in kinds), v)
+            expected = " or ".join(names.get(getattr(t, "__name__", str(t)), str(t)) for t in kinds)
+            if str in kinds and isinstance(v, (bool, int, float)):  # a name like 1e5 or yes, read as a number/bool
+                raise ValueError(f"{section}.{k} must be {expected}, got {v!r} (YAML read the value as a "
+                                 f"{type(v).__name__}; quote text that looks like a number or boolean)")
+            _bad(f"{section}.{k}", expected, v)
         if isinstance(v, int) and not isinstance(v, bool) and f"{section}.{k}" in INT_BOUNDS:
             _int(f"{section}.{k}", v)
 
@@ -387,8 +391,11 @@ def config_from_dict(d: dict, *, source: str = "config") -> Config:
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` (value parsed as YAML) to the nested dict ``d`` in place; returns it."""
+    """Apply ``section.key=value`` (value parsed as YAML, as :func:`read_yaml` reads a file: ``1e-5`` is a float)
+    to the nested dict ``d`` in place; returns it."""
     import yaml
+
+    from . import yamlio
 
     for item in overrides or []:
         if "=" not in item:
@@ -403,19 +410,25 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ValueError(f"--set {key}: {p!r} is not a section")
             cur = nxt
-        cur[parts[-1]] = yaml.safe_load(val)
+        try:
+            cur[parts[-1]] = yamlio.load(val)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {key}: {val!r} is not a valid YAML value: {e}") from None
     return d
 
 
 def read_yaml(path: str, what: str = "config file"):
-    """The YAML document at ``path`` (``{}`` when empty); ``what`` names the file in the errors."""
+    """The YAML document at ``path`` (``{}`` when empty); ``what`` names the file in the errors. Floats as
+    YAML 1.2 and Python write them (``1e-5``, ``1E+3``, ``.5``: :mod:`desmoe.train.yamlio`)."""
     import yaml
+
+    from . import yamlio
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path!r}")
     with open(path) as f:
         try:
-            return yaml.safe_load(f) or {}
+            return yamlio.load(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{what} {path!r} is not valid YAML: {e}") from None
 
