@@ -23,7 +23,8 @@ class MethodConfig:
     domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed
     expert) or ``union`` (any expert some domain owns).
     shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
-    gate) train ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
+    gate, Granite-shared and HunYuan ``shared_mlp``: per family in :mod:`desmoe.integrations.families`) train
+    ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
     ``always`` or ``never`` (``train``/``frozen`` are accepted as the old names of always/never).
     train_attention/train_embeddings/train_other: unfreeze attention, embeddings + LM head, everything else
     (norms, dense MLPs) in the DES-MoE variants. esft_p: ESFT's top-p; esft_tokens: tokens scored per

@@ -126,9 +126,10 @@ def phase_table_markdown(cfg: "MethodConfig | None" = None, total_steps: int = 1
             cells = [(m.expert_scope(phase) if k == "experts" else "✓") if k in kinds else "–" for k, _ in _KIND_COLUMNS]
             rows.append(f"| `{name}` | {phase} [{a / total_steps:g}T, {b / total_steps:g}T) | " + " | ".join(cells) + " |")
     rows.append("")
-    rows.append("¹ Families with shared experts (parameter names containing `shared_expert`: DeepSeek-V2/V3 "
-                "`shared_experts`, Qwen2-MoE `shared_expert` + `shared_expert_gate`, and the other DeepSeek-style "
-                "families); families without them (Mixtral, Qwen3-MoE, OLMoE, ...) have nothing in this column. "
+    from ..integrations.families import shared_expert_footnote
+
+    rows.append("¹ Shared experts: the parameters under the modules each family names "
+                f"(`desmoe.integrations.families`): {shared_expert_footnote()} (nothing in this column). "
                 f"Shown for `method.shared_experts: {base.shared_experts}`; `always` / `never` put ✓ / – in every "
                 "phase of the DES variants.")
     return "\n".join(rows)

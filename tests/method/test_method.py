@@ -303,19 +303,24 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.parametrize("mode,mt", [("until_consolidation", "deepseek_v2"), ("always", "qwen2_moe"),
-                                     ("never", "deepseek_v2"), ("until_consolidation", "qwen2_moe")])
+                                     ("never", "deepseek_v2"), ("until_consolidation", "qwen2_moe"),
+                                     ("until_consolidation", "granitemoeshared"),
+                                     ("until_consolidation", "hunyuan_v1_moe")])
 def test_shared_experts_mode(mode, mt):
-    """Shared experts (and Qwen2-MoE's shared-expert gate) train before consolidation unless ``never``, and in
-    consolidation only with ``always`` (the paper: consolidation updates masked routed experts only)."""
+    """Shared experts (and Qwen2-MoE's shared-expert gate; Granite-shared's and HunYuan's ``shared_mlp``) train
+    in warm-up and stabilisation unless ``never``, and in consolidation only with ``always`` (the paper:
+    consolidation updates masked routed experts only)."""
     m = _model(mt)
     ctl = MethodController(m, MethodConfig(name="des_moe", shared_experts=mode), 10, ["a", "b"])
     opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-2)
     shared = {n for n, k in ctl.kinds.items() if k == "shared_experts"}
     assert shared and (mt != "qwen2_moe" or any("shared_expert_gate" in n for n in shared))
-    for step in (0, 7):  # warm-up, consolidation
+    assert all(".shared_mlp." in n for n in shared) == (mt in ("granitemoeshared", "hunyuan_v1_moe"))
+    for step, phase in ((0, "warmup"), (3, "stabilization"), (7, "consolidation")):
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         _step(ctl, m, opt, step, _batch(seed=step))
         moved = _changed(before, m) & shared
+        assert ctl.current_phase == phase
         want = mode == "always" or (mode == "until_consolidation" and ctl.current_phase != "consolidation")
         assert (moved == shared) if want else not moved, (step, ctl.current_phase, moved)
     assert MethodConfig(shared_experts="train").shared_experts == "always"  # old names still accepted
