@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,38 @@ import torch.nn.functional as F
 from . import ops
 from .ops import reference
 from .ops.spec import RouterSpec  # noqa: F401  (re-exported: desmoe.layers.RouterSpec)
+
+
+class RouterAddedLoss:
+    """A loss a method adds inside every router's forward (DES-MoE's KD), held from a forward through its backward.
+
+    ``loss_fn(teacher_logits_TE, student_logits_TE) -> float32 scalar`` (both on the router's detached input).
+    Each router's term is attached to the autograd graph inside the router (:class:`_AddLossInBackward`), the way
+    DeepSeek-MoE attaches its auxiliary loss, so its gradient reaches the ALR even when activation checkpointing
+    replays the layer inside the backward (reentrant: the first forward builds no graph at all). The term's
+    gradient weight ``grad_weight`` (a 0-d tensor) is written in place before the backward reaches the routers
+    (by a hook on the combined loss, :meth:`desmoe.method.MethodController.combine`). ``values`` keeps each
+    router's term of the first forward (detached), keyed by ``id(router)``: a replay leaves it as it is.
+    """
+
+    def __init__(self, loss_fn, device):
+        self.loss_fn = loss_fn
+        self.grad_weight = torch.zeros((), dtype=torch.float32, device=device)
+        self.values: dict[int, torch.Tensor] = {}
+
+
+class _AddLossInBackward(torch.autograd.Function):
+    """Identity on ``x``; in the backward, ``loss`` receives the gradient ``weight`` (a 0-d tensor read then)."""
+
+    @staticmethod
+    def forward(ctx, x, loss, weight):
+        ctx.weight, ctx.loss_meta = weight, (loss.dtype, loss.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        dtype, device = ctx.loss_meta
+        return grad_x, ctx.weight.detach().to(device=device, dtype=dtype, copy=True), None
 
 
 class TopKRouter(nn.Module):
@@ -28,11 +62,12 @@ class TopKRouter(nn.Module):
 
     Attributes set by the method layer (all optional):
         residual: module mapping ``x_TD -> delta_logits_TE`` added to the pretrained logits (ALR).
-        record: when True (or ``"kd"``), ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
-            "topk_weights_TK", "kd_student_logits_TE"}`` of the latest forward for KD and routing statistics;
-            ``x_TD`` and ``base_logits_TE`` are detached, ``logits_TE`` keeps its graph (the pretraining
-            load-balancing loss); with ``"kd"`` and a residual, ``kd_student_logits_TE`` is
-            ``base_logits.detach() + residual(x.detach())`` (else None).
+        record: when True, ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
+            "topk_weights_TK"}`` of the latest forward for routing statistics; ``x_TD`` and ``base_logits_TE`` are
+            detached, ``logits_TE`` keeps its graph (the pretraining load-balancing loss). Recording adds no
+            computation, so a forward replayed by activation checkpointing saves the same tensors either way.
+        added_loss: a :class:`RouterAddedLoss` (DES-MoE's KD): with a residual, each forward computes its term on
+            the student ``base_logits.detach() + residual(x.detach())`` and attaches it to the graph here.
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
@@ -59,6 +94,7 @@ class TopKRouter(nn.Module):
         self.residual: nn.Module | None = None
         self.record = False
         self.last: dict | None = None
+        self.added_loss: RouterAddedLoss | None = None
 
     def __getattr__(self, name: str):
         if name == "weight" and self.__dict__.get("weight_path", "weight") != "weight":
@@ -101,12 +137,17 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK.to(logits_TE.dtype)
         elif s.weights_dtype == "input":
             weights_TK = weights_TK.to(hidden_states.dtype)
+        added = self.added_loss
+        if added is not None and self.residual is not None:
+            # the ALR student on the detached input, inside this forward (under FSDP2 the ALR's parameters are
+            # only gathered here), so the added loss reaches the ALR only
+            student_TE = base_TE.detach() + self.residual(x_TD.detach()).to(base_TE.dtype)
+            term = added.loss_fn(base_TE.detach(), student_TE)
+            added.values.setdefault(id(self), term.detach())  # the first forward's; a replay computes the same
+            if torch.is_grad_enabled() and term.requires_grad:
+                weights_TK = _AddLossInBackward.apply(weights_TK, term, added.grad_weight)
         if self.record:
-            # record == "kd": the ALR student for KD on the detached input, inside this forward (under FSDP2 the
-            # ALR's parameters are only gathered here), so KD reaches the ALR only
-            kd_TE = (base_TE.detach() + self.residual(x_TD.detach()).to(base_TE.dtype)
-                     if self.record == "kd" and self.residual is not None else None)
-            self.last = {"kd_student_logits_TE": kd_TE, "x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
+            self.last = {"x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
                          "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
         if self.index_first:
             return ids_TK, weights_TK, logits_TE
@@ -132,6 +173,15 @@ def activation_name(hidden_act: str) -> str:
         ) from None
 
 
+@dataclass(frozen=True, eq=False)
+class ExpertMasks:
+    """The DES-MoE gradient masks one experts module applies in its backward (see :func:`set_expert_masks`)."""
+
+    expert_trainable_E: torch.Tensor | None = None
+    token_domains_T: torch.Tensor | None = None
+    domain_expert_mask_ME: torch.Tensor | None = None
+
+
 def set_expert_masks(
     experts: nn.Module,
     *,
@@ -139,15 +189,25 @@ def set_expert_masks(
     token_domains_T: torch.Tensor | None = None,
     domain_expert_mask_ME: torch.Tensor | None = None,
 ) -> None:
-    """Set (or clear, with ``None``) the DES-MoE gradient masks an experts module applies in its backward.
+    """Set (or clear, with all ``None``) the DES-MoE gradient masks an experts module applies in its backward.
 
     ``expert_trainable_E``: experts with False get no weight gradient. ``token_domains_T`` (int, one per
     flattened token of the next forward) with ``domain_expert_mask_ME`` (bool [M, E]): a (token, expert) pair
     updates that expert only if the token's domain owns it (per-token masking for mixed-domain batches).
+
+    The masks stay until replaced or cleared, so a forward that activation checkpointing replays inside the
+    backward applies the same masks (:meth:`desmoe.method.MethodController.applied` sets them per micro-batch and
+    clears them before the optimizer step). A forward without gradients ignores them: they act on gradients only.
     """
-    experts.desmoe_expert_trainable_E = expert_trainable_E
-    experts.desmoe_token_domains_T = token_domains_T
-    experts.desmoe_domain_expert_mask_ME = domain_expert_mask_ME
+    if token_domains_T is not None and domain_expert_mask_ME is None:
+        raise ValueError("token_domains_T needs domain_expert_mask_ME (bool [M, E])")
+    given = (expert_trainable_E, token_domains_T, domain_expert_mask_ME)
+    experts.desmoe_masks = None if all(t is None for t in given) else ExpertMasks(*given)
+
+
+def expert_masks(experts: nn.Module) -> ExpertMasks | None:
+    """The masks set on ``experts`` (None: none)."""
+    return experts.__dict__.get("desmoe_masks")
 
 
 def pair_trainable_from_domains(
@@ -170,12 +230,14 @@ def desmoe_experts_forward(
     activation = getattr(self, "_desmoe_activation", None)
     if activation is None:
         activation = activation_name(getattr(self.config, "hidden_act", "silu"))
-    pair_TK = None
-    domains_T = getattr(self, "desmoe_token_domains_T", None)
-    if domains_T is not None:
-        pair_TK = pair_trainable_from_domains(domains_T, top_k_index, self.desmoe_domain_expert_mask_ME)
+    masks = expert_masks(self) if torch.is_grad_enabled() else None  # masks act on gradients only
+    trainable_E = pair_TK = None
+    if masks is not None:
+        trainable_E = masks.expert_trainable_E
+        if masks.token_domains_T is not None:
+            pair_TK = pair_trainable_from_domains(masks.token_domains_T, top_k_index, masks.domain_expert_mask_ME)
     return ops.moe_experts(
         hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights,
-        activation=activation, expert_trainable_E=getattr(self, "desmoe_expert_trainable_E", None),
+        activation=activation, expert_trainable_E=trainable_E,
         pair_trainable_TK=pair_TK, backend=getattr(self, "_desmoe_backend", None), validate_ids=False,
     )

@@ -51,12 +51,15 @@ def detach_alr(routers) -> None:
 
 
 def kd_loss(teacher_logits_TE: torch.Tensor, student_logits_TE: torch.Tensor, tau: float = 0.7,
-            valid_T: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(softmax(teacher/tau) || softmax(student/tau))`` averaged over valid tokens (float32 scalar).
+            valid_T: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """``KL(softmax(teacher/tau) || softmax(student/tau))`` averaged (``reduction="mean"``) or summed (``"sum"``)
+    over valid tokens (float32 scalar).
 
     The teacher is detached (the frozen pretrained router). ``valid_T`` (bool) drops padding tokens; with no
     valid token the loss is an exact 0 that still carries the student's graph.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if teacher_logits_TE.shape != student_logits_TE.shape:
@@ -66,9 +69,10 @@ def kd_loss(teacher_logits_TE: torch.Tensor, student_logits_TE: torch.Tensor, ta
     log_q_TE = F.log_softmax(student_logits_TE.float() / tau, dim=-1)
     kl_T = (log_p_TE.exp() * (log_p_TE - log_q_TE)).sum(-1)
     if valid_T is None:
-        return kl_T.mean()
+        return kl_T.mean() if reduction == "mean" else kl_T.sum()
     w_T = valid_T.to(kl_T.dtype).reshape(-1)
-    return (kl_T * w_T).sum() / w_T.sum().clamp(min=1.0)
+    total = (kl_T * w_T).sum()
+    return total / w_T.sum().clamp(min=1.0) if reduction == "mean" else total
 
 
 def lambda_at(alpha: float, *, schedule: str = "linear", lambda_max: float = 0.5, end: float = 0.7,

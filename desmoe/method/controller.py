@@ -4,11 +4,12 @@ The training loop calls, per optimizer step::
 
     ctl.begin_step(step)                        # the method's phase -> requires_grad; λ of this step
     for micro-batch:
-        with ctl.applied(domain_ids_T) as fwd:  # this step's expert masks on the experts modules
+        with ctl.applied(domain_ids_T) as fwd:  # this micro-batch's expert masks and router loss (KD)
             out = model(...)
-        loss = ctl.combine(task, fwd.added_loss)  # λ·added + (1-λ)·task; masks gone, statistics recorded
-        loss.backward()
-    ctl.before_optimizer_step(optimizer)        # masked experts: zero grads + optimizer-state rows; expert decay
+        loss = ctl.combine(task, fwd.added_loss)  # λ·added + (1-λ)·task; statistics recorded
+        loss.backward()                         # masks still held: activation checkpointing replays see them
+    ctl.before_optimizer_step(optimizer)        # releases the masks; masked experts: zero grads + optimizer-state
+                                                # rows; expert decay
     optimizer.step()                            # (optimizer built from ctl.param_groups(weight_decay))
     ctl.end_step(step)                          # the method's update after the step (DES-MoE: A and masks)
 
@@ -26,7 +27,7 @@ import torch.nn as nn
 from .. import ops
 from ..integrations.families import param_names
 from ..integrations.hf import moe_blocks
-from ..layers import set_expert_masks
+from ..layers import RouterAddedLoss, set_expert_masks
 from .alr import attach_alr
 from .config import MethodConfig
 from .dges import AffinityTracker
@@ -67,7 +68,8 @@ def local_rows(t: torch.Tensor, rows_E: torch.Tensor) -> tuple[torch.Tensor, tor
 
 @dataclass
 class Forward:
-    """What :meth:`MethodController.applied` leaves after its scope: the loss the method adds (or None)."""
+    """What :meth:`MethodController.applied` leaves after its scope: the value of the loss the method adds (or
+    None), detached: its gradient enters inside the routers (see :meth:`MethodController.combine`)."""
 
     added_loss: torch.Tensor | None = None
 
@@ -100,6 +102,7 @@ class MethodController:
         self.kinds = classify_parameters(model)
         self.last_lambda = 0.0
         self.data_tokens_M: list[int] | None = None  # training tokens per domain (caps ESFT's scoring budget)
+        self._added: tuple[RouterAddedLoss, torch.Tensor] | None = None  # this micro-batch's router loss, scale
 
     # --- phases and trainable parameters ----------------------------------------------------------------
     def phase(self, step: int) -> str:
@@ -118,6 +121,7 @@ class MethodController:
         return self.method.expert_trainable_LE(self)
 
     def begin_step(self, step: int) -> str:
+        self.release()
         phase = self.phase(step)
         if phase != self.current_phase:
             self.apply_phase(phase)
@@ -130,9 +134,8 @@ class MethodController:
         """Within the scope the routers record their forward; afterwards the yielded list holds one record per
         layer (empty if a forward did not complete) and the routers hold nothing."""
         records: list[dict] = []
-        kd = bool(self.alr) and self.last_lambda > 0.0  # the routers also compute the KD student (ALR runs)
         for r in self.routers:
-            r.record = "kd" if kd else True
+            r.record = True
         try:
             yield records
         finally:
@@ -144,9 +147,15 @@ class MethodController:
 
     @contextlib.contextmanager
     def applied(self, domain_ids_T: torch.Tensor):
-        """This step's expert gradient masks for one forward of the tokens ``domain_ids_T`` (flattened B*S, -1 on
-        padding). On exit nothing of them stays on the modules; the routing statistics are recorded and the
-        yielded :class:`Forward` holds the method's added loss."""
+        """This step's expert gradient masks and the method's router loss for one forward of the tokens
+        ``domain_ids_T`` (flattened B*S, -1 on padding). The routing statistics are recorded once, from this
+        forward, and the yielded :class:`Forward` holds the value of the method's added loss.
+
+        The masks and the router loss stay on the modules after the scope, through the backward, so that a layer
+        that activation checkpointing replays inside the backward computes exactly what the forward did (and
+        saves the same tensors); the next ``applied``, :meth:`before_optimizer_step`, :meth:`begin_step` or
+        :meth:`release` removes them. Forwards without gradients ignore the masks."""
+        self.release()  # the previous micro-batch's (its backward is done)
         out = Forward()
         trainable_LE = self.expert_trainable_LE()
         masks_LME = self.method.token_masks_LME(self)
@@ -155,31 +164,59 @@ class MethodController:
             # for the masks only, domain -1 (unknown) tokens become domain M, whose mask is the union over domains
             masks_LME = torch.cat([masks_LME, masks_LME.any(1, keepdim=True)], dim=1)
             mask_domains_T = torch.where(domain_ids_T < 0, masks_LME.shape[1] - 1, domain_ids_T)
-        added = []
         for l, ex in enumerate(self.experts):
-            before = set(vars(ex))
             set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
                              **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
                                                               "domain_expert_mask_ME": masks_LME[l]}))
-            added.append(set(vars(ex)) - before)
+        spec = self.method.router_loss(self, domain_ids_T, self.current_phase)
+        added = None
+        if spec is not None:
+            added = RouterAddedLoss(spec[0], self.routers[0].weight.device)
+            for r in self.routers:
+                r.added_loss = added
+            self._added = (added, spec[1])
         try:
             with self.recording() as records:
                 yield out
-        finally:
-            for ex, names in zip(self.experts, added):
-                for n in names:
-                    delattr(ex, n)
+        except BaseException:
+            self.release()
+            raise
         if records:
             ids_LTK = torch.stack([x["topk_ids_TK"] for x in records])
             self.tracker.observe(ids_LTK, domain_ids_T.to(ids_LTK.device))
-            out.added_loss = self.method.added_loss(self, records, domain_ids_T, self.current_phase)
+        if added is not None and len(added.values) == len(self.routers):
+            dev = self.routers[0].weight.device
+            out.added_loss = (spec[1] * sum(v.to(dev).double() for v in added.values.values())).float()
 
-    def combine(self, task_loss: torch.Tensor, added: torch.Tensor | None) -> torch.Tensor:
-        """``λ·added + (1-λ)·task`` (task alone when the method adds nothing)."""
+    def release(self) -> None:
+        """Remove the current micro-batch's masks and router loss from the modules (after its backward)."""
+        for ex in self.experts:
+            set_expert_masks(ex)
+        for r in self.routers:
+            r.added_loss = None
+        self._added = None
+
+    def combine(self, task_loss: torch.Tensor, added: torch.Tensor | None, added_scale=1.0) -> torch.Tensor:
+        """``λ·added_scale·added + (1-λ)·task`` (task alone when the method adds nothing).
+
+        ``added`` is :attr:`Forward.added_loss`, a value: the added loss's gradient enters inside the routers,
+        where each router attached its term to the graph. A hook on the returned loss, which the backward reaches
+        before any router, hands them their gradient weight: ``d(final loss)/d(returned loss) · λ · added_scale ·
+        scale``, so whatever the caller does to the returned loss (divide by the accumulation steps, add an aux
+        loss) applies to the added term as to the task term."""
         if added is None:
             return task_loss
         lam = self.last_lambda
-        return lam * added + (1.0 - lam) * task_loss
+        loss = lam * added_scale * added.to(task_loss.device) + (1.0 - lam) * task_loss
+        cur = self._added
+        if cur is not None and loss.requires_grad:
+            weight, scale = cur[0].grad_weight, cur[1]
+
+            def _hand_weight(grad):
+                weight.copy_(grad.detach().double() * (lam * added_scale) * scale.to(grad.device))
+
+            loss.register_hook(_hand_weight)
+        return loss
 
     # --- around the optimizer ---------------------------------------------------------------------------
     def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
@@ -204,6 +241,7 @@ class MethodController:
         optimizer state. With zero grad and zero Adam moments the Adam update of those rows is exactly 0;
         decoupled weight decay on experts is applied by :meth:`apply_expert_weight_decay_` to trainable rows
         only. No weight copies are made. Under FSDP2 all of it happens on each rank's local shard."""
+        self.release()  # the step's backward is done
         trainable_LE = self.expert_trainable_LE()
         if trainable_LE is not None:
             for l, ex in enumerate(self.experts):

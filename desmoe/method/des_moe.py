@@ -79,22 +79,24 @@ class DesMoE(Method):
         return lambda_at(step / self.T, schedule=c.lambda_schedule, lambda_max=c.lambda_max,
                          end=max(end, 1e-9), decay_rate=c.lambda_decay_rate)
 
-    def added_loss(self, ctl, records, domain_ids_T, phase) -> torch.Tensor | None:
+    def router_loss(self, ctl, domain_ids_T, phase):
         """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains.
 
-        The student is computed (by the routers, in their forward) on the *detached* router input, ``base(x.detach()) + ALR(x.detach())``, so the
-        KD term reaches the ALR only: no expert, attention, embedding or earlier-layer parameter gets a KD
-        gradient (the routing forward itself, and so the task loss, is unchanged)."""
+        Each router adds ``Σ_valid tokens KL(softmax(base/τ) || softmax(student/τ))`` computed in its own forward
+        on its *detached* input, ``student = base(x.detach()) + ALR(x.detach())``, so the KD term reaches the ALR
+        only: no expert, attention, embedding or earlier-layer parameter gets a KD gradient (the routing forward
+        itself, and so the task loss, is unchanged). ``scale`` turns the sum over layers into the per-token mean
+        averaged over layers."""
         if not self.uses_alr or phase == "consolidation" or ctl.last_lambda == 0.0:
             return None
         valid_T = domain_ids_T >= 0
-        losses = []
-        for router, r in zip(ctl.routers, records):
-            base_TE, student_TE = r["base_logits_TE"].detach(), r.get("kd_student_logits_TE")
-            if student_TE is None:  # recorded without "kd": recompute (weight frozen, so base(x.detach()) = base)
-                student_TE = base_TE + router.residual(r["x_TD"].detach()).to(base_TE.dtype)
-            losses.append(kd_loss(base_TE, student_TE, self.cfg.tau, valid_T.to(base_TE.device)))
-        return torch.stack(losses).mean()
+        tau = self.cfg.tau
+
+        def loss_fn(teacher_TE, student_TE):
+            return kd_loss(teacher_TE, student_TE, tau, valid_T.to(teacher_TE.device), reduction="sum")
+
+        scale = 1.0 / (len(ctl.routers) * valid_T.sum().clamp(min=1).double())
+        return loss_fn, scale
 
     def end_step(self, ctl, step: int) -> bool:
         """A at the end of warm-up (rownorm of the warm-up counts), then an EMA refresh every ``update_every``

@@ -107,6 +107,25 @@ def build_model(cfg: Config, vocab_size: int, tokenizer=None):
     return model.train()
 
 
+def enable_activation_checkpointing(model, every_n: int, reentrant: bool = False) -> None:
+    """transformers' activation checkpointing on every ``every_n``-th decoder layer (0: leave it as it is),
+    ``use_reentrant=reentrant``. The method's per-forward state (masks, the KD term) holds across the backward's
+    replay of a layer (:meth:`desmoe.method.MethodController.applied`)."""
+    if not every_n:
+        return
+    kwargs = {"use_reentrant": bool(reentrant)}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if every_n > 1:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for i, m in enumerate(layers):
+                m.gradient_checkpointing = i % every_n == 0
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:

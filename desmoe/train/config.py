@@ -280,7 +280,9 @@ class TrainConfig:
     also evaluates it every that many steps and after the last (``val/<domain>``, ``val/avg``, ``val/general`` in
     that step's ``history.jsonl`` row; not counted in training time). ``eval_cache``: a directory where the
     evaluations before training of a run starting from ``model.path`` are kept and reused (see
-    :mod:`desmoe.train.evalcache`)."""
+    :mod:`desmoe.train.evalcache`). ``activation_checkpointing``: 0 off, ``n`` recomputes every n-th decoder
+    layer's activations in the backward (1: every layer) through transformers' activation checkpointing,
+    non-reentrant unless ``activation_checkpointing_reentrant``."""
 
     max_steps: int = 100
     lr: float = 1e-3
@@ -308,6 +310,8 @@ class TrainConfig:
     val_batches: int = 0
     val_every: int = 0
     eval_cache: str | None = None
+    activation_checkpointing: int = 0
+    activation_checkpointing_reentrant: bool = False
 
     def __post_init__(self):
         check_field_types("train", TrainConfig, vars(self))
@@ -338,6 +342,9 @@ class TrainConfig:
             _bad("train.distributed", f"one of {DISTRIBUTED}", self.distributed)
         if not isinstance(self.aux_loss, bool):
             _bad("train.aux_loss", "true or false", self.aux_loss)
+        _int("train.activation_checkpointing", self.activation_checkpointing, 0)
+        if not isinstance(self.activation_checkpointing_reentrant, bool):
+            _bad("train.activation_checkpointing_reentrant", "true or false", self.activation_checkpointing_reentrant)
         _int("train.val_batches", self.val_batches, 0)
         _int("train.val_every", self.val_every, 0)
         if self.val_every and not self.val_batches:

@@ -87,6 +87,14 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 yield {k: v[i] for k, v in b.items()}
 
 
+def _label_tokens(inputs) -> torch.Tensor:
+    """Tokens a causal LM's shifted loss counts in this micro-batch (labels after the first, not -100)."""
+    labels = inputs.get("labels")
+    if labels is None:
+        return torch.zeros((), dtype=torch.long)
+    return (labels[..., 1:] != -100).sum()
+
+
 class DesMoETrainer(Trainer):
     """``transformers.Trainer`` with DES-MoE (or a baseline): ALR + λ-weighted KD loss, A collection, per-token
     expert masks, phases. ``method``: a :class:`desmoe.method.MethodConfig` or a dict of its fields;
@@ -122,7 +130,7 @@ class DesMoETrainer(Trainer):
         self.desmoe = MethodController(model, method, targs.max_steps, list(domain_names))
         self.desmoe_aux_loss = aux_loss
         self.desmoe.apply_phase(self.desmoe.phase(0))
-        self._kd_sum, self._task_sum, self._n_loss = 0.0, 0.0, 0
+        self._kd_sum, self._task_sum, self._n_loss, self._task_n, self._kd_n = 0.0, 0.0, 0, 0.0, 0.0
         super().__init__(*args, **kwargs)
         self.desmoe_callback = DesMoECallback(self.desmoe)
         self.add_callback(self.desmoe_callback)
@@ -142,35 +150,69 @@ class DesMoETrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``λ·KD + (1-λ)·task``; ``inputs["domain_ids"]`` (LongTensor[B, S]) is consumed here."""
-        if "domain_ids" not in inputs:
-            raise ValueError("DesMoETrainer: every batch needs 'domain_ids' (LongTensor[B, S], -1 on padding); "
-                             "use desmoe.integrations.StreamDataset or add the column to your dataset")
+        """``λ·KD + (1-λ)·task``; ``inputs["domain_ids"]`` (LongTensor[B, S]) is consumed here.
+
+        Normalised as stock ``Trainer.compute_loss`` normalises: with ``num_items_in_batch`` (the step's label
+        tokens over all its micro-batches) the task loss is the model's sum over tokens divided by it, and so is
+        the KD term (its sum over this micro-batch's tokens, averaged over layers), so k accumulated micro-batches
+        give the gradients of the same rows in one batch. Evaluation (no gradients; rows with or without
+        ``domain_ids``) is a plain forward: no masks, no routing statistics, no KD."""
         inputs = dict(inputs)
-        dom_T = inputs.pop("domain_ids").reshape(-1)
+        dom = inputs.pop("domain_ids", None)
+        if not torch.is_grad_enabled():  # evaluate / predict run under no_grad
+            return self._evaluation_loss(model, inputs, dom, return_outputs, num_items_in_batch)
+        if dom is None:
+            raise ValueError("DesMoETrainer: every training batch needs 'domain_ids' (LongTensor[B, S], -1 on "
+                             "padding); use desmoe.train.StreamDataset or add the column to your dataset")
+        dom_T = dom.reshape(-1)
         ctl = self.desmoe
+        kwargs = dict(aux_kwargs(ctl.model, self.desmoe_aux_loss))
+        scaled = bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None
+        if scaled:
+            kwargs["num_items_in_batch"] = num_items_in_batch
         with ctl.applied(dom_T) as fwd:
-            outputs = model(**inputs, **aux_kwargs(ctl.model, self.desmoe_aux_loss))
+            outputs = model(**inputs, **kwargs)
         kd = fwd.added_loss
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         aux = model_aux_loss(ctl.model, outputs)
         if aux is not None and "labels" in inputs:  # HF added coef·aux to outputs.loss: keep it out of (1-λ)
             task = task - aux.to(task.dtype)
-        loss = ctl.combine(task, kd)
+        n_valid = (dom_T >= 0).sum()
+        n_labels = _label_tokens(inputs)
+        kd_scale = 1.0
+        if scaled and kd is not None:  # Σ KD over this micro-batch's tokens / the step's label tokens, like task
+            kd_scale = n_valid.to(kd.device, torch.float64) / torch.as_tensor(num_items_in_batch, device=kd.device,
+                                                                              dtype=torch.float64)
+        loss = ctl.combine(task, kd, added_scale=kd_scale)
         if aux is not None:
             loss = loss + aux
-        self._task_sum += float(task.detach())
-        self._kd_sum += float(kd.detach()) if kd is not None else 0.0
+        if scaled and getattr(self.args, "average_tokens_across_devices", False):
+            # as stock compute_loss: num_items_in_batch counted the tokens of every process
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
+        # logged as per-token means whatever the accumulation: token-weighted sums over the logging window
+        task_sum = float(task.detach()) * (float(num_items_in_batch) if scaled else float(n_labels))
+        self._task_sum += task_sum
+        self._task_n += float(n_labels)
+        if kd is not None:
+            self._kd_sum += float(kd) * float(n_valid)
+            self._kd_n += float(n_valid)
         self._n_loss += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _evaluation_loss(self, model, inputs, dom, return_outputs, num_items_in_batch):
+        """The model's own loss on rows with or without ``domain_ids`` (evaluate / predict)."""
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         """Adds phase, λ, task/KD loss and per-domain mask sizes to the Trainer's logs."""
         ctl = self.desmoe
         if "loss" in logs and self._n_loss:
-            logs["task_loss"] = self._task_sum / self._n_loss
-            logs["kd_loss"] = self._kd_sum / self._n_loss
-            self._kd_sum, self._task_sum, self._n_loss = 0.0, 0.0, 0
+            logs["task_loss"] = self._task_sum / max(self._task_n, 1.0)
+            logs["kd_loss"] = self._kd_sum / max(self._kd_n, 1.0)
+            self._kd_sum, self._task_sum, self._n_loss, self._task_n, self._kd_n = 0.0, 0.0, 0, 0.0, 0.0
             logs["desmoe_lambda"] = ctl.last_lambda
             logs["desmoe_phase"] = ctl.current_phase
             m = ctl.tracker.masks_LME

@@ -23,8 +23,8 @@ from ..eval import evaluate_model
 from ..method import MethodController
 from . import checkpoint as ck
 from . import rundir
-from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state, eval_kwargs, load_texts,
-                       lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
+from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state, enable_activation_checkpointing,
+                       eval_kwargs, load_texts, lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
 from .config import Config
 from .guards import NonFiniteLossError, TrainingInterrupted, diagnose_nonfinite
 from .loss import task_loss, to_device
@@ -122,6 +122,8 @@ class Trainer:
         self.ckpt = self._checkpoint_to_resume()
         self.runlog.start(self.cfg, self.device, self.dist.world, resumed=self.ckpt is not None)
         self._build_model_and_data()
+        t = self.cfg.train
+        enable_activation_checkpointing(self.model, t.activation_checkpointing, t.activation_checkpointing_reentrant)
         self.summary = {"method": self.cfg.method.name, "domains": self.domains, "total_steps": self.T,
                         "output_dir": os.path.abspath(self.out), "world_size": self.dist.world,
                         "distributed": self.cfg.train.distributed}
@@ -340,7 +342,7 @@ class Trainer:
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}
             if st.bad is None:
                 st.bad = next(((n, v, b) for n, v in terms.items() if v is not None and not math.isfinite(v)), None)
-            loss = ctl.combine(task * s_task, None if kd is None else kd * s_kd)  # λ·KD + (1-λ)·task
+            loss = ctl.combine(task * s_task, kd, added_scale=s_kd)  # λ·KD + (1-λ)·task
             if aux is not None:
                 loss = loss + aux
             if st.bad is None:

@@ -336,25 +336,37 @@ def test_readme_phase_table_is_generated_from_the_code():
     assert phase_table_markdown() in readme, "README's per-phase table is stale: paste phase_table_markdown()"
 
 
-def test_masks_are_a_scope_that_leaves_nothing_behind():
-    """Inside ``applied`` the experts modules carry this step's masks; afterwards they are exactly as before, the
-    routers hold no record, and the method's added loss (KD, in warm-up) is returned."""
+def test_masks_are_held_through_the_backward_and_released_before_the_optimizer_step():
+    """``applied`` puts this micro-batch's masks and router loss (KD) on the modules and leaves them there through
+    the backward (activation checkpointing replays layers inside it); the next ``applied``, the optimizer step
+    or ``release`` removes them. The routers hold no record after the scope, and the added loss is a value."""
+    from desmoe.layers import expert_masks
+
     m = _model()
     ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
-    ctl.begin_step(0)
-    before = [dict(vars(ex)) for ex in ctl.experts]
     b = _batch()
-    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
-        assert all(set(vars(ex)) > set(bv) for ex, bv in zip(ctl.experts, before))
+    ctl.begin_step(0)
+    with ctl.applied(b["domain_ids"].reshape(-1)):
         m(input_ids=b["input_ids"])
-    assert [set(vars(ex)) for ex in ctl.experts] == [set(bv) for bv in before]
+    ctl.tracker.finish_warmup()
+    ctl.begin_step(5)  # stabilisation: DGES masks, KD still on
+    assert ctl.current_phase == "stabilization" and ctl.last_lambda > 0
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
+    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+        assert all(expert_masks(ex) is not None for ex in ctl.experts)
+        out = m(input_ids=b["input_ids"], labels=b["labels"])
+    assert all(expert_masks(ex) is not None for ex in ctl.experts)  # held for the backward
+    assert all(r.added_loss is not None for r in ctl.routers)
     assert all(r.last is None and not r.record for r in ctl.routers)
-    assert fwd.added_loss is not None and fwd.added_loss.requires_grad
+    assert fwd.added_loss is not None and not fwd.added_loss.requires_grad and fwd.added_loss >= 0  # ALR starts at 0
     assert int(ctl.tracker.counts_LME.sum()) > 0
-    with pytest.raises(RuntimeError, match="boom"):  # a failing forward leaves nothing either
+    ctl.combine(out.loss, fwd.added_loss).backward()
+    ctl.before_optimizer_step(None)
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
+    with pytest.raises(RuntimeError, match="boom"):  # a failing forward leaves nothing
         with ctl.applied(b["domain_ids"].reshape(-1)):
             raise RuntimeError("boom")
-    assert [set(vars(ex)) for ex in ctl.experts] == [set(bv) for bv in before]
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
 
 
 def test_registry_names_every_method_and_refuses_clashes():
@@ -393,8 +405,8 @@ def test_kd_gradient_reaches_only_the_alr(mt):
         p.requires_grad_(True)
     b = _batch()
     with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
-        m(input_ids=b["input_ids"])
-    fwd.added_loss.backward()
+        out = m(input_ids=b["input_ids"], labels=b["labels"])
+    ctl.combine(out.loss * 0.0, fwd.added_loss).backward()  # the KD term's gradient alone
     kinds = ctl.kinds
     assert {"experts", "attention", "embeddings"} <= set(kinds.values())
     for n, p in m.named_parameters():
