@@ -84,20 +84,29 @@ def _is_hf_folder(path: str) -> bool:
 
 def _model_dir(path: str) -> str:
     """``path`` itself if it holds an HF ``config.json``; else its checkpoint's ``model/`` (run dirs resolve to
-    their latest checkpoint)."""
-    if not isinstance(path, str) or not path:
-        raise ExportError(f"path must be a non-empty str, got {path!r}")
-    if _is_hf_folder(path):
-        return path
+    their latest checkpoint). A desmoe checkpoint (also when ``path`` is its ``model/``) is verified against its
+    manifest, as ``desmoe eval`` does; every model folder's files are checked before transformers reads them
+    (:func:`desmoe.train.checkpoint.check_model_files`: safetensors only, whole JSON and headers)."""
     from .train import checkpoint as ck
 
+    if not isinstance(path, str) or not path:
+        raise ExportError(f"path must be a non-empty str, got {path!r}")
+    desmoe_dir = any(os.path.isfile(os.path.join(path, f)) for f in ("meta.json", ck.MANIFEST, ck.LATEST))
+    if _is_hf_folder(path) or (os.path.isfile(os.path.join(path, "config.json")) and not desmoe_dir):
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(os.path.abspath(path)) == "model" and os.path.isfile(os.path.join(parent, ck.MANIFEST)):
+            ck.open_checkpoint(parent)
+        ck.check_model_files(path)
+        return path
     try:
         ckpt = ck.resolve_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
         raise ExportError(f"{path!r} is neither a Hugging Face model folder nor a desmoe run/checkpoint: {e}") from None
+    ck.open_checkpoint(ckpt)  # manifest: truncation, bit flips, planted files, FSDP2 state
     mdir = os.path.join(ckpt, "model")
     if not os.path.isfile(os.path.join(mdir, "config.json")):
         raise ExportError(f"checkpoint {ckpt!r} has no model/config.json")
+    ck.check_model_files(mdir)
     return mdir
 
 
@@ -133,17 +142,27 @@ def load_alr_(model, model_dir: str) -> bool:
 def from_pretrained(path: str, *, device="cpu", dtype=torch.float32, backend: str = "auto"):
     """``(model, tokenizer)``: the model exactly as trained — patched with desmoe, with the ALR residuals if it
     was trained with them — in eval mode. ``path``: a run directory (latest checkpoint), a checkpoint directory,
-    or a model folder. No domain, data or method state is needed."""
+    or a model folder. No domain, data or method state is needed. A desmoe checkpoint is verified against its
+    manifest first, and only safetensors weights are read (nothing in a received folder runs)."""
+    return _load_model_dir(_model_dir(path), device=device, dtype=dtype, backend=backend)
+
+
+def _load_model_dir(mdir: str, *, device, dtype, backend):
+    """:func:`from_pretrained` of a folder :func:`_model_dir` returned (already checked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import patch
 
-    mdir = _model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype)
+    try:  # safetensors only, no remote code: nothing in a received folder runs
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        tok = (AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
+               if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on a damaged folder
+        msg = str(e).strip().splitlines()
+        raise ExportError(f"cannot load the model in {mdir!r} ({msg[0] if msg else type(e).__name__})") from None
     patch(model, backend=backend)
     load_alr_(model, mdir)
     model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(mdir) if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None
     return model, tok
 
 
@@ -300,15 +319,15 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     for name, v in (("fit_tokens", fit_tokens), ("eval_tokens", eval_tokens)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ExportError(f"{name} must be an int >= 1, got {v!r}")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"--out {out_dir!r} exists and is not empty; pass --overwrite to replace it")
+    _check_out(out_dir, overwrite)
     mdir = _model_dir(checkpoint)
     ckpt = os.path.dirname(mdir)
     cfg_path = ck.run_config_path(ckpt)
     if cfg_path is None:
         raise ExportError(f"no config.yaml beside checkpoint {ckpt!r}: the training domains to fit on are unknown")
     cfg = load_config(cfg_path)
-    model, tok = from_pretrained(ckpt, device=device, backend="reference" if device == "cpu" else "auto")
+    model, tok = _load_model_dir(mdir, device=device, dtype=torch.float32,
+                                 backend="reference" if device == "cpu" else "auto")
     if tok is None:
         raise ExportError(f"checkpoint {ckpt!r} has no tokenizer in model/")
     routers = get_routers(model)
@@ -336,24 +355,51 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     unpatch(model)
     tmp = out_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()  # plain transformers
-    exported_loss = _held_out_loss(stock, cfg, tok, held)
-    report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
-              "ridge": ridge, "agreement": agree, "min_topk_exact": worst, "min_agreement": min_agreement,
-              "below_threshold": low,
-              "held_out_loss": {d: {"trained": trained_loss[d], "exported": exported_loss[d],
-                                    "delta": exported_loss[d] - trained_loss[d]} for d in held}}
-    with open(os.path.join(tmp, EXPORT_REPORT), "w") as f:
-        json.dump(report, f, indent=1)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:  # written to OUT.tmp-export, renamed when whole; removed on any failure (full disk, Ctrl-C, ...)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()  # plain transformers
+        exported_loss = _held_out_loss(stock, cfg, tok, held)
+        report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
+                  "ridge": ridge, "agreement": agree, "min_topk_exact": worst, "min_agreement": min_agreement,
+                  "below_threshold": low,
+                  "held_out_loss": {d: {"trained": trained_loss[d], "exported": exported_loss[d],
+                                        "delta": exported_loss[d] - trained_loss[d]} for d in held}}
+        with open(os.path.join(tmp, EXPORT_REPORT), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from .train.checkpoint import _describe, _write_fault
+
+        if isinstance(e, Exception) and _write_fault(e):
+            raise ExportError(f"cannot write the exported model to {out_dir!r} ({_describe(e)}); nothing was "
+                              f"written (the temporary folder {tmp!r} was removed)") from None
+        raise
     if low:
         warnings.warn(msg, stacklevel=2)
     report["out_dir"] = os.path.abspath(out_dir)
     return report
+
+
+def _check_out(out_dir: str, overwrite: bool) -> None:
+    """``--out`` checked before any work: not a file, not non-empty (unless ``overwrite``), its parent a
+    writable directory (the export is written beside it, to ``OUT.tmp-export``)."""
+    if not isinstance(out_dir, str) or not out_dir.strip("/"):
+        raise ExportError(f"--out must be a folder path, got {out_dir!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir!r} is a file, not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f"--out {out_dir!r} exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(out_dir.rstrip("/")))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ExportError(f"--out {out_dir!r}: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"--out {out_dir!r}: {parent!r} is not writable")
 
 
 def format_report(rep: dict) -> str:

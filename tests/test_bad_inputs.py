@@ -421,6 +421,41 @@ def test_planted_pickle_model_weights_are_never_loaded(request, capsys, base, ru
     assert not marker.exists(), "the payload ran"
 
 
+# every file of a single-process checkpoint, and which command reads it (README.md-like notices are never parsed)
+CHECKPOINT_FILES = {"config.json": "resume", "meta.json": "both", "method.pt": "both", "trainer.pt": "resume",
+                    "model/config.json": "both", "model/model.safetensors": "both", "model/tokenizer.json": "both",
+                    "model/tokenizer_config.json": "both", "model/generation_config.json": "both",
+                    "model/desmoe_alr.safetensors": "both", "model/desmoe_alr.json": "both",
+                    "model/DESMOE_README.md": "neither"}
+
+
+def test_checkpoint_files_table_is_complete(base):
+    """The table above lists every file a checkpoint holds (a new file must say who reads it)."""
+    man = json.load(open(base["run"] / "checkpoints" / "step-000001" / ck.MANIFEST))
+    assert set(man["files"]) == set(CHECKPOINT_FILES)
+
+
+@pytest.mark.parametrize("rel", sorted(CHECKPOINT_FILES))
+def test_planted_pickle_in_every_checkpoint_file(request, capsys, base, run_copy, tmp_path, rel):
+    """A pickle planted in place of any file (manifest rewritten to match): every command that reads the file
+    refuses it naming the file; the payload never runs (issue 25)."""
+    marker = tmp_path / "pwned"
+    reads = CHECKPOINT_FILES[rel]
+    for name in ("step-000001", "step-000002"):
+        _plant(str(run_copy / "checkpoints" / name), rel, {"x": _Payload(marker)})
+    argv = train(base, tmp_path / "fresh", "--resume", run_copy / "checkpoints" / "step-000001")
+    if reads in ("both", "resume"):
+        attempt(request, capsys, argv, names=[rel.split("/")[-1]], protect=[run_copy])
+    else:
+        assert main([str(a) for a in argv]) == 0
+    ev = ["eval", "--checkpoint", run_copy, "--math-n", "0", "--max-batches", "1"]
+    if reads == "both":
+        attempt(request, capsys, ev, names=[rel.split("/")[-1]], protect=[run_copy])
+    else:  # eval never opens it
+        assert main([str(a) for a in ev]) == 0
+    assert not marker.exists(), "the payload ran"
+
+
 def _truncate(p, keep=0.5):
     with open(p, "r+b") as f:
         f.truncate(int(os.path.getsize(p) * keep))

@@ -131,3 +131,129 @@ def test_export_cli_and_bad_input(trained, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "y"), "--min-agreement", "2"]) == 2
     assert "min_agreement" in capsys.readouterr().err
+
+
+# --- export and from_pretrained verify what they read, and export cleans up after itself (issue 25) ---------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _export_fails(capsys, ckpt, out, *names):
+    capsys.readouterr()
+    rc = main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--fit-tokens", "512", "--eval-tokens", "512",
+               "--min-agreement", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    for n in names:
+        assert str(n) in err, (n, err)
+    assert not out.exists() and not (out.parent / (out.name + ".tmp-export")).exists()
+    return err
+
+
+def test_export_verifies_the_checkpoint_like_eval(run_copy, tmp_path, capsys):
+    ckpt = ck.resolve_checkpoint(str(run_copy))
+    p = os.path.join(ckpt, "model", "model.safetensors")
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) // 2)
+    _export_fails(capsys, run_copy, tmp_path / "out", "truncated", "model/model.safetensors")
+    # the checkpoint's model/ folder passed directly: still verified as part of its checkpoint
+    _export_fails(capsys, os.path.join(ckpt, "model"), tmp_path / "out", "truncated", "model.safetensors")
+
+
+def test_a_bin_only_model_folder_is_refused_naming_the_file(run_copy, tmp_path, capsys):
+    """A folder with only ``pytorch_model.bin`` (a pickle): never unpickled, the error says what to do."""
+    import shutil
+
+    marker = tmp_path / "pwned"
+    mdir = tmp_path / "hf"
+    shutil.copytree(os.path.join(ck.resolve_checkpoint(str(run_copy)), "model"), mdir)
+    os.remove(mdir / "model.safetensors")
+    torch.save({"x": _Payload(marker)}, mdir / "pytorch_model.bin")
+    with pytest.raises(ck.CheckpointError, match="pytorch_model.bin") as e:
+        desmoe.from_pretrained(str(mdir))
+    assert "safetensors" in str(e.value)
+    # export reads the model folder of a run: place it as one
+    _export_fails(capsys, mdir, tmp_path / "out", "pytorch_model.bin", "safetensors")
+    assert not marker.exists(), "the payload ran"
+
+
+def test_an_exported_folder_with_a_planted_pickle_is_never_unpickled(trained, tmp_path):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "exported"
+    export(str(trained), str(out), fit_tokens=512, eval_tokens=512, min_agreement=0.0)
+    desmoe.from_pretrained(str(out))  # the export loads back through desmoe
+    torch.save({"x": _Payload(marker)}, out / "pytorch_model.bin")  # beside the safetensors: ignored
+    desmoe.from_pretrained(str(out))
+    good = (out / "config.json").read_bytes()
+    (out / "config.json").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ck.CheckpointError, match="config.json"):
+        desmoe.from_pretrained(str(out))
+    (out / "config.json").write_bytes(good)
+    os.remove(out / "model.safetensors")  # alone: refused naming it
+    with pytest.raises(ck.CheckpointError, match="pytorch_model.bin"):
+        desmoe.from_pretrained(str(out))
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "ctrl_c"])
+def test_a_failed_export_leaves_nothing_behind(trained, tmp_path, capsys, monkeypatch, fault):
+    """A full disk while writing (or Ctrl-C while measuring the exported model): OUT and OUT.tmp-export are
+    removed, the message names --out."""
+    import errno
+
+    import desmoe.export as ex
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "out"
+    if fault == "disk_full":
+        real = PreTrainedModel.save_pretrained
+
+        def full(self, d, *a, **k):
+            real(self, d, *a, **k)  # files half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(d, "model.safetensors"))
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+        _export_fails(capsys, trained, out, str(out), "No space left on device", "nothing was written")
+    else:
+        calls = []
+        real = ex._held_out_loss
+
+        def interrupted(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:  # the exported model's evaluation, inside OUT.tmp-export's life
+                assert (tmp_path / "out.tmp-export").is_dir()
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(ex, "_held_out_loss", interrupted)
+        capsys.readouterr()
+        rc = main(["export", "--checkpoint", str(trained), "--out", str(out), "--fit-tokens", "512",
+                   "--eval-tokens", "512", "--min-agreement", "0"])
+        assert rc == 130 and "interrupted" in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "out.tmp-export").exists()
+
+
+def test_export_out_is_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    import desmoe.export as ex
+
+    monkeypatch.setattr(ex, "_model_dir", lambda p: pytest.fail("the checkpoint was read before --out was checked"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out, name in ((f, "is a file"), (f / "sub", "is a file")):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and str(f) in err, err

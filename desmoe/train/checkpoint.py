@@ -14,7 +14,8 @@ Layout of a run directory ``DIR``::
                                     (the .pt files hold only tensors, numbers, strings and containers, RNG states
                                     included, and are read with ``torch.load(weights_only=True)``: a received
                                     checkpoint can carry no code; a file asking for any other object is refused)
-        optim/                      FSDP2 only: sharded optimizer state (torch.distributed.checkpoint)
+        optim/                      FSDP2 only: sharded optimizer state (torch.distributed.checkpoint), read
+                                    through ``safe_dcp`` (allow-listed metadata unpickler, weights_only values)
         config.json                 the config that wrote it (resume refuses a different one, naming the keys)
         meta.json                   step, phase, method, domains, eval (and validation) before training
         manifest.json               written last: size + sha256 of every file (truncation / bit flips detected)
@@ -369,12 +370,15 @@ def _save_sharded_optimizer(model, opt, tmp: str) -> None:
 
 
 def load_sharded_optimizer(model, opt, ckpt: str) -> None:
-    """FSDP2: every rank loads its optimizer shard from ``ckpt/optim`` (collective)."""
-    import torch.distributed.checkpoint as dcp
+    """FSDP2: every rank loads its optimizer shard from ``ckpt/optim`` (collective), through
+    :func:`desmoe.train.safe_dcp.load_dcp`: torch's own reader would unpickle ``.metadata`` and the non-tensor
+    values without restriction."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from .safe_dcp import load_dcp
+
     sd = {"optimizer": get_optimizer_state_dict(model, opt)}
-    dcp.load(sd, checkpoint_id=os.path.join(ckpt, "optim"))
+    load_dcp(sd, os.path.join(ckpt, "optim"))  # no code from the files: see safe_dcp
     set_optimizer_state_dict(model, opt, sd["optimizer"])
 
 
@@ -512,7 +516,49 @@ def open_checkpoint(path: str) -> str:
     call before loading anything from it."""
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
+    if os.path.isdir(os.path.join(ckpt, "optim")):  # FSDP2's sharded optimizer state: checked without running it
+        from .safe_dcp import verify_dcp_dir
+
+        verify_dcp_dir(os.path.join(ckpt, "optim"))
     return ckpt
+
+
+def check_model_files(mdir: str) -> None:
+    """Before transformers reads a model folder: its weights are safetensors (a ``pytorch_model.bin`` is a pickle
+    and is never read), every ``*.json`` parses and every ``*.safetensors`` has a whole, valid header. Each failure
+    is a :class:`CheckpointError` naming the file."""
+    if not os.path.isdir(mdir):
+        raise CheckpointError(f"model folder {mdir!r} is missing or not a directory")
+    names = sorted(os.listdir(mdir))
+    if "config.json" not in names:
+        raise CheckpointError(f"model folder {mdir!r} has no config.json")
+    weights = [n for n in names if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n)]
+    if not weights:
+        pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        raise CheckpointError(
+            f"model folder {mdir!r} has no model.safetensors" + (
+                f", only {', '.join(pickled[:3])}: desmoe reads weights from safetensors only (a .bin is a pickle, "
+                f"which can run code when loaded). Convert it where you trust the file, e.g. "
+                f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) (writes model.safetensors)"
+                if pickled else ""))
+    from safetensors import safe_open
+
+    for n in names:
+        p = os.path.join(mdir, n)
+        if not os.path.isfile(p):
+            continue
+        try:
+            if n.endswith(".json"):
+                with open(p, encoding="utf-8") as f:
+                    json.load(f)
+            elif n.endswith(".safetensors"):
+                with safe_open(p, framework="pt") as f:
+                    f.keys()
+        except OSError as e:
+            raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
+        except Exception as e:  # JSON / UTF-8 errors, safetensors' header errors (truncated, not safetensors)
+            kind = "not valid JSON" if n.endswith(".json") else "not a valid safetensors file (truncated or corrupt)"
+            raise CheckpointError(f"checkpoint file {p!r} is {kind} ({_describe(e)})") from None
 
 
 def load_model(ckpt: str, *, device="cpu", dtype=torch.float32):
@@ -524,12 +570,13 @@ def load_model(ckpt: str, *, device="cpu", dtype=torch.float32):
     mdir = os.path.join(ckpt, "model")
     if not os.path.isdir(mdir):
         raise CheckpointError(f"checkpoint {ckpt!r} has no model/ directory")
+    check_model_files(mdir)
     try:
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=False).to(device)
         tok = (AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
                if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever transformers/safetensors raise on a damaged folder
         raise CheckpointError(f"checkpoint {ckpt!r}: cannot load the model in {mdir!r} ({_describe(e)})") from None
     return model, tok
 

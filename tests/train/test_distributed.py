@@ -4,6 +4,7 @@ weights, A, masks), every rank holds the same A/masks, save on 2 ranks + resume 
 ``torchrun --nproc-per-node 2 -m desmoe.train --config C.yaml --output-dir DIR``."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,3 +131,52 @@ def test_distributed_needs_torchrun(setup, tmp_path, monkeypatch):
     bad["train"]["distributed"] = "deepspeed"
     with pytest.raises(ValueError, match="train.distributed"):
         config_from_dict(bad)
+
+
+# (mode, file planted in the 2-rank run's last checkpoint): every file a DDP or FSDP2 checkpoint adds
+PLANTS = [("ddp", "rng-rank000001.pt"), ("fsdp2", "optim/.metadata"), ("fsdp2", "optim/__0_0.distcp"),
+          ("fsdp2", "optim/__1_0.distcp")]
+
+
+@pytest.mark.parametrize("rel", sorted({r for _, r in PLANTS}))
+def test_planted_payload_in_a_distributed_checkpoint_is_refused_on_resume(dist_full, tmp_path, rel):
+    """A received 2-rank checkpoint with a pickle planted (and its manifest rewritten to match, as a sender
+    would): ``--resume`` on 2 ranks refuses it naming the file, and the payload never runs (issue 25: torch's
+    DCP reader unpickles ``.metadata`` and non-tensor values without restriction)."""
+    mode, dd, full, _ = dist_full
+    if (mode, rel) not in PLANTS:
+        pytest.skip(f"{rel} is not part of a {mode} checkpoint")
+    from test_safe_dcp import Payload, plant_bytes_item, plant_metadata
+
+    src = tmp_path / "src"
+    shutil.copytree(full, src)
+    ckpt = src / "checkpoints" / "step-000006"
+    marker = tmp_path / "pwned"
+    p = ckpt / rel
+    if rel.endswith(".pt"):
+        torch.save({"rng": Payload(marker)}, p)
+    elif rel.endswith(".metadata"):
+        plant_metadata(ckpt / "optim", {"x": Payload(marker)})
+    elif rel.endswith("__0_0.distcp"):  # a non-tensor value (param_groups), pointed at by a consistent .metadata
+        assert plant_bytes_item(ckpt / "optim", Payload(marker)) == os.path.basename(rel)
+    else:  # rank 1's tensor file replaced by a pickle (padded to its size): read by rank 1 inside the collective
+        size = os.path.getsize(p)
+        torch.save({"x": Payload(marker)}, p)
+        with open(p, "ab") as f:
+            f.write(b"\0" * max(0, size - os.path.getsize(p)))
+    man = json.load(open(ckpt / ck.MANIFEST))
+    for r in man["files"]:
+        man["files"][r] = {"bytes": os.path.getsize(ckpt / r), "sha256": ck._sha256(str(ckpt / r))}
+    json.dump(man, open(ckpt / ck.MANIFEST, "w"))
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(yaml.safe_dump(dd))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "desmoe.train", "--config", str(cfgp), "--output-dir", str(tmp_path / "fresh"),
+                        "--no-progress", "--resume", str(ckpt), "--set", f"train.distributed={mode}"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    err = r.stdout + r.stderr
+    assert r.returncode != 0, err[-3000:]
+    assert "desmoe train: error:" in err and rel.split("/")[-1] in err, err[-3000:]
+    assert "refusing to load" in err or "truncated or corrupt" in err, err[-3000:]
+    assert not marker.exists(), "the payload ran"
