@@ -183,9 +183,17 @@ def supported_model_types() -> list[str]:
     return sorted(MODEL_TYPES)
 
 
+def _liger_experts(mod: nn.Module) -> bool:
+    """Liger-Kernel's ``LigerExperts`` (swapped in for a transformers experts class): HF's fused layout
+    (``gate_up_proj [E, 2I, D]``, ``down_proj [E, D, I]``), SiLU only, no ``has_gate`` flags."""
+    return (type(mod).__module__.startswith("liger_kernel.") and getattr(mod, "gate_up_proj", None) is not None
+            and getattr(mod, "down_proj", None) is not None and mod.gate_up_proj.dim() == 3)
+
+
 def _experts_modules(model: nn.Module):
     for name, mod in model.named_modules():
-        if hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and hasattr(mod, "has_gate"):
+        if (hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and hasattr(mod, "has_gate")) \
+                or _liger_experts(mod):
             yield name, mod
 
 
@@ -200,7 +208,7 @@ def _custom_gate(mod: nn.Module) -> bool:
 
 def _check_experts_layout(name: str, mod: nn.Module) -> None:
     problems = []
-    if not mod.has_gate:
+    if not getattr(mod, "has_gate", True):
         problems.append("no gate projection")
     if getattr(mod, "has_bias", False):
         problems.append("expert biases")
@@ -261,7 +269,7 @@ def _activation(mod: nn.Module) -> str:
     """The experts' gate activation: their ``act_fn`` when it is plain SiLU (LFM2-MoE hard-codes ``F.silu``),
     else the config's ``hidden_act``."""
     act = getattr(mod, "act_fn", None)
-    if act is F.silu or isinstance(act, nn.SiLU):
+    if act is F.silu or isinstance(act, nn.SiLU) or _liger_experts(mod):  # LigerExperts: SiLU only
         return "silu"
     return layers.activation_name(mod.config.hidden_act)
 
@@ -295,6 +303,7 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
     if model.config._experts_implementation != EXPERTS_IMPLEMENTATION:
         model._desmoe_previous_experts_implementation = model.config._experts_implementation
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    take_over_experts(model, experts)
     if router:
         for parent in list(model.modules()):
             gate = getattr(parent, fam.router_attr, None)
@@ -362,6 +371,63 @@ def _router_slots(model: nn.Module):
             r = getattr(parent, attr, None)
             if isinstance(r, TopKRouter):
                 yield parent, attr, r
+
+
+def _describe(fn) -> str:
+    fn = getattr(fn, "__func__", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _dispatches_to_desmoe(mod: nn.Module) -> bool:
+    """The module's class forward is transformers' ``ExpertsInterface`` dispatch (set to ``"desmoe"``)."""
+    forward = getattr(type(mod), "forward", None)  # through the MRO: FSDP2's FSDP<cls> subclasses keep it
+    return (getattr(forward, "__module__", "").startswith("transformers.")
+            and getattr(getattr(mod, "config", None), "_experts_implementation", None) == EXPERTS_IMPLEMENTATION)
+
+
+def take_over_experts(model: nn.Module, experts=None) -> list[str]:
+    """Make desmoe's experts forward the one that runs on every experts module, whatever another library bound
+    there (Liger-Kernel binds its fused-MoE ``forward`` on each instance, or swaps the class): an instance-level
+    ``forward`` (and the ``_get_name`` Liger binds beside it) is removed, and a module whose class forward is not
+    transformers' dispatch gets desmoe's forward bound on the instance. Returns one line per module taken over
+    (also warned); the rest of such a library (norms, RoPE, the fused linear cross-entropy) stays in place."""
+    import types
+    import warnings
+
+    taken = []
+    for name, mod in experts if experts is not None else _experts_modules(model):
+        bound = mod.__dict__.get("forward")
+        if bound is not None and getattr(bound, "__func__", None) is layers.desmoe_experts_forward:
+            continue
+        what = []
+        if bound is not None:
+            what.append(f"a forward bound on the instance ({_describe(bound)})")
+            del mod.__dict__["forward"]
+            mod.__dict__.pop("_get_name", None)
+        if not _dispatches_to_desmoe(mod):
+            what.append(f"the class forward of {type(mod).__module__}.{type(mod).__qualname__}")
+            mod.__dict__["forward"] = types.MethodType(layers.desmoe_experts_forward, mod)
+        if what:
+            taken.append(f"{name}: replaced {' and '.join(what)} with desmoe's experts forward")
+    if taken:
+        warnings.warn("desmoe.patch took over experts modules another library had patched: " + "; ".join(taken[:3])
+                      + (f"; and {len(taken) - 3} more" if len(taken) > 3 else ""), stacklevel=3)
+    return taken
+
+
+def foreign_experts_forward(mod: nn.Module) -> str | None:
+    """What would run instead of desmoe's experts forward on ``mod`` (a forward bound after :func:`patch`, a
+    swapped class, another experts implementation), or None when desmoe's runs."""
+    bound = mod.__dict__.get("forward")
+    if bound is not None:
+        if getattr(bound, "__func__", None) is layers.desmoe_experts_forward:
+            return None
+        return f"a forward bound on the instance: {_describe(bound)}"
+    if not _dispatches_to_desmoe(mod):
+        impl = getattr(getattr(mod, "config", None), "_experts_implementation", None)
+        return (f"the class forward of {type(mod).__module__}.{type(mod).__qualname__} "
+                f"(experts implementation {impl!r})")
+    return None
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..integrations.families import param_names
-from ..integrations.hf import moe_blocks
+from ..integrations.hf import foreign_experts_forward, moe_blocks
 from ..layers import RouterAddedLoss, set_expert_masks
 from .alr import attach_alr
 from .config import MethodConfig
@@ -164,6 +164,8 @@ class MethodController:
             # for the masks only, domain -1 (unknown) tokens become domain M, whose mask is the union over domains
             masks_LME = torch.cat([masks_LME, masks_LME.any(1, keepdim=True)], dim=1)
             mask_domains_T = torch.where(domain_ids_T < 0, masks_LME.shape[1] - 1, domain_ids_T)
+        if trainable_LE is not None or masks_LME is not None:
+            self._check_experts_forward()
         for l, ex in enumerate(self.experts):
             set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
                              **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
@@ -187,6 +189,17 @@ class MethodController:
         if added is not None and len(added.values) == len(self.routers):
             dev = self.routers[0].weight.device
             out.added_loss = (spec[1] * sum(v.to(dev).double() for v in added.values.values())).float()
+
+    def _check_experts_forward(self) -> None:
+        """Masks are consumed by desmoe's experts op only: stop before a step whose masks another forward would
+        silently drop (one bound after ``desmoe.patch``, e.g. by Liger-Kernel, or another experts implementation)."""
+        for name, _, ex in self.blocks:
+            foreign = foreign_experts_forward(ex)
+            if foreign is not None:
+                raise RuntimeError(
+                    f"{name}.experts runs {foreign}, not desmoe's experts op, so this step's expert gradient masks "
+                    f"would be silently dropped; call desmoe.patch(model) again after the library that patched it "
+                    f"(e.g. after Liger-Kernel's apply_liger_kernel_to_*): it takes the experts modules back")
 
     def release(self) -> None:
         """Remove the current micro-batch's masks and router loss from the modules (after its backward)."""

@@ -166,6 +166,7 @@ class DesMoETrainer(Trainer):
                              "padding); use desmoe.train.StreamDataset or add the column to your dataset")
         dom_T = dom.reshape(-1)
         ctl = self.desmoe
+        self._own_experts()
         kwargs = dict(aux_kwargs(ctl.model, self.desmoe_aux_loss))
         scaled = bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None
         if scaled:
@@ -199,6 +200,15 @@ class DesMoETrainer(Trainer):
             self._kd_n += float(n_valid)
         self._n_loss += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _own_experts(self) -> None:
+        """desmoe's experts forward on every experts module: the Trainer applies Liger-Kernel
+        (``use_liger_kernel=True``) when training starts, binding Liger's fused-MoE forward on each experts module;
+        take them back (warned once), keeping the rest of Liger (RMSNorm, RoPE, fused linear cross-entropy)."""
+        from ..integrations.hf import foreign_experts_forward, take_over_experts
+
+        if any(foreign_experts_forward(ex) is not None for ex in self.desmoe.experts):
+            take_over_experts(self.desmoe.model)
 
     def _evaluation_loss(self, model, inputs, dom, return_outputs, num_items_in_batch):
         """The model's own loss on rows with or without ``domain_ids`` (evaluate / predict)."""
