@@ -100,6 +100,25 @@ def _quiet_transformers():
         pass
 
 
+def _resume_or_start(resume, output_dir: str):
+    """``--resume`` (bare) where ``--output-dir`` has no checkpoint yet — a run stopped before its first one, or a
+    requeued job whose first attempt never got that far: start the run, saying so. Checkpoints without a
+    ``latest`` file are not guessed at (an error names them)."""
+    from .train import checkpoint as ck
+
+    if resume is not True or os.path.exists(os.path.join(output_dir, ck.LATEST)):
+        return resume
+    found = ck.list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    if found:
+        raise ValueError(f"--resume: {output_dir!r} holds checkpoints ({', '.join(map(os.path.basename, found[-3:]))}) "
+                         f"but no 'latest' file naming the one to continue; pass --resume "
+                         f"{found[-1]} to continue from it")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"desmoe train: --resume: no checkpoint in {output_dir!r} yet (the run stopped before its first one, "
+              f"or never started): starting the run from step 0", flush=True)
+    return False
+
+
 def cmd_train(a) -> int:
     from .train import NonFiniteLossError, TrainingInterrupted, load_config, run
 
@@ -111,8 +130,9 @@ def cmd_train(a) -> int:
     from .train.rundir import RunFinished
     from .train.signals import Interrupted
 
+    resume = _resume_or_start(a.resume, a.output_dir)
     try:
-        s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=a.resume, overwrite=a.overwrite)
+        s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=resume, overwrite=a.overwrite)
     except RunFinished as e:
         print(f"desmoe train: {e}", file=sys.stderr, flush=True)
         return 0
@@ -201,19 +221,85 @@ def demo_finetune_config(base_path: str, method: str, steps: int) -> dict:
     }
 
 
+def _demo_plan(run_dir: str, cfg_dict: dict, base_path: str, overwrite: bool) -> str:
+    """What the demo does with ``run_dir`` (checked before any work): ``"new"`` (nothing there, or ``overwrite``:
+    cleared), ``"restart"`` (an earlier demo stopped before its first checkpoint), ``"resume"`` (an interrupted
+    demo run with these settings: continued from its latest checkpoint), ``"done"`` (finished with these settings:
+    its ``summary.json`` is reused). A run made with other settings is an error unless ``overwrite``."""
+    from .train import checkpoint as ck
+    from .train import config_from_dict
+    from .train.rundir import RunDirError, clear_for_overwrite
+
+    if overwrite:
+        clear_for_overwrite(run_dir, overwrite=True, what="demo run (from an earlier demo)")
+        return "new"
+    if not os.path.isdir(run_dir):
+        return "new"
+    if not os.path.exists(os.path.join(run_dir, ck.LATEST)):
+        if ck.list_checkpoints(run_dir):
+            raise RunDirError(f"{run_dir!r} holds checkpoints but no 'latest' file; pass --overwrite to replace that "
+                              f"demo run, or choose another --out")
+        has_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "run_info.json"))
+        return "restart" if has_run else "new"
+    try:
+        ckpt = ck.resolve_checkpoint(run_dir)
+        with open(os.path.join(ckpt, "config.json")) as f:
+            saved = json.load(f)
+        # the base may not be built yet (its cache removed): validate with the run's own model folder in its place
+        probe = json.loads(json.dumps(cfg_dict))
+        probe["model"]["path"] = probe["tokenizer"]["path"] = os.path.join(ckpt, "model")
+        cur = config_from_dict(probe, source="demo").to_dict()
+        cur["model"]["path"] = cur["tokenizer"]["path"] = base_path
+        diffs = ck.config_differences(saved, cur)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{run_dir!r} already holds a demo run that cannot be continued ({e}); pass --overwrite "
+                          f"to replace it, or choose another --out") from None
+    if diffs:
+        raise RunDirError(f"{run_dir!r} already holds a demo run made with other settings ({'; '.join(diffs[:3])}); "
+                          f"pass --overwrite to replace it, or choose another --out")
+    return "done" if os.path.isfile(os.path.join(run_dir, "summary.json")) else "resume"
+
+
+def _demo_run(cfg, run_dir: str, plan: str, label: str, progress: bool) -> dict:
+    from .train import run
+    from .train.rundir import RunFinished
+
+    if plan == "done":
+        print(f"      {label}: already finished in {run_dir}; its results are reused (--overwrite runs it again)")
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    if plan == "restart":
+        print(f"      {label}: the earlier run in {run_dir} stopped before its first checkpoint; starting it again")
+    if plan == "resume":
+        print(f"      {label}: continuing the interrupted run in {run_dir} from its latest checkpoint")
+    try:
+        return run(cfg, run_dir, progress=progress, resume=plan == "resume")
+    except RunFinished:  # trained to the end, stopped during the final evaluation
+        raise ValueError(f"{label} run in {run_dir!r} finished training but was stopped during its final "
+                         f"evaluation: `desmoe eval --checkpoint {run_dir}` evaluates it, or pass --overwrite to run "
+                         f"the demo again") from None
+
+
 def cmd_demo(a) -> int:
-    from .experiments.base import prepare_base_cached
-    from .train import config_from_dict, run
+    """The demo. Interrupted (Ctrl-C, SIGTERM), the same command continues it: the base is cached, a fine-tuning
+    run resumes from its latest checkpoint and a finished one is reused."""
+    from .experiments.base import base_cache_path, prepare_base_cached
+    from .train import TrainingInterrupted, config_from_dict
 
     if a.steps < 5 or a.pretrain_steps < 1:
         raise ValueError(f"--steps must be >= 5 and --pretrain-steps >= 1, got {a.steps}, {a.pretrain_steps}")
     t0 = time.time()
     progress = not a.quiet
-    from .train.rundir import clear_for_overwrite, prepare_run_dir
+    from .train.rundir import prepare_run_dir
 
     prepare_run_dir(a.out)
-    for sub in ("des_moe", "fft"):  # runs an earlier demo left: replaced only with --overwrite
-        clear_for_overwrite(os.path.join(a.out, sub), overwrite=a.overwrite, what="demo run (from an earlier demo)")
+    cache = os.path.join(a.out, "cache")
+    base_kw = dict(aux_loss_coef=0.01, pretrain_mix=DEMO_PRETRAIN_MIX)
+    base_path = base_cache_path(demo_base_config(), a.pretrain_steps, cache, **base_kw)
+    runs = [(m, label, os.path.join(a.out, m)) for m, label in (("des_moe", "DES-MoE"), ("fft", "FFT"))
+            if m == "des_moe" or not a.no_compare]
+    plans = {m: _demo_plan(d, demo_finetune_config(base_path, m, a.steps), base_path, a.overwrite)
+             for m, _, d in runs}  # before any work: nothing half-done
     if not a.no_parity:
         from .integrations.parity import parity_rows, print_parity
 
@@ -224,19 +310,22 @@ def cmd_demo(a) -> int:
             raise ValueError("parity check failed for: " + ", ".join(r["model_type"] for r in rows if not r["ok"]))
     print(f"[1/3] base model: tiny qwen3_moe (4 layers, 16 experts, top-2), BPE tokenizer trained on the built-in "
           f"domains, {a.pretrain_steps} pretraining steps on 85% 'general' + 5% of each of {', '.join(DEMO_DOMAINS)}, "
-          f"with a load-balancing loss (cached in {os.path.join(a.out, 'cache')})")
-    info = prepare_base_cached(demo_base_config(), a.pretrain_steps, os.path.join(a.out, "cache"),
-                               aux_loss_coef=0.01, pretrain_mix=DEMO_PRETRAIN_MIX, log=print)
+          f"with a load-balancing loss (cached in {cache})")
+    info = prepare_base_cached(demo_base_config(), a.pretrain_steps, cache, log=print, **base_kw)
     base = {"general_loss_before": info["general_loss_random_init"], "general_loss_after": info["general_loss"]}
-    print(f"[2/3] DES-MoE fine-tuning on {', '.join(DEMO_DOMAINS)} for {a.steps} steps")
-    des = run(config_from_dict(demo_finetune_config(info["path"], "des_moe", a.steps), source="demo"),
-              os.path.join(a.out, "des_moe"), progress=progress)
-    fft = None
-    if not a.no_compare:
-        print("[3/3] full fine-tuning (FFT) baseline, same data and steps")
-        fft = run(config_from_dict(demo_finetune_config(info["path"], "fft", a.steps), source="demo"),
-                  os.path.join(a.out, "fft"), progress=progress)
-    print(demo_report(base, des, fft, time.time() - t0))
+    out = {}
+    try:
+        for m, label, d in runs:
+            print(f"[2/3] DES-MoE fine-tuning on {', '.join(DEMO_DOMAINS)} for {a.steps} steps" if m == "des_moe" else
+                  "[3/3] full fine-tuning (FFT) baseline, same data and steps")
+            cfg = config_from_dict(demo_finetune_config(base_path, m, a.steps), source="demo")
+            out[m] = _demo_run(cfg, d, plans[m], label, progress)
+    except TrainingInterrupted as e:
+        print(f"desmoe demo: stopped: {e.signame} received: checkpoint of step {e.step} written to "
+              f"{e.checkpoint}; run the same `desmoe demo` command again to continue from there", file=sys.stderr,
+              flush=True)
+        return e.exit_code
+    print(demo_report(base, out["des_moe"], out.get("fft"), time.time() - t0))
     return 0
 
 

@@ -716,6 +716,26 @@ def test_sigterm_during_base_pretraining_subprocess(tmp_path):
     assert "SIGTERM received outside the training steps" in err and "Traceback" not in err
 
 
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it(request, capsys, base, tmp_path):
+    """What a requeued job passes: ``--resume`` on a run that a signal stopped before its first checkpoint (here:
+    what such a run leaves, run_info.json + config.yaml), or on a directory never started, starts the run and
+    says so (issue 25)."""
+    stopped = tmp_path / "stopped"
+    os.makedirs(stopped)
+    (stopped / "run_info.json").write_text("[]")
+    shutil.copy(base["cfg"], stopped / "config.yaml")
+    for out in (stopped, tmp_path / "never"):
+        capsys.readouterr()
+        assert main([str(a) for a in train(base, out, "--resume")]) == 0
+        o = capsys.readouterr().out
+        assert "no checkpoint in" in o and "starting the run from step 0" in o and str(out) in o, o
+        assert (out / ck.LATEST).is_file() and (out / "summary.json").is_file()
+    # checkpoints without 'latest': never guessed at, never restarted over
+    os.remove(stopped / ck.LATEST)
+    attempt(request, capsys, train(base, stopped, "--resume"), names=["latest", "step-000002", "--resume"],
+            protect=[stopped])
+
+
 def test_ctrl_c_in_eval_is_a_message_not_a_traceback(request, capsys, base, monkeypatch):
     import desmoe.train.evaluate as ev
 

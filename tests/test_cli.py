@@ -123,3 +123,45 @@ def test_quick_bench_leaves_the_source_tree_alone(tmp_path, capsys, monkeypatch)
     finally:
         sys.path.pop(0)
     assert report.latest_results(str(tmp_path / "runs" / "bench")) == []  # never in the README's tables
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_demo_says_how_and_the_same_command_continues_it(tmp_path, capsys, monkeypatch, sig):
+    """Ctrl-C / SIGTERM during the demo's fine-tuning: a message and the signal's exit code, no traceback; the
+    same command resumes the run from its checkpoint, then reuses the finished run; other settings need
+    --overwrite (issue 25)."""
+    import signal
+
+    import desmoe.train as train_pkg
+    from desmoe.cli import main
+
+    real, sent = train_pkg.run, []
+
+    def run_with_signal(cfg, out, **kw):
+        def log(msg):
+            if msg.startswith("step ") and not sent:
+                sent.append(1)
+                os.kill(os.getpid(), getattr(signal, sig))
+        return real(cfg, out, log=log, **kw)
+
+    args = ["demo", "--steps", "6", "--pretrain-steps", "3", "--no-parity", "--quiet", "--no-compare",
+            "--out", str(tmp_path)]
+    monkeypatch.setattr(train_pkg, "run", run_with_signal)
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 128 + getattr(signal, sig) and sent, err
+    assert "Traceback" not in err and "run the same `desmoe demo` command again" in err, err
+    assert (tmp_path / "des_moe" / "latest").is_file() and not (tmp_path / "des_moe" / "summary.json").exists()
+    monkeypatch.setattr(train_pkg, "run", real)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "continuing the interrupted run" in out and "forgetting probe" in out
+    s = json.loads((tmp_path / "des_moe" / "summary.json").read_text())
+    assert s["start_step"] > 0
+    assert main(args) == 0  # finished: reused, nothing rerun
+    out = capsys.readouterr().out
+    assert "already finished" in out and "forgetting probe" in out
+    assert main([*args[:2], "7", *args[3:]]) == 2  # other settings: never mixed into the earlier run
+    err = capsys.readouterr().err
+    assert str(tmp_path / "des_moe") in err and "--overwrite" in err and "max_steps" in err

@@ -17,6 +17,15 @@ def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def base_cache_path(base_cfg: dict, pretrain_steps: int, cache: str, *, aux_loss_coef: float = 0.0,
+                    pretrain_mix: dict | None = None) -> str:
+    """Where :func:`prepare_base_cached` keeps (or will keep) this base: ``CACHE/base-<hash of its recipe>``
+    (absolute: the ``model.path`` fine-tuning runs on it are given)."""
+    key = {"cfg": base_cfg, "steps": pretrain_steps, **({"aux": aux_loss_coef} if aux_loss_coef else {}),
+           **({"mix": pretrain_mix} if pretrain_mix else {})}
+    return os.path.abspath(os.path.join(cache, f"base-{_hash(key)}"))
+
+
 def prepare_base_cached(base_cfg: dict, pretrain_steps: int, cache: str, *, aux_loss_coef: float = 0.0,
                         pretrain_mix: dict | None = None, log=print) -> dict:
     """Pretrain (or reuse) the base; returns ``base_info`` (path, pretraining loss curve, general loss).
@@ -26,9 +35,7 @@ def prepare_base_cached(base_cfg: dict, pretrain_steps: int, cache: str, *, aux_
     """
     if not isinstance(pretrain_steps, int) or pretrain_steps < 1:
         raise ValueError(f"base.pretrain_steps must be an int >= 1, got {pretrain_steps!r}")
-    key = {"cfg": base_cfg, "steps": pretrain_steps, **({"aux": aux_loss_coef} if aux_loss_coef else {}),
-           **({"mix": pretrain_mix} if pretrain_mix else {})}
-    out = os.path.join(cache, f"base-{_hash(key)}")
+    out = base_cache_path(base_cfg, pretrain_steps, cache, aux_loss_coef=aux_loss_coef, pretrain_mix=pretrain_mix)
     info_path = os.path.join(out, "base_info.json")
     if os.path.isfile(info_path):
         with open(info_path) as f:
