@@ -267,6 +267,36 @@ def test_ops_mixed_dtypes_name_both_arguments(request):
 
 
 # --- 2. the output directory: in the way, unwritable, in use ---------------------------------------------------------
+TOPK_ROUTE_CASES = [(dict(scaling=float("nan")), ["scaling", "nan", "finite"]),
+                    (dict(scaling=-2.0), ["scaling", "-2.0", "> 0"]),
+                    (dict(renorm_eps=-1e-6), ["renorm_eps", "-1e-06", ">= 0"]),
+                    (dict(renorm_min=float("inf")), ["renorm_min", "inf"]),
+                    (dict(masked_value=float("nan")), ["masked_value", "nan"]),
+                    (dict(scoring="sigmoid", bias_E="nan"), ["bias_E", "finite", "nan", "index 3"])]
+
+
+@pytest.mark.parametrize("kw,names", TOPK_ROUTE_CASES, ids=[str(sorted(c[0])) for c in TOPK_ROUTE_CASES])
+def test_topk_route_refuses_nonfinite_or_negative_options(request, kw, names):
+    """Issue 25: these routed silently wrong (NaN weights, flipped signs) instead of naming the option."""
+    from desmoe import ops
+
+    kw = dict(kw)
+    if kw.get("bias_E") == "nan":
+        kw["bias_E"] = torch.zeros(8)
+        kw["bias_E"][3] = float("nan")
+    library_attempt(request, lambda: ops.topk_route(torch.randn(5, 8), 2, **kw), ValueError, names=names)
+
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(request, capsys, base, tmp_path):
+    text = open(base["cfg"]).read().replace("train:\n", "train:\n  lr: 0.5\n", 1)
+    assert text.count("  lr: ") == 2  # the file sets train.lr already: now twice
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    attempt(request, capsys, ["train", "--config", p, "--output-dir", tmp_path / "o", "--no-progress"],
+            names=[str(p), "duplicate key 'lr'", "line"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_dir_is_a_file(request, capsys, base, tmp_path):
     f = tmp_path / "file"
     f.write_text("keep me")

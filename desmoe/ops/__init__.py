@@ -82,6 +82,25 @@ def check_routing_args(logits_TE, spec: RouterSpec, bias_E=None) -> None:
         _check_tensor("bias_E", bias_E, dim=1, dtypes=_FLOAT_DTYPES, device=logits_TE.device)
         if bias_E.shape[0] != E:
             raise ValueError(f"bias_E must have shape [{E}] (num_experts), got {tuple(bias_E.shape)}")
+        _check_finite_once("bias_E", bias_E)
+
+
+def _check_finite_once(name: str, t: torch.Tensor) -> None:
+    """``t`` holds no NaN/inf. Checked once per in-place version of the tensor (a model's bias buffer is checked
+    on its first forward, then again only after it changes), so the hot path pays no host sync per call; not
+    under ``torch.compile`` or CUDA-graph capture."""
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if getattr(t, "_desmoe_finite_version", None) == t._version:
+        return
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0]) if t.dim() else 0
+        raise ValueError(f"{name} must be finite, got {t.flatten()[i].item()} at index {i}")
+    try:
+        t._desmoe_finite_version = t._version
+    except (AttributeError, RuntimeError):  # e.g. an inference tensor: just check every call
+        pass
 
 
 def kernel_routes(spec: RouterSpec) -> bool:

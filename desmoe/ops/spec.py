@@ -6,6 +6,7 @@ into primitives.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ROUTING_SCORINGS = ("softmax", "sigmoid")
@@ -72,6 +73,16 @@ class RouterSpec:
                 f"RouterSpec.n_group must be >= 1 and divide num_experts={self.num_experts}, got {self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+        # numbers: finite, and the sign the semantics need (a NaN or negative one routes silently wrong)
+        for name, ok, expected in (("scaling", lambda v: v > 0, "a finite number > 0"),
+                                   ("renorm_eps", lambda v: v >= 0, "a finite number >= 0"),
+                                   ("renorm_min", lambda v: v >= 0, "a finite number >= 0")):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"RouterSpec.{name} must be {expected}, got {v!r}")
+        mv = self.masked_value
+        if mv is not None and (not isinstance(mv, (int, float)) or isinstance(mv, bool) or math.isnan(mv)):
+            raise ValueError(f"RouterSpec.masked_value must be None or a number (-inf allowed), got {mv!r}")
 
     @property
     def grouped(self) -> bool:
