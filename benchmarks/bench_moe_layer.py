@@ -69,7 +69,7 @@ def _make_inputs(E, K, D, I, T, device, dtype, seed=0):
     return x, w1, w2, ids, weights.float()
 
 
-def _impls(E, D, I):
+def _impls(E, D, I, device=None):
     """name -> fn(x, w1, w2, ids, w, expert_trainable_E) or a string saying why it is skipped."""
     from desmoe import ops
     from desmoe.ops import reference
@@ -91,6 +91,8 @@ def _impls(E, D, I):
         out[impl] = run
     out["torch"] = lambda x, w1, w2, ids, w, m=None: reference.moe_experts_reference(x, w1, w2, ids, w)
     try:
+        if device is not None and torch.device(device).type != "cuda":
+            raise RuntimeError("Liger's Triton kernels need CUDA (the CPU interpreter cannot run them)")
         from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
 
         def liger(x, w1, w2, ids, w, m=None):
@@ -98,7 +100,7 @@ def _impls(E, D, I):
 
         out["liger"] = liger
     except Exception as exc:  # noqa: BLE001
-        out["liger"] = f"skipped: liger_kernel not importable ({type(exc).__name__})"
+        out["liger"] = f"skipped: liger_kernel not usable here ({type(exc).__name__}: {exc})"
     return out
 
 
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
     result["notes"] = []
     for shape in shapes:
         E, K, D, I = table[shape]
-        impls = _impls(E, D, I)
+        impls = _impls(E, D, I, device)
         for T in Ts:
             inputs = _make_inputs(E, K, D, I, T, device, dtype)
             flops = {"fwd": 6 * T * K * D * I, "fwd+bwd": 18 * T * K * D * I}

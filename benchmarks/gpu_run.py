@@ -117,7 +117,7 @@ def _layer(r: Run, shape: str, T: int, impls=("desmoe", "grouped_mm"), frozen=Tr
     E, K, D, I = _shape(r, shape)
     T = 8 if r.dry else T
     inputs = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype)
-    fns = bml._impls(E, D, I)
+    fns = bml._impls(E, D, I, r.dev)
     flops = {"fwd": 6 * T * K * D * I, "fwd+bwd": 18 * T * K * D * I}
     runs = [(n, p, None) for p in ("fwd", "fwd+bwd") for n in impls]
     if frozen:
@@ -234,6 +234,16 @@ def routing(r: Run) -> None:
             "speedup": t_torch / t_ours})
 
 
+def activation_checkpointing(r: Run) -> None:
+    """A DES-MoE stabilisation step (masks + KD) with activation checkpointing off / non-reentrant / reentrant:
+    gradients checked equal, then step time and peak memory, interleaved (bench_activation_checkpointing)."""
+    from benchmarks import bench_activation_checkpointing as bac
+
+    res = bac.main(["--quick", "--iters", "1", "--no-write"] if r.dry else ["--iters", "5", "--no-write"])
+    for rec in res["records"]:
+        r.emit({"stage": "activation_checkpointing", **rec})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON-lines file, appended to")
@@ -255,6 +265,7 @@ def main(argv=None) -> int:
     r.stage("liger", 40, lambda: _layer(r, "qwen3_30b_a3b", T_big, impls=("liger",), frozen=False))
     r.stage("olmoe", 50, lambda: _layer(r, "olmoe", T_big, frozen=False))
     r.stage("deepseek_v2_lite", 50, lambda: _layer(r, "deepseek_v2_lite", T_big, frozen=False))
+    r.stage("activation_checkpointing", 60, lambda: activation_checkpointing(r))
     return 0
 
 

@@ -126,6 +126,11 @@ def enable_activation_checkpointing(model, every_n: int, reentrant: bool = False
                 m.gradient_checkpointing = i % every_n == 0
 
 
+def disable_activation_checkpointing(model) -> None:
+    """Activation checkpointing off (transformers' current name where it has one)."""
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:

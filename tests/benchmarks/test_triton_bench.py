@@ -63,3 +63,15 @@ def test_bench_moe_layer_gpu_smoke(tmp_path):
                                 "grouped_mm", "--out-dir", str(tmp_path)])
     assert {r["impl"] for r in res["records"]} >= {"desmoe", "grouped_mm"}
     assert all(r.get("backend", "triton") == "triton" for r in res["records"])
+
+
+def test_bench_activation_checkpointing_quick(tmp_path):
+    # every mode's gradients equal checkpointing off (the script asserts it), and checkpointing saves less
+    from benchmarks import bench_activation_checkpointing
+
+    res = bench_activation_checkpointing.main(["--quick", "--iters", "1", "--out-dir", str(tmp_path)])
+    rec = {r["pass"].split("/")[1]: r for r in res["records"]}
+    assert set(rec) == {"off", "non_reentrant", "reentrant"}
+    assert rec["non_reentrant"]["saved_mb"] < 0.5 * rec["off"]["saved_mb"]
+    assert rec["reentrant"]["saved_mb"] < 0.5 * rec["off"]["saved_mb"]
+    assert list(tmp_path.glob("activation_checkpointing-*-quick.json"))

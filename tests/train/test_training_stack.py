@@ -16,7 +16,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 
 import desmoe  # noqa: E402
 from desmoe.integrations.tiny import tiny_model  # noqa: E402
-from desmoe.train.builders import enable_activation_checkpointing  # noqa: E402
+from desmoe.train.builders import disable_activation_checkpointing, enable_activation_checkpointing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +114,7 @@ def loop_trainers(tmp_path_factory):
 
 def _set_checkpointing(model, mode):
     if CKPT[mode] is None:
-        model.gradient_checkpointing_disable()
+        disable_activation_checkpointing(model)
     else:
         enable_activation_checkpointing(model, 1, reentrant=CKPT[mode])
 
@@ -311,15 +311,14 @@ def _controller(method, backend="grouped"):
 
 def _check_modes(model, ctl, what, step=3):
     rows = _rows()
-    enable = model.gradient_checkpointing_disable
-    enable()
+    disable_activation_checkpointing(model)
     plain, kd = _controller_step(model, ctl, rows, step)
     for mode in ("non_reentrant", "reentrant"):
         enable_activation_checkpointing(model, 1, reentrant=CKPT[mode])
         got, kd_mode = _controller_step(model, ctl, rows, step)
         _assert_same_grads(got, plain, f"{what} {mode}")
         assert (kd is None) == (kd_mode is None) and (kd is None or torch.allclose(kd, kd_mode, rtol=1e-6))
-    model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
     return plain, kd
 
 
@@ -360,7 +359,7 @@ def test_kd_reaches_only_the_alr_under_reentrant_checkpointing():
             assert p.grad is None or not p.grad.any(), f"KD reached {n} ({kinds[n]})"
     assert all(a.down.weight.grad is not None and a.down.weight.grad.abs().sum() > 0 for a in ctl.alr)
     ctl.release()
-    model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
 
 
 def test_every_n_layers_and_the_config_switch(tmp_path):
@@ -375,7 +374,7 @@ def test_every_n_layers_and_the_config_switch(tmp_path):
     flags = [m.gradient_checkpointing for m in tr.model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(flags) >= 2 and flags[::2] == [True] * len(flags[::2]) and not any(flags[1::2])
     model, ctl = _controller("des_moe")
-    model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
     rows = _rows()
     plain, _ = _controller_step(model, ctl, rows, 3)
     enable_activation_checkpointing(model, 2)
