@@ -163,7 +163,7 @@ CONFIG_CASES = [
     ("train.beta2=.nan", ["train.beta2", "nan"]),
     ("tokenizer.vocab_size=1000000000", ["tokenizer.vocab_size", "1000000000", "<= 1048576"]),
     ("tokenizer.vocab_size=10", ["tokenizer.vocab_size", "10", ">= 260"]),
-    ("tokenizer.vocab_size=1e9", ["tokenizer.vocab_size", "1e9", "an int"]),
+    ("tokenizer.vocab_size=1e9", ["tokenizer.vocab_size", "1000000000", "an int"]),  # 1e9 reads as a float
     ("train.device=123", ["train.device", "123", "auto, cpu, cuda"]),
     ("train.device=gpu", ["train.device", "gpu"]),
     ("train.device=cuda:x", ["train.device", "cuda:x"]),
