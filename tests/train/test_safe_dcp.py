@@ -53,15 +53,20 @@ def plant_metadata(dcp_dir, obj):
         pickle.dump(obj, f)
 
 
-def plant_bytes_item(dcp_dir, obj) -> str:
+def plant_bytes_item(dcp_dir, obj, file=None, tensor=False):
     """A sender's consistent plant: ``torch.save(obj)`` appended to a ``.distcp`` file and the first non-tensor
-    entry of ``.metadata`` pointed at it. Returns the file's name."""
+    entry of ``.metadata`` (in data file ``file``, if given) pointed at it. Returns the file's name, or None when
+    ``file`` holds no non-tensor entry. ``tensor``: a tensor entry instead (read by DCP's own reader, with
+    ``weights_only=True``, inside the load)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     mpath = os.path.join(dcp_dir, ".metadata")
     with open(mpath, "rb") as f:
         md = pickle.load(f)  # our own test file
-    idx = next(i for i in md.storage_data if isinstance(md.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    idx = next((i for i in md.storage_data if isinstance(md.state_dict_metadata[i.fqn], BytesStorageMetadata)
+                != tensor and file in (None, md.storage_data[i].relative_path)), None)
+    if idx is None:
+        return None
     info = md.storage_data[idx]
     buf = io.BytesIO()
     torch.save(obj, buf)
