@@ -244,6 +244,16 @@ def activation_checkpointing(r: Run) -> None:
         r.emit({"stage": "activation_checkpointing", **rec})
 
 
+def method_cost(r: Run) -> None:
+    """One step of each method on DeepSeek-V2-Lite's layer shapes, interleaved: DES-MoE per phase, FFT, ESFT,
+    frozen_router; step time as a ratio to FFT's, peak memory, optimizer state, FLOP floor (bench_method_cost)."""
+    from benchmarks import bench_method_cost as bmc
+
+    res = bmc.main(["--quick", "--iters", "1", "--no-write", "--no-rss"] if r.dry else ["--iters", "5", "--no-write"])
+    for rec in res["records"]:
+        r.emit({"stage": "method_cost", **{k: v for k, v in rec.items() if k != "times_ms"}})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON-lines file, appended to")
@@ -266,6 +276,7 @@ def main(argv=None) -> int:
     r.stage("olmoe", 50, lambda: _layer(r, "olmoe", T_big, frozen=False))
     r.stage("deepseek_v2_lite", 50, lambda: _layer(r, "deepseek_v2_lite", T_big, frozen=False))
     r.stage("activation_checkpointing", 60, lambda: activation_checkpointing(r))
+    r.stage("method_cost", 90, lambda: method_cost(r))
     return 0
 
 

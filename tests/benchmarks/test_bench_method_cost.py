@@ -1,0 +1,44 @@
+"""benchmarks/bench_method_cost.py: every method side by side in --quick mode, its accounting, the README table."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_method_cost as bmc  # noqa: E402
+
+PASSES = {"fft", "des_warmup", "des_stabilization", "des_consolidation", "esft", "frozen_router"}
+
+
+def test_method_cost_quick(tmp_path, one_thread):
+    res = bmc.main(["--quick", "--iters", "1", "--no-rss", "--out-dir", str(tmp_path)])
+    assert list(tmp_path.glob("method_cost-*-quick.json"))
+    rec = {r["pass"]: r for r in res["records"]}
+    assert set(rec) == PASSES
+    assert rec["fft"]["ratio_to_fft"] == 1.0 and rec["fft"]["floor_ratio_to_fft"] == 1.0
+    for r in rec.values():
+        # optimizer state only for what got a gradient: AdamW's two fp32 moments (+ one step scalar per tensor)
+        assert 2 * r["grad_bytes"] <= r["opt_state_bytes"] <= 2 * r["grad_bytes"] + 64 * 100
+        assert r["flops_floor"] <= r["flops_as_run"]
+    # consolidation trains masked experts only: less work and state than FFT, and no ALR/KD
+    assert rec["des_consolidation"]["floor_ratio_to_fft"] < 1.0
+    assert rec["des_consolidation"]["opt_state_bytes"] < rec["fft"]["opt_state_bytes"]
+    assert not rec["des_consolidation"]["kd_active"] and rec["des_warmup"]["kd_active"]
+    assert 0 < rec["des_stabilization"]["expert_pairs_trainable_frac"] < 1.0
+    assert rec["des_warmup"]["expert_pairs_trainable_frac"] == 1.0
+
+
+def test_method_cost_readme_table(tmp_path):
+    res = bmc.main(["--quick", "--iters", "1", "--no-rss", "--no-write"])
+    res["quick"] = False
+    import json
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "method_cost-cpu-x-2026-01-01.json").write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{bmc.README_BEGIN}\nold\n{bmc.README_END}\nb\n")
+    bmc.update_readme(str(tmp_path / "results"), str(readme))
+    text = readme.read_text()
+    assert "old" not in text and "| des_consolidation |" in text and text.endswith(f"{bmc.README_END}\nb\n")
+
+
+def test_peak_rss_alone(one_thread):
+    assert bmc.peak_rss_alone("esft", quick=True) > 10  # MB, a process of its own
