@@ -72,6 +72,7 @@ class Forward:
     None), detached: its gradient enters inside the routers (see :meth:`MethodController.combine`)."""
 
     added_loss: torch.Tensor | None = None
+    added_tokens: torch.Tensor | None = None  # the tokens the added loss averages over (its normaliser)
 
 
 class MethodController:
@@ -146,10 +147,12 @@ class MethodController:
                 records.extend(lasts)
 
     @contextlib.contextmanager
-    def applied(self, domain_ids_T: torch.Tensor):
+    def applied(self, domain_ids_T: torch.Tensor, supervised_T: torch.Tensor | None = None):
         """This step's expert gradient masks and the method's router loss for one forward of the tokens
         ``domain_ids_T`` (flattened B*S, -1 on padding). The routing statistics are recorded once, from this
-        forward, and the yielded :class:`Forward` holds the value of the method's added loss.
+        forward, and the yielded :class:`Forward` holds the value of the method's added loss, computed over the
+        tokens with a domain and, when ``supervised_T`` (bool, flattened B*S) is given, that the task loss
+        supervises (SFT: the assistant / completion tokens), so task and KD cover the same tokens.
 
         The masks and the router loss stay on the modules after the scope, through the backward, so that a layer
         that activation checkpointing replays inside the backward computes exactly what the forward did (and
@@ -170,7 +173,10 @@ class MethodController:
             set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
                              **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
                                                               "domain_expert_mask_ME": masks_LME[l]}))
-        spec = self.method.router_loss(self, domain_ids_T, self.current_phase)
+        loss_T = domain_ids_T >= 0
+        if supervised_T is not None:
+            loss_T = loss_T & supervised_T.to(loss_T.device).reshape(-1)
+        spec = self.method.router_loss(self, loss_T, self.current_phase)
         added = None
         if spec is not None:
             added = RouterAddedLoss(spec[0], self.routers[0].weight.device)
@@ -189,6 +195,7 @@ class MethodController:
         if added is not None and len(added.values) == len(self.routers):
             dev = self.routers[0].weight.device
             out.added_loss = (spec[1] * sum(v.to(dev).double() for v in added.values.values())).float()
+            out.added_tokens = loss_T.sum()
 
     def _check_experts_forward(self) -> None:
         """Masks are consumed by desmoe's experts op only: stop before a step whose masks another forward would

@@ -79,17 +79,16 @@ class DesMoE(Method):
         return lambda_at(step / self.T, schedule=c.lambda_schedule, lambda_max=c.lambda_max,
                          end=max(end, 1e-9), decay_rate=c.lambda_decay_rate)
 
-    def router_loss(self, ctl, domain_ids_T, phase):
+    def router_loss(self, ctl, valid_T, phase):
         """KD of the ALR student towards the frozen router, averaged over layers, while the ALR trains.
 
         Each router adds ``Σ_valid tokens KL(softmax(base/τ) || softmax(student/τ))`` computed in its own forward
         on its *detached* input, ``student = base(x.detach()) + ALR(x.detach())``, so the KD term reaches the ALR
         only: no expert, attention, embedding or earlier-layer parameter gets a KD gradient (the routing forward
-        itself, and so the task loss, is unchanged). ``scale`` turns the sum over layers into the per-token mean
-        averaged over layers."""
+        itself, and so the task loss, is unchanged). ``valid_T``: the tokens KD covers (bool, flattened B*S).
+        ``scale`` turns the sum over layers into the per-token mean averaged over layers."""
         if not self.uses_alr or phase == "consolidation" or ctl.last_lambda == 0.0:
             return None
-        valid_T = domain_ids_T >= 0
         tau = self.cfg.tau
 
         def loss_fn(teacher_TE, student_TE):

@@ -74,8 +74,9 @@ class Method:
         """Weight λ of the added loss at ``step``: the step's loss is ``λ·added + (1-λ)·task``."""
         return 0.0
 
-    def router_loss(self, ctl: "MethodController", domain_ids_T: torch.Tensor, phase: str):
-        """The loss this method adds inside every router's forward, or None: ``(loss_fn, scale)`` with
+    def router_loss(self, ctl: "MethodController", valid_T: torch.Tensor, phase: str):
+        """The loss this method adds inside every router's forward over the tokens ``valid_T`` (bool, flattened
+        B*S), or None: ``(loss_fn, scale)`` with
         ``loss_fn(teacher_logits_TE, student_logits_TE) -> scalar`` (a :class:`desmoe.layers.RouterAddedLoss`
         term per router) and ``scale`` turning the sum of the routers' terms into the added loss."""
         return None

@@ -7,7 +7,8 @@ from .trainer import Trainer, run
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TokenizerConfig", "TrainConfig", "apply_overrides",
            "config_from_dict", "load_config", "run", "Trainer", "CheckpointError", "NonFiniteLossError",
-           "TrainingInterrupted", "DesMoETrainer", "DesMoECallback", "StreamDataset", "evaluate_checkpoint"]
+           "TrainingInterrupted", "DesMoETrainer", "DesMoECallback", "StreamDataset", "DesMoESFTTrainer",
+           "evaluate_checkpoint"]
 
 
 def __getattr__(name):  # lazy: the adapter imports transformers.Trainer only when asked for
@@ -15,6 +16,10 @@ def __getattr__(name):  # lazy: the adapter imports transformers.Trainer only wh
         from . import hf_trainer
 
         return getattr(hf_trainer, name)
+    if name == "DesMoESFTTrainer":  # needs TRL (the `trl` extra)
+        from .trl_trainer import DesMoESFTTrainer
+
+        return DesMoESFTTrainer
     if name == "evaluate_checkpoint":
         from .evaluate import evaluate_checkpoint
 

@@ -29,7 +29,7 @@ except ImportError as e:  # pragma: no cover - transformers is a hard dependency
     raise ImportError(f"desmoe.train.hf_trainer needs transformers: {e}") from None
 
 from .builders import drop_frozen_state
-from .loss import aux_kwargs, model_aux_loss
+from .loss import aux_kwargs, model_aux_loss, supervised_tokens
 
 METHOD_STATE = "desmoe_method.pt"
 
@@ -87,6 +87,19 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 yield {k: v[i] for k, v in b.items()}
 
 
+def _refuse_peft(who: str, model, peft_config) -> None:
+    """DES-MoE decides per phase which parameters train (router/ALR, masked experts, shared experts); a PEFT
+    adapter's parameters are outside that table, so the combination is refused rather than half-applied."""
+    is_peft = type(model).__module__.startswith("peft.") or hasattr(model, "peft_config")
+    if is_peft or peft_config is not None:
+        raise ValueError(
+            f"{who}: a PEFT model or peft_config is not supported: DES-MoE sets which parameters train in each "
+            f"phase (ALR/router, the DGES-masked experts, shared experts) and a LoRA adapter's parameters are not "
+            f"among them, so its masks would not apply to the adapter. Train LoRA with the plain "
+            f"Trainer/SFTTrainer on the desmoe-patched model (the patched experts give stock values and "
+            f"gradients), or DES-MoE without PEFT")
+
+
 def _label_tokens(inputs) -> torch.Tensor:
     """Tokens a causal LM's shifted loss counts in this micro-batch (labels after the first, not -100)."""
     labels = inputs.get("labels")
@@ -95,22 +108,30 @@ def _label_tokens(inputs) -> torch.Tensor:
     return (labels[..., 1:] != -100).sum()
 
 
-class DesMoETrainer(Trainer):
-    """``transformers.Trainer`` with DES-MoE (or a baseline): ALR + λ-weighted KD loss, A collection, per-token
-    expert masks, phases. ``method``: a :class:`desmoe.method.MethodConfig` or a dict of its fields;
-    ``domain_names``: the domains indexed by the rows' ``domain_ids``. ``args.max_steps`` must be set (it is
-    the phase clock T). The model is patched (``desmoe.patch``) if it is not already."""
+class DesMoEMixin:
+    """DES-MoE (or a baseline) inside a ``transformers.Trainer`` subclass: ALR + λ-weighted KD loss, A collection,
+    per-token expert masks, phases, method state in checkpoints. One implementation behind :class:`DesMoETrainer`
+    and :class:`desmoe.train.DesMoESFTTrainer` (TRL). ``method``: a :class:`desmoe.method.MethodConfig` or a dict
+    of its fields; ``domain_names``: the domains indexed by the rows' ``domain_ids``. ``args.max_steps`` must be set
+    (it is the phase clock T). The model is patched (``desmoe.patch``) if it is not already."""
+
+    _desmoe_name = "DesMoETrainer"
 
     def __init__(self, *args, method=None, domain_names=None, aux_loss: bool = True, **kwargs):
         from ..integrations.hf import moe_blocks, patch
         from ..method import MethodConfig, MethodController, method_class
 
+        who = self._desmoe_name
         model = kwargs.get("model", args[0] if args else None)
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if model is None:
-            raise ValueError("DesMoETrainer: model is required")
+            raise ValueError(f"{who}: model is required")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{who}: model must be a loaded transformers model (desmoe patches it before training), "
+                            f"got {type(model).__name__} {model!r}; load it with AutoModelForCausalLM.from_pretrained")
+        _refuse_peft(who, model, kwargs.get("peft_config"))
         if targs is None or getattr(targs, "max_steps", -1) is None or targs.max_steps <= 0:
-            raise ValueError("DesMoETrainer: args.max_steps must be > 0 (it is the DES-MoE phase clock T), got "
+            raise ValueError(f"{who}: args.max_steps must be > 0 (it is the DES-MoE phase clock T), got "
                              f"{getattr(targs, 'max_steps', None)!r}")
         if isinstance(method, dict) or method is None:
             method = MethodConfig(**(method or {}))
@@ -119,14 +140,14 @@ class DesMoETrainer(Trainer):
         if not domain_names or not all(isinstance(d, str) for d in domain_names):
             raise ValueError(f"domain_names must be a non-empty list of domain names, got {domain_names!r}")
         if method_class(method.name)(method, targs.max_steps).prepare_batches():
-            raise ValueError(f"DesMoETrainer: method {method.name!r} needs a preparation pass over training batches "
+            raise ValueError(f"{who}: method {method.name!r} needs a preparation pass over training batches "
                              f"before training (ESFT scores experts); use `desmoe train`")
         if not moe_blocks(model):
             patch(model)
         if not hasattr(model, "hf_device_map"):  # the method's tensors (A, masks, ALR) live beside the routers
             model.to(targs.device)
         if not isinstance(aux_loss, bool):
-            raise ValueError(f"DesMoETrainer: aux_loss must be True or False, got {aux_loss!r}")
+            raise ValueError(f"{who}: aux_loss must be True or False, got {aux_loss!r}")
         self.desmoe = MethodController(model, method, targs.max_steps, list(domain_names))
         self.desmoe_aux_loss = aux_loss
         self.desmoe.apply_phase(self.desmoe.phase(0))
@@ -162,8 +183,8 @@ class DesMoETrainer(Trainer):
         if not torch.is_grad_enabled():  # evaluate / predict run under no_grad
             return self._evaluation_loss(model, inputs, dom, return_outputs, num_items_in_batch)
         if dom is None:
-            raise ValueError("DesMoETrainer: every training batch needs 'domain_ids' (LongTensor[B, S], -1 on "
-                             "padding); use desmoe.train.StreamDataset or add the column to your dataset")
+            raise ValueError(f"{self._desmoe_name}: every training batch needs 'domain_ids' (LongTensor[B, S], -1 "
+                             "on padding); use desmoe.train.StreamDataset or add the column to your dataset")
         dom_T = dom.reshape(-1)
         ctl = self.desmoe
         self._own_experts()
@@ -171,14 +192,15 @@ class DesMoETrainer(Trainer):
         scaled = bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None
         if scaled:
             kwargs["num_items_in_batch"] = num_items_in_batch
-        with ctl.applied(dom_T) as fwd:
+        inputs.setdefault("use_cache", False)  # no KV cache in training (and none under activation checkpointing)
+        with ctl.applied(dom_T, supervised_T=supervised_tokens(inputs.get("labels"), dom_T.numel())) as fwd:
             outputs = model(**inputs, **kwargs)
         kd = fwd.added_loss
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         aux = model_aux_loss(ctl.model, outputs)
         if aux is not None and "labels" in inputs:  # HF added coef·aux to outputs.loss: keep it out of (1-λ)
             task = task - aux.to(task.dtype)
-        n_valid = (dom_T >= 0).sum()
+        n_valid = fwd.added_tokens if fwd.added_tokens is not None else (dom_T >= 0).sum()
         n_labels = _label_tokens(inputs)
         kd_scale = 1.0
         if scaled and kd is not None:  # Σ KD over this micro-batch's tokens / the step's label tokens, like task
@@ -246,3 +268,7 @@ class DesMoETrainer(Trainer):
 
             self.desmoe.load_state_dict(load_state_file(p))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, *args, **kwargs)
+
+
+class DesMoETrainer(DesMoEMixin, Trainer):
+    """``transformers.Trainer`` with DES-MoE (or a baseline): see :class:`DesMoEMixin`."""

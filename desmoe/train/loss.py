@@ -49,3 +49,14 @@ def task_loss(model, batch, device, bf16, fwd=None, aux: bool | None = None):
     ce, valid = token_losses(out.logits, batch["labels"])
     loss = ce.sum() / valid.sum().clamp(min=1)
     return loss, model_aux_loss(model, out), ce.detach(), valid
+
+
+def supervised_tokens(labels: torch.Tensor | None, num_tokens: int | None = None) -> torch.Tensor | None:
+    """bool, flattened like the batch: the tokens a causal LM's shifted loss supervises (the label one position on
+    is not -100). The method's added loss (KD) is computed over the same tokens as the task loss. None without
+    labels (or when ``num_tokens`` does not match them)."""
+    if labels is None or (num_tokens is not None and labels.numel() != num_tokens):
+        return None
+    sup = torch.zeros_like(labels, dtype=torch.bool)
+    sup[..., :-1] = labels[..., 1:] != -100
+    return sup.reshape(-1)

@@ -27,7 +27,7 @@ from .builders import (build_model, build_optimizer, build_tokenizer, drop_froze
                        eval_kwargs, load_texts, lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
 from .config import Config
 from .guards import NonFiniteLossError, TrainingInterrupted, diagnose_nonfinite
-from .loss import task_loss, to_device
+from .loss import supervised_tokens, task_loss, to_device
 from .plots import save_affinity_png, save_loss_curve_png
 from .runlog import RunLog, rss_mb, truncate_history
 from .signals import StopFlag
@@ -334,11 +334,12 @@ class Trainer:
         dom_T = b["domain_ids"].reshape(-1)
         no_sync = W > 1 and hasattr(self.fwd, "no_sync") and micro < ga - 1
         with self.fwd.no_sync() if no_sync else contextlib.nullcontext():
-            with ctl.applied(dom_T) as fwd:
+            with ctl.applied(dom_T, supervised_T=supervised_tokens(b["labels"], dom_T.numel())) as fwd:
                 task, aux, ce, valid = task_loss(self.model, b, self.device, self.bf16, fwd=self.fwd,
                                                 aux=self.cfg.train.aux_loss)
             kd = fwd.added_loss
-            g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), (dom_T >= 0).sum().double())
+            n_kd = fwd.added_tokens if fwd.added_tokens is not None else (dom_T >= 0).sum()
+            g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), n_kd.double())
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}
             if st.bad is None:
                 st.bad = next(((n, v, b) for n, v in terms.items() if v is not None and not math.isfinite(v)), None)

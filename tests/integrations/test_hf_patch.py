@@ -300,3 +300,27 @@ def test_parity_timings_are_warm_medians_not_the_cold_first_call(monkeypatch):
     for n, p in m.named_parameters():  # timing restores the first call's gradients
         if n in before:
             assert torch.equal(p.grad, before[n]), n
+
+
+def test_from_pretrained_with_experts_implementation_desmoe(tmp_path):
+    # the idiomatic entry: after `import desmoe`, transformers loads a model with desmoe's experts (routers still
+    # need desmoe.patch: the implementation switch covers the experts module only)
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
+
+    from desmoe import ops
+
+    ref = tiny_model("qwen3_moe", vocab_size=64)
+    ref.save_pretrained(str(tmp_path / "m"))
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), experts_implementation="desmoe")
+    assert m.config._experts_implementation == "desmoe"
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(ops, "moe_experts", wraps=ops.moe_experts) as spy:
+        out = m(ids)
+    assert spy.call_count == m.config.num_hidden_layers
+    ref.set_experts_implementation("eager")
+    torch.testing.assert_close(out.logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(x, TopKRouter) for x in m.modules())  # routers: desmoe.patch(m)
+    desmoe.patch(m)
+    assert any(isinstance(x, TopKRouter) for x in m.modules())

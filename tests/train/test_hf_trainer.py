@@ -120,7 +120,7 @@ def test_aux_loss_included_the_same_way_in_the_loop_and_the_trainer(tmp_path):
     (HF's outputs.loss already holds coef·aux: the Trainer path must not scale it by 1-λ); aux_loss=False drops it."""
     from transformers import TrainingArguments
 
-    from desmoe.train.loss import task_loss
+    from desmoe.train.loss import supervised_tokens, task_loss
 
     torch.manual_seed(0)
     model = tiny_model("qwen3_moe", vocab_size=64, router_aux_loss_coef=0.5)  # large: a (1-λ) scaling would show
@@ -139,7 +139,7 @@ def test_aux_loss_included_the_same_way_in_the_loop_and_the_trainer(tmp_path):
             torch.nn.init.normal_(a.down.weight, std=0.3)
         assert 0 < ctl.last_lambda < 1
         dom_T = b["domain_ids"].reshape(-1)
-        with ctl.applied(dom_T) as fwd:  # the loop's formula
+        with ctl.applied(dom_T, supervised_T=supervised_tokens(b["labels"])) as fwd:  # the loop's formula
             task, aux, _, _ = task_loss(model, b, torch.device("cpu"), False, aux=aux_on)
         assert (aux is not None) == aux_on
         loop = ctl.combine(task, fwd.added_loss) + (aux if aux is not None else 0.0)
