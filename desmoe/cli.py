@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--fit-tokens", type=int, default=65536, help="tokens per training domain to fit routers on")
     ex.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain for the report")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="weights' dtype on disk (default auto: the run's model.dtype, bf16 for a bf16 run)")
+    ex.add_argument("--max-shard-size", default="5GB",
+                    help="safetensors shards of at most this size, with an index (as save_pretrained; default 5GB)")
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--format", choices=["table", "json"], default="table")
 
@@ -381,6 +385,17 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def _shard_size(v: str):
+    """``--max-shard-size``: an int of bytes, or a size like 5GB / 500MB (what save_pretrained takes)."""
+    import re
+
+    if re.fullmatch(r"\d+", v):
+        return int(v)
+    if re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)", v, re.I):
+        return v
+    raise ValueError(f"--max-shard-size: expected bytes or a size like 5GB / 500MB, got {v!r}")
+
+
 def cmd_export(a) -> int:
     import warnings
 
@@ -389,7 +404,8 @@ def cmd_export(a) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rep = export(a.checkpoint, a.out, fit_tokens=a.fit_tokens, eval_tokens=a.eval_tokens,
-                     min_agreement=a.min_agreement, on_low=a.on_low, overwrite=a.overwrite, device=a.device)
+                     min_agreement=a.min_agreement, on_low=a.on_low, overwrite=a.overwrite, device=a.device,
+                     dtype=a.dtype, max_shard_size=_shard_size(a.max_shard_size))
     if a.format == "json":
         print(json.dumps(rep, indent=1))
     else:

@@ -300,11 +300,19 @@ def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]]) ->
             for d, (docs, batches) in batches_by_domain.items()}
 
 
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_tokens: int = 16384,
            min_agreement: float = 0.9, on_low: str = "warn", ridge: float = 1e-3, overwrite: bool = False,
-           device: str = "cpu") -> dict:
+           device: str = "cpu", dtype: str = "auto", max_shard_size: str | int = "5GB") -> dict:
     """Write a stock Hugging Face model to ``out_dir`` that routes like the trained checkpoint; returns the report
-    (also written to ``out_dir/desmoe_export.json``). See the module docstring."""
+    (also written to ``out_dir/desmoe_export.json``). See the module docstring.
+
+    ``dtype``: the weights' dtype on disk: ``"auto"`` is the run's training dtype (``model.dtype``: bf16 for a bf16
+    run, whose masters were fp32), else ``float32``/``bfloat16``/``float16``. ``max_shard_size``: safetensors
+    shards of at most this size with an index, as ``save_pretrained`` writes them. The agreement gate
+    (``min_agreement``) is judged on the validation split; the test split's agreement and losses are reported."""
     from transformers import AutoModelForCausalLM
 
     from .integrations.hf import routers as get_routers
@@ -319,6 +327,8 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     for name, v in (("fit_tokens", fit_tokens), ("eval_tokens", eval_tokens)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ExportError(f"{name} must be an int >= 1, got {v!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
     _check_out(out_dir, overwrite)
     mdir = _model_dir(checkpoint)
     ckpt = os.path.dirname(mdir)
@@ -333,18 +343,22 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     routers = get_routers(model)
     has_alr = any(r.residual is not None for r in routers)
     general = [cfg.data.general] if cfg.data.general and cfg.data.general not in cfg.data.domains else []
-    held = _domain_batches(cfg, tok, "test", list(cfg.data.domains) + general, eval_tokens)
+    names = list(cfg.data.domains) + general
+    held = _domain_batches(cfg, tok, "test", names, eval_tokens)
+    val = _domain_batches(cfg, tok, "validation", names, eval_tokens)  # the gate's split (model selection)
     if has_alr:
         fit = _domain_batches(cfg, tok, "train", list(cfg.data.domains), fit_tokens)
         weights = fit_linear_routers(model, [b for _, bs in fit.values() for b in bs], ridge=ridge)
+        agree_val = routing_agreement(model, weights, [b for _, bs in val.values() for b in bs])
         agree = routing_agreement(model, weights, [b for _, bs in held.values() for b in bs])
     else:  # nothing to fit: the linear routers are the trained routers
         weights = [r.weight.detach().float().cpu() for r in routers]
         agree = [{"layer": i, "topk_exact": 1.0, "topk_overlap": 1.0, "tokens": 0} for i in range(len(routers))]
-    worst = min(a["topk_exact"] for a in agree)
+        agree_val = agree
+    worst = min(a["topk_exact"] for a in agree_val)
     low = worst < min_agreement
-    msg = (f"exported routers reproduce the trained top-k set on {worst:.1%} of held-out tokens in the worst layer "
-           f"(min_agreement {min_agreement:.1%})")
+    msg = (f"exported routers reproduce the trained top-k set on {worst:.1%} of validation tokens in the worst "
+           f"layer (min_agreement {min_agreement:.1%})")
     if low and on_low == "refuse":
         raise ExportError(msg + "; nothing written (use --on-low warn to export anyway)")
     trained_loss = _held_out_loss(model, cfg, tok, held)
@@ -355,14 +369,22 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     unpatch(model)
     tmp = out_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
+    out_dtype = cfg.model.dtype if dtype == "auto" else dtype
     try:  # written to OUT.tmp-export, renamed when whole; removed on any failure (full disk, Ctrl-C, ...)
-        model.save_pretrained(tmp)
+        model.to(getattr(torch, out_dtype))
+        model.config.dtype = out_dtype
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
-        stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()  # plain transformers
+        # plain transformers, in the dtype written (what a server loads)
+        stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, out_dtype)).to(device).eval()
         exported_loss = _held_out_loss(stock, cfg, tok, held)
         report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
-                  "ridge": ridge, "agreement": agree, "min_topk_exact": worst, "min_agreement": min_agreement,
-                  "below_threshold": low,
+                  "ridge": ridge, "agreement": agree, "agreement_validation": agree_val, "gate_split": "validation",
+                  "min_topk_exact": worst, "min_agreement": min_agreement, "below_threshold": low,
+                  "dtype": out_dtype, "architectures": list(getattr(stock.config, "architectures", None) or []),
+                  "serving": "a stock transformers checkpoint (config, safetensors, tokenizer; no desmoe keys): "
+                             "loaded by transformers (checked here); vLLM and SGLang load the architectures they "
+                             "register under these names (not run here)",
                   "held_out_loss": {d: {"trained": trained_loss[d], "exported": exported_loss[d],
                                         "delta": exported_loss[d] - trained_loss[d]} for d in held}}
         with open(os.path.join(tmp, EXPORT_REPORT), "w") as f:
@@ -403,13 +425,16 @@ def _check_out(out_dir: str, overwrite: bool) -> None:
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"{'layer':>5}  {'top-k exact':>11}  {'top-k overlap':>13}"]
-    for a in rep["agreement"]:
-        lines.append(f"{a['layer']:>5}  {a['topk_exact']:>11.3f}  {a['topk_overlap']:>13.3f}")
+    lines = [f"{'layer':>5}  {'top-k exact (validation, gate)':>30}  {'top-k exact (test)':>18}  "
+             f"{'top-k overlap (test)':>20}"]
+    for v, a in zip(rep.get("agreement_validation", rep["agreement"]), rep["agreement"]):
+        lines.append(f"{a['layer']:>5}  {v['topk_exact']:>30.3f}  {a['topk_exact']:>18.3f}  {a['topk_overlap']:>20.3f}")
     lines.append(f"{'domain':<14}{'trained':>9}{'exported':>10}{'delta':>9}")
     for d, r in rep["held_out_loss"].items():
         lines.append(f"{d:<14}{r['trained']:>9.4f}{r['exported']:>10.4f}{r['delta']:>+9.4f}")
     if rep["below_threshold"]:
-        lines.append(f"WARNING: the worst layer agrees on {rep['min_topk_exact']:.1%} of tokens, below "
+        lines.append(f"WARNING: the worst layer agrees on {rep['min_topk_exact']:.1%} of validation tokens, below "
                      f"{rep['min_agreement']:.1%}")
+    if "dtype" in rep:
+        lines.append(f"weights written in {rep['dtype']} ({', '.join(rep.get('architectures') or ['?'])})")
     return "\n".join(lines)

@@ -257,3 +257,25 @@ def test_export_out_is_checked_before_the_work(trained, tmp_path, capsys, monkey
         assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert name in err and str(f) in err, err
+
+
+def test_export_dtype_shards_and_the_validation_gate(trained, tmp_path):
+    # bf16 on disk when asked (auto: the run's model.dtype, float32 for this tiny run), sharded safetensors with an
+    # index, the gate judged on the validation split while test agreement is reported
+    out = tmp_path / "bf16"
+    rep = export(str(trained), str(out), fit_tokens=2048, eval_tokens=512, min_agreement=0.0, dtype="bfloat16",
+                 max_shard_size=20_000)
+    assert rep["dtype"] == "bfloat16" and rep["gate_split"] == "validation"
+    assert len(rep["agreement_validation"]) == len(rep["agreement"])
+    assert rep["min_topk_exact"] == min(a["topk_exact"] for a in rep["agreement_validation"])
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    stock = AutoModelForCausalLM.from_pretrained(str(out))
+    assert next(stock.parameters()).dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert rep["architectures"] == stock.config.architectures and "desmoe" not in (out / "config.json").read_text()
+    assert export(str(trained), str(tmp_path / "auto"), fit_tokens=2048, eval_tokens=512,
+                  min_agreement=0.0)["dtype"] == "float32"
+    with pytest.raises(ExportError, match="dtype must be one of"):
+        export(str(trained), str(tmp_path / "x"), dtype="int8")
