@@ -67,7 +67,9 @@ class TopKRouter(nn.Module):
             detached, ``logits_TE`` keeps its graph (the pretraining load-balancing loss). Recording adds no
             computation, so a forward replayed by activation checkpointing saves the same tensors either way.
         added_loss: a :class:`RouterAddedLoss` (DES-MoE's KD): with a residual, each forward computes its term on
-            the student ``base_logits.detach() + residual(x.detach())`` and attaches it to the graph here.
+            the student ``base_logits.detach() + residual(x.detach())`` and attaches it to the graph here. A
+            residual with ``shares_kd_evaluation = True`` (the ALR) is evaluated once for both:
+            ``residual(x, pair=True)`` returns the routing copy and a KD copy whose gradient stops at the residual.
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
@@ -129,7 +131,15 @@ class TopKRouter(nn.Module):
         family passes in (LFM2-MoE) instead of holding it."""
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         base_TE = self.base_logits(x_TD)
-        logits_TE = base_TE if self.residual is None else base_TE + self.residual(x_TD).to(base_TE.dtype)
+        added, kd_TE = self.added_loss, None
+        if self.residual is None:
+            logits_TE = base_TE
+        elif added is not None and getattr(self.residual, "shares_kd_evaluation", False):
+            # one ALR evaluation for the routing path and the KD student (its KD copy's gradient stops at the ALR)
+            r_TE, kd_TE = self.residual(x_TD, pair=True)
+            logits_TE = base_TE + r_TE.to(base_TE.dtype)
+        else:
+            logits_TE = base_TE + self.residual(x_TD).to(base_TE.dtype)
         s = self.spec
         bias_E = expert_bias if expert_bias is not None else self.bias_E()
         weights_TK, ids_TK = ops.topk_route(logits_TE, s, bias_E=bias_E, backend=self.backend)
@@ -137,11 +147,12 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK.to(logits_TE.dtype)
         elif s.weights_dtype == "input":
             weights_TK = weights_TK.to(hidden_states.dtype)
-        added = self.added_loss
         if added is not None and self.residual is not None:
             # the ALR student on the detached input, inside this forward (under FSDP2 the ALR's parameters are
             # only gathered here), so the added loss reaches the ALR only
-            student_TE = base_TE.detach() + self.residual(x_TD.detach()).to(base_TE.dtype)
+            if kd_TE is None:
+                kd_TE = self.residual(x_TD.detach())
+            student_TE = base_TE.detach() + kd_TE.to(base_TE.dtype)
             term = added.loss_fn(base_TE.detach(), student_TE)
             added.values.setdefault(id(self), term.detach())  # the first forward's; a replay computes the same
             if torch.is_grad_enabled() and term.requires_grad:

@@ -16,26 +16,102 @@ import torch.nn.functional as F
 LAMBDA_SCHEDULES = ("linear", "cosine", "exponential", "constant")
 
 
-class ALRResidual(nn.Module):
-    """``x_TD -> delta_logits_TE``: Linear(D, 4D) (Kaiming init) -> GELU -> Linear(4D, E) (zero init)."""
+def alr_width(hidden_dim: int, expansion: float) -> int:
+    """The ALR's hidden width: ``round(expansion·D)``, at least 1."""
+    return max(1, int(round(float(expansion) * hidden_dim)))
 
-    def __init__(self, hidden_dim: int, num_experts: int, expansion: int = 4):
+
+def alr_cost(hidden_dim: int, num_experts: int, expansion: float) -> tuple[int, int]:
+    """``(parameters, forward FLOPs per token)`` of one layer's ALR (weights and biases; 2 FLOPs per MAC). Training
+    adds a backward of about twice the forward while the ALR trains (dW and dX)."""
+    h = alr_width(hidden_dim, expansion)
+    return hidden_dim * h + h + h * num_experts + num_experts, 2 * (hidden_dim * h + h * num_experts)
+
+
+class _TwoCopies(torch.autograd.Function):
+    """One evaluation of the ALR MLP returned twice with identical values: ``(routing copy, KD copy)``.
+
+    The backward sums both copies' gradients for the parameters, and takes dX from the routing copy's alone, so the
+    KD term reaches the ALR's parameters and never ``x`` (the layer below), as ``ALR(x.detach())`` would, at the cost
+    of one forward instead of two and one dW instead of two. Compute dtype: the autocast dtype when autocast is on
+    for ``x``'s device (what ``nn.Linear`` would use), else the weights' dtype; parameter gradients come back in the
+    parameters' dtype. Deterministic, and a replay (activation checkpointing) saves the same tensors."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_up, b_up, w_down, b_down):
+        dev = x_TD.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w_up.dtype
+        with torch.autocast(dev, enabled=False):
+            x = x_TD.to(dt)
+            wu, wd = w_up.to(dt), w_down.to(dt)
+            pre_TH = F.linear(x, wu, b_up.to(dt))
+            out_TE = F.linear(F.gelu(pre_TH), wd, b_down.to(dt))
+        ctx.save_for_backward(x, pre_TH, wu, wd)
+        ctx.x_dtype, ctx.dtypes = x_TD.dtype, (w_up.dtype, b_up.dtype, w_down.dtype, b_down.dtype)
+        ctx.set_materialize_grads(False)
+        return out_TE, out_TE.clone()
+
+    @staticmethod
+    def backward(ctx, g_route_TE, g_kd_TE):
+        x, pre_TH, wu, wd = ctx.saved_tensors
+        dev = x.device.type
+        need_x, need_wu, need_bu, need_wd, need_bd = ctx.needs_input_grad
+        dx = dwu = dbu = dwd = dbd = None
+        with torch.autocast(dev, enabled=False):
+            g_TE = g_route_TE if g_kd_TE is None else g_kd_TE if g_route_TE is None else g_route_TE + g_kd_TE
+            if g_TE is None:
+                return None, None, None, None, None
+            g_TE = g_TE.to(wd.dtype)
+            if need_wd:
+                dwd = (g_TE.t() @ F.gelu(pre_TH)).to(ctx.dtypes[2])
+            if need_bd:
+                dbd = g_TE.sum(0).to(ctx.dtypes[3])
+            if need_wu or need_bu:
+                dpre_TH = torch.ops.aten.gelu_backward(g_TE @ wd, pre_TH)
+                if need_wu:
+                    dwu = (dpre_TH.t() @ x).to(ctx.dtypes[0])
+                if need_bu:
+                    dbu = dpre_TH.sum(0).to(ctx.dtypes[1])
+            if need_x and g_route_TE is not None:
+                if g_kd_TE is None and (need_wu or need_bu):
+                    dpre_route_TH = dpre_TH  # no KD gradient: the same chain
+                else:
+                    dpre_route_TH = torch.ops.aten.gelu_backward(g_route_TE.to(wd.dtype) @ wd, pre_TH)
+                dx = (dpre_route_TH @ wu).to(ctx.x_dtype)
+        return dx, dwu, dbu, dwd, dbd
+
+
+class ALRResidual(nn.Module):
+    """``x_TD -> delta_logits_TE``: Linear(D, H) (Kaiming init) -> GELU -> Linear(H, E) (zero init), with the
+    hidden width ``H = round(expansion·D)`` (:func:`alr_width`)."""
+
+    shares_kd_evaluation = True  # the router calls forward(x, pair=True) when it also needs the KD student
+
+    def __init__(self, hidden_dim: int, num_experts: int, expansion: float = 4):
         super().__init__()
-        if hidden_dim < 1 or num_experts < 1 or expansion < 1:
-            raise ValueError(f"hidden_dim, num_experts, expansion must be >= 1, got {hidden_dim}, {num_experts}, {expansion}")
-        self.up = nn.Linear(hidden_dim, expansion * hidden_dim)
-        self.down = nn.Linear(expansion * hidden_dim, num_experts)
+        if hidden_dim < 1 or num_experts < 1 or not expansion > 0:
+            raise ValueError(f"hidden_dim, num_experts must be >= 1 and expansion > 0, got {hidden_dim}, "
+                             f"{num_experts}, {expansion}")
+        h = alr_width(hidden_dim, expansion)
+        self.up = nn.Linear(hidden_dim, h)
+        self.down = nn.Linear(h, num_experts)
         nn.init.kaiming_normal_(self.up.weight, nonlinearity="relu")
         nn.init.zeros_(self.up.bias)
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, pair: bool = False):
+        """``delta_logits_TE``; with ``pair=True`` the tuple ``(routing copy, KD copy)`` of it from one evaluation
+        (:class:`_TwoCopies`): the KD copy's gradient reaches the parameters only, as ``self(x_TD.detach())``'s
+        would. Through ``__call__`` either way, so module hooks (FSDP2's gathering) run."""
+        if pair:
+            x = x_TD if torch.is_autocast_enabled(x_TD.device.type) else x_TD.to(self.up.weight.dtype)
+            return _TwoCopies.apply(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias)
         # run in the parameters' dtype (fp32 master weights under autocast still fine)
         return self.down(F.gelu(self.up(x_TD.to(self.up.weight.dtype))))
 
 
-def attach_alr(routers, expansion: int = 4) -> list[ALRResidual]:
+def attach_alr(routers, expansion: float = 4) -> list[ALRResidual]:
     """Give every :class:`desmoe.layers.TopKRouter` in ``routers`` a fresh ALR residual (on its device)."""
     out = []
     for r in routers:
