@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["table", "json"], default="table",
                    help="stdout: a table (default) or the results JSON alone")
     e.add_argument("--device", default="auto")
+    e.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks to run too (needs "
+                   "the `eval` extra); on a checkpoint (as trained, ALR included) or an exported folder")
+    e.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
 
     b = sub.add_parser("bench", help="run a script from benchmarks/ (e.g. desmoe bench train_step --quick)")
     b.add_argument("name", help="benchmark name: bench_<name>.py or <name>.py in benchmarks/")
@@ -91,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, device, which backends patch() will use, extension, model types")
     i.add_argument("--format", choices=["table", "json"], default="table", help="table (default) or json")
+    i.add_argument("--model", default=None, help="a model folder or config.json: also print the ALR's cost on it "
+                   "(parameters, FLOPs per token, share of the active parameters' FLOPs)")
+    i.add_argument("--alr-expansion", type=float, default=None, help="with --model: the ALR width to cost "
+                   "(default: method.alr_expansion's default)")
     return p
 
 
@@ -164,17 +172,53 @@ def cmd_eval(a) -> int:
     from .train.config import check_device
 
     check_device("--device", a.device)
-    res = evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n, device=a.device)
+    tasks = None if a.tasks is None else [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if a.tasks is not None and not tasks:
+        raise ValueError(f"--tasks: expected comma-separated lm-eval task names, got {a.tasks!r}")
+    exported = _is_export(a.checkpoint)
+    if exported and not tasks:
+        raise ValueError(f"--checkpoint {a.checkpoint!r} is an exported model (desmoe_export.json): its held-out "
+                         f"losses are in that report; pass --tasks to run benchmarks on it")
+    res = {} if exported else evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n,
+                                                  device=a.device)
+    if tasks:
+        res["lm_eval"] = _lm_eval(a, tasks, exported)
     text = json.dumps(res, indent=1, default=str)
     if a.format == "json":  # machine output only: nothing else on stdout
         print(text)
     else:
-        print(f"checkpoint {res['checkpoint']} (method {res['method']}, step {res['step']})")
-        print(format_table(res))
+        if not exported:
+            print(f"checkpoint {res['checkpoint']} (method {res['method']}, step {res['step']})")
+            print(format_table(res))
+        if tasks:
+            from .eval.harness import format_tasks
+
+            print(("exported model " + a.checkpoint + "\n" if exported else "") + format_tasks(res["lm_eval"]))
     if a.json:
         with open(a.json, "w") as f:
             f.write(text + "\n")
     return 0
+
+
+def _is_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "desmoe_export.json")) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _lm_eval(a, tasks: list[str], exported: bool) -> dict:
+    """lm-eval tasks on the model as trained (``desmoe.from_pretrained``: ALR included) or on an export (stock)."""
+    import torch
+
+    from .eval.harness import run_tasks
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    from .export import from_pretrained
+
+    model, tok = from_pretrained(a.checkpoint, device=dev)  # verified, safetensors only
+    if exported:  # what a server runs: stock transformers modules
+        from .integrations.hf import unpatch
+
+        unpatch(model)
+    return run_tasks(model.to(dev), tok, tasks, include_path=a.include_path, limit=a.limit, device=dev)
 
 
 def cmd_bench(a) -> int:
@@ -420,7 +464,7 @@ def cmd_export(a) -> int:
 def cmd_info(a) -> int:
     from .info import main as info_main
 
-    return info_main(a.format)
+    return info_main(a.format, model=a.model, alr_expansion=a.alr_expansion)
 
 
 def _cpu_threads(cmd: str) -> None:

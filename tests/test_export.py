@@ -279,3 +279,37 @@ def test_export_dtype_shards_and_the_validation_gate(trained, tmp_path):
                   min_agreement=0.0)["dtype"] == "float32"
     with pytest.raises(ExportError, match="dtype must be one of"):
         export(str(trained), str(tmp_path / "x"), dtype="int8")
+
+
+def _tiny_task(root):
+    """A multiple-choice lm-eval task of our own: a YAML and a local JSONL (no hub)."""
+    root.mkdir(exist_ok=True)
+    rows = [{"question": f"alpha beta {i}", "choices": ["alpha", "beta", "gamma"], "answer": i % 3} for i in range(6)]
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "desmoe_tiny_mc.yaml").write_text(
+        "task: desmoe_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {root / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    return root
+
+
+def test_eval_tasks_on_the_checkpoint_and_on_an_export(trained, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    tasks = _tiny_task(tmp_path / "tasks")
+    out_json = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(trained), "--tasks", "desmoe_tiny_mc", "--include-path", str(tasks),
+                 "--max-batches", "1", "--math-n", "0", "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())
+    assert 0.0 <= res["lm_eval"]["desmoe_tiny_mc"]["acc,none"] <= 1.0
+    assert res["domains"]  # next to the held-out losses
+    assert "desmoe_tiny_mc" in capsys.readouterr().out
+    exp = tmp_path / "exp"
+    export(str(trained), str(exp), fit_tokens=2048, eval_tokens=512, min_agreement=0.0)
+    assert main(["eval", "--checkpoint", str(exp), "--tasks", "desmoe_tiny_mc", "--include-path", str(tasks),
+                 "--format", "json"]) == 0
+    res2 = json.loads(capsys.readouterr().out)
+    assert set(res2) == {"lm_eval"} and "acc,none" in res2["lm_eval"]["desmoe_tiny_mc"]
+    assert main(["eval", "--checkpoint", str(trained), "--tasks", "no_such_task", "--include-path",
+                 str(tasks)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err
