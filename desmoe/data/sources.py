@@ -1,8 +1,9 @@
 """``load_domain_texts``: one domain's documents from the built-in sources, local files, or a hub dataset.
 
 Records (json/jsonl/parquet rows, hub rows) become text through ``text_field`` when present, else through a
-formatter for well-known field layouts (question/answer, prompt/completion, msgid/msgstr, translation dicts,
-document/summary, ...).
+formatter for well-known field layouts (question/answer, msgid/msgstr, translation dicts, document/summary, ...).
+Chat rows (``messages``) and prompt/completion rows are SFT data (:mod:`desmoe.data.sft`): they become
+:class:`~desmoe.data.sft.SFTDoc` strings whose tokens are supervised only on the assistant / completion part.
 
 Splits ('train', 'validation', 'test'). A dataset's own named splits are used where they exist (a hub or
 ``save_to_disk`` DatasetDict's splits; a directory's files named ``train*``, ``test*``, ``valid*``/``val*``/
@@ -26,6 +27,7 @@ from ._util import check_split, seeded_subset, split_of
 from .builtin import DOMAINS, DataSourceError, load_builtin
 from .hub import LOCAL_EXTS, check_hub_name, is_hub_name
 from .mathgen import format_math
+from .sft import is_sft_record, parse_sft_record
 _LANG_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
                "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ro": "Romanian",
                "cs": "Czech", "fi": "Finnish", "tr": "Turkish"}
@@ -65,18 +67,24 @@ def format_record(record: dict, domain: str = "general", text_field: str = "text
     return None
 
 
-def _records_to_texts(records, source: str, domain: str, text_field: str) -> list[str]:
+def _records_to_texts(records, source: str, domain: str, text_field: str, rows=None) -> list[str]:
+    """Texts of ``records``; chat and prompt/completion rows become :class:`~desmoe.data.sft.SFTDoc` (a str).
+    ``rows``: each record's name in errors (a JSONL file's line numbers), default "record i"."""
     texts = []
     for i, rec in enumerate(records):
         if isinstance(rec, str):
             texts.append(rec)
             continue
+        where = f"{source}: {rows[i] if rows is not None else f'record {i}'}"
         if not isinstance(rec, dict):
-            raise DataSourceError(f"{source}: record {i} is a {type(rec).__name__}, expected an object or a string")
+            raise DataSourceError(f"{where} is a {type(rec).__name__}, expected an object or a string")
+        if is_sft_record(rec, text_field):
+            texts.append(parse_sft_record(rec, where))
+            continue
         text = format_record(rec, domain, text_field)
         if text is None:
             raise DataSourceError(
-                f"{source}: record {i} has no field {text_field!r} and no known layout (fields: {sorted(rec)}); "
+                f"{where} has no field {text_field!r} and no known layout (fields: {sorted(rec)}); "
                 f"pass text_field= the name of the text column")
         texts.append(text)
     return texts
@@ -105,7 +113,7 @@ def _parse_local_file(path: Path, domain: str, text_field: str) -> list[str]:
         return [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
                 if p.strip()]
     if ext == ".jsonl":
-        records = []
+        records, rows = [], []
         with open(path, encoding="utf-8") as f:
             for ln, line in enumerate(f, 1):
                 if line.strip():
@@ -113,7 +121,8 @@ def _parse_local_file(path: Path, domain: str, text_field: str) -> list[str]:
                         records.append(json.loads(line))
                     except ValueError as e:
                         raise DataSourceError(f"{path}: line {ln} is not valid JSON ({e})") from None
-        return _records_to_texts(records, str(path), domain, text_field)
+                    rows.append(f"line {ln}")
+        return _records_to_texts(records, str(path), domain, text_field, rows)
     if ext == ".json":
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))

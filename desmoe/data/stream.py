@@ -4,12 +4,19 @@ Packing rule (shared by both): documents are appended to a row each followed by 
 does not fit in the rest of the row starts the next row (the rest is padding) unless it is longer than a whole
 row, in which case it fills the row and continues in the domain's next row. Short documents (a math problem)
 are therefore never cut; long ones (a source file) waste nothing.
+
+Supervision: every token of a raw-text document is a target, its EOS included (labels = input_ids, -100 on
+padding). An SFT document (:class:`~desmoe.data.sft.SupervisedDoc`) carries one flag per token: its labels are
+-100 outside the assistant / completion tokens, and its first token is never a target, so no loss term predicts
+one document from the one packed before it. Attention is NOT separated: documents packed into one row attend to
+the earlier documents of that row (positions run on across them), as with raw text.
 """
 from __future__ import annotations
 
 import torch
 
 from ._util import permutation, uniform01
+from .sft import tokenize_texts
 
 _IGNORE = -100
 
@@ -33,8 +40,9 @@ class _Packer:
         self.seq_len = seq_len
         self.eos_id = eos_id
 
-    def fill(self, row: list[int], doc: list[int], offset: int) -> tuple[int, bool]:
-        """Append from ``doc[offset:] + [eos]`` to ``row``; returns (new offset, doc finished).
+    def fill(self, row: list[int], doc: list[int], offset: int, sup: list[int] | None = None) -> tuple[int, bool]:
+        """Append from ``doc[offset:] + [eos]`` to ``row``; returns (new offset, doc finished). ``sup``: a list
+        kept parallel to ``row``, extended with each appended token's supervision flag (1 for raw text).
 
         Returns offset unchanged (and False) when a short doc does not fit: the row is done.
         """
@@ -44,15 +52,33 @@ class _Packer:
         if remaining <= space:
             row.extend(doc[offset:])
             row.append(self.eos_id)
+            if sup is not None:
+                _extend_sup(sup, doc, offset, len(doc), True)
             return 0, True
         if unit_len > self.seq_len or offset > 0:  # a long doc: cut it at the row boundary
             take = doc[offset: offset + space]
             row.extend(take)
+            if sup is not None:
+                _extend_sup(sup, doc, offset, offset + len(take), len(take) < space)
             if len(take) < space:  # only the eos was left out
                 row.append(self.eos_id)
                 return 0, True
             return offset + space, False
         return offset, False
+
+
+def _extend_sup(sup: list[int], doc, start: int, stop: int, eos: bool) -> None:
+    mask = getattr(doc, "mask", None)
+    if mask is None:
+        sup.extend([1] * (stop - start + eos))
+        return
+    sup.extend(mask[start:stop])
+    if eos:
+        sup.append(int(doc.eos_target))
+
+
+def _has_sft(docs) -> bool:
+    return any(getattr(d, "mask", None) is not None for d in docs)
 
 
 class MixedDomainStream:
@@ -65,8 +91,8 @@ class MixedDomainStream:
     probabilities. Each domain walks its documents in a per-epoch seeded shuffle. Global batch ``k`` is rows
     ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes rows ``r*B .. r*B+B-1`` of it (B = batch_size, W = world_size).
 
-    :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding), ``domain_ids`` (domain
-    index per token, -1 on padding) and ``attention_mask`` (1 real / 0 padding), all LongTensor[B, S].
+    :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding and on the tokens of SFT
+    documents that are not targets), ``domain_ids`` (domain index per token, -1 on padding) and ``attention_mask`` (1 real / 0 padding), all LongTensor[B, S].
     :meth:`state_dict` is a small JSON-able dict; :meth:`load_state_dict` resumes exactly.
     """
 
@@ -104,6 +130,7 @@ class MixedDomainStream:
                 acc += x / total
                 self._cum_weights.append(acc)
         self._packer = _Packer(seq_len, eos_id)
+        self._sft = any(_has_sft(docs) for docs in self._docs)  # supervision flags needed (else every token)
         self._row = 0  # next global row index
         self._cursors = [[0, 0, 0] for _ in self._docs]  # per domain: [epoch, position in epoch order, offset]
         self._perms: dict[int, tuple[int, list[int]]] = {}
@@ -127,15 +154,16 @@ class MixedDomainStream:
             self._perms[d] = cached
         return cached[1]
 
-    def _next_row(self) -> tuple[list[int], int]:
+    def _next_row(self) -> tuple[list[int], int, list[int] | None]:
         d = self._domain_of_row(self._row)
         self._row += 1
         docs, cur = self._docs[d], self._cursors[d]
         row: list[int] = []
+        sup: list[int] | None = [] if self._sft else None
         while len(row) < self.seq_len:
             epoch, pos, offset = cur
             doc = docs[self._order(d, epoch)[pos]]
-            offset, done = self._packer.fill(row, doc, offset)
+            offset, done = self._packer.fill(row, doc, offset, sup)
             if done:
                 pos += 1
                 if pos == len(docs):
@@ -144,7 +172,7 @@ class MixedDomainStream:
             else:  # a short doc did not fit (row is done), or the row filled up mid-doc
                 cur[2] = offset
                 break
-        return row, d
+        return row, d, sup
 
     # ------------------------------------------------------------------------------------------- public API
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -153,16 +181,19 @@ class MixedDomainStream:
         input_ids = torch.full((B, S), self.eos_id, dtype=torch.long)
         domain_ids = torch.full((B, S), -1, dtype=torch.long)
         attention_mask = torch.zeros((B, S), dtype=torch.long)
+        target = torch.ones((B, S), dtype=torch.bool)
         for r in range(self.world_size):
             for b in range(B):
-                row, d = self._next_row()  # every rank advances through the whole global batch
+                row, d, sup = self._next_row()  # every rank advances through the whole global batch
                 if r != self.rank:
                     continue
                 n = len(row)
                 input_ids[b, :n] = torch.tensor(row, dtype=torch.long)
                 domain_ids[b, :n] = d
                 attention_mask[b, :n] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, _IGNORE)
+                if sup is not None:
+                    target[b, :n] = torch.tensor(sup, dtype=torch.bool)
+        labels = input_ids.masked_fill((attention_mask == 0) | ~target, _IGNORE)
         return {"input_ids": input_ids, "labels": labels, "domain_ids": domain_ids, "attention_mask": attention_mask}
 
     def __iter__(self):
@@ -193,14 +224,15 @@ class MixedDomainStream:
 
 
 def tokenize_domains(tokenizer, texts_by_domain: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-    """Token ids (no special tokens) of every document, per domain; keeps the dict order."""
+    """Token ids (no special tokens) of every document, per domain; keeps the dict order. SFT documents
+    (:class:`~desmoe.data.sft.SFTDoc`) become :class:`~desmoe.data.sft.SupervisedDoc` (ids + supervision mask)."""
     if not isinstance(texts_by_domain, dict):
         raise TypeError(f"texts_by_domain must be a dict {{domain: list of str}}, got {type(texts_by_domain).__name__}")
     out = {}
     for name, texts in texts_by_domain.items():
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts_by_domain[{name!r}] must be a list of str, got {type(texts).__name__}")
-        out[name] = list(tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if texts else []
+        out[name] = tokenize_texts(tokenizer, texts)
     return out
 
 
@@ -208,7 +240,8 @@ def eval_batches(token_docs: list[list[int]], seq_len: int, batch_size: int, eos
                  max_batches: int | None = None) -> list[dict]:
     """Fixed held-out batches: documents packed in order (no shuffle) with the training packing rule.
 
-    Each dict has ``input_ids``, ``labels`` (-100 on padding) and ``attention_mask``, LongTensor[b, seq_len];
+    Each dict has ``input_ids``, ``labels`` (-100 on padding and on SFT documents' non-target tokens) and
+    ``attention_mask``, LongTensor[b, seq_len];
     the last batch may have fewer rows. At most ``max_batches`` batches.
     """
     _check_positive("seq_len", seq_len)
@@ -217,25 +250,33 @@ def eval_batches(token_docs: list[list[int]], seq_len: int, batch_size: int, eos
         _check_positive("max_batches", max_batches)
     docs = _check_docs("token_docs", token_docs)
     packer = _Packer(seq_len, eos_id)
+    sft = _has_sft(docs)
     max_rows = None if max_batches is None else max_batches * batch_size
     rows: list[list[int]] = []
-    i, offset, row = 0, 0, []
+    sups: list[list[int] | None] = []
+    i, offset, row, sup = 0, 0, [], [] if sft else None
     while i < len(docs) and (max_rows is None or len(rows) < max_rows):
-        offset, done = packer.fill(row, docs[i], offset)
+        offset, done = packer.fill(row, docs[i], offset, sup)
         if done:
             i += 1
         if len(row) == seq_len or not done:  # full, or the next doc starts a new row
             rows.append(row)
-            row = []
+            sups.append(sup)
+            row, sup = [], [] if sft else None
     if row and (max_rows is None or len(rows) < max_rows):
         rows.append(row)
+        sups.append(sup)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         ids = torch.full((len(chunk), seq_len), eos_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
+        target = torch.ones((len(chunk), seq_len), dtype=torch.bool)
         for b, r in enumerate(chunk):
             ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[b, :len(r)] = 1
-        batches.append({"input_ids": ids, "labels": ids.masked_fill(mask == 0, _IGNORE), "attention_mask": mask})
+            if sups[start + b] is not None:
+                target[b, :len(r)] = torch.tensor(sups[start + b], dtype=torch.bool)
+        batches.append({"input_ids": ids, "labels": ids.masked_fill((mask == 0) | ~target, _IGNORE),
+                        "attention_mask": mask})
     return batches

@@ -54,6 +54,8 @@ def _docs_digest(docs: list[list[int]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for doc in docs:
         h.update(array("q", doc).tobytes())
+        if getattr(doc, "mask", None) is not None:  # an SFT document: its targets are part of its identity
+            h.update(b"m" + doc.mask + (b"e" if doc.eos_target else b"n"))
         h.update(b"|")
     return h.hexdigest()
 
