@@ -105,10 +105,29 @@ def format_table(facts: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def main(fmt: str = "table", out=None) -> int:
+def alr_facts(model: str, expansion: float | None = None) -> dict:
+    """The ALR's cost on the model whose config is ``model`` (a folder with config.json, or the file itself)."""
+    import os
+
+    from transformers import AutoConfig
+
+    from .method import MethodConfig
+    from .method.alr import alr_summary
+
+    path = os.path.dirname(model) if os.path.basename(model) == "config.json" else model
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--model: cannot read a model config from {model!r}: {e}") from None
+    return alr_summary(cfg, MethodConfig().alr_expansion if expansion is None else expansion)
+
+
+def main(fmt: str = "table", out=None, model: str | None = None, alr_expansion: float | None = None) -> int:
     import json
 
     out = out or sys.stdout
     facts = collect()
+    if model is not None:
+        facts["alr"] = {"model": model, **alr_facts(model, alr_expansion)}
     out.write((json.dumps(facts, indent=2) if fmt == "json" else format_table(facts)) + "\n")
     return 0

@@ -173,3 +173,48 @@ def lambda_at(alpha: float, *, schedule: str = "linear", lambda_max: float = 0.5
         r = decay_rate
         f = (math.exp(-r * x) - math.exp(-r)) / (1.0 - math.exp(-r))
     return float(lambda_max) * f
+
+
+def alr_summary(model_or_config, expansion: float = 4) -> dict:
+    """The ALR's cost on a model (a ``PreTrainedModel`` or its config; nothing is allocated: a config is
+    instantiated on the meta device): per layer and in total, its parameters (with their fp32 AdamW state, 16 bytes
+    per parameter with the fp32 weight and gradient) and forward FLOPs per token, against the model's active
+    parameters per token (all but the input embedding, routed experts counted ``K/E``), whose forward is
+    ``2·N_active`` FLOPs per token. Attention's S×S products are left out of both."""
+    import torch as _t
+
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        with _t.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_or_config)
+    cfg = model.config
+    experts = [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), _t.Tensor)
+               and getattr(m, "gate_up_proj").dim() == 3]
+    if not experts:
+        raise ValueError(f"{type(model).__name__} has no fused MoE experts (3-D gate_up_proj): no ALR to cost")
+    E = experts[0].gate_up_proj.shape[0]
+    K = int(getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_k", None) or 1)
+    D = int(cfg.hidden_size)
+    L = len(experts)
+    total = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for m in model.modules() if isinstance(m, ALRResidual) for p in m.parameters())  # ALRs attached
+    emb = model.get_input_embeddings().weight.numel()
+    expert_params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts)
+    active = total - emb - expert_params + expert_params * K / E
+    p_layer, f_layer = alr_cost(D, E, expansion)
+    return {"expansion": expansion, "width": alr_width(D, expansion), "D": D, "E": E, "K": K, "moe_layers": L,
+            "params_per_layer": p_layer, "params": p_layer * L, "train_state_gb_fp32_adamw": 16 * p_layer * L / 1e9,
+            "fwd_flops_per_token": f_layer * L, "active_params": int(active),
+            "share_of_active_flops": f_layer * L / (2 * active)}
+
+
+def format_alr_summary(s: dict) -> str:
+    """One line for logs: ``ALR (expansion 4, width 8192): 17.3M params/layer × 26 layers = 450M; ...``."""
+    return (f"ALR (method.alr_expansion {s['expansion']:g}: width {s['width']}, D {s['D']}, E {s['E']}): "
+            f"{s['params_per_layer'] / 1e6:.3g}M params per layer × {s['moe_layers']} MoE layers = "
+            f"{s['params'] / 1e6:.4g}M ({s['train_state_gb_fp32_adamw']:.3g} GB weights+grad+AdamW in fp32); "
+            f"{s['fwd_flops_per_token'] / 1e6:.4g} MFLOPs/token forward = {100 * s['share_of_active_flops']:.2f}% of "
+            f"the model's {2 * s['active_params'] / 1e6:.4g} MFLOPs/token over its {s['active_params'] / 1e6:.4g}M "
+            f"active parameters")

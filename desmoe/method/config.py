@@ -40,7 +40,7 @@ class MethodConfig:
     lambda_schedule: str = "linear"
     lambda_end: float | None = None
     lambda_decay_rate: float = 5.0
-    alr_expansion: int = 4
+    alr_expansion: float = 4
     phi: float = 0.6
     ema_momentum: float = 0.9
     update_every: int = 10
@@ -75,8 +75,10 @@ class MethodConfig:
             bad("lambda_end", "in (0, 1] or null (= stabilize_frac)", self.lambda_end)
         if self.lambda_decay_rate <= 0:
             bad("lambda_decay_rate", "> 0", self.lambda_decay_rate)
-        if int(self.alr_expansion) != self.alr_expansion or self.alr_expansion < 1:
-            bad("alr_expansion", "an int >= 1", self.alr_expansion)
+        if isinstance(self.alr_expansion, bool) or not isinstance(self.alr_expansion, (int, float)) \
+                or not 0 < self.alr_expansion <= 64:
+            bad("alr_expansion", "a number in (0, 64] (the ALR's hidden width is round(alr_expansion·D), at least 1)",
+                self.alr_expansion)
         if not 0.0 < self.phi <= 1.0:
             bad("phi", "in (0, 1]", self.phi)
         if not 0.0 <= self.ema_momentum < 1.0:

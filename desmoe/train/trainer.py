@@ -205,6 +205,11 @@ class Trainer:
         cfg = self.cfg
         self.stream = self._stream(seed=cfg.data.seed, batch_size=cfg.data.batch_size, sharded=True)
         self.ctl = MethodController(self.model, cfg.method, self.T, list(self.stream.domain_names))
+        if self.ctl.alr:
+            from ..method.alr import alr_summary, format_alr_summary
+
+            self.summary["alr"] = alr_summary(self.model, cfg.method.alr_expansion)
+            self.say(format_alr_summary(self.summary["alr"]))
         self.model.to(self.device)
         if self.main:
             ck.save_config(self.out, self.cfg_dict)
