@@ -24,6 +24,10 @@ from typing import Callable
 
 import torch
 
+# CPU: subnormal floats flushed to zero in every benchmark, as in every desmoe entry point (desmoe/train/numerics.py:
+# they slowed CPU training steps up to 5x and change no kept digit)
+torch.set_flush_denormal(True)
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 IMPLS = ("desmoe", "eager", "grouped_mm", "batched_mm", "torch", "liger", "reference", "extension")
 REQUIRED_RECORD_KEYS = ("shape", "T", "impl", "pass", "ms", "peak_mem_gb")

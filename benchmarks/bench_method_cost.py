@@ -159,6 +159,38 @@ class Variant:
         return {"param_bytes": params, "opt_state_bytes": state}
 
 
+class PlainHF:
+    """The guard's baseline: the unpatched transformers model (its own default experts implementation) trained by a
+    plain loop — forward with labels, backward, clipping, AdamW — on the same weights and batch."""
+
+    name = "hf_plain"
+
+    def __init__(self, spec: dict, device, dtype):
+        self.device, self.bf16 = device, dtype == torch.bfloat16
+        self.model = tiny_model(spec["family"], seed=0, **spec["overrides"]).to(device).train()
+        self.impl = getattr(self.model.config, "_experts_implementation", None) or "eager"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+
+    def step(self, batch: dict, *, count: bool = False) -> dict | None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        info = None
+        if count:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            info = {"saved_mb": 0.0, "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
+                    "opt_elems_stepped": sum(g.numel() for g in grads), "kd_active": False}
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return info
+
+    def persistent_bytes(self) -> dict:
+        return {"param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                "opt_state_bytes": sum(t.numel() * t.element_size() for st in self.opt.state.values()
+                                       for t in st.values() if torch.is_tensor(t))}
+
+
 def make_batch(spec: dict, device) -> dict:
     g = torch.Generator().manual_seed(0)
     B, S, V = spec["B"], spec["S"], spec["overrides"]["vocab_size"]
@@ -302,6 +334,7 @@ def run(a) -> dict:
     iters = a.iters or (2 if a.quick else 7)
     batch = make_batch(spec, device)
     variants = {n: Variant(n, spec, device, dtype) for n in VARIANTS}
+    variants["hf_plain"] = PlainHF(spec, device, dtype)  # the guard: desmoe's FFT step against transformers' own
     counts = {n: v.step(batch, count=True) for n, v in variants.items()}  # first step: counts, optimizer state made
     times = {n: [] for n in variants}
     peaks = {n: 0.0 for n in variants}
@@ -321,18 +354,20 @@ def run(a) -> dict:
             if i:
                 times[n].append((time.perf_counter() - t0) * 1e3)
     if not cuda and not a.no_rss:
-        for n in variants:
+        for n in VARIANTS:
             peaks[n] = peak_rss_alone(n, a.quick) / 1e3
     res = _common.header("method_cost", device)
     res.update(quick=a.quick, iters=iters, dtype=str(dtype).replace("torch.", ""), spec=spec,
                flush_denormal=device.type == "cpu", threads=torch.get_num_threads(),
                peak_mem_kind="cuda_allocated" if cuda else "rss" if not a.no_rss else None)
     tokens = batch["input_ids"].numel()
-    acc = {n: flop_accounting(v, batch) for n, v in variants.items()}
+    acc = {n: flop_accounting(v, batch) for n, v in variants.items() if n in VARIANTS}
+    acc["hf_plain"] = dict(acc["fft"], alr_evals_per_forward=0)  # the same model and work as FFT
     for n, v in variants.items():
         ms = sorted(times[n])[len(times[n]) // 2]
         res["records"].append({
-            "shape": spec["shape"], "T": tokens, "impl": "desmoe", "pass": n, "method": VARIANTS[n][0],
+            "shape": spec["shape"], "T": tokens, "impl": "desmoe" if n in VARIANTS else "torch", "pass": n,
+            "method": VARIANTS[n][0] if n in VARIANTS else f"fft (transformers, experts {v.impl})",
             "ms": ms, "times_ms": [round(t, 2) for t in times[n]], "ratio_to_fft": None,
             "tflops": acc[n]["flops_as_run"] / (ms * 1e-3) / 1e12, "peak_mem_gb": peaks[n],
             "trainable_params": sum(p.numel() for p in v.model.parameters() if p.requires_grad),
@@ -343,6 +378,9 @@ def run(a) -> dict:
         r["floor_ratio_to_fft"] = r["flops_floor"] / fft["flops_floor"]
         r["as_run_ratio_to_fft"] = r["flops_as_run"] / fft["flops_as_run"]
         r["peak_mem_ratio_to_fft"] = r["peak_mem_gb"] / fft["peak_mem_gb"] if fft["peak_mem_gb"] else None
+    plain = next(r for r in res["records"] if r["pass"] == "hf_plain")
+    # the guard (goal >= 0.95): desmoe's FFT step speed relative to a plain transformers step, same run
+    res["fft_speed_vs_plain_transformers"] = plain["ms"] / fft["ms"]
     return res
 
 
@@ -355,11 +393,18 @@ def readme_table(res: dict, path: str) -> str:
                        "trainable params | AdamW state (MB) | grads (MB) | saved for bwd (MB) | expert pairs with dW |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["records"]:
+        if r["pass"] not in VARIANTS:
+            continue
         m = r["peak_mem_gb"] * 1e3 if res.get("peak_mem_kind") == "rss" else r["peak_mem_gb"]
         lines.append(f"| {r['pass']} | {r['ms']:.0f} | {r['ratio_to_fft']:.2f} | {r['floor_ratio_to_fft']:.2f} | "
                      f"{r['as_run_ratio_to_fft']:.2f} | {m:.0f} | {r['trainable_params']:,} | "
                      f"{r['opt_state_bytes'] / 1e6:.1f} | {r['grad_bytes'] / 1e6:.1f} | {r['saved_mb']:.0f} | "
                      f"{r['expert_pairs_trainable_frac']:.0%} |")
+    if "fft_speed_vs_plain_transformers" in res:
+        plain = next(r for r in res["records"] if r["pass"] == "hf_plain")
+        lines += ["", f"Guard: desmoe's FFT step runs at **{res['fft_speed_vs_plain_transformers']:.2f}×** the speed "
+                      f"of a plain transformers training step on the same model and batch, same run "
+                      f"({plain['ms']:.0f} ms, {plain['method']}; goal ≥ 0.95×)."]
     return "\n".join(lines)
 
 
@@ -398,6 +443,8 @@ def main(argv=None):
     out = _common.output_dir(a, quick=a.quick)
     res = run(a)
     path = _common.write_results(res, out) if out is not None else None
+    print(f"guard: desmoe FFT step speed / plain transformers step = {res['fft_speed_vs_plain_transformers']:.3f} "
+          f"(goal >= 0.95)")
     _common.print_table(res["records"], cols=("shape", "T", "pass", "ms", "ratio_to_fft", "floor_ratio_to_fft",
                                               "as_run_ratio_to_fft", "peak_mem_gb", "opt_state_bytes", "grad_bytes",
                                               "saved_mb"))

@@ -120,6 +120,9 @@ class DesMoEMixin:
     def __init__(self, *args, method=None, domain_names=None, aux_loss: bool = True, **kwargs):
         from ..integrations.hf import moe_blocks, patch
         from ..method import MethodConfig, MethodController, method_class
+        from .numerics import flush_denormals
+
+        flush_denormals()  # CPU: subnormals flushed to zero (up to 5x faster steps, same results; see numerics.py)
 
         who = self._desmoe_name
         model = kwargs.get("model", args[0] if args else None)

@@ -50,7 +50,9 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
     A signal outside the training steps stops the run at once (:class:`desmoe.train.signals.Interrupted`).
     """
     from .distributed import Dist
+    from .numerics import flush_denormals
 
+    flush_denormals()  # CPU: subnormals flushed to zero (up to 5x faster steps, same results; see numerics.py)
     dist = Dist.setup(cfg.train.distributed, cfg.train.device)
     try:
         with rundir.hold(output_dir, enabled=dist.is_main), StopFlag() as flag:  # one run per directory

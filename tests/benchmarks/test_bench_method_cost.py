@@ -12,7 +12,11 @@ def test_method_cost_quick(tmp_path, one_thread):
     res = bmc.main(["--quick", "--iters", "1", "--no-rss", "--out-dir", str(tmp_path)])
     assert list(tmp_path.glob("method_cost-*-quick.json"))
     rec = {r["pass"]: r for r in res["records"]}
-    assert set(rec) == PASSES
+    assert set(rec) == PASSES | {"hf_plain"}
+    # the guard is measured in the same run (its goal, >= 0.95, is judged on the committed CPU result: a tiny model
+    # timed once is noise)
+    assert res["fft_speed_vs_plain_transformers"] > 0.2
+    rec.pop("hf_plain")
     assert rec["fft"]["ratio_to_fft"] == 1.0 and rec["fft"]["floor_ratio_to_fft"] == 1.0
     for r in rec.values():
         # optimizer state only for what got a gradient: AdamW's two fp32 moments (+ one step scalar per tensor)
