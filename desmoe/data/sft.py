@@ -169,20 +169,30 @@ def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[l
     return ids, mask
 
 
-def _chat_spans(tokenizer, doc: SFTDoc, template: str) -> tuple[str, list[tuple[int, int]]]:
+def _chat_spans(tokenizer, doc: SFTDoc, template: str | None) -> tuple[str, list[tuple[int, int]]]:
     msgs = [{"role": r, "content": c} for r, c, _ in doc.turns]
 
     def render(upto: int, gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs[:upto], chat_template=template, tokenize=False,
                                              add_generation_prompt=gen)
 
-    full = render(len(msgs), False)
+    try:
+        full = render(len(msgs), False)
+    except Exception as e:  # a template that refuses the conversation (jinja's raise_exception, ...)
+        raise DataSourceError(f"{doc.where}: the tokenizer's chat template cannot render this conversation "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(full, str):
+        raise DataSourceError(f"{doc.where}: the tokenizer's chat template rendered a {type(full).__name__}, "
+                              f"expected text")
     spans, pos = [], 0
     for i, (role, content, trained) in enumerate(doc.turns):
         if not trained:
             continue
-        before, after = render(i, True), render(i + 1, False)
-        if full.startswith(after) and after.startswith(before):
+        try:  # a prefix may not render (a template that needs a user turn first): then find the content
+            before, after = render(i, True), render(i + 1, False)
+        except Exception:
+            before = after = None
+        if before is not None and full.startswith(after) and after.startswith(before):
             a, b = len(before), len(after)
             seg = full[a:b]
             k = seg.find(content)
@@ -203,7 +213,8 @@ def _chat_spans(tokenizer, doc: SFTDoc, template: str) -> tuple[str, list[tuple[
 def render_sft(tokenizer, doc: SFTDoc) -> SupervisedDoc:
     """Token ids and supervision mask of one SFT document (see the module docstring)."""
     if doc.turns is not None:
-        template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        # the tokenizer's own template(s) as it picks them; the built-in one for a tokenizer without any
+        template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE
         text, spans = _chat_spans(tokenizer, doc, template)
         eos_target = False  # the template's end-of-turn text is the stop signal
     else:

@@ -213,3 +213,35 @@ def test_parquet_and_directory_sources(tmp_path, tok):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pc.parquet")
     pc = all_texts(tmp_path / "pc.parquet")
     assert sorted(pc) == sorted(f"p{i} c{i}" for i in range(10)) and all(t.completion for t in pc)
+
+
+def test_template_that_refuses_a_conversation_is_named(tmp_path, tok):
+    texts = all_texts(write_jsonl(tmp_path / "c.jsonl", esft_rows(3)))
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    try:
+        with pytest.raises(DataSourceError, match=r"c\.jsonl: line \d: the tokenizer's chat template cannot render"
+                                                  r".*roles must alternate"):
+            tokenize_domains(tok, {"chat": texts})
+    finally:
+        tok.chat_template = None
+
+
+def test_hub_name_takes_the_same_path(tmp_path, monkeypatch):
+    """A hub dataset name: ``datasets.load_dataset`` (here answered from a local JSONL, no network) gives rows
+    that become SFT documents through the same code as local files; a bad row is named by source and index."""
+    datasets = pytest.importorskip("datasets")
+    from desmoe.data import sources
+
+    p = write_jsonl(tmp_path / "hub.jsonl", esft_rows(30))
+    monkeypatch.setattr(sources, "check_hub_name", lambda *a, **k: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, config=None: _json_dsd(datasets, p))
+    texts = [t for s in SPLITS for t in load_domain_texts("chat", s, source="someorg/chat-sft")]
+    assert len(texts) == 30 and all(isinstance(t, SFTDoc) and t.turns for t in texts)
+    write_jsonl(p, esft_rows(2) + [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataSourceError, match=r"someorg/chat-sft: record 2: 'messages' has no assistant turn"):
+        load_domain_texts("chat", "train", source="someorg/chat-sft")
+
+
+def _json_dsd(datasets, path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
