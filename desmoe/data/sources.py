@@ -77,7 +77,8 @@ def _records_to_texts(records, source: str, domain: str, text_field: str, rows=N
             continue
         where = f"{source}: {rows[i] if rows is not None else f'record {i}'}"
         if not isinstance(rec, dict):
-            raise DataSourceError(f"{where} is a {type(rec).__name__}, expected an object or a string")
+            raise DataSourceError(f"{source}: record {i} is a {type(rec).__name__}, expected an object or a string"
+                                  + (f" ({rows[i]})" if rows is not None else ""))
         if is_sft_record(rec, text_field):
             texts.append(parse_sft_record(rec, where))
             continue
@@ -121,7 +122,7 @@ def _parse_local_file(path: Path, domain: str, text_field: str) -> list[str]:
                         records.append(json.loads(line))
                     except ValueError as e:
                         raise DataSourceError(f"{path}: line {ln} is not valid JSON ({e})") from None
-                    rows.append(f"line {ln}")
+                    rows.append(f"line {ln} (record {len(rows)})")
         return _records_to_texts(records, str(path), domain, text_field, rows)
     if ext == ".json":
         try:

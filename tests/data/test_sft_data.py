@@ -191,7 +191,7 @@ def test_eval_ignores_prompt_tokens(tmp_path, tok):
 def test_malformed_rows_named(tmp_path, row, msg):
     good = esft_rows(4)
     p = write_jsonl(tmp_path / "bad.jsonl", good[:2] + [row] + good[2:])
-    with pytest.raises(DataSourceError, match=r"bad\.jsonl: line 3: " + msg):
+    with pytest.raises(DataSourceError, match=r"bad\.jsonl: line 3 \(record 2\): " + msg):
         load_domain_texts("chat", "train", source=str(p))
     j = tmp_path / "bad.json"
     j.write_text(json.dumps(good[:1] + [row]))
@@ -219,7 +219,7 @@ def test_template_that_refuses_a_conversation_is_named(tmp_path, tok):
     texts = all_texts(write_jsonl(tmp_path / "c.jsonl", esft_rows(3)))
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
     try:
-        with pytest.raises(DataSourceError, match=r"c\.jsonl: line \d: the tokenizer's chat template cannot render"
+        with pytest.raises(DataSourceError, match=r"c\.jsonl: line \d \(record \d\): the tokenizer's chat template cannot render"
                                                   r".*roles must alternate"):
             tokenize_domains(tok, {"chat": texts})
     finally:
