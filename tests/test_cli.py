@@ -61,9 +61,12 @@ def test_bad_inputs_exit_2_with_clear_message(tmp_path, cfg_file, capsys):
     assert "beta.jsonl" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
-    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r2"), "--resume",
+    # --resume with no checkpoint yet starts the run (a requeued job); a named checkpoint that is not there is an
+    # error naming it
+    missing = tmp_path / "r2" / "checkpoints" / "step-000005"
+    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r3"), "--resume", str(missing),
                  "--set", f"data.sources.beta={d['data']['sources']['gamma']}"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "step-000005" in capsys.readouterr().err
     assert main(["bench", "no_such_bench"]) == 2
     assert "bench_train_step.py" in capsys.readouterr().err
     assert main(["experiment", "paper", "--out", str(tmp_path)]) == 2

@@ -31,18 +31,9 @@ try:
 except ImportError as e:  # pragma: no cover - optional extra
     raise ImportError(f"desmoe.train.DesMoESFTTrainer needs TRL (`pip install 'desmoe[trl]'`): {e}") from None
 
+from ..data.sft import CHAT_TEMPLATE  # noqa: F401  (re-exported: the template given to bare tokenizers)
 from .hf_trainer import DesMoEMixin
 
-# ChatML-style, with generation markers around the assistant's content and end marker (what the loss supervises)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 _INDEX = "desmoe_domain"
 
 
