@@ -231,6 +231,7 @@ def flop_accounting(v: Variant, batch: dict) -> dict:
         low = 0
     any_trainable = any(p.requires_grad for p in model.parameters())
     kd = ctl.last_lambda > 0 and bool(ctl.alr)
+    shared = bool(ctl.alr) and getattr(ctl.alr[0], "shares_kd_evaluation", False)  # one evaluation for routing + KD
     fwd = dx = dw = extra = 0.0
     alr_fwd = alr_bwd = 0.0
     alr_ids = {id(p) for a in ctl.alr for p in a.parameters()}
@@ -247,7 +248,7 @@ def flop_accounting(v: Variant, batch: dict) -> dict:
         g_dx = f if need_dx or (id(w) in alr_ids and id(w) not in alr_up_ids and w.requires_grad) else 0.0
         if id(w) in alr_ids:
             alr_fwd, alr_bwd = alr_fwd + f, alr_bwd + g_dw + g_dx
-            if kd:  # the KD student's own evaluation: forward, dW, dX into its hidden layer (not into x)
+            if kd and not shared:  # the KD student's own evaluation: forward, dW, dX into its hidden layer (not into x)
                 extra += f + g_dw + (f if id(w) not in alr_up_ids else 0.0)
             continue
         fwd, dw, dx = fwd + f, dw + g_dw, dx + g_dx
@@ -286,7 +287,7 @@ def flop_accounting(v: Variant, batch: dict) -> dict:
     fwd += att * n_layers
     dx += 2 * att * sum(1 for l in range(n_layers) if l >= low)
     return {"flops_fwd": fwd, "flops_dx": dx, "flops_dw": dw, "flops_alr_fwd_once": alr_fwd,
-            "flops_alr_bwd": alr_bwd, "alr_evals_per_forward": (2 if kd else 1) if ctl.alr else 0,
+            "flops_alr_bwd": alr_bwd, "alr_evals_per_forward": (2 if kd and not shared else 1) if ctl.alr else 0,
             "flops_floor": fwd + dx + dw + alr_fwd + alr_bwd, "flops_as_run": fwd + dx + dw + alr_fwd + alr_bwd + extra,
             "expert_pairs_trainable_frac": pairs_trainable if ctl.experts[0].gate_up_proj.requires_grad else 0.0,
             "experts_trainable_frac": 1.0 if trainable_LE is None else float(trainable_LE.float().mean())}
