@@ -386,7 +386,8 @@ def run(a) -> dict:
 
 
 def readme_table(res: dict, path: str) -> str:
-    head = (f"`{res['spec']['shape']}` ({res['records'][0]['T']} tokens/step, {res['dtype']}, {res['threads']} "
+    label = "**Before issue 22's fixes** (the ALR evaluated twice while KD is on): " if "before" in path else ""
+    head = label + (f"`{res['spec']['shape']}` ({res['records'][0]['T']} tokens/step, {res['dtype']}, {res['threads']} "
             f"thread(s)) on `{res['device']}` — torch {res['torch']}, transformers {res['transformers']}, "
             f"{res['date']}, git `{res['git_sha'][:10]}`, median of {res['iters']} interleaved steps (`{path}`)")
     mem = "peak RSS alone (MB)" if res.get("peak_mem_kind") == "rss" else "peak memory (GB)"
