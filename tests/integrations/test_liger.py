@@ -125,6 +125,21 @@ def _rows():
     return [{"input_ids": ids[i], "labels": ids[i].clone(), "domain_ids": torch.full((16,), i % 2)} for i in range(4)]
 
 
+@pytest.fixture()
+def restore_transformers(monkeypatch):
+    """Liger's apply_liger_kernel_to_* (which the Trainer calls for use_liger_kernel=True) also replaces classes
+    and functions in transformers' modeling module for every model built afterwards: put them back after the test."""
+    from transformers.loss import loss_utils
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    for name, value in list(vars(modeling_qwen3_moe).items()):
+        if not name.startswith("__"):
+            monkeypatch.setattr(modeling_qwen3_moe, name, value)
+    for cls in (modeling_qwen3_moe.Qwen3MoeForCausalLM,):
+        monkeypatch.setattr(cls, "forward", cls.forward)
+    monkeypatch.setattr(loss_utils.nn.functional, "cross_entropy", loss_utils.nn.functional.cross_entropy)
+
+
 def _trainer(tmp_path, liger_config, **kw):
     from transformers import TrainingArguments
 
@@ -139,18 +154,22 @@ def _trainer(tmp_path, liger_config, **kw):
                          method={"name": "des_moe", "warmup_frac": 0.25, "update_every": 1}), m
 
 
-def test_desmoe_trainer_with_use_liger_kernel_trains_desmoe_experts(tmp_path):
+def test_desmoe_trainer_with_use_liger_kernel_trains_desmoe_experts(tmp_path, restore_transformers):
     pytest.importorskip("accelerate")
     tr, m = _trainer(tmp_path, EXPERTS_ONLY)
     with pytest.warns(UserWarning, match="LigerExperts.forward"):
         tr.train()  # the Trainer applies Liger at train(): DesMoETrainer takes the experts back before step 1
     assert all(foreign_experts_forward(ex) is None for ex in _experts(m))
+    from liger_kernel.transformers.swiglu import LigerExperts
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    assert modeling_qwen3_moe.Qwen3MoeExperts is LigerExperts  # what Liger did globally (undone after the test)
     phases = [h.get("desmoe_phase") for h in tr.state.log_history if "desmoe_phase" in h]
     assert "stabilization" in phases  # steps with DGES masks ran (the guard would have stopped them otherwise)
 
 
 @pytest.mark.gpu
-def test_gpu_desmoe_trainer_with_liger_full_set(tmp_path):
+def test_gpu_desmoe_trainer_with_liger_full_set(tmp_path, restore_transformers):
     # Liger's full set (RMSNorm, RoPE, fused linear cross-entropy) stays in place; the experts are desmoe's
     pytest.importorskip("accelerate")
     tr, m = _trainer(tmp_path, None)
