@@ -67,8 +67,9 @@ def write_alr(model_dir: str, model, state_dict: dict | None = None) -> bool:
     a = alrs[0]
     save_file(tensors, os.path.join(model_dir, ALR_FILE))
     with open(os.path.join(model_dir, ALR_META), "w") as f:
-        json.dump({"format": 1, "num_layers": len(alrs), "expansion": a.up.out_features // a.up.in_features,
-                   "hidden_dim": a.up.in_features, "num_experts": a.down.out_features}, f, indent=1)
+        json.dump({"format": 1, "num_layers": len(alrs), "expansion": a.up.out_features / a.up.in_features,
+                   "alr_width": a.up.out_features, "hidden_dim": a.up.in_features,
+                   "num_experts": a.down.out_features}, f, indent=1)
     with open(os.path.join(model_dir, ALR_NOTICE), "w") as f:
         f.write(_NOTICE.format(alr=ALR_FILE))
     return True
@@ -129,7 +130,10 @@ def load_alr_(model, model_dir: str) -> bool:
     routers = get_routers(model)
     if meta.get("num_layers") != len(routers):
         raise ExportError(f"{path!r} holds {meta.get('num_layers')} ALR layers but the model has {len(routers)} routers")
-    alrs = attach_alr(routers, int(meta["expansion"]))
+    # the width as stored (older files: the integer expansion); round(expansion·D) gives it back exactly
+    width = meta.get("alr_width")
+    expansion = width / meta["hidden_dim"] if width is not None and meta.get("hidden_dim") else meta["expansion"]
+    alrs = attach_alr(routers, expansion)
     for i, a in enumerate(alrs):
         sd = {k[len(f"layers.{i}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
         try:
