@@ -124,6 +124,26 @@ def write_results(result: dict, out_dir: str | None = None) -> str:
     return path
 
 
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of the tensors autograd saves for the backward while active (each storage once): the activation
+    memory a step holds, counted the same way on any device."""
+
+    def __init__(self):
+        self.bytes, self._seen = 0, set()
+
+        def pack(t):
+            try:
+                key = t.untyped_storage().data_ptr()
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.bytes += t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):  # tensors without storage (meta/functional)
+                pass
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5, device=None) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA-synchronised on GPU)."""
     cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()

@@ -43,25 +43,6 @@ GPU = dict(shape="qwen3moe-0.5B", overrides=dict(hidden_size=1024, num_hidden_la
 MODES = {"off": None, "non_reentrant": False, "reentrant": True}
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes autograd saves for the backward (each storage once) while active."""
-
-    def __init__(self):
-        self.bytes, self._seen = 0, set()
-
-        def pack(t):
-            try:
-                key = t.untyped_storage().data_ptr()
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self.bytes += t.untyped_storage().nbytes()
-            except (RuntimeError, NotImplementedError):  # tensors without storage (meta/functional)
-                pass
-            return t
-
-        super().__init__(pack, lambda t: t)
-
-
 def build(spec, device, dtype):
     torch.manual_seed(0)
     model = desmoe.patch(tiny_model("qwen3_moe", **spec["overrides"]).to(device).train())
@@ -83,7 +64,7 @@ def build(spec, device, dtype):
 
 def step(model, ctl, opt, batch, dom_T, dtype, *, count=False, with_opt=True):
     ctl.begin_step(3)  # stabilisation: masks + KD
-    saved = SavedBytes() if count else None
+    saved = _common.SavedBytes() if count else None
     autocast = torch.autocast(batch.device.type, dtype=dtype) if dtype != torch.float32 else None
     with ctl.applied(dom_T) as fwd:
         if saved is not None:
