@@ -38,7 +38,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # the CPU's flush-to-zero mode is process state that desmoe's entry points (and the benchmarks' module, at
+    # import) turn on: every test starts without it, as a user's process does (hypothesis refuses to run with it)
+    torch.set_flush_denormal(False)
     yield
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="module")

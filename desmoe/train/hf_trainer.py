@@ -120,9 +120,6 @@ class DesMoEMixin:
     def __init__(self, *args, method=None, domain_names=None, aux_loss: bool = True, **kwargs):
         from ..integrations.hf import moe_blocks, patch
         from ..method import MethodConfig, MethodController, method_class
-        from .numerics import flush_denormals
-
-        flush_denormals()  # CPU: subnormals flushed to zero (up to 5x faster steps, same results; see numerics.py)
 
         who = self._desmoe_name
         model = kwargs.get("model", args[0] if args else None)
@@ -257,7 +254,15 @@ class DesMoEMixin:
         return super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """Also restores A, masks and the ESFT selection saved beside a Trainer checkpoint."""
+        """Also restores A, masks and the ESFT selection saved beside a Trainer checkpoint. CPU subnormals are
+        flushed to zero while it trains (up to 5x faster steps, same results; desmoe/train/numerics.py) and the
+        process's previous mode is restored after."""
+        from .numerics import flushed_denormals
+
+        with flushed_denormals():
+            return self._train_with_method_state(resume_from_checkpoint, *args, **kwargs)
+
+    def _train_with_method_state(self, resume_from_checkpoint=None, *args, **kwargs):
         ckpt = resume_from_checkpoint
         if ckpt is True:
             from transformers.trainer_utils import get_last_checkpoint

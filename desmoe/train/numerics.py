@@ -14,10 +14,14 @@ irrelevant. bf16 shares fp32's exponent range. GPUs flush or handle subnormals a
 CPU's FTZ/DAZ mode (MXCSR) and is a no-op on CPUs without it.
 
 The mode is per thread and inherited by threads created afterwards, so it is set before the first parallel op:
-by ``desmoe`` CLI's ``main`` (every command), by :func:`desmoe.train.run` and by ``DesMoETrainer`` (the Hugging Face
-Trainer path), and by the benchmarks' shared module.
+by ``desmoe`` CLI's ``main`` (every command: the process is desmoe's), and for the span of a run where desmoe is a
+library inside someone else's process: :func:`desmoe.train.run` and ``DesMoETrainer.train`` (the Hugging Face
+Trainer path) set it and restore the previous mode when they return (:func:`flushed_denormals`); the benchmarks'
+shared module sets it for their processes.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -25,3 +29,20 @@ import torch
 def flush_denormals() -> bool:
     """Flush subnormal floats to zero on the CPU (True where the CPU supports it)."""
     return bool(torch.set_flush_denormal(True))
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU flushes subnormal floats now (read off an fp32 subnormal surviving a multiply)."""
+    return bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() == 0.0)
+
+
+@contextlib.contextmanager
+def flushed_denormals():
+    """Subnormals flushed within the scope; the mode before it restored after."""
+    before = denormals_flushed()
+    flush_denormals()
+    try:
+        yield
+    finally:
+        if not before:
+            torch.set_flush_denormal(False)
