@@ -1,4 +1,4 @@
-"""``desmoe`` command line: demo, train, eval, export, bench, experiment, parity, info.
+"""``desmoe`` command line: demo, train, eval, export, specialization, bench, experiment, parity, info.
 
 ``main(argv)`` returns the exit status (0 ok, 2 bad input: the message names the field or file).
 """
@@ -90,7 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--format", choices=["table", "json"], default="table")
 
-    for q in (pa, e, x, ex):
+    sp = sub.add_parser("specialization", help="how specialized a checkpoint's experts are to its domains, per "
+                                               "layer: I(domain; expert), ESFT concentration, DGES mask overlap")
+    sp.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoint directory")
+    sp.add_argument("--tokens", type=int, default=16384,
+                    help="held-out (test split) tokens per training domain (default 16384)")
+    sp.add_argument("--json", default=None, help="also write the results JSON to this file")
+    sp.add_argument("--format", choices=["table", "json"], default="table")
+    sp.add_argument("--device", default="cpu")
+
+    for q in (pa, e, x, ex, sp):
         q.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
     i = sub.add_parser("info", help="versions, device, which backends patch() will use, extension, model types")
@@ -461,6 +470,28 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_specialization(a) -> int:
+    from .experiments.specialization import format_table, specialization_of_checkpoint
+    from .train.config import check_device
+
+    if a.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {a.tokens}")
+    check_device("--device", a.device)
+    if not os.path.exists(a.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {a.checkpoint!r} does not exist")
+    res = specialization_of_checkpoint(a.checkpoint, tokens=a.tokens, device=a.device)
+    text = json.dumps(res, indent=1)
+    if a.format == "json":
+        print(text)
+    else:
+        print(f"checkpoint {res['checkpoint']} ({res['split']} split)")
+        print(format_table(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def cmd_info(a) -> int:
     from .info import main as info_main
 
@@ -473,7 +504,7 @@ def _cpu_threads(cmd: str) -> None:
     threads on a busy 2-core machine made the same run up to 20x slower (27.5 s vs 7.5 s measured)."""
     import torch
 
-    if cmd in ("demo", "train", "eval", "export", "experiment", "parity") and not torch.cuda.is_available() \
+    if cmd in ("demo", "train", "eval", "export", "specialization", "experiment", "parity") and not torch.cuda.is_available() \
             and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(1)
 
@@ -489,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     flush_denormals()  # subnormal floats slow CPU training up to 5x; flushing them changes nothing kept (numerics.py)
     fn = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo,
           "experiment": cmd_experiment, "parity": cmd_parity, "info": cmd_info,
-          "export": cmd_export}[args.cmd]
+          "export": cmd_export, "specialization": cmd_specialization}[args.cmd]
     from .train.signals import Interrupted
 
     try:
