@@ -232,6 +232,49 @@ class DesMoEMixin:
         if any(foreign_experts_forward(ex) is not None for ex in self.desmoe.experts):
             take_over_experts(self.desmoe.model)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The Trainer's evaluation, plus ``<prefix>_loss/<domain>`` (the per-token loss of each domain's targets)
+        for rows that carry ``domain_ids``; rows without them (a general set) give the overall loss alone."""
+        metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                   metric_key_prefix=metric_key_prefix)
+        ds = self.eval_dataset if eval_dataset is None else eval_dataset
+        if ds is None or isinstance(ds, dict):  # several sets: each went through this method on its own
+            return metrics
+        per = self._per_domain_losses(ds)
+        if per:
+            extra = {f"{metric_key_prefix}_loss/{d}": v for d, v in per.items()}
+            metrics.update(extra)
+            self.log(extra)
+        return metrics
+
+    @torch.no_grad()
+    def _per_domain_losses(self, dataset) -> dict[str, float]:
+        from ..eval import token_losses
+
+        names = self.desmoe.domain_names
+        loss_M = torch.zeros(len(names), dtype=torch.float64)
+        count_M = torch.zeros(len(names), dtype=torch.float64)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self.get_eval_dataloader(dataset):
+                dom = batch.get("domain_ids")
+                if dom is None:
+                    return {}
+                inputs = {k: v for k, v in batch.items() if k not in ("domain_ids", "labels")}
+                with self.compute_loss_context_manager():
+                    logits = model(**inputs).logits
+                labels = batch.get("labels", batch["input_ids"])
+                ce, valid = token_losses(logits, labels)
+                d_S = dom[:, 1:]  # each target token's domain (as the training loop counts them)
+                ok = valid & (d_S >= 0)
+                loss_M.index_add_(0, d_S[ok].cpu(), ce[ok].double().cpu())
+                count_M.index_add_(0, d_S[ok].cpu(), torch.ones(int(ok.sum()), dtype=torch.float64))
+        finally:
+            model.train(was_training)
+        return {n: float(loss_M[i] / count_M[i]) for i, n in enumerate(names) if count_M[i] > 0}
+
     def _evaluation_loss(self, model, inputs, dom, return_outputs, num_items_in_batch):
         """The model's own loss on rows with or without ``domain_ids`` (evaluate / predict)."""
         outputs = model(**inputs)

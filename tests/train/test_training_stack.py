@@ -264,9 +264,20 @@ def test_evaluate_and_predict_without_domain_ids(tmp_path):
     assert m["eval_loss"] > 0
     pred = tr.predict(general)
     assert pred.metrics["test_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
+    assert not any(k.startswith("eval_loss/") for k in m)  # no domains, no per-domain losses
     m2 = tr.evaluate(eval_dataset=_Rows(_rows()))  # with domain ids: the same loss, statistics untouched
     assert m2["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
     assert torch.equal(tr.desmoe.tracker.counts_LME, counts)
+    # and the loss of each domain's target tokens; one batch of 4 equal rows: their token-weighted mean is eval_loss
+    assert {"eval_loss/a", "eval_loss/b"} <= set(m2)
+    tr.args.per_device_eval_batch_size = 4
+    m3 = tr.evaluate(eval_dataset=_Rows(_rows()))
+    rows = _rows()
+    n_a = int((rows["domain_ids"][:, 1:] == 0).sum())
+    n_b = int((rows["domain_ids"][:, 1:] == 1).sum())
+    mean = (m3["eval_loss/a"] * n_a + m3["eval_loss/b"] * n_b) / (n_a + n_b)
+    assert mean == pytest.approx(m3["eval_loss"], rel=1e-5)
+    assert m3["eval_loss/a"] != m3["eval_loss/b"]
 
 
 def test_training_rows_without_domain_ids_are_refused(tmp_path):
