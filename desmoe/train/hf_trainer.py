@@ -100,14 +100,6 @@ def _refuse_peft(who: str, model, peft_config) -> None:
             f"gradients), or DES-MoE without PEFT")
 
 
-def _label_tokens(inputs) -> torch.Tensor:
-    """Tokens a causal LM's shifted loss counts in this micro-batch (labels after the first, not -100)."""
-    labels = inputs.get("labels")
-    if labels is None:
-        return torch.zeros((), dtype=torch.long)
-    return (labels[..., 1:] != -100).sum()
-
-
 class DesMoEMixin:
     """DES-MoE (or a baseline) inside a ``transformers.Trainer`` subclass: ALR + λ-weighted KD loss, A collection,
     per-token expert masks, phases, method state in checkpoints. One implementation behind :class:`DesMoETrainer`
@@ -193,7 +185,8 @@ class DesMoEMixin:
         if scaled:
             kwargs["num_items_in_batch"] = num_items_in_batch
         inputs.setdefault("use_cache", False)  # no KV cache in training (and none under activation checkpointing)
-        with ctl.applied(dom_T, supervised_T=supervised_tokens(inputs.get("labels"), dom_T.numel())) as fwd:
+        sup_T = supervised_tokens(inputs.get("labels"), dom_T.numel())  # the tokens the task loss supervises
+        with ctl.applied(dom_T, supervised_T=sup_T) as fwd:
             outputs = model(**inputs, **kwargs)
         kd = fwd.added_loss
         task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
@@ -201,7 +194,7 @@ class DesMoEMixin:
         if aux is not None and "labels" in inputs:  # HF added coef·aux to outputs.loss: keep it out of (1-λ)
             task = task - aux.to(task.dtype)
         n_valid = fwd.added_tokens if fwd.added_tokens is not None else (dom_T >= 0).sum()
-        n_labels = _label_tokens(inputs)
+        n_labels = sup_T.sum() if sup_T is not None else torch.zeros((), dtype=torch.long)
         kd_scale = 1.0
         if scaled and kd is not None:  # Σ KD over this micro-batch's tokens / the step's label tokens, like task
             kd_scale = n_valid.to(kd.device, torch.float64) / torch.as_tensor(num_items_in_batch, device=kd.device,
