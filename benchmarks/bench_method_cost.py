@@ -392,7 +392,7 @@ def readme_table(res: dict, path: str) -> str:
 
 
 def update_readme(results_dir: str = _common.RESULTS_DIR,
-                  readme: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")):
+                  readme: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "method.md")):
     import glob
 
     blocks = []

@@ -1,7 +1,7 @@
 """Render the committed benchmark results (``benchmarks/results/*.json``) as markdown tables.
 
     python benchmarks/report.py                  # print the tables
-    python benchmarks/report.py --update-readme  # rewrite the block between the bench markers in README.md
+    python benchmarks/report.py --update-readme  # rewrite the block between the bench markers in docs/benchmarks.md
 
 The README's benchmark numbers come only from here, so they always match a committed JSON file.
 """
@@ -57,7 +57,7 @@ def render(results_dir: str | None = None) -> str:
     return "\n\n".join(table(r) for r in results)
 
 
-def update_readme(readme: str = os.path.join(os.path.dirname(HERE), "README.md")) -> None:
+def update_readme(readme: str = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")) -> None:
     text = open(readme).read()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme} lacks the markers {BEGIN!r} ... {END!r}")

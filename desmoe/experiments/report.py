@@ -1,5 +1,5 @@
 """Markdown from the experiments' results.json files: ``python -m desmoe.experiments.report DIR`` (DIR holds
-``pareto/`` and ``scaling/`` as written by ``desmoe experiment all --out DIR``); ``--readme README.md`` rewrites the
+``pareto/`` and ``scaling/`` as written by ``desmoe experiment all --out DIR``); ``--readme docs/experiments.md`` rewrites the
 README's generated Results block (between the ``results:begin`` / ``results:end`` markers) instead of printing.
 
 The paper-claim table is computed here from the JSON: every verdict follows a stated rule, and a difference only
@@ -225,8 +225,8 @@ def claims(p: dict, s: dict | None) -> list[list[str]]:
 
 
 def render(root: str, img: str = "") -> str:
-    """The Markdown of ``root``'s results; ``img`` prefixes the plots' paths (``results/experiments/`` in the
-    README, nothing in ``summary.md`` beside them)."""
+    """The Markdown of ``root``'s results; ``img`` prefixes the plots' paths (``../results/experiments/`` in
+    docs/experiments.md, nothing in ``summary.md`` beside them)."""
     p, s = load(root, "pareto"), load(root, "scaling")
     out = []
     if p:
@@ -253,7 +253,7 @@ def render(root: str, img: str = "") -> str:
 
 
 def readme_block(root: str) -> str:
-    return f"{BEGIN}\n{render(root, img='results/experiments/')}{END}"
+    return f"{BEGIN}\n{render(root, img='../results/experiments/')}{END}"  # the block lives in docs/experiments.md
 
 
 def update_readme(readme: str, root: str) -> bool:
@@ -276,11 +276,11 @@ def main(argv=None) -> int:
     if "--readme" in argv:
         i = argv.index("--readme")
         if i + 1 >= len(argv):
-            sys.exit("usage: python -m desmoe.experiments.report RESULTS_DIR [--readme README.md]")
+            sys.exit("usage: python -m desmoe.experiments.report RESULTS_DIR [--readme docs/experiments.md]")
         readme = argv[i + 1]
         del argv[i:i + 2]
     if len(argv) != 1 or not os.path.isdir(argv[0]):
-        sys.exit("usage: python -m desmoe.experiments.report RESULTS_DIR [--readme README.md]")
+        sys.exit("usage: python -m desmoe.experiments.report RESULTS_DIR [--readme docs/experiments.md]")
     if readme:
         print("README updated" if update_readme(readme, argv[0]) else "README already up to date")
     else:

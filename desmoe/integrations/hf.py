@@ -516,7 +516,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="Print (or write into the README) the model-type table.")
-    ap.add_argument("--update-readme", nargs="?", const="README.md", default=None, metavar="PATH")
+    ap.add_argument("--update-readme", nargs="?", const="docs/families.md", default=None, metavar="PATH")
     args = ap.parse_args()
     if args.update_readme:
         print("updated" if update_readme(args.update_readme) else "unchanged", args.update_readme)

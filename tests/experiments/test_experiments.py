@@ -146,9 +146,9 @@ def test_readme_results_block_is_generated_from_the_committed_json():
     root = os.path.join(ROOT, "results", "experiments")
     if not os.path.isfile(os.path.join(root, "pareto", "results.json")):
         pytest.skip("no committed experiment results")
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "docs", "experiments.md")).read()
     assert readme_block(root) in readme, ("README's Results block is stale: run python -m desmoe.experiments.report "
-                                          "results/experiments --readme README.md")
+                                          "results/experiments --readme docs/experiments.md")
 
 
 def test_bad_input(tmp_path, capsys):

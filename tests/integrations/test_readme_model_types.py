@@ -4,7 +4,7 @@ import os
 
 from desmoe.integrations import hf
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "families.md")
 
 
 def test_readme_model_type_table_is_generated_from_the_registry():

@@ -332,7 +332,7 @@ def test_readme_phase_table_is_generated_from_the_code():
 
     from desmoe.method.registry import phase_table_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text()
     assert phase_table_markdown() in readme, "README's per-phase table is stale: paste phase_table_markdown()"
 
 

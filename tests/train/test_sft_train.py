@@ -113,7 +113,7 @@ def test_readme_sft_config_runs(tmp_path, monkeypatch, capsys):
 
     from desmoe.cli import main
 
-    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parents[2] / "docs" / "data.md").read_text()
     block = re.search(r"```yaml\n(# sft\.yaml.*?)```", readme, re.S).group(1)
     cfg = yaml.safe_load(block)
     assert cfg["data"]["sources"] == {"intent": "data/intent.jsonl", "law": "data/law"}
