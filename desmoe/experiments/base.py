@@ -125,7 +125,7 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
     from ..data import eval_batches
     from ..integrations.hf import moe_blocks
     from ..method.dges import masks_from_affinity
-    from .. import patch
+    from ..integrations.hf import patch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.join(base_path, "routing.json")

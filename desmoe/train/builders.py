@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import patch
+from ..integrations.hf import patch
 from .config import Config
 from .loss import task_loss, to_device
 

@@ -39,6 +39,8 @@ import tempfile
 
 import torch
 
+from ..method.alr_files import write_alr
+
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -229,8 +231,6 @@ def write_model(tmp: str, model, tokenizer, routers, state_dict: dict | None = N
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "model"))
     # the ALR beside the HF files, with a notice that model/ alone is not the trained routing
-    from ..export import write_alr
-
     write_alr(os.path.join(tmp, "model"), model, full_state_dict)
 
 

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .. import patch
+from ..integrations.hf import patch
 from ..data import tokenize_domains
 from ..eval import evaluate_model
 from ..method import MethodController

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import patch
+from ..integrations.hf import patch
 from ..data.hub import check_config_hub_names
 from ..eval import evaluate_model
 from ..method import MethodController
