@@ -5,7 +5,8 @@ method over an LR grid and seeds, paired (same data order and initial weights pe
 validation split and the test split is reported (``pareto``, ``scaling``; results.json + PNG plots each).
 """
 from .experiments import EXPERIMENTS, run_experiment
-from .runner import TRAINER_METHOD, aggregate, finetune_config, run_jobs, run_one
+from .methods import TRAINER_METHOD
+from .runner import aggregate, finetune_config, run_jobs, run_one
 from .spec import ExperimentSpec, load_spec
 
 METHOD_NAMES = tuple(TRAINER_METHOD)

@@ -14,7 +14,8 @@ from .. import provenance
 from . import pareto as P
 from . import plots
 from .base import base_routing, prepare_base_cached
-from .runner import SINGLE_METHODS, aggregate, combine_single, run_jobs
+from .methods import SINGLE_METHODS
+from .runner import aggregate, combine_single, run_jobs
 from .spec import ExperimentSpec
 
 EXPERIMENTS = ("pareto", "scaling")

@@ -6,6 +6,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .methods import SINGLE_METHODS, TRAINER_METHOD
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                           "experiments")
 DEFAULT_CONFIG = "paper.yaml"
@@ -36,7 +38,6 @@ class ExperimentSpec:
 
     def __post_init__(self):
         from ..data import DOMAINS
-        from .runner import SINGLE_METHODS, TRAINER_METHOD
 
         s = self.source
         if not isinstance(self.base, dict) or not isinstance(self.base.get("config"), dict):
