@@ -86,8 +86,11 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     ev = eval_kwargs(cfg, device)
     l0 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     log(f"base: pretraining {pretrain_steps} steps on {mix or g!r} -> {out}")
+    state = out + ".pretrain-state.pt"  # a stopped build continues from its last save (every 500 steps)
+    if os.path.isfile(state):
+        log(f"base: continuing the pretraining saved in {state}")
     losses = pretrain(model, cfg, docs, tok.eos_token_id, device, pretrain_steps, aux_coef=aux_loss_coef,
-                      weights=dict(mix) if mix else None, progress=True)  # silent under progress.quiet()
+                      weights=dict(mix) if mix else None, progress=True, state_path=state)  # silent under quiet()
     l1 = evaluate_model(model, tok, held, **ev)["domains"][g]["loss"]
     unpatch(model)
     tmp = out + ".tmp"
@@ -111,6 +114,8 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
 
         shutil.rmtree(out)
     os.replace(tmp, out)
+    if os.path.isfile(state):
+        os.remove(state)
     log(f"base: general loss {l0:.3f} -> {l1:.3f} ({time.time() - t0:.0f}s, {n_params / 1e6:.2f}M params)")
     return info
 

@@ -3,6 +3,7 @@ pretraining that precedes fine-tuning when a run starts from a random model."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -180,11 +181,16 @@ def load_balance_loss(records: list[dict]) -> torch.Tensor:
 
 
 def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_coef: float = 0.0,
-             weights: dict | None = None, progress: bool = False) -> list[float]:
+             weights: dict | None = None, progress: bool = False, state_path: str | None = None,
+             save_every: int = 500) -> list[float]:
     """Base-model pretraining (full model, AdamW, warm-up + cosine LR to 10%, no method): the 'pretrained' MoE of
     the demo and the experiments. ``docs``: token docs of the general domain, or ``{domain: docs}`` mixed with
     ``weights``. ``aux_coef`` > 0 adds that multiple of :func:`load_balance_loss` so every expert gets used.
-    Returns the per-step loss (task loss + the model's own aux loss, if its config enables one)."""
+    Returns the per-step loss (task loss + the model's own aux loss, if its config enables one).
+
+    ``state_path``: every ``save_every`` steps the model, optimizer, data stream and RNG are written there
+    (atomically); a call that finds the file continues from it, with the same result as an uninterrupted run
+    (a long base survives being stopped). The file is this process's own, read without running code."""
     from ..data import MixedDomainStream
     from ..integrations.hf import moe_blocks
 
@@ -193,8 +199,10 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
                                cfg.data.batch_size, seed=cfg.data.seed + 1, eos_id=eos_id, weights=weights)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.pretrain_lr, betas=(0.9, 0.95))
     bf16 = use_bf16(cfg, device)
-    losses = []
-    it = progress_bar(range(steps), progress, "pretraining the base model")
+    losses, start = [], 0
+    if state_path and os.path.isfile(state_path):
+        losses, start = _load_pretrain_state(state_path, model, opt, stream, steps)
+    it = progress_bar(range(start, steps), progress, "pretraining the base model")
     for s in it:
         lr = cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
         for g in opt.param_groups:
@@ -215,5 +223,26 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
         losses.append(loss.item())
         if hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{losses[-1]:.3f}")
+        if state_path and (s + 1) % save_every == 0 and s + 1 < steps:
+            _save_pretrain_state(state_path, model, opt, stream, losses, steps)
     del opt
     return losses
+
+
+def _save_pretrain_state(path: str, model, opt, stream, losses: list[float], steps: int) -> None:
+    state = {"step": len(losses), "steps": steps, "losses": list(losses), "model": model.state_dict(),
+             "opt": opt.state_dict(), "stream": stream.state_dict(), "rng": torch.get_rng_state()}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_pretrain_state(path: str, model, opt, stream, steps: int) -> tuple[list[float], int]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("steps") != steps or not 0 < state.get("step", 0) < steps:
+        raise ValueError(f"pretraining state {path} is for {state.get('steps')} steps (at step {state.get('step')}), "
+                         f"not this run's {steps}: remove it to start over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    stream.load_state_dict(state["stream"])
+    torch.set_rng_state(state["rng"])
+    return list(state["losses"]), state["step"]
