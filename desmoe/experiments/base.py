@@ -129,6 +129,7 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
     from ..data import load_domain_texts, tokenize_domains
     from ..data import eval_batches
     from ..integrations.hf import moe_blocks
+    from ..method.config import MethodConfig
     from ..method.dges import masks_from_affinity
     from ..integrations.hf import patch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +140,7 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
             return json.load(f)
     ft = spec.finetune.get("data", {})
     seq, bs = ft.get("seq_len", 128), ft.get("batch_size", 8)
-    phi = spec.finetune.get("method", {}).get("phi", 0.6)
+    phi = spec.finetune.get("method", {}).get("phi", MethodConfig.phi)
     tok = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path)
     patch(model)

@@ -21,10 +21,11 @@ import math
 import torch
 
 from .. import ops
+from ..method.config import MethodConfig
 from ..method.dges import masks_from_affinity
 
 TOP_P = 0.2
-PHI = 0.6
+PHI = MethodConfig.phi  # DGES's default threshold
 METRICS = ("mi_bits", "h_domain_bits", "mi_norm", "concentration", "mask_jaccard")
 
 

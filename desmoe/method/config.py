@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .alr import LAMBDA_SCHEDULES
+from .dges import check_phi
 from .registry import method_names
 
 UNKNOWN_DOMAIN_MODES = ("none", "union")
@@ -79,8 +80,7 @@ class MethodConfig:
                 or not 0 < self.alr_expansion <= 64:
             bad("alr_expansion", "a number in (0, 64] (the ALR's hidden width is round(alr_expansion·D), at least 1)",
                 self.alr_expansion)
-        if not 0.0 < self.phi <= 1.0:
-            bad("phi", "in (0, 1]", self.phi)
+        check_phi(self.phi, "method.phi")
         if not 0.0 <= self.ema_momentum < 1.0:
             bad("ema_momentum", "in [0, 1)", self.ema_momentum)
         if int(self.update_every) != self.update_every or self.update_every < 1:

@@ -102,7 +102,6 @@ class MethodController:
         self.current_phase: str | None = None
         self.kinds = classify_parameters(model)
         self.last_lambda = 0.0
-        self.data_tokens_M: list[int] | None = None  # training tokens per domain (caps ESFT's scoring budget)
         self._added: tuple[RouterAddedLoss, torch.Tensor] | None = None  # this micro-batch's router loss, scale
 
     # --- phases and trainable parameters ----------------------------------------------------------------
@@ -303,9 +302,10 @@ class MethodController:
         """The method's update after optimizer step ``step``; returns True when the masks changed."""
         return self.method.end_step(self, step)
 
-    def prepare(self, batches) -> torch.Tensor | None:
-        """The method's pass before training (ESFT's expert scoring) over ``batches``."""
-        return self.method.prepare(self, batches)
+    def prepare(self, batches, data_tokens_M: list[int] | None = None) -> torch.Tensor | None:
+        """The method's pass before training (ESFT's expert scoring) over ``batches``; ``data_tokens_M``: the
+        training tokens of each domain, when known (ESFT scores at most that many)."""
+        return self.method.prepare(self, batches, data_tokens_M)
 
     # --- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -23,11 +23,6 @@ def phase_bounds(total_steps: int, warmup_frac: float, stabilize_frac: float) ->
     return math.floor(warmup_frac * total_steps + 1e-9), math.floor(stabilize_frac * total_steps + 1e-9)
 
 
-def phase_at(step: int, total_steps: int, warmup_frac: float = 0.2, stabilize_frac: float = 0.7) -> str:
-    t1, t2 = phase_bounds(total_steps, warmup_frac, stabilize_frac)
-    return PHASES[0] if step < t1 else PHASES[1] if step < t2 else PHASES[2]
-
-
 @register_method
 class DesMoE(Method):
     name = "des_moe"

@@ -12,13 +12,18 @@ import torch
 from .. import ops
 
 
+def check_phi(phi, name: str = "phi") -> None:
+    """The DGES threshold's one rule: ``phi`` in (0, 1] (a ``ValueError`` naming ``name`` otherwise)."""
+    if not 0.0 < phi <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {phi!r}")
+
+
 def masks_from_affinity(A_LME: torch.Tensor, phi: float) -> torch.Tensor:
     """bool ``[L, M, E]``: ``A >= phi·rowmax``, plus each row's argmax (so ≥ 1 expert per domain).
 
     A domain with an all-zero row (no tokens seen) gets every expert: it has no tokens to train them anyway.
     """
-    if not 0.0 < phi <= 1.0:
-        raise ValueError(f"phi must be in (0, 1], got {phi}")
+    check_phi(phi)
     if A_LME.dim() != 3:
         raise ValueError(f"A_LME must be [L, M, E], got shape {tuple(A_LME.shape)}")
     max_LM1 = A_LME.amax(-1, keepdim=True)
@@ -35,12 +40,10 @@ class AffinityTracker:
     of warm-up (A := rownorm(all warm-up counts)); ``refresh()`` every ``update_every`` steps afterwards (EMA).
     """
 
-    def __init__(self, num_layers: int, num_domains: int, num_experts: int, *, phi: float = 0.6,
+    def __init__(self, num_layers: int, num_domains: int, num_experts: int, *, phi: float,
                  momentum: float = 0.9, device=None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not 0.0 < phi <= 1.0:
-            raise ValueError(f"phi must be in (0, 1], got {phi}")
         self.L, self.M, self.E = num_layers, num_domains, num_experts
         self.phi, self.momentum = phi, momentum
         self.A_LME = torch.zeros(num_layers, num_domains, num_experts, dtype=torch.float32, device=device)

@@ -50,21 +50,21 @@ class ESFT(Method):
         """An upper bound; :meth:`prepare` stops as soon as every domain has its tokens."""
         return self.cfg.esft_batches or 1 << 30
 
-    def token_budget_M(self, ctl) -> torch.Tensor:
-        """Tokens to score per domain: ``esft_tokens``, capped by ``ctl.data_tokens_M`` (the training data)."""
-        b = torch.full((len(ctl.domain_names),), int(self.cfg.esft_tokens), dtype=torch.int64)
-        if ctl.data_tokens_M is not None:
-            b = torch.minimum(b, torch.as_tensor(ctl.data_tokens_M, dtype=torch.int64).clamp(min=1))
+    def token_budget_M(self, num_domains: int, data_tokens_M: list[int] | None = None) -> torch.Tensor:
+        """Tokens to score per domain: ``esft_tokens``, capped by ``data_tokens_M`` (the training data)."""
+        b = torch.full((num_domains,), int(self.cfg.esft_tokens), dtype=torch.int64)
+        if data_tokens_M is not None:
+            b = torch.minimum(b, torch.as_tensor(data_tokens_M, dtype=torch.int64).clamp(min=1))
         return b
 
     @torch.no_grad()
-    def prepare(self, ctl, batches) -> torch.Tensor:
+    def prepare(self, ctl, batches, data_tokens_M: list[int] | None = None) -> torch.Tensor:
         """Score the experts on ``batches`` (an iterable of dicts with ``input_ids``, ``domain_ids``), each domain on
         its first ``token_budget_M`` tokens (later ones are ignored; iteration stops once all are scored);
         returns bool ``[L, E]``."""
         L, M, E = len(ctl.blocks), len(ctl.domain_names), ctl.num_experts
         scores = torch.zeros(L, M, E, dtype=torch.float64)
-        budget_M, seen_M = self.token_budget_M(ctl), torch.zeros(M, dtype=torch.int64)
+        budget_M, seen_M = self.token_budget_M(M, data_tokens_M), torch.zeros(M, dtype=torch.int64)
         was_training = ctl.model.training
         ctl.model.eval()
         for batch in batches:

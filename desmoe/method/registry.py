@@ -16,17 +16,37 @@ adapter. The built-in methods live one per file beside this one (``fft.py``, ``f
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import contextlib
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+import torch.nn as nn
+
+from .dges import AffinityTracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MethodConfig
-    from .controller import MethodController
 
 PARAM_KINDS = ("experts", "router", "alr", "shared_experts", "attention", "embeddings", "other")
 
 _REGISTRY: dict[str, type["Method"]] = {}
+
+
+class MethodContext(Protocol):
+    """What a :class:`Method` reads from the :class:`~desmoe.method.MethodController` that drives it (the
+    ``ctl`` argument of its hooks)."""
+
+    model: nn.Module
+    blocks: list  # (block, router, experts) per MoE layer: desmoe.integrations.hf.moe_blocks
+    routers: list  # desmoe.layers.TopKRouter per MoE layer
+    domain_names: list[str]
+    num_experts: int
+    tracker: AffinityTracker  # the affinity A of the run (DGES)
+    current_phase: str | None
+    last_lambda: float  # this step's λ
+
+    def recording(self) -> contextlib.AbstractContextManager[list[dict]]:
+        """A scope in which the routers record their forward (one record per layer afterwards)."""
 
 
 class Method:
@@ -61,11 +81,11 @@ class Method:
         return "all"
 
     # --- experts --------------------------------------------------------------------------------------------
-    def expert_trainable_LE(self, ctl: "MethodController") -> torch.Tensor | None:
+    def expert_trainable_LE(self, ctl: MethodContext) -> torch.Tensor | None:
         """bool ``[L, E]``: experts that may change now (None: all of them)."""
         return None
 
-    def token_masks_LME(self, ctl: "MethodController") -> torch.Tensor | None:
+    def token_masks_LME(self, ctl: MethodContext) -> torch.Tensor | None:
         """bool ``[L, M, E]``: per-token masks in force now (a token's gradient reaches only its domain's experts)."""
         return None
 
@@ -74,7 +94,7 @@ class Method:
         """Weight λ of the added loss at ``step``: the step's loss is ``λ·added + (1-λ)·task``."""
         return 0.0
 
-    def router_loss(self, ctl: "MethodController", valid_T: torch.Tensor, phase: str):
+    def router_loss(self, ctl: MethodContext, valid_T: torch.Tensor, phase: str):
         """The loss this method adds inside every router's forward over the tokens ``valid_T`` (bool, flattened
         B*S), or None: ``(loss_fn, scale)`` with
         ``loss_fn(teacher_logits_TE, student_logits_TE) -> scalar`` (a :class:`desmoe.layers.RouterAddedLoss`
@@ -86,11 +106,12 @@ class Method:
         """Training batches :meth:`prepare` needs before the first step (0: none)."""
         return 0
 
-    def prepare(self, ctl: "MethodController", batches) -> torch.Tensor | None:
-        """Before training, on ``prepare_batches()`` training batches (ESFT scores and selects experts here)."""
+    def prepare(self, ctl: MethodContext, batches, data_tokens_M: list[int] | None = None) -> torch.Tensor | None:
+        """Before training, on ``prepare_batches()`` training batches (ESFT scores and selects experts here);
+        ``data_tokens_M``: the training tokens of each domain, when known (ESFT caps its scoring budget by them)."""
         return None
 
-    def end_step(self, ctl: "MethodController", step: int) -> bool:
+    def end_step(self, ctl: MethodContext, step: int) -> bool:
         """After optimizer step ``step``; returns True when the masks changed."""
         return False
 
@@ -103,38 +124,6 @@ class Method:
     def summary(self) -> dict:
         """Entries for the run's ``summary.json``."""
         return {}
-
-
-_KIND_COLUMNS = (("router", "router weight"), ("alr", "ALR"), ("experts", "routed experts"),
-                 ("shared_experts", "shared experts¹"), ("attention", "attention"), ("embeddings", "embeddings + LM head"),
-                 ("other", "norms, dense MLPs"))
-
-
-def phase_table_markdown(cfg: "MethodConfig | None" = None, total_steps: int = 100) -> str:
-    """Markdown table of what trains in each phase of every registered method under ``cfg`` (default config),
-    computed from :meth:`Method.trainable_kinds` and :meth:`Method.expert_scope` (the README carries its output).
-    """
-    import dataclasses
-
-    from .config import MethodConfig
-
-    base = cfg or MethodConfig()
-    head = "| method | phase (steps) | " + " | ".join(c for _, c in _KIND_COLUMNS) + " |"
-    rows = [head, "|" + "---|" * (2 + len(_KIND_COLUMNS))]
-    for name in method_names():
-        m = method_class(name)(dataclasses.replace(base, name=name), total_steps)
-        for phase, (a, b) in m.phase_spans().items():
-            kinds = m.trainable_kinds(phase)
-            cells = [(m.expert_scope(phase) if k == "experts" else "✓") if k in kinds else "–" for k, _ in _KIND_COLUMNS]
-            rows.append(f"| `{name}` | {phase} [{a / total_steps:g}T, {b / total_steps:g}T) | " + " | ".join(cells) + " |")
-    rows.append("")
-    from ..integrations.families import shared_expert_footnote
-
-    rows.append("¹ Shared experts: the parameters under the modules each family names "
-                f"(`desmoe.integrations.families`): {shared_expert_footnote()} (nothing in this column). "
-                f"Shown for `method.shared_experts: {base.shared_experts}`; `always` / `never` put ✓ / – in every "
-                "phase of the DES variants.")
-    return "\n".join(rows)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

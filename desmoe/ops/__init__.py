@@ -164,22 +164,38 @@ def _check_ids(topk_ids_TK, num_experts, validate_range: bool = True) -> None:
 
 def check_experts_args(
     x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, *, activation="silu",
-    expert_trainable_E=None, pair_trainable_TK=None, validate_ids: bool = True,
+    expert_trainable_E=None, pair_trainable_TK=None, validate_ids: bool = True, b_gate_up=None, b_down=None,
+    transposed: bool = False, interleaved: bool = False, alpha: float = reference.SWIGLU_ALPHA,
+    limit: float = reference.SWIGLU_LIMIT,
 ) -> None:
     _check_tensor("x_TD", x_TD, dim=2, dtypes=_FLOAT_DTYPES)
     dev = x_TD.device
     _check_tensor("w_gate_up_E2ID", w_gate_up_E2ID, dim=3, dtypes=_FLOAT_DTYPES, device=dev)
     _check_tensor("w_down_EDI", w_down_EDI, dim=3, dtypes=_FLOAT_DTYPES, device=dev)
     T, D = x_TD.shape
-    E, I2, D1 = w_gate_up_E2ID.shape
+    if transposed:  # gpt-oss: [E, D, 2I] and [E, I, D]
+        E, D1, I2 = w_gate_up_E2ID.shape
+        gu_form, dn_shape, dn_form = "[E, D={D}, 2I]", (E, I2 // 2, D), "[E={E}, I={I}, D={D}]"
+    else:
+        E, I2, D1 = w_gate_up_E2ID.shape
+        gu_form, dn_shape, dn_form = "[E, 2I, D={D}]", (E, D, I2 // 2), "[E={E}, D={D}, I={I}]"
+    layout = " (transposed=True)" if transposed else ""
     if D1 != D:
-        raise ValueError(f"w_gate_up_E2ID must be [E, 2I, D={D}] (D from x_TD), got {tuple(w_gate_up_E2ID.shape)}")
+        raise ValueError(f"w_gate_up_E2ID must be {gu_form.format(D=D)}{layout} (D from x_TD), "
+                         f"got {tuple(w_gate_up_E2ID.shape)}")
     if I2 % 2:
-        raise ValueError(f"w_gate_up_E2ID's middle dim must be 2*I (even), got {I2}")
-    if tuple(w_down_EDI.shape) != (E, D, I2 // 2):
-        raise ValueError(f"w_down_EDI must be [E={E}, D={D}, I={I2 // 2}], got {tuple(w_down_EDI.shape)}")
+        raise ValueError(f"w_gate_up_E2ID's gate|up dim must be 2*I (even){layout}, got {I2}")
+    if tuple(w_down_EDI.shape) != dn_shape:
+        raise ValueError(f"w_down_EDI must be {dn_form.format(E=E, D=D, I=I2 // 2)}{layout}, "
+                         f"got {tuple(w_down_EDI.shape)}")
     if w_gate_up_E2ID.dtype != w_down_EDI.dtype:
         raise TypeError(f"w_gate_up_E2ID ({w_gate_up_E2ID.dtype}) and w_down_EDI ({w_down_EDI.dtype}) differ in dtype")
+    for name, b, shape in (("b_gate_up", b_gate_up, (E, I2)), ("b_down", b_down, (E, D))):
+        if b is not None:
+            _check_tensor(name, b, dim=2, dtypes=_FLOAT_DTYPES, device=dev)
+            if tuple(b.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} ([E, {'2I' if name == 'b_gate_up' else 'D'}]),"
+                                 f" got {tuple(b.shape)}")
     _check_tensor("topk_ids_TK", topk_ids_TK, device=dev)
     _check_ids(topk_ids_TK, E, validate_range=validate_ids)
     if topk_ids_TK.shape[0] != T:
@@ -191,8 +207,14 @@ def check_experts_args(
         raise ValueError(
             f"topk_weights_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(topk_weights_TK.shape)}"
         )
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    if activation not in reference.ALL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ALL_ACTIVATIONS)}, got {activation!r}")
+    if activation == "clamped_swiglu":
+        import math
+
+        for name, v in (("alpha", alpha), ("limit", limit)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} (clamped_swiglu) must be a finite number > 0, got {v!r}")
     if expert_trainable_E is not None:
         _check_tensor("expert_trainable_E", expert_trainable_E, dim=1, dtypes=(torch.bool,), device=dev)
         if expert_trainable_E.shape[0] != E:
@@ -203,6 +225,14 @@ def check_experts_args(
             raise ValueError(
                 f"pair_trainable_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(pair_trainable_TK.shape)}"
             )
+
+
+def triton_experts_supported(activation: str = "silu", *, has_bias: bool = False, transposed: bool = False,
+                             interleaved: bool = False) -> bool:
+    """Whether the Triton experts kernels carry this variant: SiLU SwiGLU, the standard layout, no biases.
+    Everything else (other activations, gpt-oss's biased, transposed, interleaved clamped SwiGLU) runs on the
+    grouped engine (``desmoe.ops.grouped``: ``torch._grouped_mm`` on CUDA) when the Triton backend is asked."""
+    return activation == "silu" and not has_bias and not transposed and not interleaved
 
 
 def moe_experts(
@@ -217,18 +247,31 @@ def moe_experts(
     pair_trainable_TK: torch.Tensor | None = None,
     backend: str | None = None,
     validate_ids: bool = True,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    transposed: bool = False,
+    interleaved: bool = False,
+    alpha: float = reference.SWIGLU_ALPHA,
+    limit: float = reference.SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """Gated expert MLP with weighted combine: ``x [T, D] -> out [T, D]`` (dtype of ``x``).
 
     Masks: see :func:`desmoe.ops.reference.moe_experts_reference`. ``validate_ids`` checks id range (one
-    device sync; the HF integration turns it off since its router produced the ids).
+    device sync; the HF integration turns it off since its router produced the ids). gpt-oss's experts:
+    ``b_gate_up [E, 2I]``, ``b_down [E, D]``, ``transposed`` (weights ``[E, D, 2I]`` / ``[E, I, D]``),
+    ``interleaved`` (gate/up in the even/odd columns), ``activation="clamped_swiglu"`` with ``alpha``/``limit``;
+    these run on the reference or the grouped engine (the Triton backend routes them to the grouped one).
     """
     check_experts_args(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
         expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK, validate_ids=validate_ids,
+        b_gate_up=b_gate_up, b_down=b_down, transposed=transposed, interleaved=interleaved, alpha=alpha,
+        limit=limit,
     )
     name = resolve_backend(backend, x_TD.device)
-    if name == "triton" and activation == "silu":
+    has_bias = b_gate_up is not None or b_down is not None
+    if name == "triton" and triton_experts_supported(activation, has_bias=has_bias, transposed=transposed,
+                                                     interleaved=interleaved):
         from . import triton_ops
 
         return triton_ops.moe_experts(
@@ -239,18 +282,21 @@ def moe_experts(
         # the reference's matmuls would fail with a message naming neither argument (autocast casts them itself)
         raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
                         f"one of them, or run under torch.autocast")
-    # grouped: its own backend; triton with an activation its epilogue does not carry; reference under
-    # torch.compile (the reference loop syncs with the host and branches on data; the grouped op is one opaque
-    # custom op with a fake implementation, tested against the reference)
+    layout = dict(b_gate_up=b_gate_up, b_down=b_down, transposed=transposed, interleaved=interleaved, alpha=alpha,
+                  limit=limit)
+    # grouped: its own backend; triton with a variant its kernels do not carry (another activation, gpt-oss's
+    # layout); reference under torch.compile (the reference loop syncs with the host and branches on data; the
+    # grouped op is one opaque custom op with a fake implementation, tested against the reference)
     if name != "reference" or torch.compiler.is_compiling():
         from .grouped import grouped_experts
 
         trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
         return grouped_experts(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
-                               activation=activation, trainable_S=trainable_S, trainable_E=expert_trainable_E)
+                               activation=activation, trainable_S=trainable_S, trainable_E=expert_trainable_E,
+                               **layout)
     return reference.moe_experts_reference(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
-        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
+        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK, **layout,
     )
 
 
@@ -261,7 +307,7 @@ from .pair_mask import pair_mask  # noqa: E402
 from .routing_stats import routing_stats  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "RouterSpec", "ROUTING_SCORINGS", "GROUP_SCORES", "resolve_backend", "triton_available", "kernel_routes", "topk_route", "expert_counts", "permute", "moe_experts",
+    "BACKENDS", "RouterSpec", "ROUTING_SCORINGS", "GROUP_SCORES", "resolve_backend", "triton_available", "kernel_routes", "topk_route", "expert_counts", "permute", "moe_experts", "triton_experts_supported",
     "check_routing_args", "check_experts_args", "reference",
     "mask_expert_grads_", "pair_mask", "routing_stats", "affinity_ema_",
 ]

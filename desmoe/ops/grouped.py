@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _autocast
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, ALL_ACTIVATIONS, split_gate_up
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -77,7 +77,52 @@ def _act_backward(activation: str, grad: Tensor, x: Tensor, act_x: Tensor) -> Te
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if activation == "gelu_tanh" else "none")
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, act_x, 0)
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    raise ValueError(f"activation must be one of {sorted(ALL_ACTIVATIONS)}, got {activation!r}")
+
+
+def _gate_forward(h_S2I: Tensor, activation: str, interleaved: bool, alpha: float, limit: float):
+    """``(act_SI, a_SI)``: the gate's activation (gpt-oss: ``g·σ(α·g)`` of the clamped gate) and the gated
+    output."""
+    gate_SI, up_SI = split_gate_up(h_S2I, interleaved)
+    if activation == "clamped_swiglu":
+        g = gate_SI.clamp(max=limit)
+        act_SI = g * torch.sigmoid(g * alpha)
+        return act_SI, (up_SI.clamp(min=-limit, max=limit) + 1) * act_SI
+    act_SI = ACTIVATIONS[activation](gate_SI)
+    return act_SI, act_SI * up_SI
+
+
+def _gate_backward(da_SI: Tensor, h_S2I: Tensor, act_SI: Tensor, activation: str, interleaved: bool, alpha: float,
+                   limit: float) -> Tensor:
+    """``dh_S2I`` (in ``h``'s column layout) from ``da_SI``. The clamps pass the gradient where the input lies in
+    the closed interval, as autograd's ``clamp`` does (the edges included)."""
+    gate_SI, up_SI = split_gate_up(h_S2I, interleaved)
+    if activation == "clamped_swiglu":
+        g = gate_SI.clamp(max=limit)
+        sig = torch.sigmoid(g * alpha)
+        dgate = da_SI * (up_SI.clamp(min=-limit, max=limit) + 1) * (sig + alpha * g * sig * (1 - sig))
+        dgate = dgate * (gate_SI <= limit)
+        dup = da_SI * act_SI * ((up_SI >= -limit) & (up_SI <= limit))
+    else:
+        dgate = _act_backward(activation, da_SI * up_SI, gate_SI, act_SI)
+        dup = da_SI * act_SI
+    if interleaved:
+        return torch.stack([dgate, dup], dim=-1).flatten(-2)
+    return torch.cat([dgate, dup], dim=-1)
+
+
+def _views(w_gate_up: Tensor, w_down: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
+    """The weights as ``[E, in, out]`` views (``x @ W[e]``): the stored tensors when transposed, else their
+    transposes (no copies)."""
+    if transposed:
+        return w_gate_up, w_down
+    return w_gate_up.transpose(-2, -1), w_down.transpose(-2, -1)
+
+
+def _row_experts(offs_E: Tensor, S: int) -> Tensor:
+    """The expert of each sorted pair row (no host sync)."""
+    rows = torch.arange(S, device=offs_E.device, dtype=offs_E.dtype)
+    return torch.searchsorted(offs_E, rows, right=True)
 
 
 def _pairs(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -90,35 +135,45 @@ def _pairs(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("desmoe::grouped_experts_fwd", mutates_args=())
 def grouped_experts_fwd(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
-    trainable_S: Tensor | None, trainable_E: Tensor | None, activation: str,
+    trainable_S: Tensor | None, trainable_E: Tensor | None, activation: str, b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None, transposed: bool = False, interleaved: bool = False, alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out_TD, perm_S int64, offs_E int32, x_SD, h_S2I, act_SI, a_SI)``; all but ``out_TD`` are saved
     for the backward (the masks too: they only act on the dW of the backward)."""
     T, K = topk_ids_TK.shape
+    S = T * K
     perm_S, offs_E = _pairs(topk_ids_TK, w_gate_up_E2ID.shape[0])
     tok_S = perm_S // K
     wdt = w_gate_up_E2ID.dtype
+    w1, w2 = _views(w_gate_up_E2ID, w_down_EDI, transposed)
     x_SD = x_TD.index_select(0, tok_S).to(wdt)  # index_select: a row copy, ~2x aten::index on CPU
-    h_S2I = _gmm(x_SD, w_gate_up_E2ID.transpose(-2, -1), offs_E)
+    h_S2I = _gmm(x_SD, w1, offs_E)
+    e_S = _row_experts(offs_E, S) if b_gate_up is not None or b_down is not None else None
+    if b_gate_up is not None:  # as stock: the GEMM's output (its dtype) plus the bias (its dtype, promoted)
+        h_S2I = h_S2I + b_gate_up.index_select(0, e_S)
     # the routing weight is folded into the down projection's input ([S, I], narrower than its output)
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1)
-    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
-    act_SI = ACTIVATIONS[activation](gate_SI)
-    a_SI = act_SI * up_SI
+    act_SI, a_SI = _gate_forward(h_S2I, activation, interleaved, alpha, limit)
     aw_SI = (a_SI * w_S1).to(wdt)
-    y_SD = _gmm(aw_SI, w_down_EDI.transpose(-2, -1), offs_E)
+    y_SD = _gmm(aw_SI, w2, offs_E)
     out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.promote_types(x_TD.dtype, torch.float32), device=x_TD.device)
+    if b_down is not None:
+        y_SD = y_SD.to(out_TD.dtype) + b_down.index_select(0, e_S).to(out_TD.dtype) * w_S1.to(out_TD.dtype)
     out_TD.index_add_(0, tok_S, y_SD.to(out_TD.dtype))  # fp32 accumulate of the K contributions
     return out_TD.to(x_TD.dtype), perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI
 
 
 @grouped_experts_fwd.register_fake
-def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S, trainable_E, activation):
-    S, I2 = topk_ids_TK.numel(), w_gate_up_E2ID.shape[1]
+def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S, trainable_E, activation,
+      b_gate_up=None, b_down=None, transposed=False, interleaved=False, alpha=1.702, limit=7.0):
+    S = topk_ids_TK.numel()
+    I2 = w_gate_up_E2ID.shape[2] if transposed else w_gate_up_E2ID.shape[1]
+    hdt = w_gate_up_E2ID.dtype if b_gate_up is None else torch.promote_types(w_gate_up_E2ID.dtype, b_gate_up.dtype)
     return (x_TD.new_empty(x_TD.shape), topk_ids_TK.new_empty((S,), dtype=torch.int64),
             topk_ids_TK.new_empty((w_gate_up_E2ID.shape[0],), dtype=torch.int32),
-            w_gate_up_E2ID.new_empty((S, x_TD.shape[1])), w_gate_up_E2ID.new_empty((S, I2)),
-            w_gate_up_E2ID.new_empty((S, I2 // 2)), w_gate_up_E2ID.new_empty((S, I2 // 2)))
+            w_gate_up_E2ID.new_empty((S, x_TD.shape[1])), w_gate_up_E2ID.new_empty((S, I2), dtype=hdt),
+            w_gate_up_E2ID.new_empty((S, I2 // 2), dtype=hdt), w_gate_up_E2ID.new_empty((S, I2 // 2), dtype=hdt))
 
 
 @torch.library.custom_op("desmoe::grouped_experts_bwd", mutates_args=())
@@ -126,85 +181,129 @@ def grouped_experts_bwd(
     dout_TD: Tensor, x_SD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
     perm_S: Tensor, offs_E: Tensor, h_S2I: Tensor, act_SI: Tensor, a_SI: Tensor, trainable_S: Tensor | None,
     trainable_E: Tensor | None, activation: str, need_dx: bool, need_dw: bool, need_dweights: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx_TD, dw_gate_up_E2ID, dw_down_EDI, dweights_TK)``. ``trainable_S`` (pair order t*K+k) zeroes pairs'
-    rows in the dW GEMMs; an expert with ``trainable_E`` False skips its dW GEMMs (zeros). A gradient not
-    needed (``need_*`` False) is skipped and returned as an empty tensor."""
+    b_down: Tensor | None = None, has_bias: bool = False, transposed: bool = False, interleaved: bool = False,
+    alpha: float = 1.702, limit: float = 7.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx_TD, dw_gate_up, dw_down, dweights_TK, db_gate_up, db_down)``. ``trainable_S`` (pair order t*K+k)
+    zeroes pairs' rows in the dW GEMMs and the bias sums; an expert with ``trainable_E`` False skips its dW GEMMs
+    (zeros). A gradient not needed (``need_*`` False; the biases' with ``need_dw``, and only with ``has_bias``)
+    is skipped and returned as an empty tensor."""
     T, K = topk_weights_TK.shape
+    S = T * K
     tok_S = perm_S // K
     wdt = w_down_EDI.dtype
     acc = torch.promote_types(dout_TD.dtype, torch.float32)  # fp32 math for low precision; fp64 stays fp64
+    w1, w2 = _views(w_gate_up_E2ID, w_down_EDI, transposed)
     w_S1 = topk_weights_TK.reshape(-1)[perm_S].unsqueeze(1).to(wdt)
     dout_SD = dout_TD.index_select(0, tok_S).to(wdt)
-    g_SI = _gmm(dout_SD, w_down_EDI, offs_E)  # d(y) @ W2, before the routing weight
-    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+    g_SI = _gmm(dout_SD, w2.transpose(-2, -1), offs_E)  # d(y) @ W2^T, before the routing weight
+    e_S = _row_experts(offs_E, S) if has_bias else None
+
     def skipped():  # a fresh empty tensor each: a custom op's outputs must not alias one another
         return dout_TD.new_empty(0)
 
     dweights_TK = skipped()
     if need_dweights:
         dweights_S = torch.linalg.vecdot(g_SI.to(acc), a_SI.to(acc))
+        if b_down is not None:  # the down bias is weighted too: d w = <dout, y + b_down>
+            dweights_S = dweights_S + torch.linalg.vecdot(dout_SD.to(acc), b_down.index_select(0, e_S).to(acc))
         dweights_TK = torch.empty_like(dweights_S).index_copy_(0, perm_S, dweights_S).view(T, K)
         dweights_TK = dweights_TK.to(topk_weights_TK.dtype)
-    da_SI = g_SI * w_S1
-    dh_S2I = torch.cat([_act_backward(activation, da_SI * up_SI, gate_SI, act_SI), da_SI * act_SI], dim=1)
+    da_SI = g_SI.to(a_SI.dtype) * w_S1.to(a_SI.dtype)
+    dh_S2I = _gate_backward(da_SI, h_S2I, act_SI, activation, interleaved, alpha, limit)
     dx_TD = skipped()
     if need_dx:
         dx_TD = torch.zeros(T, dout_TD.shape[1], dtype=acc, device=dout_TD.device)
-        dx_TD.index_add_(0, tok_S, _gmm(dh_S2I, w_gate_up_E2ID, offs_E).to(acc))
+        dx_TD.index_add_(0, tok_S, _gmm(dh_S2I.to(wdt), w1.transpose(-2, -1), offs_E).to(acc))
         dx_TD = dx_TD.to(dout_TD.dtype)
-    dw1, dw2 = skipped(), skipped()
+    dw1, dw2, db1, db2 = skipped(), skipped(), skipped(), skipped()
     if need_dw:
-        aw_SI = a_SI * w_S1
+        aw_SI = a_SI * w_S1.to(a_SI.dtype)
+        dout_w_SD = dout_SD
         if trainable_S is not None:
             keep_S1 = trainable_S[perm_S].unsqueeze(1)
             dh_S2I = dh_S2I * keep_S1
             aw_SI = aw_SI * keep_S1
-        dw1 = _gmm_dw(dh_S2I.t(), x_SD, offs_E, trainable_E)
-        dw2 = _gmm_dw(dout_SD.t(), aw_SI, offs_E, trainable_E)
-    return dx_TD, dw1, dw2, dweights_TK
+            dout_w_SD = dout_SD * keep_S1
+        dh_w, aw_w = dh_S2I.to(wdt), aw_SI.to(wdt)
+        if transposed:  # stored [E, D, 2I] / [E, I, D]
+            dw1 = _gmm_dw(x_SD.t(), dh_w, offs_E, trainable_E)
+            dw2 = _gmm_dw(aw_w.t(), dout_w_SD, offs_E, trainable_E)
+        else:  # stored [E, 2I, D] / [E, D, I]
+            dw1 = _gmm_dw(dh_w.t(), x_SD, offs_E, trainable_E)
+            dw2 = _gmm_dw(dout_w_SD.t(), aw_w, offs_E, trainable_E)
+        if has_bias:  # per-expert sums (fp32) of the pairs' rows; a frozen expert's rows add nothing
+            E = offs_E.shape[0]
+            keep_E = None if trainable_E is None else trainable_E.index_select(0, e_S).unsqueeze(1)
+            rows1 = dh_S2I.to(acc)
+            rows2 = dout_w_SD.to(acc) * w_S1.to(acc)
+            if keep_E is not None:
+                rows1, rows2 = rows1 * keep_E, rows2 * keep_E
+            db1 = torch.zeros(E, rows1.shape[1], dtype=acc, device=dout_TD.device).index_add_(0, e_S, rows1)
+            db2 = torch.zeros(E, rows2.shape[1], dtype=acc, device=dout_TD.device).index_add_(0, e_S, rows2)
+    return dx_TD, dw1, dw2, dweights_TK, db1, db2
 
 
 @grouped_experts_bwd.register_fake
 def _(dout_TD, x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
-      trainable_S, trainable_E, activation, need_dx, need_dw, need_dweights):
-    def shaped(t, need):
-        return t.new_empty(t.shape if need else (0,))
+      trainable_S, trainable_E, activation, need_dx, need_dw, need_dweights, b_down=None, has_bias=False,
+      transposed=False, interleaved=False, alpha=1.702, limit=7.0):
+    def shaped(t, need, shape=None, dtype=None):
+        return t.new_empty((shape or t.shape) if need else (0,), dtype=dtype)
 
+    E = w_gate_up_E2ID.shape[0]
+    acc = torch.promote_types(dout_TD.dtype, torch.float32)
+    bias = need_dw and has_bias
     return (shaped(dout_TD, need_dx), shaped(w_gate_up_E2ID, need_dw), shaped(w_down_EDI, need_dw),
-            shaped(topk_weights_TK, need_dweights))
+            shaped(topk_weights_TK, need_dweights), shaped(dout_TD, bias, (E, h_S2I.shape[1]), acc),
+            shaped(dout_TD, bias, (E, dout_TD.shape[1]), acc))
 
 
 def _setup_context(ctx, inputs, output):
-    _x, w_gate_up_E2ID, w_down_EDI, _ids, topk_weights_TK, trainable_S, trainable_E, activation = inputs
+    (_x, w_gate_up_E2ID, w_down_EDI, _ids, topk_weights_TK, trainable_S, trainable_E, activation, b_gate_up,
+     b_down, transposed, interleaved, alpha, limit) = inputs
     _out, perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI = output
     ctx.mark_non_differentiable(perm_S, offs_E, x_SD, h_S2I, act_SI, a_SI)
     ctx.save_for_backward(x_SD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI,
-                          trainable_S, trainable_E)
+                          trainable_S, trainable_E, b_down)
     ctx.activation = activation
+    ctx.has_bias = b_gate_up is not None or b_down is not None
+    ctx.bias_dtypes = (None if b_gate_up is None else b_gate_up.dtype, None if b_down is None else b_down.dtype)
+    ctx.layout = (transposed, interleaved, alpha, limit)
 
 
 def _backward(ctx, dout_TD, *_saved_grads):
-    x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S, trainable_E = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_dx, need_dw, need_dweights = need[0], need[1] or need[2], need[4]
-    dx, dw1, dw2, dweights = grouped_experts_bwd(
+    (x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S, trainable_E,
+     b_down) = ctx.saved_tensors
+    need = ctx.needs_input_grad  # as many as the arguments the call passed (trailing defaults are dropped)
+    need_dx, need_dweights = need[0], need[4]
+    need_db1, need_db2 = (len(need) > 8 and need[8]), (len(need) > 9 and need[9])
+    need_dw = need[1] or need[2] or need_db1 or need_db2
+    dx, dw1, dw2, dweights, db1, db2 = grouped_experts_bwd(
         dout_TD.contiguous(), x_SD, w1, w2, weights_TK, perm_S, offs_E, h_S2I, act_SI, a_SI, trainable_S,
-        trainable_E, ctx.activation, need_dx, need_dw, need_dweights)
-    return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
-            dweights if need_dweights else None, None, None, None)
+        trainable_E, ctx.activation, need_dx, need_dw, need_dweights, b_down, ctx.has_bias, *ctx.layout)
+    dt1, dt2 = ctx.bias_dtypes
+    grads = (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
+             dweights if need_dweights else None, None, None, None,
+             db1.to(dt1) if need_db1 else None, db2.to(dt2) if need_db2 else None, None, None, None, None)
+    return grads[:len(need)]
 
 
 grouped_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 # bf16 compute under torch.autocast over fp32 masters: the GEMM operands take the region's dtype (the op's own
-# Autocast kernel, so torch.compile and every caller get it); routing weights stay as given
+# Autocast kernel, so torch.compile and every caller get it); routing weights and the biases stay as given (stock
+# gpt-oss adds its fp32 biases to the bf16 GEMM outputs, so the gate runs in fp32)
 _autocast.register("desmoe::grouped_experts_fwd", ("x_TD", "w_gate_up_E2ID", "w_down_EDI"))
 
 
 def grouped_experts(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
     activation: str = "silu", trainable_S: Tensor | None = None, trainable_E: Tensor | None = None,
+    b_gate_up: Tensor | None = None, b_down: Tensor | None = None, transposed: bool = False,
+    interleaved: bool = False, alpha: float = 1.702, limit: float = 7.0,
 ) -> Tensor:
-    """``out_TD`` (dtype of ``x_TD``), differentiable in x, both weights and the routing weights."""
+    """``out_TD`` (dtype of ``x_TD``), differentiable in x, both weights, the biases and the routing weights.
+    Layout and gpt-oss options as :func:`desmoe.ops.reference.moe_experts_reference`."""
     return grouped_experts_fwd(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S,
-                               trainable_E, activation)[0]
+                               trainable_E, activation, b_gate_up, b_down, bool(transposed), bool(interleaved),
+                               float(alpha), float(limit))[0]

@@ -6,6 +6,17 @@ Hugging Face ``transformers`` v5 uses for its fused experts (no copies, no trans
     w_gate_up_E2ID  [E, 2*I, D]   rows [0, I) are the gate projection, rows [I, 2I) the up projection
     w_down_EDI      [E, D, I]
 
+gpt-oss (``transformers``' ``GptOssExperts``) stores its experts differently, and the ops read that layout as it is
+(``transposed=True, interleaved=True``, no weight copies), with a bias on each projection:
+
+    w_gate_up  [E, D, 2*I]  columns 0, 2, 4 ... are the gate projection, 1, 3, 5 ... the up projection
+    w_down     [E, I, D]
+    b_gate_up  [E, 2*I]  (same interleaving)        b_down  [E, D]
+
+and its clamped SwiGLU (``activation="clamped_swiglu"``): ``gate = min(gate, limit)``, ``up = clamp(up, -limit,
+limit)``, ``a = (up + 1) * gate * sigmoid(alpha * gate)`` (gradients as autograd's ``clamp``: they pass where the
+input lies inside the closed interval, the edges included).
+
 Shape suffixes: T tokens, D hidden, I expert intermediate, E experts, K top-k, S = T*K (token, expert) pairs.
 Inputs are validated by the dispatch layer (``desmoe.ops``), not here.
 """
@@ -22,6 +33,26 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+# gated activations that are not act(gate) * up: their own formula (see clamped_swiglu)
+GATED_ACTIVATIONS = ("clamped_swiglu",)
+ALL_ACTIVATIONS = tuple(ACTIVATIONS) + GATED_ACTIVATIONS
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's defaults (config swiglu_alpha / swiglu_limit)
+
+
+def split_gate_up(h_S2I: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)`` of the gate|up projection's output: halves, or even/odd columns when ``interleaved``."""
+    if interleaved:
+        return h_S2I[..., 0::2], h_S2I[..., 1::2]
+    return h_S2I.chunk(2, dim=-1)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA,
+                   limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """gpt-oss's gated activation: ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate,
+    limit)`` (``GptOssExperts._apply_gate``)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def topk_route_reference(
@@ -101,9 +132,17 @@ def permute_reference(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torc
     return sorted_pairs_S, offsets_E1
 
 
-def _gated(h_S2I: torch.Tensor, activation: str) -> torch.Tensor:
-    gate_SI, up_SI = h_S2I.chunk(2, dim=-1)
+def _gated(h_S2I: torch.Tensor, activation: str, interleaved: bool = False, alpha: float = SWIGLU_ALPHA,
+           limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    gate_SI, up_SI = split_gate_up(h_S2I, interleaved)
+    if activation == "clamped_swiglu":
+        return clamped_swiglu(gate_SI, up_SI, alpha, limit)
     return ACTIVATIONS[activation](gate_SI) * up_SI
+
+
+def _proj(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``x @ w`` for a weight stored ``[in, out]`` (transposed), else ``x @ w.T`` (``[out, in]``, nn.Linear's)."""
+    return x @ w if transposed else F.linear(x, w)
 
 
 def moe_experts_reference(
@@ -116,10 +155,21 @@ def moe_experts_reference(
     activation: str = "silu",
     expert_trainable_E: torch.Tensor | None = None,
     pair_trainable_TK: torch.Tensor | None = None,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    transposed: bool = False,
+    interleaved: bool = False,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """Gated (SwiGLU) expert MLP with routing-weighted combine.
 
     ``out[t] = sum_k w[t,k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t,k]``.
+
+    gpt-oss: ``b_gate_up [E, 2I]`` / ``b_down [E, D]`` are added after each projection; ``transposed`` weights
+    are stored ``[E, D, 2I]`` / ``[E, I, D]``, ``interleaved`` gate/up columns alternate (see the module
+    docstring); ``activation="clamped_swiglu"`` takes ``alpha`` and ``limit``. A masked pair adds nothing to
+    either bias's gradient either.
 
     Masks (DES-MoE): a pair whose expert has ``expert_trainable_E[e] == False``, or whose own
     ``pair_trainable_TK[t,k] == False``, contributes nothing to that expert's weight gradients. Values and every
@@ -155,8 +205,13 @@ def moe_experts_reference(
                 continue
             w1 = w_gate_up_E2ID[e] if trainable else w_gate_up_E2ID[e].detach()
             w2 = w_down_EDI[e] if trainable else w_down_EDI[e].detach()
-            h = _gated(F.linear(x_TD[t], w1), activation)
-            y = F.linear(h, w2)
+            h = _proj(x_TD[t], w1, transposed)
+            if b_gate_up is not None:
+                h = h + (b_gate_up[e] if trainable else b_gate_up[e].detach())
+            h = _gated(h, activation, interleaved, alpha, limit)
+            y = _proj(h, w2, transposed)
+            if b_down is not None:
+                y = y + (b_down[e] if trainable else b_down[e].detach())
             out_TD = out_TD.index_add(0, t, y.to(acc_dtype) * w_flat_S[p].to(acc_dtype).unsqueeze(-1))
     return out_TD.to(x_TD.dtype)
 
@@ -169,14 +224,24 @@ def moe_experts_dense_reference(
     topk_weights_TK: torch.Tensor,
     *,
     activation: str = "silu",
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    transposed: bool = False,
+    interleaved: bool = False,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """The same function computed densely per pair in float64: a second, independent oracle for tests."""
     x = x_TD.double()
-    w1 = w_gate_up_E2ID.double()[topk_ids_TK]  # [T, K, 2I, D]
-    w2 = w_down_EDI.double()[topk_ids_TK]  # [T, K, D, I]
-    h = torch.einsum("td,tkid->tki", x, w1)
-    h = _gated(h, activation)
-    y = torch.einsum("tki,tkdi->tkd", h, w2)
+    w1 = w_gate_up_E2ID.double()[topk_ids_TK]  # [T, K, 2I, D] ([T, K, D, 2I] transposed)
+    w2 = w_down_EDI.double()[topk_ids_TK]  # [T, K, D, I] ([T, K, I, D] transposed)
+    h = torch.einsum("td,tkdi->tki" if transposed else "td,tkid->tki", x, w1)
+    if b_gate_up is not None:
+        h = h + b_gate_up.double()[topk_ids_TK]
+    h = _gated(h, activation, interleaved, alpha, limit)
+    y = torch.einsum("tki,tkid->tkd" if transposed else "tki,tkdi->tkd", h, w2)
+    if b_down is not None:
+        y = y + b_down.double()[topk_ids_TK]
     return (y * topk_weights_TK.double().unsqueeze(-1)).sum(dim=1)
 
 

@@ -236,8 +236,8 @@ class Trainer:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
             prep = self._stream(seed=cfg.data.seed + 7, batch_size=cfg.data.batch_size * self.dist.world,
                                 sharded=False)
-            self.ctl.data_tokens_M = [sum(map(len, self.train_docs[d])) for d in self.stream.domain_names]
-            self.ctl.prepare(to_device(prep.next_batch(), self.device) for _ in range(n_prep))
+            data_tokens_M = [sum(map(len, self.train_docs[d])) for d in self.stream.domain_names]
+            self.ctl.prepare((to_device(prep.next_batch(), self.device) for _ in range(n_prep)), data_tokens_M)
         if self.before is None:
             self.before = self._evaluate_before(self.eval_docs, "test", self.ev)
         if self.val_docs is not None and self.ckpt is None:

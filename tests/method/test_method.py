@@ -330,7 +330,7 @@ def test_shared_experts_mode(mode, mt):
 def test_readme_phase_table_is_generated_from_the_code():
     from pathlib import Path
 
-    from desmoe.method.registry import phase_table_markdown
+    from desmoe.method.phase_table import phase_table_markdown
 
     readme = (Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text()
     assert phase_table_markdown() in readme, "README's per-phase table is stale: paste phase_table_markdown()"
@@ -456,8 +456,7 @@ def test_esft_scores_a_token_budget_per_domain_capped_by_the_data():
     assert ctl.method.summary()["esft_scored_tokens"] == {"a": 40, "b": 40}
     assert len(consumed) == 4  # ceil(40 / 12): stops once every domain has its tokens
     ctl2 = MethodController(m, MethodConfig(name="esft_gate", esft_tokens=40), 5, ["a", "b"])
-    ctl2.data_tokens_M = [15, 10_000]  # domain a has only 15 training tokens
-    ctl2.prepare(_batch(seed=s) for s in range(1000))
+    ctl2.prepare((_batch(seed=s) for s in range(1000)), data_tokens_M=[15, 10_000])  # domain a: 15 tokens
     assert ctl2.method.summary()["esft_scored_tokens"] == {"a": 15, "b": 40}
     with pytest.raises(ValueError, match="method.esft_tokens"):
         MethodConfig(esft_tokens=0)
