@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,8 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
-                 *, weight_path: str = "weight", bias_path: str | None = None):
+                 *, weight_path: str = "weight", bias_path: str | None = None, logits_bias_path: str | None = None,
+                 select=None, input_jitter_noise: float = 0.0):
         # nn.Module's init directly: patch() may mix the model's own router class in after this one (so
         # transformers' output recorders, which match by isinstance, still see a router), and that class's
         # __init__ takes a config we do not have.
@@ -87,6 +89,14 @@ class TopKRouter(nn.Module):
             self.register_buffer("e_score_correction_bias", bias_E)
             bias_path = bias_path or "e_score_correction_bias"
         self.bias_path = bias_path
+        # the bias of the logits linear itself (gpt-oss: ``F.linear(x, weight, bias)``), adopted like the weight
+        self.logits_bias_path = logits_bias_path
+        # a family whose selection the spec cannot express (Phi-3.5-MoE's SparseMixer): its own function,
+        # ``select(router, logits_TE) -> (weights_TK, ids_TK)``, run on the (ALR-adjusted) logits; the spec then
+        # only describes K and E (and the routing statistics / export use its top-k as the eval-time selection)
+        self.select = select
+        # training-time multiplicative input jitter, in place on the router's input as the family's router does
+        self.input_jitter_noise = float(input_jitter_noise)
         self.spec = spec
         self.top_k = spec.top_k
         self.num_experts = spec.num_experts
@@ -113,22 +123,35 @@ class TopKRouter(nn.Module):
         """The selection bias ``[E]`` (None when the family has none)."""
         return None if self.bias_path is None else self._resolve(self.bias_path).reshape(-1)
 
+    def routing_parameters(self) -> list[torch.Tensor]:
+        """The pretrained router's own parameters: the weight, and the logits bias where the family has one."""
+        b = self.logits_bias()
+        return [self.weight] + ([b] if isinstance(b, nn.Parameter) else [])
+
+    def logits_bias(self) -> torch.Tensor | None:
+        """The logits linear's bias ``[E]`` (None when the family has none)."""
+        return None if self.logits_bias_path is None else self._resolve(self.logits_bias_path)
+
     def base_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         w = self._resolve(self.weight_path)
+        b = self.logits_bias()
         if self.spec.logits_dtype == "float32":
-            return F.linear(x_TD.float(), w.float())
+            return F.linear(x_TD.float(), w.float(), None if b is None else b.float())
         if self.spec.logits_dtype == "float32_exact":
             with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even inside an autocast region
-                return F.linear(x_TD.float(), w.float())
+                return F.linear(x_TD.float(), w.float(), None if b is None else b.float())
         if self.spec.logits_dtype == "weight":
-            return F.linear(x_TD.to(w.dtype), w)
+            return F.linear(x_TD.to(w.dtype), w, b)
         if self.spec.logits_dtype == "model_float":
-            return F.linear(x_TD, w).float()
-        return F.linear(x_TD, w)
+            return F.linear(x_TD, w, b).float()
+        return F.linear(x_TD, w, b)
 
     def forward(self, hidden_states: torch.Tensor, expert_bias: torch.Tensor | None = None):
         """``(logits_TE, weights_TK, ids_TK)`` like the HF routers; ``expert_bias`` is the selection bias a
         family passes in (LFM2-MoE) instead of holding it."""
+        if self.training and self.input_jitter_noise > 0:  # in place, as the family's router (the block sees it)
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter_noise,
+                                                                      1.0 + self.input_jitter_noise)
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         base_TE = self.base_logits(x_TD)
         added, kd_TE = self.added_loss, None
@@ -142,7 +165,10 @@ class TopKRouter(nn.Module):
             logits_TE = base_TE + self.residual(x_TD).to(base_TE.dtype)
         s = self.spec
         bias_E = expert_bias if expert_bias is not None else self.bias_E()
-        weights_TK, ids_TK = ops.topk_route(logits_TE, s, bias_E=bias_E, backend=self.backend)
+        if self.select is not None:
+            weights_TK, ids_TK = self.select(self, logits_TE)
+        else:
+            weights_TK, ids_TK = ops.topk_route(logits_TE, s, bias_E=bias_E, backend=self.backend)
         if s.weights_dtype == "logits":
             weights_TK = weights_TK.to(logits_TE.dtype)
         elif s.weights_dtype == "input":
@@ -234,13 +260,77 @@ def pair_trainable_from_domains(
     return ops.pair_mask(token_domains_T, topk_ids_TK[None], domain_expert_mask_ME, validate=False)[0]
 
 
+def experts_parameters(experts: nn.Module) -> list[torch.Tensor]:
+    """The routed experts' parameters, each ``[E, ...]`` (one row per expert): ``gate_up_proj``, ``down_proj`` and,
+    where the module has them (gpt-oss), ``gate_up_proj_bias`` and ``down_proj_bias``. Masks, freezing and the
+    optimizer-state handling of the method layer act on all of them."""
+    out = [experts.gate_up_proj, experts.down_proj]
+    if getattr(experts, "has_bias", False):
+        out += [b for b in (getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None))
+                if isinstance(b, torch.Tensor)]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_oss_gate():
+    """``GptOssExperts._apply_gate`` of the installed transformers (None where it has no gpt_oss)."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return None
+    return getattr(GptOssExperts, "_apply_gate", None)
+
+
+def experts_variant(mod: nn.Module) -> dict:
+    """What an HF experts module's flags call for beyond the standard bias-free concatenated ``[E, 2I, D]``
+    SwiGLU (``{}``): ``has_bias``, ``transposed``, ``interleaved``, ``activation="clamped_swiglu"`` (gpt-oss).
+    Flags only (no tensors: the forward reads the module's current biases, alpha and limit). ``ValueError``
+    naming the module's class for a variant the ops do not implement."""
+    kw: dict = {}
+    cls = type(mod).__name__
+    if not getattr(mod, "has_gate", True):
+        raise ValueError(f"experts module {cls} has no gate projection (has_gate=False): desmoe's experts are gated")
+    if getattr(mod, "has_post_expert_norm", False):
+        raise ValueError(f"experts module {cls} has a post-expert norm, which desmoe's experts ops do not implement")
+    if getattr(mod, "has_bias", False):
+        b1, b2 = getattr(mod, "gate_up_proj_bias", None), getattr(mod, "down_proj_bias", None)
+        if not isinstance(b1, torch.Tensor) or not isinstance(b2, torch.Tensor):
+            raise ValueError(f"experts module {cls} declares expert biases (has_bias=True) but has no "
+                             "gate_up_proj_bias / down_proj_bias tensors")
+        kw["has_bias"] = True
+    if getattr(mod, "is_transposed", False):
+        kw["transposed"] = True
+    if not getattr(mod, "is_concatenated", True):
+        kw["interleaved"] = True
+    gate = getattr(type(mod), "_apply_gate", None)
+    if gate is not None and gate is _gpt_oss_gate():
+        kw["activation"] = "clamped_swiglu"
+    else:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:  # older transformers: no per-class gate hook
+            _default_apply_gate = None
+        if gate is not None and _default_apply_gate is not None and gate is not _default_apply_gate:
+            raise ValueError(f"experts module {cls} has its own gated activation ({cls}._apply_gate), which "
+                             "desmoe's experts ops do not implement")
+    return kw
+
+
 def desmoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """``ExpertsInterface`` implementation ``"desmoe"`` (runs on the HF module's own parameters)."""
-    activation = getattr(self, "_desmoe_activation", None)
+    variant = self.__dict__.get("_desmoe_variant")
+    if variant is None:  # set by desmoe.patch; a model loaded with experts_implementation="desmoe" reads it here
+        variant = experts_variant(self)
+    activation = variant.get("activation") or getattr(self, "_desmoe_activation", None)
     if activation is None:
         activation = activation_name(getattr(self.config, "hidden_act", "silu"))
+    extra = {k: True for k in ("transposed", "interleaved") if variant.get(k)}
+    if activation == "clamped_swiglu":
+        extra.update(alpha=float(self.alpha), limit=float(self.limit))
+    if variant.get("has_bias"):
+        extra.update(b_gate_up=self.gate_up_proj_bias, b_down=self.down_proj_bias)
     masks = expert_masks(self) if torch.is_grad_enabled() else None  # masks act on gradients only
     trainable_E = pair_TK = None
     if masks is not None:
@@ -250,5 +340,5 @@ def desmoe_experts_forward(
     return ops.moe_experts(
         hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights,
         activation=activation, expert_trainable_E=trainable_E,
-        pair_trainable_TK=pair_TK, backend=getattr(self, "_desmoe_backend", None), validate_ids=False,
+        pair_trainable_TK=pair_TK, backend=getattr(self, "_desmoe_backend", None), validate_ids=False, **extra,
     )

@@ -19,7 +19,7 @@ SHARED_EXPERT_MODULES: dict[str, tuple[str, ...]] = {
                     ("shared_expert", "shared_expert_gate")),
     **dict.fromkeys(("granitemoeshared", "hunyuan_v1_moe"), ("shared_mlp",)),
     **dict.fromkeys(("mixtral", "minimax", "qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text", "olmoe", "flex_olmo",
-                     "granitemoe", "lfm2_moe"), ()),
+                     "granitemoe", "lfm2_moe", "gpt_oss", "phimoe"), ()),
 }
 # a model of no listed type: any name a listed family uses
 ANY_SHARED_EXPERT_MODULE: tuple[str, ...] = tuple(sorted({n for v in SHARED_EXPERT_MODULES.values() for n in v}))

@@ -88,6 +88,28 @@ def _lfm2(gate, config):
                       scaling=float(gate.routed_scaling_factor), weights_dtype="logits")
 
 
+def _gpt_oss(gate, config):
+    # logits = linear(x, weight, bias) in the model dtype; topk of the logits, softmax over the K picked in the
+    # logits' dtype (== softmax, topk, renormalise); the bias is adopted as the logits bias (ModelFamily)
+    return RouterSpec(top_k=gate.top_k, num_experts=gate.num_experts, renormalize=True, weights_dtype="logits")
+
+
+def _phimoe(gate, config):
+    # SparseMixer picks exactly two experts (transformers' sparsemixer ignores other top_k): the spec states K and
+    # E; the selection itself is the family's own function (_sparsemixer_select)
+    return RouterSpec(top_k=2, num_experts=gate.num_experts, renormalize=True, weights_dtype="logits")
+
+
+def _sparsemixer_select(router, logits_TE):
+    """Phi-3.5-MoE's SparseMixer, transformers' own function, on the (ALR-adjusted) logits: eval, the top-2 by
+    logit with masked-softmax weights; training, Gumbel sampling among the unmasked experts with the
+    straight-through (Heun) multiplier gradient. The router's ``router_jitter_noise`` is its mask threshold."""
+    import importlib
+
+    sparsemixer = importlib.import_module("transformers.models.phimoe.modeling_phimoe").sparsemixer
+    return sparsemixer(logits_TE, jitter_eps=router.router_jitter_noise, training=router.training, top_k=2)
+
+
 def _deepseek_v2(gate, config):
     method = gate.topk_method
     if method not in ("greedy", "group_limited_greedy"):
@@ -124,6 +146,13 @@ class ModelFamily:
         router_attr: attribute of the MoE block that holds the router (``gate`` or ``router``).
         weight_path: where the router weight lives inside the router (kept there: same state-dict keys).
         bias_path: the selection bias inside the router, if the family has one.
+        logits_bias_path: the bias of the router's logits linear, if it has one (gpt-oss).
+        select: the family's own selection ``select(router, logits_TE) -> (weights_TK, ids_TK)``, for routing the
+            spec cannot express (Phi-3.5-MoE's SparseMixer); None: :func:`desmoe.ops.topk_route` with the spec.
+        router_attrs: attributes copied from the stock router onto desmoe's (the ones ``select`` reads; an
+            ``input_jitter_noise`` one is applied as the family's router applies it).
+        experts: the experts variant: ``"standard"`` (bias-free concatenated ``[E, 2I, D]`` gated MLP) or
+            ``"gpt_oss"`` (biases, ``[E, D, 2I]`` interleaved gate/up, ``[E, I, D]`` down, clamped SwiGLU).
     """
 
     router_class: str
@@ -132,6 +161,10 @@ class ModelFamily:
     router_attr: str = "gate"
     weight_path: str = "weight"
     bias_path: str | None = None
+    logits_bias_path: str | None = None
+    select: Callable | None = None
+    router_attrs: tuple[str, ...] = ()
+    experts: str = "standard"
 
 
 _SOFTMAX = "softmax top-k, renormalised"
@@ -139,7 +172,8 @@ _SOFTMAX_FLAG = "softmax top-k, renormalised iff norm_topk_prob"
 _V3 = "sigmoid + bias, group-limited (top-2 sum), DeepSeek-V3"
 
 # Experts of every type here are the standard fused gated layout (``gate_up_proj [E, 2I, D]``, ``down_proj
-# [E, D, I]``) dispatched through ExpertsInterface; _check_experts_layout refuses a module that is not.
+# [E, D, I]``) dispatched through ExpertsInterface, except gpt_oss's (experts="gpt_oss"); _check_experts_layout
+# refuses a module that is not its family's variant.
 MODEL_TYPES: dict[str, ModelFamily] = {
     "mixtral": ModelFamily("MixtralTopKRouter", _softmax_topk, _SOFTMAX),
     "minimax": ModelFamily("MiniMaxTopKRouter", _softmax_topk, _SOFTMAX),
@@ -167,16 +201,37 @@ MODEL_TYPES: dict[str, ModelFamily] = {
     "dots1": ModelFamily("Dots1TopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
     "exaone_moe": ModelFamily("ExaoneMoeTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
     "solar_open": ModelFamily("SolarOpenTopkRouter", _deepseek_v3, _V3, bias_path="e_score_correction_bias"),
+    "gpt_oss": ModelFamily("GptOssTopKRouter", _gpt_oss, "linear + bias, top-k logits, softmax over the K",
+                           router_attr="router", logits_bias_path="bias", experts="gpt_oss"),
+    "phimoe": ModelFamily("PhimoeTopKRouter", _phimoe, "SparseMixer (top-2; the family's own selection)",
+                          router_attr="router", select=_sparsemixer_select,
+                          router_attrs=("router_jitter_noise", "input_jitter_noise")),
 }
 _MODEL_TYPES = MODEL_TYPES  # the name the upstream-test kit's plugin reads
 
-# Model types whose MoE block uses transformers' fused experts module but that desmoe refuses, and why.
-REFUSED: dict[str, str] = {
-    "gpt_oss": "its experts carry biases, an interleaved and transposed gate/up layout and a clamped SwiGLU "
-               "(alpha, limit); desmoe's experts ops implement the bias-free concatenated [E, 2I, D] SwiGLU only",
-    "phimoe": "its router is SparseMixer (jittered, masked two-pass selection with straight-through weights), "
-              "which desmoe's top-k routing spec cannot express",
-}
+# Model types whose MoE block uses transformers' fused experts module but that desmoe refuses, and why (none now:
+# gpt_oss and phimoe, once here, are supported).
+REFUSED: dict[str, str] = {}
+
+MXFP4_ADVICE = ("load it dequantized: `from transformers import Mxfp4Config; AutoModelForCausalLM.from_pretrained("
+                "name, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16)` (the fine-tuning "
+                "recipes' way), then desmoe.patch(model)")
+
+
+def _check_not_quantized(model: nn.Module) -> None:
+    """A gpt-oss model whose experts are still MXFP4 (transformers' ``Mxfp4GptOssExperts``: packed uint8 blocks
+    and scales, no gradients) cannot run desmoe's experts: :class:`UnsupportedModelError` saying how to load it."""
+    quantized = [n for n, m in model.named_modules() if type(m).__name__.startswith("Mxfp4")]
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    dequantize = qc.get("dequantize", False) if isinstance(qc, dict) else getattr(qc, "dequantize", False)
+    method = getattr(method, "value", method)
+    if quantized or (method == "mxfp4" and not dequantize and any(
+            getattr(getattr(m, "gate_up_proj", None), "dtype", None) == torch.uint8 for m in model.modules())):
+        where = f" (e.g. {quantized[0]!r})" if quantized else ""
+        raise UnsupportedModelError(
+            f"this model's experts are MXFP4-quantized{where}: desmoe trains and runs dequantized experts only; "
+            + MXFP4_ADVICE)
 
 
 def supported_model_types() -> list[str]:
@@ -206,22 +261,31 @@ def _custom_gate(mod: nn.Module) -> bool:
     return gate is not _default_apply_gate
 
 
-def _check_experts_layout(name: str, mod: nn.Module) -> None:
+_GPT_OSS_VARIANT = {"has_bias": True, "transposed": True, "interleaved": True, "activation": "clamped_swiglu"}
+
+
+def _check_experts_layout(name: str, mod: nn.Module, fam: ModelFamily | None = None) -> dict:
+    """The experts module's variant (:func:`desmoe.layers.experts_variant`) if it is its family's; else
+    :class:`UnsupportedModelError` naming what desmoe does not support."""
+    expected = _GPT_OSS_VARIANT if fam is not None and fam.experts == "gpt_oss" else {}
+    try:
+        variant = layers.experts_variant(mod)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{e} (at {name!r})") from None
+    if variant == expected:
+        return variant
     problems = []
-    if not getattr(mod, "has_gate", True):
-        problems.append("no gate projection")
-    if getattr(mod, "has_bias", False):
-        problems.append("expert biases")
-    if getattr(mod, "is_transposed", False):
-        problems.append("transposed weights")
-    if not getattr(mod, "is_concatenated", True):
-        problems.append("interleaved gate/up layout")
-    if getattr(mod, "has_post_expert_norm", False):  # transformers >= 5.2x: a norm after each expert
-        problems.append("a post-expert norm")
-    if _custom_gate(mod):
-        problems.append(f"its own gated activation ({type(mod).__name__}._apply_gate)")
-    if problems:
-        raise UnsupportedModelError(f"experts module {name!r} uses {', '.join(problems)}, which desmoe does not support")
+    for key, why in (("has_bias", "expert biases"), ("transposed", "transposed weights"),
+                     ("interleaved", "interleaved gate/up layout")):
+        if variant.get(key) and not expected.get(key):
+            problems.append(why)
+        elif expected.get(key) and not variant.get(key):
+            problems.append(f"no {why} (gpt_oss's experts have them)")
+    if variant.get("activation") != expected.get("activation"):
+        problems.append(f"the gated activation {variant.get('activation', 'act(gate) * up')!r} (its family's: "
+                        f"{expected.get('activation', 'act(gate) * up')!r})")
+    raise UnsupportedModelError(f"experts module {name!r} uses {', '.join(problems)}, which desmoe does not support "
+                                "for this model type")
 
 
 def family(model_type: str | None) -> ModelFamily:
@@ -290,12 +354,13 @@ def patch(model: nn.Module, backend: str = "auto", *, router: bool = True) -> nn
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     fam = family(model_type)
+    _check_not_quantized(model)
     experts = list(_experts_modules(model))
     if not experts:
         raise UnsupportedModelError(f"no fused experts modules found in this {model_type} model")
     for name, mod in experts:
-        _check_experts_layout(name, mod)
-        mod._desmoe_activation = _activation(mod)
+        mod._desmoe_variant = _check_experts_layout(name, mod, fam)
+        mod._desmoe_activation = mod._desmoe_variant.get("activation") or _activation(mod)
     register()
     resolved = None if backend == "auto" else backend
     for _, mod in experts:
@@ -329,7 +394,12 @@ def _replace_router(gate: nn.Module, fam: ModelFamily, config, backend) -> TopKR
     weight = gate.get_parameter(fam.weight_path)
     bias = getattr(gate, "e_score_correction_bias", None) if fam.bias_path == "e_score_correction_bias" else None
     new = _router_class(type(gate))(weight, fam.spec(gate, config), bias_E=bias, backend=backend,
-                                    weight_path=fam.weight_path, bias_path=fam.bias_path)
+                                    weight_path=fam.weight_path, bias_path=fam.bias_path,
+                                    logits_bias_path=fam.logits_bias_path, select=fam.select,
+                                    input_jitter_noise=float(getattr(gate, "input_jitter_noise", 0.0) or 0.0))
+    for attr in fam.router_attrs:  # what the family's own selection reads off its router
+        setattr(new, attr, getattr(gate, attr))
+    new.train(gate.training)  # a model patched in eval mode routes as in eval (SparseMixer samples in training)
     new.index_first = _returns_index_first(gate, weight)
     # adopt the original's submodules, parameters and buffers (the same objects): state-dict keys unchanged
     for name, child in gate.named_children():
@@ -477,9 +547,18 @@ def _paths(model_type: str) -> tuple[str, str]:
     patch(model, backend="reference")
     spec = routers(model)[0].spec
     activation = next(mod for _, mod in _experts_modules(model))._desmoe_activation
-    routing = "Triton routing" if kernel_routes(spec) else "reference routing"
-    experts = "Triton experts" if activation == "silu" else f"grouped experts ({activation})"
-    return f"{routing}, {experts}", "reference routing, grouped experts"
+    fam = MODEL_TYPES[model.config.model_type]
+    if fam.select is not None:
+        routing = "family's own selection (transformers')"
+    else:
+        routing = "Triton routing" if kernel_routes(spec) else "reference routing"
+    if fam.experts == "gpt_oss":
+        experts = "grouped experts (biases, clamped SwiGLU)"
+    else:
+        experts = "Triton experts" if activation == "silu" else f"grouped experts ({activation})"
+    cpu_routing = routing if fam.select is not None else "reference routing"
+    cpu_experts = "grouped experts (biases, clamped SwiGLU)" if fam.experts == "gpt_oss" else "grouped experts"
+    return f"{routing}, {experts}", f"{cpu_routing}, {cpu_experts}"
 
 
 def model_type_table() -> str:
@@ -492,8 +571,9 @@ def model_type_table() -> str:
         cuda, cpu = _paths(mt)
         lines.append(f"| `{mt}` | `{fam.router_attr}`: `{fam.router_class}` | {fam.routing} | {cuda} | {cpu} "
                      f"| per expert, per (token, expert) |")
-    lines += ["", "| refused model type | why |", "|---|---|"]
-    lines += [f"| `{mt}` | {why} |" for mt, why in sorted(REFUSED.items())]
+    if REFUSED:
+        lines += ["", "| refused model type | why |", "|---|---|"]
+        lines += [f"| `{mt}` | {why} |" for mt, why in sorted(REFUSED.items())]
     return "\n".join(lines)
 
 

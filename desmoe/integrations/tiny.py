@@ -72,6 +72,13 @@ _TINY = {
     "lfm2_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
                      num_dense_layers=0, norm_topk_prob=True, use_expert_bias=True, routed_scaling_factor=1.5,
                      layer_types=["conv", "full_attention"]),
+    # top-3 of 8 (gpt-oss-20b: top-4 of 32); alternating sliding/full attention as the family's default
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=3, head_dim=8, sliding_window=8,
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4,
+                                     "rope_theta": 150000.0}),
+    # SparseMixer routes exactly two; its default router_jitter_noise (0.01) is the mask threshold
+    "phimoe": dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
 }
 _VISION_LANGUAGE = {"qwen3_vl_moe"}
 # model types whose MoE machinery is that of another tiny model type (a composite and its text model)
@@ -111,6 +118,8 @@ def tiny_model(model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.flo
             if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith(("gate_up_proj_bias", "down_proj_bias", "router.bias")):  # gpt-oss's biases
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for name, b in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):

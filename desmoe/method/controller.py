@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import ops
 from ..integrations.families import param_names
 from ..integrations.hf import foreign_experts_forward, moe_blocks
-from ..layers import RouterAddedLoss, set_expert_masks
+from ..layers import RouterAddedLoss, experts_parameters, set_expert_masks
 from .alr import attach_alr
 from .config import MethodConfig
 from .dges import AffinityTracker
@@ -38,12 +38,13 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
     """``{parameter name: kind}`` with kind in ``PARAM_KINDS`` (model must be patched; ALR attached or not)."""
     ids = {}
     for _, router, experts in moe_blocks(model):
-        ids[id(router.weight)] = "router"
+        for p in router.routing_parameters():  # the weight (and gpt-oss's logits bias)
+            ids[id(p)] = "router"
         if router.residual is not None:
             for p in router.residual.parameters():
                 ids[id(p)] = "alr"
-        ids[id(experts.gate_up_proj)] = "experts"
-        ids[id(experts.down_proj)] = "experts"
+        for p in experts_parameters(experts):  # the weights (and gpt-oss's biases)
+            ids[id(p)] = "experts"
     names = param_names(getattr(getattr(model, "config", None), "model_type", None))
     return {n: ids.get(id(p)) or names.kind(n) for n, p in model.named_parameters()}
 
@@ -264,7 +265,7 @@ class MethodController:
         trainable_LE = self.expert_trainable_LE()
         if trainable_LE is not None:
             for l, ex in enumerate(self.experts):
-                params = [p for p in (ex.gate_up_proj, ex.down_proj) if p.requires_grad]
+                params = [p for p in experts_parameters(ex) if p.requires_grad]
                 local = [local_rows(p.grad, trainable_LE[l]) for p in params if p.grad is not None]
                 if local:
                     ops.mask_expert_grads_([g for g, _ in local], [m for _, m in local])
@@ -282,7 +283,7 @@ class MethodController:
         """AdamW's decoupled decay ``p *= 1 - lr·wd`` on the trainable expert rows of groups marked
         ``desmoe_expert_decay`` (as AdamW would, only for parameters that got a gradient)."""
         trainable_LE = self.expert_trainable_LE()
-        layer_of = {id(p): l for l, ex in enumerate(self.experts) for p in (ex.gate_up_proj, ex.down_proj)}
+        layer_of = {id(p): l for l, ex in enumerate(self.experts) for p in experts_parameters(ex)}
         for g in optimizer.param_groups:
             wd = g.get("desmoe_expert_decay", 0.0)
             if not wd:

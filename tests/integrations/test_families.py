@@ -26,12 +26,15 @@ SHARED = {
     "hunyuan_v1_moe": {"mlp.shared_mlp.gate_proj.weight", "mlp.shared_mlp.up_proj.weight",
                        "mlp.shared_mlp.down_proj.weight"},
     **dict.fromkeys(["mixtral", "minimax", "qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text", "olmoe", "flex_olmo",
-                     "granitemoe", "lfm2_moe"], set()),
+                     "granitemoe", "lfm2_moe", "gpt_oss", "phimoe"], set()),
 }
 # model_type -> the MoE block (relative to layers.N.) and its router's parameter (relative to the block)
 MOE_BLOCK = {"granitemoe": ("block_sparse_moe", "router.weight"),
              "granitemoeshared": ("block_sparse_moe", "router.weight"),
-             "hunyuan_v1_moe": ("mlp", "gate.wg.weight"), "lfm2_moe": ("feed_forward", "gate.weight")}
+             "hunyuan_v1_moe": ("mlp", "gate.wg.weight"), "lfm2_moe": ("feed_forward", "gate.weight"),
+             "gpt_oss": ("mlp", "router.weight", "router.bias"), "phimoe": ("mlp", "router.weight")}
+# families whose routed experts carry biases (gpt-oss): masked, frozen and optimised with the weights
+EXPERT_BIASES = {"gpt_oss": ("experts.gate_up_proj_bias", "experts.down_proj_bias")}
 # config keys that give a family's number (or width) of shared experts
 _SHARED_CONFIG_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "num_shared_expert",
                        "shared_expert_intermediate_size", "shared_intermediate_size")
@@ -69,9 +72,10 @@ def test_parameter_kinds_of_every_family(mt):
     for n, k in kinds.items():
         by_kind.setdefault(k, set()).add(re.sub(r"\.\d+\.", ".N.", n))
     layers = "model.language_model.layers.N." if "vl_moe" in mt else "model.layers.N."
-    block, router = MOE_BLOCK.get(mt, ("mlp", "gate.weight"))
-    assert by_kind.pop("experts") == {f"{layers}{block}.experts.gate_up_proj", f"{layers}{block}.experts.down_proj"}
-    assert by_kind.pop("router") == {f"{layers}{block}.{router}"}
+    block, *router = MOE_BLOCK.get(mt, ("mlp", "gate.weight"))
+    assert by_kind.pop("experts") == {f"{layers}{block}.{e}" for e in ("experts.gate_up_proj", "experts.down_proj")
+                                      + EXPERT_BIASES.get(mt, ())}
+    assert by_kind.pop("router") == {f"{layers}{block}.{r}" for r in router}
     shared = by_kind.pop("shared_experts", set())
     assert shared == {layers + s for s in SHARED[mt]}
     assert bool(shared) == _has_shared_experts(m.config)
