@@ -1,7 +1,7 @@
 """Benchmark: per-expert gradient masking of every MoE layer (DES-MoE frozen experts), in one call.
 
 Side by side, same gradients and masks (about half of the experts frozen, different per layer):
-    extension  ``desmoe.ext.mask_expert_grads_``: one multi-tensor launch over all layers (C++/CUDA op; on the
+    extension  ``desmoe.ops.mask_expert_grads_``: one multi-tensor launch over all layers (C++/CUDA op; on the
                reference fallback when the extension is not built — the record says which)
     torch      what a user writes: ``for g, m in zip(grads, masks): g[~m] = 0`` (or ``*= scale``)
     reference  ``desmoe.ops.reference.mask_expert_grads_reference`` (index_fill_ per layer)
@@ -39,7 +39,8 @@ def _torch_loop(grads, masks, scale):
 
 
 def main(argv=None) -> dict:
-    from desmoe import ext
+    from desmoe import ops
+    from desmoe.ops import extension
     from desmoe.ops import reference as ref
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -73,13 +74,13 @@ def main(argv=None) -> dict:
     shape_name = f"{L}x[" + "+".join("x".join(map(str, s)) for s in cfg["shapes"]) + f"] {args.dtype}"
 
     result = _common.header("bench_grad_mask", device)
-    info = ext.info()
+    info = extension.info()
     result.update(quick=args.quick, small_shapes=quick, frozen_frac=args.frozen_frac, grad_bytes=total_bytes, frozen_bytes=frozen_bytes,
                   extension=info)
 
     # Correctness first (also the records' "ok"): frozen rows exact zero, trainable rows unchanged (checksums).
     sums_before = [g.float().sum(dim=tuple(range(1, g.dim()))) for g in grads]
-    ext.mask_expert_grads_(grads, masks, 0.0)
+    ops.mask_expert_grads_(grads, masks, 0.0)
     ok = True
     for g, m, s in zip(grads, masks, sums_before):
         after = g.float().sum(dim=tuple(range(1, g.dim())))
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
     del src, dst
 
     impls = {
-        "extension": lambda s: ext.mask_expert_grads_(grads, masks, s),
+        "extension": lambda s: ops.mask_expert_grads_(grads, masks, s),
         "torch": lambda s: _torch_loop(grads, masks, s),
         "reference": lambda s: ref.mask_expert_grads_reference(grads, masks, s),
     }

@@ -3,7 +3,7 @@
 Per training step, from top-k ids/weights [L, T, K], token domains [T] and a valid-token mask:
 domain x expert counts and routing mass [L, M, E], per-expert load [L, E], then ``A = m*A + (1-m)*freq``.
 Side by side, same inputs:
-    extension  ``desmoe.ext.routing_stats(..., validate=False)`` + ``desmoe.ext.affinity_ema_`` (C++/CUDA ops,
+    extension  ``desmoe.ops.routing_stats(..., validate=False)`` + ``desmoe.ops.affinity_ema_`` (C++/CUDA ops,
                no host sync; on the reference fallback when not built — the record's ``backend`` says which)
     torch      what a user writes: a loop over layers of ``bincount`` / ``index_add_`` and the EMA in PyTorch
     reference  ``desmoe.ops.reference.routing_stats_reference`` + ``affinity_ema_reference`` (vectorised bincount)
@@ -50,7 +50,8 @@ def _torch_loop(ids_LTK, dom_T, M, E, w_LTK, valid_T, A_LME):
 
 
 def main(argv=None) -> dict:
-    from desmoe import ext
+    from desmoe import ops
+    from desmoe.ops import extension
     from desmoe.ops import reference as ref
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,13 +67,13 @@ def main(argv=None) -> dict:
     cfg = QUICK if quick else FULL
     L, E, K, M = cfg["L"], cfg["E"], cfg["K"], cfg["M"]
     iters = args.iters or (10 if quick else 50)
-    info = ext.info()
+    info = extension.info()
     result = _common.header("bench_routing_stats", device)
     result.update(quick=args.quick, small_shapes=quick, extension=info, L=L, E=E, K=K, M=M)
 
     def ext_step(ids, dom, w, valid, A):
-        c, m, ld = ext.routing_stats(ids, dom, M, E, topk_weights_LTK=w, valid_T=valid, validate=False)
-        ext.affinity_ema_(A, c, MOMENTUM)
+        c, m, ld = ops.routing_stats(ids, dom, M, E, topk_weights_LTK=w, valid_T=valid, validate=False)
+        ops.affinity_ema_(A, c, MOMENTUM)
         return c, m, ld
 
     def ref_step(ids, dom, w, valid, A):

@@ -56,8 +56,9 @@ def _backends(cuda: bool) -> dict:
 
 def _extension() -> dict:
     try:
-        ext = importlib.import_module("desmoe.ext")
-        return dict(ext.info())
+        from .ops import extension
+
+        return dict(extension.info())
     except Exception as e:
         return {"available": False, "error": f"{type(e).__name__}: {e}"}
 

@@ -32,14 +32,14 @@ def _warm_ms(m, ids, iters: int) -> float | None:
 def parity_rows(model_types=None, *, backend: str = "reference", seed: int = 0, timing_iters: int = 3) -> list[dict]:
     """One dict per model type: ``model_type, logits_max_abs, grad_max_rel, eager_ms, desmoe_ms, ok``; the times
     are warm medians of ``timing_iters`` calls (None with 0)."""
-    import desmoe
+    from .hf import patch
     from .tiny import tiny_model, tiny_model_types
 
     rows = []
     for mt in model_types or tiny_model_types():
         ref = tiny_model(mt, seed=seed).train()
         ref.set_experts_implementation("eager")
-        ours = desmoe.patch(copy.deepcopy(ref), backend=backend)
+        ours = patch(copy.deepcopy(ref), backend=backend)
         ids = torch.randint(3, ref.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
         out = {}
         for name, m in (("eager", ref), ("desmoe", ours)):

@@ -1,5 +1,6 @@
-"""desmoe.ext (the C++/CUDA extension): CPU ops vs the PyTorch reference, errors, fallback, torch.compile,
-nvcc compile-only check of the CUDA sources, and CUDA-vs-CPU tests (``@pytest.mark.gpu``)."""
+"""The C++/CUDA extension (``desmoe._C``, loaded by ``desmoe.ops.extension``; one Python module per op in
+``desmoe.ops``): CPU ops vs the PyTorch reference, errors, fallback, torch.compile, nvcc compile-only check of the
+CUDA sources, and CUDA-vs-CPU tests (``@pytest.mark.gpu``)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from desmoe import ext
+from desmoe import ops
+from desmoe.ops import extension as ext
 from desmoe.ops import reference as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,8 +61,8 @@ def test_info_reports_source_and_build():
 
 
 def test_import_is_lazy():
-    """``import desmoe.ext`` neither loads nor builds the extension: that happens on first use."""
-    code = ("import sys, desmoe.ext as x; a = 'desmoe._C' in sys.modules; x.available(); "
+    """``import desmoe.ops.extension`` neither loads nor builds the extension: that happens on first use."""
+    code = ("import sys, desmoe.ops.extension as x; a = 'desmoe._C' in sys.modules; x.available(); "
             "print(a, bool(x._LOADED))")
     env = dict(os.environ, DESMOE_NO_JIT="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
@@ -80,7 +82,7 @@ def test_mask_expert_grads_matches_reference_mixed_dtypes(scale):
     originals = [g.clone() for g in grads]
     expected = [g.clone() for g in grads]
     ref.mask_expert_grads_reference(expected, masks, scale)
-    ext.mask_expert_grads_(grads + [None], masks + [torch.ones(3, dtype=torch.bool)], scale)
+    ops.mask_expert_grads_(grads + [None], masks + [torch.ones(3, dtype=torch.bool)], scale)
     for g, e, o, m in zip(grads, expected, originals, masks):
         # Exact values; NaN * scale may carry another NaN payload than PyTorch's, so NaN == NaN here.
         torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True)
@@ -99,7 +101,7 @@ def test_mask_expert_grads_many_layers_one_call_and_noncontiguous():
     masks[1][:] = False
     expected = [g.clone() for g in grads]
     ref.mask_expert_grads_reference(expected, masks, 0.0)
-    ext.mask_expert_grads_(grads, masks)
+    ops.mask_expert_grads_(grads, masks)
     for g, e in zip(grads, expected):
         assert torch.equal(_bits(g), _bits(e))
     assert (grads[1] == 0).all()
@@ -119,13 +121,13 @@ def test_mask_expert_grads_op_checks_arguments():
 def test_mask_expert_grads_wrapper_errors():
     g = torch.randn(4, 3)
     with pytest.raises(ValueError, match="one mask per gradient"):
-        ext.mask_expert_grads_([g], [])
+        ops.mask_expert_grads_([g], [])
     with pytest.raises(ValueError, match=r"masks\[0\]"):
-        ext.mask_expert_grads_([g], [torch.ones(3, dtype=torch.bool)])
+        ops.mask_expert_grads_([g], [torch.ones(3, dtype=torch.bool)])
     with pytest.raises(TypeError, match=r"grads\[0\]"):
-        ext.mask_expert_grads_([torch.ones(4, 3, dtype=torch.int64)], [torch.ones(4, dtype=torch.bool)])
+        ops.mask_expert_grads_([torch.ones(4, 3, dtype=torch.int64)], [torch.ones(4, dtype=torch.bool)])
     with pytest.raises(TypeError, match="scale"):
-        ext.mask_expert_grads_([g], [torch.ones(4, dtype=torch.bool)], scale="0")
+        ops.mask_expert_grads_([g], [torch.ones(4, dtype=torch.bool)], scale="0")
 
 
 # ------------------------------------------------------------------------------------------ pair_mask
@@ -141,11 +143,11 @@ def test_pair_mask_matches_oracle(L, T, K, M, E, id_dtype, shared_mask):
     ids_LTK = torch.stack([torch.rand(T, E).argsort(dim=1)[:, :K] for _ in range(L)]).to(id_dtype)
     dom_T = torch.randint(-1, M, (T,), dtype=id_dtype)
     mask = torch.rand((M, E) if shared_mask else (L, M, E)) > 0.5
-    out = ext.pair_mask(dom_T, ids_LTK, mask)
+    out = ops.pair_mask(dom_T, ids_LTK, mask)
     assert out.dtype == torch.bool and out.shape == (L, T, K)
     for l in range(L):  # the existing per-layer oracle
         assert torch.equal(out[l], ref.pair_mask_reference(dom_T, ids_LTK[l], mask if shared_mask else mask[l]))
-    as_list = ext.pair_mask(dom_T, list(ids_LTK.unbind(0)), mask)
+    as_list = ops.pair_mask(dom_T, list(ids_LTK.unbind(0)), mask)
     assert torch.equal(as_list, out)
 
 
@@ -153,17 +155,17 @@ def test_pair_mask_out_of_range_is_a_clear_error():
     dom_T = torch.tensor([0, 1, -1])
     mask = torch.ones(2, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"topk_ids_LTK: expert id 5 is out of range"):
-        ext.pair_mask(dom_T, torch.tensor([[[0], [5], [1]]]), mask)
+        ops.pair_mask(dom_T, torch.tensor([[[0], [5], [1]]]), mask)
     with pytest.raises(ValueError, match=r"topk_ids_LTK: expert id -2"):
-        ext.pair_mask(dom_T, torch.tensor([[[0], [-2], [1]]]), mask)
+        ops.pair_mask(dom_T, torch.tensor([[[0], [-2], [1]]]), mask)
     with pytest.raises(ValueError, match=r"token_domains_T: domain id 2"):
-        ext.pair_mask(torch.tensor([0, 2, -1]), torch.tensor([[[0], [1], [1]]]), mask)
+        ops.pair_mask(torch.tensor([0, 2, -1]), torch.tensor([[[0], [1], [1]]]), mask)
     with pytest.raises(ValueError, match="topk_ids_LTK"):
-        ext.pair_mask(dom_T, torch.zeros(3, 1, dtype=torch.long), mask)  # [T, K] without L
+        ops.pair_mask(dom_T, torch.zeros(3, 1, dtype=torch.long), mask)  # [T, K] without L
     with pytest.raises(ValueError, match="domain_expert_mask_LME"):
-        ext.pair_mask(dom_T, torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(3, 2, 5, dtype=torch.bool))
+        ops.pair_mask(dom_T, torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(3, 2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="token_domains_T"):
-        ext.pair_mask(dom_T.float(), torch.zeros(1, 3, 1, dtype=torch.long), mask)
+        ops.pair_mask(dom_T.float(), torch.zeros(1, 3, 1, dtype=torch.long), mask)
 
 
 @needs_ext
@@ -198,7 +200,7 @@ def test_routing_stats_matches_reference(L, T, K, M, E, id_dtype, with_weights, 
     ids_LTK, w_LTK, dom_T, valid_T = _random_routing(L, T, K, M, E, id_dtype)
     w_LTK = w_LTK if with_weights else None
     valid_T = valid_T if with_valid else None
-    counts, mass, load = ext.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
+    counts, mass, load = ops.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
     r_counts, r_mass, r_load = ref.routing_stats_reference(ids_LTK, dom_T, M, E, w_LTK, valid_T)
     assert counts.dtype == torch.int64 and mass.dtype == torch.float32 and load.dtype == torch.int64
     assert counts.shape == (L, M, E) and mass.shape == (L, M, E) and load.shape == (L, E)
@@ -208,7 +210,7 @@ def test_routing_stats_matches_reference(L, T, K, M, E, id_dtype, with_weights, 
     v = torch.ones(T, dtype=torch.bool) if valid_T is None else valid_T
     assert int(load.sum()) == L * K * int(v.sum())
     assert int(counts.sum()) == L * K * int((v & (dom_T >= 0)).sum())
-    again = ext.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
+    again = ops.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
     assert all(torch.equal(a, b) for a, b in zip(again, (counts, mass, load))), "not deterministic"
 
 
@@ -216,17 +218,17 @@ def test_routing_stats_errors():
     ids = torch.tensor([[[0, 1], [2, 3]]])
     dom = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="topk_ids_LTK: expert id 3"):
-        ext.routing_stats(ids, dom, 2, 3)
+        ops.routing_stats(ids, dom, 2, 3)
     with pytest.raises(ValueError, match="token_domains_T: domain id 1"):
-        ext.routing_stats(ids, dom, 1, 4)
+        ops.routing_stats(ids, dom, 1, 4)
     with pytest.raises(ValueError, match="num_experts"):
-        ext.routing_stats(ids, dom, 2, 0)
+        ops.routing_stats(ids, dom, 2, 0)
     with pytest.raises(ValueError, match="topk_weights_LTK"):
-        ext.routing_stats(ids, dom, 2, 4, topk_weights_LTK=torch.rand(1, 2, 3))
+        ops.routing_stats(ids, dom, 2, 4, topk_weights_LTK=torch.rand(1, 2, 3))
     with pytest.raises(ValueError, match="valid_T"):
-        ext.routing_stats(ids, dom, 2, 4, valid_T=torch.ones(3, dtype=torch.bool))
+        ops.routing_stats(ids, dom, 2, 4, valid_T=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="token_domains_T"):
-        ext.routing_stats(ids, torch.tensor([0, 1, 0]), 2, 4)
+        ops.routing_stats(ids, torch.tensor([0, 1, 0]), 2, 4)
 
 
 @needs_ext
@@ -252,7 +254,7 @@ def test_affinity_ema_matches_reference(dtype, momentum):
     counts[2, 3] = 0
     expected = ref.affinity_ema_reference(A.clone(), counts, momentum)
     before = A.clone()
-    out = ext.affinity_ema_(A, counts, momentum)
+    out = ops.affinity_ema_(A, counts, momentum)
     assert out is A
     torch.testing.assert_close(A, expected, rtol=0, atol=0 if dtype == torch.float64 else 1e-7)
     assert torch.equal(A[0, 1], before[0, 1]) and torch.equal(A[2, 3], before[2, 3])
@@ -263,11 +265,11 @@ def test_affinity_ema_matches_reference(dtype, momentum):
 def test_affinity_ema_errors():
     A = torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match="momentum"):
-        ext.affinity_ema_(A, torch.zeros(1, 2, 3, dtype=torch.long), 1.5)
+        ops.affinity_ema_(A, torch.zeros(1, 2, 3, dtype=torch.long), 1.5)
     with pytest.raises(ValueError, match="counts_LME"):
-        ext.affinity_ema_(A, torch.zeros(1, 2, 4, dtype=torch.long), 0.5)
+        ops.affinity_ema_(A, torch.zeros(1, 2, 4, dtype=torch.long), 0.5)
     with pytest.raises(TypeError, match="A_LME"):
-        ext.affinity_ema_(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 0.5)
+        ops.affinity_ema_(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 0.5)
 
 
 # ------------------------------------------------------------------------------------------ fallback
@@ -282,10 +284,10 @@ def test_reference_fallback_equals_extension(monkeypatch):
 
     def run():
         gs = [g.clone() for g in grads]
-        ext.mask_expert_grads_(gs, masks, 0.25)
-        p = ext.pair_mask(dom_T, ids_LTK, mask_LME)
-        c, m, ld = ext.routing_stats(ids_LTK, dom_T, 3, 9, topk_weights_LTK=w_LTK, valid_T=valid_T)
-        a = ext.affinity_ema_(A.clone(), c, 0.8)
+        ops.mask_expert_grads_(gs, masks, 0.25)
+        p = ops.pair_mask(dom_T, ids_LTK, mask_LME)
+        c, m, ld = ops.routing_stats(ids_LTK, dom_T, 3, 9, topk_weights_LTK=w_LTK, valid_T=valid_T)
+        a = ops.affinity_ema_(A.clone(), c, 0.8)
         return gs, p, c, m, ld, a
 
     fast = run()
@@ -312,8 +314,8 @@ def test_jit_build_fallback():
     """A fresh process without the prebuilt module JIT-builds csrc/ (ninja) into the cache and uses it. The
     cache (DESMOE_EXT_CACHE or ~/.cache/desmoe) makes reruns a quick no-op; the first build takes ~1-2 min."""
     pytest.importorskip("ninja")
-    code = ("import torch, desmoe.ext as x; i = x.info(); assert i['source'] == 'jit', i; "
-            "p = x.pair_mask(torch.tensor([0, -1]), torch.tensor([[[1], [0]]]), torch.tensor([[False, True]])); "
+    code = ("import torch, desmoe.ops as o, desmoe.ops.extension as x; i = x.info(); assert i['source'] == 'jit', i; "
+            "p = o.pair_mask(torch.tensor([0, -1]), torch.tensor([[[1], [0]]]), torch.tensor([[False, True]])); "
             "assert p.tolist() == [[[True], [False]]], p; print('ok', i['openmp'])")
     env = dict(os.environ, DESMOE_NO_PREBUILT="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
@@ -326,10 +328,10 @@ def test_jit_build_fallback():
 @needs_ext
 def test_ops_under_torch_compile_fullgraph():
     def step(g1, g2, m1, m2, ids_LTK, dom_T, mask_LME, A_LME):
-        ext.mask_expert_grads_([g1, g2], [m1, m2], 0.0)
-        pair = ext.pair_mask(dom_T, ids_LTK, mask_LME)
-        counts, mass, load = ext.routing_stats(ids_LTK, dom_T, 3, 5)
-        ext.affinity_ema_(A_LME, counts, 0.9)
+        ops.mask_expert_grads_([g1, g2], [m1, m2], 0.0)
+        pair = ops.pair_mask(dom_T, ids_LTK, mask_LME)
+        counts, mass, load = ops.routing_stats(ids_LTK, dom_T, 3, 5)
+        ops.affinity_ema_(A_LME, counts, 0.9)
         return pair, counts, mass, load
 
     args = [torch.randn(5, 4), torch.randn(5, 2, 3).bfloat16(), torch.rand(5) > 0.5, torch.rand(5) > 0.5,
@@ -419,8 +421,8 @@ def test_cuda_mask_expert_grads_matches_cpu(scale):
     masks_cuda.append(torch.rand(9, device="cuda") > 0.5)
     grads.append(off.cpu())
     masks.append(masks_cuda[-1].cpu())
-    ext.mask_expert_grads_(grads, masks, scale)
-    ext.mask_expert_grads_(grads_cuda, masks_cuda, scale)
+    ops.mask_expert_grads_(grads, masks, scale)
+    ops.mask_expert_grads_(grads_cuda, masks_cuda, scale)
     torch.cuda.synchronize()
     for g, gc, m in zip(grads, grads_cuda, masks):
         torch.testing.assert_close(g, gc.cpu(), rtol=0, atol=0, equal_nan=True)
@@ -434,18 +436,18 @@ def test_cuda_pair_mask_and_routing_stats_match_cpu(L, T, K, M, E):
     _needs_cuda_ext()
     ids_LTK, w_LTK, dom_T, valid_T = _random_routing(L, T, K, M, E)
     mask = torch.rand(L, M, E) > 0.5
-    pair_cpu = ext.pair_mask(dom_T, ids_LTK, mask)
-    pair_gpu = ext.pair_mask(dom_T.cuda(), ids_LTK.cuda(), mask.cuda(), validate=False)
+    pair_cpu = ops.pair_mask(dom_T, ids_LTK, mask)
+    pair_gpu = ops.pair_mask(dom_T.cuda(), ids_LTK.cuda(), mask.cuda(), validate=False)
     assert torch.equal(pair_cpu, pair_gpu.cpu())
-    cpu = ext.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
-    gpu = ext.routing_stats(ids_LTK.cuda(), dom_T.cuda(), M, E, topk_weights_LTK=w_LTK.cuda(),
+    cpu = ops.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
+    gpu = ops.routing_stats(ids_LTK.cuda(), dom_T.cuda(), M, E, topk_weights_LTK=w_LTK.cuda(),
                             valid_T=valid_T.cuda(), validate=False)
     for a, b in zip(cpu, gpu):  # fixed-point mass: bitwise equal, whatever the block schedule
         assert torch.equal(a, b.cpu())
     A = torch.rand(L, M, E)
     A_gpu = A.cuda()
-    ext.affinity_ema_(A, cpu[0], 0.9)
-    ext.affinity_ema_(A_gpu, gpu[0], 0.9)
+    ops.affinity_ema_(A, cpu[0], 0.9)
+    ops.affinity_ema_(A_gpu, gpu[0], 0.9)
     torch.testing.assert_close(A, A_gpu.cpu(), rtol=0, atol=1e-7)
 
 
@@ -472,8 +474,8 @@ if st is not None:
         w_LTK = torch.rand(L, T, K, generator=g)
         valid_T = torch.rand(T, generator=g) > 0.3
         mask = torch.rand(L, M, E, generator=g) > 0.5
-        assert torch.equal(ext.pair_mask(dom_T, ids_LTK, mask), ref.pair_mask_layers_reference(dom_T, ids_LTK, mask))
-        got = ext.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
+        assert torch.equal(ops.pair_mask(dom_T, ids_LTK, mask), ref.pair_mask_layers_reference(dom_T, ids_LTK, mask))
+        got = ops.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
         exp = ref.routing_stats_reference(ids_LTK, dom_T, M, E, w_LTK, valid_T)
         assert torch.equal(got[0], exp[0]) and torch.equal(got[2], exp[2])
         torch.testing.assert_close(got[1], exp[1], rtol=1e-6, atol=1e-6)
