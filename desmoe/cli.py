@@ -285,7 +285,7 @@ def _demo_plan(run_dir: str, cfg_dict: dict, base_path: str, overwrite: bool) ->
     its ``summary.json`` is reused). A run made with other settings is an error unless ``overwrite``."""
     from .train import checkpoint as ck
     from .train import config_from_dict
-    from .train.rundir import RunDirError, clear_for_overwrite
+    from .train.rundir import RunDirError, clear_for_overwrite, config_differences
 
     if overwrite:
         clear_for_overwrite(run_dir, overwrite=True, what="demo run (from an earlier demo)")
@@ -307,7 +307,7 @@ def _demo_plan(run_dir: str, cfg_dict: dict, base_path: str, overwrite: bool) ->
         probe["model"]["path"] = probe["tokenizer"]["path"] = os.path.join(ckpt, "model")
         cur = config_from_dict(probe, source="demo").to_dict()
         cur["model"]["path"] = cur["tokenizer"]["path"] = base_path
-        diffs = ck.config_differences(saved, cur)
+        diffs = config_differences(saved, cur)
     except (OSError, ValueError) as e:
         raise RunDirError(f"{run_dir!r} already holds a demo run that cannot be continued ({e}); pass --overwrite "
                           f"to replace it, or choose another --out") from None

@@ -324,10 +324,10 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
         os.replace(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        from .train.checkpoint import _describe, _write_fault
+        from .train.durable import describe_error, is_write_fault
 
-        if isinstance(e, Exception) and _write_fault(e):
-            raise ExportError(f"cannot write the exported model to {out_dir!r} ({_describe(e)}); nothing was "
+        if isinstance(e, Exception) and is_write_fault(e):
+            raise ExportError(f"cannot write the exported model to {out_dir!r} ({describe_error(e)}); nothing was "
                               f"written (the temporary folder {tmp!r} was removed)") from None
         raise
     if low:

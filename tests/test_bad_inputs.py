@@ -27,6 +27,7 @@ import yaml
 from desmoe.cli import main
 from desmoe.train import checkpoint as ck
 from desmoe.train import config_from_dict
+from desmoe.train.durable import sha256_file
 from desmoe.train.trainer import run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
@@ -420,7 +421,7 @@ def _plant(ckpt, rel, obj):
     p = os.path.join(ckpt, rel)
     torch.save(obj, p)
     man = json.load(open(os.path.join(ckpt, ck.MANIFEST)))
-    man["files"][rel] = {"bytes": os.path.getsize(p), "sha256": ck._sha256(p)}
+    man["files"][rel] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
     json.dump(man, open(os.path.join(ckpt, ck.MANIFEST), "w"))
 
 
@@ -503,7 +504,7 @@ def test_truncated_state_file_with_a_matching_manifest(request, capsys, base, ru
     p = src / "trainer.pt"
     _truncate(p)
     man = json.load(open(src / ck.MANIFEST))
-    man["files"]["trainer.pt"] = {"bytes": os.path.getsize(p), "sha256": ck._sha256(str(p))}
+    man["files"]["trainer.pt"] = {"bytes": os.path.getsize(p), "sha256": sha256_file(str(p))}
     json.dump(man, open(src / ck.MANIFEST, "w"))
     attempt(request, capsys, train(base, tmp_path / "fresh", "--resume", src), names=["trainer.pt", "corrupt"],
             protect=[run_copy])
@@ -615,14 +616,14 @@ def test_no_space_left_from_torch_save_is_named(request, capsys, base, tmp_path,
 
 
 def test_enospc_while_updating_latest(request, capsys, base, tmp_path, monkeypatch):
-    real = ck._write_text_atomic
+    real = ck.write_text_atomic
 
     def full(path, text):
         if path.endswith(ck.LATEST) and "000002" in text:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(path, text)
 
-    monkeypatch.setattr(ck, "_write_text_atomic", full)
+    monkeypatch.setattr(ck, "write_text_atomic", full)
     out = tmp_path / "r"
     attempt(request, capsys, train(base, out), names=["latest", "No space left", "--resume"])
     assert (out / "latest").read_text().strip() == "step-000001"

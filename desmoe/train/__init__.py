@@ -1,7 +1,7 @@
 """Training entrypoint: ``python -m desmoe.train --config C.yaml --output-dir DIR`` (same as ``desmoe train``)."""
 from .config import (Config, DataConfig, ModelConfig, TokenizerConfig, TrainConfig, apply_overrides, config_from_dict,
                      load_config)
-from .checkpoint import CheckpointError
+from .durable import CheckpointError
 from .guards import NonFiniteLossError, TrainingInterrupted
 from .trainer import Trainer, run
 

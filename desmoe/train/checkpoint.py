@@ -1,4 +1,5 @@
-"""All checkpoint I/O of a training run, in one module.
+"""Checkpoint reads and writes of a training run (built on :mod:`.durable`; RNG states from :mod:`.rng`; whether a
+checkpoint's config allows resuming it: :func:`desmoe.train.rundir.check_config_matches`).
 
 Layout of a run directory ``DIR``::
 
@@ -27,51 +28,24 @@ Every file-system failure while writing (no space left, read-only, a file in the
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import functools
+import json
 import os
 import pickle
-import random
 import re
 import shutil
-import tempfile
 
 import torch
 
 from ..method.alr_files import write_alr
+from .durable import (CheckpointError, describe_error, fsync_dir, fsync_file, is_write_fault, list_files,
+                      sha256_file, write_text_atomic)
+from .rng import rng_state
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: RNG states as tensors, every state file loadable with weights_only=True
-# config keys that may change between a checkpoint and its resumption (they cannot change the weights)
-RESUMABLE_KEYS = ("train.progress", "train.log_every", "train.plots", "train.save_every", "train.keep_last",
-                  "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs",
-                  "train.val_batches", "train.val_every", "train.eval_cache")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, corrupt, unsafe to load, or does not match the run that wants to resume
-    from it; or writing one failed (the message names the path)."""
-
-
-def _write_fault(e: BaseException) -> bool:
-    """An exception a full disk / read-only or vanished directory raises from a writer: OSError, torch's zip
-    writer (``RuntimeError: ... inline_container.cc ... unexpected pos`` / ``file write failed``), safetensors'
-    ``SafetensorError`` (``No space left on device (os error 28)``)."""
-    if isinstance(e, OSError):
-        return True
-    return type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
-        m in str(e) for m in ("inline_container", "PytorchStreamWriter", "file write failed", "os error")))
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        return f"{e.strerror or e}{where}"
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
 
 
 def writes_checkpoint(fn):
@@ -85,67 +59,12 @@ def writes_checkpoint(fn):
         except CheckpointError:
             raise
         except Exception as e:
-            if not _write_fault(e):
+            if not is_write_fault(e):
                 raise
-            raise CheckpointError(f"cannot write checkpoint files in {path!r}: {_describe(e)}. Nothing was "
+            raise CheckpointError(f"cannot write checkpoint files in {path!r}: {describe_error(e)}. Nothing was "
                                   f"committed: the previous checkpoint and 'latest' are unchanged (free space or "
                                   f"fix permissions, then resume)") from e
     return wrapper
-
-
-# --- durable file primitives --------------------------------------------------------------------------------------
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries (created/renamed files) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(d)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(root: str) -> list[str]:
-    out = []
-    for dp, _, fns in os.walk(root):
-        for fn in fns:
-            out.append(os.path.relpath(os.path.join(dp, fn), root))
-    return sorted(out)
 
 
 def save_config(run_dir: str, cfg_dict: dict) -> None:
@@ -153,43 +72,7 @@ def save_config(run_dir: str, cfg_dict: dict) -> None:
     from . import yamlio
 
     os.makedirs(run_dir, exist_ok=True)
-    _write_text_atomic(os.path.join(run_dir, "config.yaml"), yamlio.dump(cfg_dict, sort_keys=False))
-
-
-# --- RNG ----------------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    """Every RNG a training step may draw from: python, numpy (if installed), torch CPU, all CUDA devices; as
-    tensors, ints, floats and strings only (loadable with ``weights_only=True``)."""
-    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
-          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "numpy": None}
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        st["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
-    except ImportError:
-        pass
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    if st.get("python") is not None:
-        random.setstate(st["python"])
-    if st.get("numpy") is not None:
-        import numpy as np
-
-        n = st["numpy"]
-        if isinstance(n, dict):
-            n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-        np.random.set_state(n)
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        # a resume on fewer/more GPUs restores what matches (CUDA RNG is per device)
-        cur = torch.cuda.device_count()
-        states = list(st["cuda"])[:cur]
-        for i, s in enumerate(states):
-            torch.cuda.set_rng_state(s, i)
+    write_text_atomic(os.path.join(run_dir, "config.yaml"), yamlio.dump(cfg_dict, sort_keys=False))
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
@@ -265,16 +148,16 @@ def commit_checkpoint(run_dir: str, tmp: str, step: int, *, meta: dict, config: 
         _commit(tmp, final, root, step, meta, config)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _write_fault(e):
-            raise CheckpointError(f"cannot write checkpoint {final!r}: {_describe(e)}. The temporary directory was "
+        if isinstance(e, Exception) and is_write_fault(e):
+            raise CheckpointError(f"cannot write checkpoint {final!r}: {describe_error(e)}. The temporary directory was "
                                   f"removed; the previous checkpoint and 'latest' are unchanged (free space or fix "
                                   f"permissions, then resume)") from e
         raise
     try:
-        _write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
+        write_text_atomic(os.path.join(run_dir, LATEST), name + "\n")
     except OSError as e:
         raise CheckpointError(f"checkpoint {final!r} was written but {os.path.join(run_dir, LATEST)!r} could not be "
-                              f"updated ({_describe(e)}); resume with --resume {final}") from e
+                              f"updated ({describe_error(e)}); resume with --resume {final}") from e
     if keep:
         olds = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
         for d in olds[: max(0, len(olds) - (keep - 1))]:
@@ -291,10 +174,10 @@ def _commit(tmp: str, final: str, root: str, step: int, meta: dict, config: dict
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1, default=str)
     files = {}
-    for rel in _files(tmp):
+    for rel in list_files(tmp):
         p = os.path.join(tmp, rel)
-        _fsync_file(p)
-        files[rel] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
+        fsync_file(p)
+        files[rel] = {"bytes": os.path.getsize(p), "sha256": sha256_file(p)}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump({"format": FORMAT_VERSION, "step": step, "files": files}, f, indent=1)
         f.flush()
@@ -395,7 +278,7 @@ def resolve_checkpoint(path: str) -> str:
             with open(latest, encoding="utf-8") as f:
                 name = f.read(256).strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{latest} is unreadable ({_describe(e)})") from None
+            raise CheckpointError(f"{latest} is unreadable ({describe_error(e)})") from None
         if not re.fullmatch(r"step-\d{6,}", name):
             raise CheckpointError(f"{latest} should name a checkpoint like 'step-000050', it holds {name[:60]!r}")
         ck = os.path.join(path, CKPT_DIR, name)
@@ -434,7 +317,7 @@ def verify_checkpoint(ckpt: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} is unreadable ({e}){hint}") from None
     if not isinstance(files, dict):
         raise CheckpointError(f"checkpoint {ckpt!r}: {MANIFEST} is malformed (no file table){hint}")
-    extra = sorted(set(_files(ckpt)) - set(files) - {MANIFEST})
+    extra = sorted(set(list_files(ckpt)) - set(files) - {MANIFEST})
     if extra:
         raise CheckpointError(f"checkpoint {ckpt!r} holds file(s) its manifest does not list: {', '.join(extra[:5])}"
                               f"; it was altered after it was written{hint}")
@@ -450,52 +333,10 @@ def verify_checkpoint(ckpt: str) -> dict:
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint {ckpt!r} is truncated or corrupt: {rel} has {size} bytes, the "
                                   f"manifest says {info['bytes']}{hint}")
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {rel} does not match its sha256 in the "
                                   f"manifest (bit flip or partial overwrite){hint}")
     return man
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
-    """``["key: checkpoint=X, now=Y", ...]`` over the flattened configs, except ``ignore``d keys."""
-    a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(current, default=str)))
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if k in ignore:
-            continue
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            diffs.append(f"{k}: checkpoint={a.get(k, '<absent>')!r}, now={b.get(k, '<absent>')!r}")
-    return diffs
-
-
-def check_config_matches(ckpt: str, current: dict) -> None:
-    """Refuse to resume ``ckpt`` under a config that changes training (other model, data, method, optimizer)."""
-    p = os.path.join(ckpt, "config.json")
-    if not os.path.isfile(p):
-        raise CheckpointError(f"checkpoint {ckpt!r} has no config.json, so it cannot be matched to this run's config")
-    try:
-        with open(p) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected a mapping")
-    diffs = config_differences(saved, current)
-    if diffs:
-        raise CheckpointError(f"checkpoint {ckpt!r} was written under a different config; differing keys: "
-                              + "; ".join(diffs) + f". Resume with the checkpoint's config ({p}) or start a new run "
-                              f"in another --output-dir (keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
 
 
 def read_meta(ckpt: str) -> dict:
@@ -504,7 +345,7 @@ def read_meta(ckpt: str) -> dict:
         with open(p) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
+        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({describe_error(e)})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("domains"), list):
         raise CheckpointError(f"checkpoint file {p!r} is malformed: expected an object with an integer 'step' and "
                               f"a list of 'domains'")
@@ -555,10 +396,10 @@ def check_model_files(mdir: str) -> None:
                 with safe_open(p, framework="pt") as f:
                     f.keys()
         except OSError as e:
-            raise CheckpointError(f"checkpoint file {p!r} is unreadable ({_describe(e)})") from None
+            raise CheckpointError(f"checkpoint file {p!r} is unreadable ({describe_error(e)})") from None
         except Exception as e:  # JSON / UTF-8 errors, safetensors' header errors (truncated, not safetensors)
             kind = "not valid JSON" if n.endswith(".json") else "not a valid safetensors file (truncated or corrupt)"
-            raise CheckpointError(f"checkpoint file {p!r} is {kind} ({_describe(e)})") from None
+            raise CheckpointError(f"checkpoint file {p!r} is {kind} ({describe_error(e)})") from None
 
 
 def load_model(ckpt: str, *, device="cpu", dtype=torch.float32):
@@ -577,7 +418,7 @@ def load_model(ckpt: str, *, device="cpu", dtype=torch.float32):
         tok = (AutoTokenizer.from_pretrained(mdir, trust_remote_code=False)
                if os.path.isfile(os.path.join(mdir, "tokenizer.json")) else None)
     except Exception as e:  # noqa: BLE001 - whatever transformers/safetensors raise on a damaged folder
-        raise CheckpointError(f"checkpoint {ckpt!r}: cannot load the model in {mdir!r} ({_describe(e)})") from None
+        raise CheckpointError(f"checkpoint {ckpt!r}: cannot load the model in {mdir!r} ({describe_error(e)})") from None
     return model, tok
 
 
@@ -611,7 +452,7 @@ def load_state_file(path: str) -> dict:
                               f"({asked or 'an unsupported pickle opcode'}), which could run code; desmoe never "
                               f"writes such files, so it was altered or is not a desmoe checkpoint") from None
     except Exception as e:  # truncated zip, bad magic number, ...
-        raise CheckpointError(f"checkpoint file {path!r} is truncated or corrupt ({_describe(e)})") from None
+        raise CheckpointError(f"checkpoint file {path!r} is truncated or corrupt ({describe_error(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint file {path!r} holds a {type(obj).__name__}, expected a mapping")
     return obj

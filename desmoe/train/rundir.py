@@ -9,6 +9,8 @@
 - :func:`check_resume` — resuming a run that already reached its last step changes nothing
   (:class:`RunFinished`); ``--resume CKPT --output-dir OTHER`` where OTHER already holds a run would rewind
   OTHER's ``latest`` and cut its history: refused unless ``overwrite``.
+- :func:`check_config_matches` — a checkpoint is resumed only under the config that wrote it (except
+  ``RESUMABLE_KEYS``, which cannot change the weights); the refusal names every differing key.
 - :func:`clear_for_overwrite` — what ``desmoe demo --out DIR`` calls before it replaces an earlier run: refused
   unless ``overwrite``, and never while another process holds that run's lock.
 """
@@ -21,6 +23,8 @@ import shutil
 import socket
 import sys
 import time
+
+from .durable import CheckpointError, describe_error
 
 LOCK_NAME = ".desmoe.lock"
 
@@ -203,6 +207,54 @@ def check_resume(ckpt: str, output_dir: str, stop: int, *, overwrite: bool = Fal
         raise RunDirError(f"--output-dir {output_dir!r} holds another run (at step {own}); resuming checkpoint "
                           f"{ckpt} (step {step}) into it would rewind its 'latest' and cut its history. Choose an "
                           f"empty --output-dir, or pass --overwrite to replace that run's progress")
+
+
+# config keys that may change between a checkpoint and its resumption (they cannot change the weights)
+RESUMABLE_KEYS = ("train.progress", "train.log_every", "train.plots", "train.save_every", "train.keep_last",
+                  "train.device", "train.skip_nonfinite", "train.eval_batches", "data.eval_max_docs",
+                  "train.val_batches", "train.val_every", "train.eval_cache")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
+    """``["key: checkpoint=X, now=Y", ...]`` over the flattened configs, except ``ignore``d keys."""
+    a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(current, default=str)))
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: checkpoint={a.get(k, '<absent>')!r}, now={b.get(k, '<absent>')!r}")
+    return diffs
+
+
+def check_config_matches(ckpt: str, current: dict) -> None:
+    """Refuse to resume ``ckpt`` under a config that changes training (other model, data, method, optimizer)."""
+    p = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(p):
+        raise CheckpointError(f"checkpoint {ckpt!r} has no config.json, so it cannot be matched to this run's config")
+    try:
+        with open(p) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {p!r} is unreadable ({describe_error(e)})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint file {p!r} is malformed: expected a mapping")
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise CheckpointError(f"checkpoint {ckpt!r} was written under a different config; differing keys: "
+                              + "; ".join(diffs) + f". Resume with the checkpoint's config ({p}) or start a new run "
+                              f"in another --output-dir (keys that may change on resume: {', '.join(RESUMABLE_KEYS)})")
 
 
 def clear_for_overwrite(run_dir: str, *, overwrite: bool, what: str = "run") -> None:

@@ -13,7 +13,7 @@ here instead:
   called by :func:`desmoe.train.checkpoint.open_checkpoint`) and again during it (:class:`SafeLoadPlanner`);
   tensors are read by DCP itself with ``weights_only=True``.
 
-Every refusal is a :class:`~desmoe.train.checkpoint.CheckpointError` naming the file.
+Every refusal is a :class:`~desmoe.train.durable.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import os
 import pickle
 
 import torch
+
+from .durable import CheckpointError
 
 METADATA = ".metadata"
 
@@ -38,8 +40,6 @@ _ALLOWED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torc
 
 
 def _error(msg: str):
-    from .checkpoint import CheckpointError
-
     return CheckpointError(msg)
 
 
@@ -65,7 +65,7 @@ class MetadataUnpickler(pickle.Unpickler):
 
 def read_dcp_metadata(path: str):
     """The ``Metadata`` in file ``path`` (a DCP ``.metadata``), through :class:`MetadataUnpickler`; its shape
-    checked. Raises :class:`~desmoe.train.checkpoint.CheckpointError` naming ``path``."""
+    checked. Raises :class:`~desmoe.train.durable.CheckpointError` naming ``path``."""
     from torch.distributed.checkpoint.metadata import Metadata
 
     try:
@@ -178,8 +178,6 @@ def _reader_and_planner(dcp_dir: str):
             try:
                 return super().read_data(plan, planner)
             except Exception as e:
-                from .checkpoint import CheckpointError
-
                 if isinstance(e, CheckpointError):
                     raise
                 raise _error(f"checkpoint file {self.current or dcp_dir!r} is truncated or corrupt "
@@ -210,8 +208,6 @@ def _reader_and_planner(dcp_dir: str):
 def _unwrap(e: BaseException, dcp_dir: str) -> Exception:
     """DCP wraps every rank's failure into a ``CheckpointException`` (a ``BaseException`` holding tracebacks):
     the first :class:`CheckpointError` in it, or one naming the directory."""
-    from .checkpoint import CheckpointError
-
     fails = getattr(e, "failures", None) or {}
     excs = [f[0] if isinstance(f, tuple) else f for f in fails.values()]
     for x in excs:
@@ -225,7 +221,7 @@ def _unwrap(e: BaseException, dcp_dir: str) -> Exception:
 def load_dcp(state_dict: dict, dcp_dir: str) -> None:
     """``torch.distributed.checkpoint.load(state_dict, ...)`` from ``dcp_dir`` (in place, collective under a
     process group), after :func:`verify_dcp_dir`, with the safe reader and planner. Every failure is a
-    :class:`~desmoe.train.checkpoint.CheckpointError` naming the file (or directory)."""
+    :class:`~desmoe.train.durable.CheckpointError` naming the file (or directory)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -26,9 +26,11 @@ from . import rundir
 from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state, enable_activation_checkpointing,
                        eval_kwargs, load_texts, lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
 from .config import Config
+from .durable import CheckpointError
 from .guards import NonFiniteLossError, TrainingInterrupted, diagnose_nonfinite
 from .loss import supervised_tokens, task_loss, to_device
 from .plots import save_affinity_png, save_loss_curve_png
+from .rng import set_rng_state
 from .runlog import RunLog, rss_mb, truncate_history
 from .signals import StopFlag
 
@@ -140,7 +142,7 @@ class Trainer:
         check_config_hub_names(self.cfg, data_only=bool(self.resume))  # hub names: cached or reachable, else fail fast
         if self.resume:
             ckpt = ck.open_checkpoint(self.out if self.resume is True else str(self.resume))  # resolve + verify
-            ck.check_config_matches(ckpt, self.cfg_dict)
+            rundir.check_config_matches(ckpt, self.cfg_dict)
             rundir.check_resume(ckpt, self.out, self.stop, overwrite=self.overwrite)  # finished run / another run's dir
             return ckpt
         if os.path.exists(os.path.join(self.out, ck.LATEST)):
@@ -222,7 +224,7 @@ class Trainer:
             self.trainer_state = ck.load_trainer_state(self.ckpt, self.dist.rank)
             self.start = int(self.trainer_state["step"])
             if self.start > self.T:
-                raise ck.CheckpointError(f"checkpoint {self.ckpt!r} is at step {self.start}, beyond "
+                raise CheckpointError(f"checkpoint {self.ckpt!r} is at step {self.start}, beyond "
                                          f"train.max_steps={self.T}")
             self.ctl.apply_phase(self.ctl.phase(min(self.start, self.T - 1)))
             meta = ck.read_meta(self.ckpt)
@@ -270,7 +272,7 @@ class Trainer:
             self.sched.load_state_dict(st["scheduler"])
             if st.get("stream") is not None:
                 self.stream.load_state_dict(st["stream"])
-            ck.set_rng_state(st["rng"])
+            set_rng_state(st["rng"])
             if self.main and self.resume:
                 truncate_history(self.runlog.history_path, self.start)
             self.say(f"resumed from {self.ckpt} at step {self.start} (phase {self.ctl.current_phase})")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from desmoe.train import CheckpointError, NonFiniteLossError, TrainingInterrupted, config_from_dict
 from desmoe.train import checkpoint as ck
+from desmoe.train import rng
 from desmoe.train import trainer as tr
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
@@ -117,10 +118,10 @@ def test_every_file_and_directory_is_fsynced(tmp_path, monkeypatch):
 def test_rng_states_roundtrip():
     import numpy as np
 
-    st = ck.rng_state()
+    st = rng.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1))
     random.random(), np.random.rand(), torch.rand(3)
-    ck.set_rng_state(st)
+    rng.set_rng_state(st)
     b = (random.random(), np.random.rand(), torch.rand(1))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import torch.distributed as tdist
 from desmoe.train import config_from_dict
 from desmoe.train import checkpoint as ck
+from desmoe.train.durable import sha256_file
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
 
@@ -169,7 +170,7 @@ def test_planted_payload_in_a_distributed_checkpoint_is_refused_on_resume(dist_f
             f.write(b"\0" * max(0, size - os.path.getsize(p)))
     man = json.load(open(ckpt / ck.MANIFEST))
     for r in man["files"]:
-        man["files"][r] = {"bytes": os.path.getsize(ckpt / r), "sha256": ck._sha256(str(ckpt / r))}
+        man["files"][r] = {"bytes": os.path.getsize(ckpt / r), "sha256": sha256_file(str(ckpt / r))}
     json.dump(man, open(ckpt / ck.MANIFEST, "w"))
     cfgp = tmp_path / "c.yaml"
     cfgp.write_text(yaml.safe_dump(dd))
