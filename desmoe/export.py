@@ -117,6 +117,9 @@ class _RouterStats:
         def fn(mod, args, out):
             x = args[0].reshape(-1, mod.hidden_dim).detach().to(torch.float64).cpu()
             z = _logits_and_ids(mod, out)[0].detach().to(torch.float64).cpu()
+            b = mod.logits_bias()  # gpt-oss: the router keeps its bias; the weight is fitted to logits - bias
+            if b is not None:
+                z = z - b.detach().to(torch.float64).cpu()
             if self.mask_T is not None:
                 x, z = x[self.mask_T], z[self.mask_T]
             self.xtx[i] += x.T @ x
@@ -176,7 +179,9 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
             x = args[0].reshape(-1, mod.hidden_dim).detach()
             ids = _logits_and_ids(mod, out)[1].detach()
             s = mod.spec
-            logits = torch.nn.functional.linear(x.float(), weights[i].to(x.device))
+            lb = mod.logits_bias()
+            logits = torch.nn.functional.linear(x.float(), weights[i].to(x.device),
+                                                None if lb is None else lb.detach().float())
             bias = args[1] if len(args) > 1 and args[1] is not None else mod.bias_E()  # LFM2 passes it in
             _, cand = ops.topk_route(logits, s, bias_E=bias, backend="reference")
             if mask["T"] is not None:
