@@ -254,6 +254,17 @@ def method_cost(r: Run) -> None:
         r.emit({"stage": "method_cost", **{k: v for k, v in rec.items() if k != "times_ms"}})
 
 
+def gpt_oss_phimoe(r: Run) -> None:
+    """gpt-oss-20b (E=32 K=4 D=I=2880, biases, clamped SwiGLU) and Phi-3.5-MoE (E=16 K=2 D=4096 I=6400) experts
+    layers: desmoe against transformers' grouped_mm (with biases) on the full shapes, T=8192 (dry: reduced, T=8)."""
+    from benchmarks import bench_gpt_oss_phimoe as bgp
+
+    for name in bgp.SHAPES:
+        bgp.run_shape(name, 8 if r.dry else 8192, r.dev, r.dtype, r.iters, r.dry,
+                      lambda rec, _n=name: r.emit({"stage": "gpt_oss_phimoe", **rec}),
+                      impl_names=("grouped_mm", "desmoe"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON-lines file, appended to")
@@ -275,6 +286,7 @@ def main(argv=None) -> int:
     r.stage("liger", 40, lambda: _layer(r, "qwen3_30b_a3b", T_big, impls=("liger",), frozen=False))
     r.stage("olmoe", 50, lambda: _layer(r, "olmoe", T_big, frozen=False))
     r.stage("deepseek_v2_lite", 50, lambda: _layer(r, "deepseek_v2_lite", T_big, frozen=False))
+    r.stage("gpt_oss_phimoe", 60, lambda: gpt_oss_phimoe(r))
     r.stage("activation_checkpointing", 60, lambda: activation_checkpointing(r))
     r.stage("method_cost", 90, lambda: method_cost(r))
     return 0
