@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
     x = sub.add_parser("experiment", help="replicate the paper's claims at small scale (results.json + plots)")
-    x.add_argument("name", help="pareto | scaling | all")
+    x.add_argument("name", help="pareto | scaling | all (the paper's claims) | sweep (the same over several bases; "
+                   "--config: a sweep config, default configs/experiments/sweep.yaml)")
     x.add_argument("--out", required=True, help="output directory (results.json + PNG plots; 'all': one subdir each)")
     x.add_argument("--quick", action="store_true", help="tiny config (configs/experiments/quick.yaml), < 60 s")
     x.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the config's, 3)")
@@ -146,6 +147,12 @@ def cmd_train(a) -> int:
     if a.max_steps is not None and a.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
     cfg = load_config(a.config, a.overrides)
+    from .train.config import check_output_dir
+
+    check_output_dir("--output-dir", a.output_dir)
+    from .train.builders import resolve_device
+
+    resolve_device(cfg)  # the device exists and takes model.dtype: checked before the run directory is touched
     if a.no_progress or a.quiet:
         cfg.train.progress = False
     from .train.rundir import RunFinished
@@ -178,9 +185,14 @@ def cmd_eval(a) -> int:
 
     if a.math_n < 0 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"--math-n must be >= 0 and --max-batches >= 1, got {a.math_n}, {a.max_batches}")
-    from .train.config import check_device
+    from .train.config import check_device_available, check_output_file
 
-    check_device("--device", a.device)
+    check_device_available("--device", a.device)
+    if a.json is not None:
+        check_output_file("--json", a.json)
+    if not os.path.exists(a.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {a.checkpoint!r} does not exist; expected a run directory or a "
+                                f"checkpoint directory")
     tasks = None if a.tasks is None else [t.strip() for t in a.tasks.split(",") if t.strip()]
     if a.tasks is not None and not tasks:
         raise ValueError(f"--tasks: expected comma-separated lm-eval task names, got {a.tasks!r}")
@@ -189,7 +201,8 @@ def cmd_eval(a) -> int:
         raise ValueError(f"--checkpoint {a.checkpoint!r} is an exported model (desmoe_export.json): its held-out "
                          f"losses are in that report; pass --tasks to run benchmarks on it")
     res = {} if exported else evaluate_checkpoint(a.checkpoint, max_batches=a.max_batches, math_n=a.math_n,
-                                                  device=a.device)
+                                                  device=a.device,
+                                                  log=lambda m: print(f"desmoe eval: {m}", file=sys.stderr))
     if tasks:
         res["lm_eval"] = _lm_eval(a, tasks, exported)
     text = json.dumps(res, indent=1, default=str)
@@ -233,13 +246,20 @@ def _lm_eval(a, tasks: list[str], exported: bool) -> dict:
 def cmd_bench(a) -> int:
     import runpy
 
+    import re
+
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    cands = [os.path.join(root, n) for n in (f"bench_{a.name}.py", f"{a.name}.py", a.name)]
+    have = sorted(f for f in os.listdir(root) if f.startswith("bench_") and f.endswith(".py")) \
+        if os.path.isdir(root) else []
+    # a name, never a path: only the repository's own benchmarks/ scripts run
+    m = re.fullmatch(r"([A-Za-z0-9_]+?)(?:\.py)?", a.name)
+    cands = [os.path.join(root, f"bench_{m.group(1)}.py"), os.path.join(root, f"{m.group(1)}.py")] if m else []
     path = next((c for c in cands if os.path.isfile(c)), None)
     if path is None:
-        have = sorted(f for f in os.listdir(root) if f.startswith("bench_")) if os.path.isdir(root) else []
-        raise FileNotFoundError(f"no benchmark {a.name!r} in {root}; available: {', '.join(have) or 'none'} "
-                                f"(benchmarks/ ships with the source checkout, not the wheel)")
+        raise FileNotFoundError(f"desmoe bench NAME: {a.name!r} is not one of the repository's benchmarks "
+                                f"({', '.join(have) or 'none found in ' + root}); expected a name such as "
+                                f"{have[0][6:-3] if have else 'train_step'} (a name, not a path: other files are never "
+                                f"run; benchmarks/ ships with the source checkout, not the wheel)")
     old = sys.argv
     sys.argv = [path, *[x for x in a.args if x != "--"]]
     try:
@@ -345,6 +365,9 @@ def cmd_demo(a) -> int:
 
     if a.steps < 5 or a.pretrain_steps < 1:
         raise ValueError(f"--steps must be >= 5 and --pretrain-steps >= 1, got {a.steps}, {a.pretrain_steps}")
+    from .train.config import check_output_dir
+
+    check_output_dir("--out", a.out)
     t0 = time.time()
     progress = not a.quiet
     from .train.rundir import prepare_run_dir
@@ -428,13 +451,27 @@ def cmd_parity(a) -> int:
 def cmd_experiment(a) -> int:
     from .experiments import EXPERIMENTS, load_spec, run_experiment
 
-    if a.name not in EXPERIMENTS + ("all",):
-        raise ValueError(f"experiment name must be one of {', '.join(EXPERIMENTS)} or all (the paper-claim experiments), "
-                         f"got {a.name!r}")
+    if a.name not in EXPERIMENTS + ("all", "sweep"):
+        raise ValueError(f"experiment name must be one of {', '.join(EXPERIMENTS)}, all (the paper-claim experiments) "
+                         f"or sweep (the same over several bases), got {a.name!r}")
+    from .train.config import check_output_dir
+
+    check_output_dir("--out", a.out)
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if a.name == "sweep":
+        from .experiments.sweep import load_sweep, run_sweep
+
+        sw, spec = load_sweep(a.config, quick=a.quick, seeds=a.seeds)
+        if a.cache is not None:
+            spec.cache = a.cache
+        run_sweep(sw, spec, a.out, log=log, workers=a.workers)
+        return 0
     spec = load_spec(a.config, quick=a.quick, seeds=a.seeds)
     if a.cache is not None:
         spec.cache = a.cache
-    run_experiment(a.name, a.out, spec, log=lambda m: print(m, flush=True), workers=a.workers)
+    run_experiment(a.name, a.out, spec, log=log, workers=a.workers)
     return 0
 
 
@@ -453,6 +490,9 @@ def cmd_export(a) -> int:
     import warnings
 
     from .export import export, format_report
+    from .train.config import check_device_available
+
+    check_device_available("--device", a.device)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -465,18 +505,20 @@ def cmd_export(a) -> int:
         print(f"exported {rep['checkpoint']} -> {rep['out_dir']} (stock Hugging Face model)")
         print(format_report(rep))
     for w in caught:
-        if "exported routers" in str(w.message):
+        if "exported routers" in str(w.message) or "differs from the config checkpoint" in str(w.message):
             print(f"desmoe export: warning: {w.message}", file=sys.stderr)
     return 0
 
 
 def cmd_specialization(a) -> int:
     from .experiments.specialization import format_table, specialization_of_checkpoint
-    from .train.config import check_device
+    from .train.config import check_device_available, check_output_file
 
     if a.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {a.tokens}")
-    check_device("--device", a.device)
+    check_device_available("--device", a.device)
+    if a.json is not None:
+        check_output_file("--json", a.json)
     if not os.path.exists(a.checkpoint):
         raise FileNotFoundError(f"--checkpoint {a.checkpoint!r} does not exist")
     res = specialization_of_checkpoint(a.checkpoint, tokens=a.tokens, device=a.device)

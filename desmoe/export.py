@@ -253,7 +253,6 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     from .integrations.hf import routers as get_routers
     from .integrations.hf import unpatch
     from .train import checkpoint as ck
-    from .train.config import load_config
 
     if on_low not in ("warn", "refuse"):
         raise ExportError(f"on_low must be 'warn' or 'refuse', got {on_low!r}")
@@ -267,10 +266,12 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     _check_out(out_dir, overwrite)
     mdir = _model_dir(checkpoint)
     ckpt = os.path.dirname(mdir)
-    cfg_path = ck.run_config_path(ckpt)
-    if cfg_path is None:
+    if not os.path.isfile(os.path.join(ckpt, "config.json")) and ck.run_config_path(ckpt) is None:
         raise ExportError(f"no config.yaml beside checkpoint {ckpt!r}: the training domains to fit on are unknown")
-    cfg = load_config(cfg_path)
+    from .train.evaluate import checkpoint_config
+
+    # the checkpoint's own config (manifest-covered), not a config.yaml edited since; a difference is reported
+    cfg = checkpoint_config(ckpt, log=lambda m: warnings.warn(m, stacklevel=2))
     model, tok = _load_model_dir(mdir, device=device, dtype=torch.float32,
                                  backend="reference" if device == "cpu" else "auto")
     if tok is None:

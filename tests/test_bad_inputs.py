@@ -196,7 +196,17 @@ CONFIG_CASES = [
     ("data.weights={alpha: .inf, beta: 1, gamma: 1}", ["data.weights", "inf"]),
     ("data.sources.alpha=./missing.jsonl", ["data.sources.alpha", "missing.jsonl"]),
     ("model.tiny=gpt2", ["model.tiny", "gpt2"]),
-    ("model.path=/no/such/model", ["model", "path"]),
+    ("model.path=/no/such/model", ["model", "path"]),  # with model.tiny still set: the pair is the error
+    # issue 25: values the model or the tokenizer also define, checked against them before any work
+    ("data.seq_len=256", ["data.seq_len", "256", "max_position_embeddings=128"]),
+    ("model.overrides.max_position_embeddings=16", ["data.seq_len", "32", "model.overrides.max_position_embeddings"]),
+    ("model.overrides.hidden_size=-8", ["model.overrides.hidden_size", "-8", ">= 1"]),
+    ("model.overrides.num_attention_heads=3", ["num_attention_heads=3", "num_key_value_heads=2"]),
+    ("model.overrides.num_experts=0", ["model.overrides.num_experts", "0", ">= 1"]),
+    ("model.overrides.num_hidden_layers=0", ["model.overrides.num_hidden_layers", "0", ">= 1"]),
+    ("model.overrides.num_experts_per_tok=99", ["num_experts_per_tok=99", "num_experts="]),
+    ("model.overrides.mlp_only_layers=[0,1]", ["model.overrides.mlp_only_layers", "no MoE layer"]),
+    ("model.dtype=float16", ["model.dtype", "float16", "CPU"]),
     ("train.lrr=0.1", ["train.lrr"]),
     ("trian.lr=0.1", ["trian"]),
     ("model.seed=-1", ["model.seed", "-1"]),
@@ -453,7 +463,7 @@ def test_planted_pickle_model_weights_are_never_loaded(request, capsys, base, ru
 
 
 # every file of a single-process checkpoint, and which command reads it (README.md-like notices are never parsed)
-CHECKPOINT_FILES = {"config.json": "resume", "meta.json": "both", "method.pt": "both", "trainer.pt": "resume",
+CHECKPOINT_FILES = {"config.json": "both", "meta.json": "both", "method.pt": "both", "trainer.pt": "resume",
                     "model/config.json": "both", "model/model.safetensors": "both", "model/tokenizer.json": "both",
                     "model/tokenizer_config.json": "both", "model/generation_config.json": "both",
                     "model/desmoe_alr.safetensors": "both", "model/desmoe_alr.json": "both",
@@ -555,9 +565,188 @@ def test_eval_checkpoint_is_a_file(request, capsys, tmp_path):
     attempt(request, capsys, ["eval", "--checkpoint", f], names=[str(f), "not a directory"])
 
 
+def correct_attempt(request, capsys, argv, check, *, protect=()) -> tuple[str, str]:
+    """A case where the right behaviour is to do the work (not an error): ``desmoe ARGV`` must exit 0 and
+    ``check(out, err)`` hold; recorded as *correct* (or silent / traceback / lost)."""
+    capsys.readouterr()
+    before = {str(p): snapshot(p) for p in protect}
+    _started(request)
+    rc, exc = None, None
+    try:
+        rc = main([str(a) for a in argv])
+    except BaseException as e:  # noqa: BLE001
+        exc = e
+    out, err = capsys.readouterr()
+    if exc is not None:
+        err += "".join(traceback.format_exception(exc))
+    changed = [p for p in before if snapshot(p) != before[p]]
+    if changed:
+        outcome = "lost"
+    elif exc is not None or "Traceback (most recent call last)" in err:
+        outcome = "traceback"
+    elif rc != 0:
+        outcome = "unclear"
+    else:
+        outcome = "correct" if check(out, err) else "silent"
+    _record(request, outcome, err + out)
+    assert outcome == "correct", f"{outcome}: rc={rc}, changed={changed}\nstderr: {err}\nstdout: {out[-2000:]}"
+    return out, err
+
+
 def test_eval_without_config_yaml(request, capsys, run_copy):
+    """The checkpoint carries its own config (config.json): eval needs no config.yaml beside it."""
     os.remove(run_copy / "config.yaml")
-    attempt(request, capsys, ["eval", "--checkpoint", run_copy], names=["config.yaml"], protect=[run_copy])
+    correct_attempt(request, capsys, ["eval", "--checkpoint", run_copy, "--math-n", "0", "--max-batches", "1"],
+                    lambda out, err: "alpha" in out and "step 2" in out, protect=[run_copy])
+
+
+def test_eval_uses_the_checkpoints_own_config_not_an_edited_config_yaml(request, capsys, run_copy):
+    """An edited config.yaml (other seq_len, other domains) does not change what eval measures: the checkpoint's
+    own config wins, and the differing keys are named on stderr."""
+    argv = ["eval", "--checkpoint", run_copy, "--math-n", "0", "--max-batches", "1", "--format", "json"]
+    assert main([str(a) for a in argv]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    c = yaml.safe_load((run_copy / "config.yaml").read_text())
+    c["data"]["seq_len"], c["data"]["domains"] = 8, ["alpha"]
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(c))
+    out, err = correct_attempt(request, capsys, argv, lambda out, err: json.loads(out) == ref)
+    assert "data.seq_len" in err and "data.domains" in err and "checkpoint's own config" in err
+
+
+def test_overrides_vocab_size_smaller_than_the_tokenizer(request, capsys, base, tmp_path):
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.overrides.vocab_size=100"),
+            names=["model.overrides.vocab_size", "100", "tokenizer", ">= 300"])
+
+
+def test_overrides_vocab_size_larger_than_the_tokenizer_is_kept(request, capsys, base, tmp_path):
+    """A larger explicit vocab_size is honoured (padding rows, as models pad their vocabulary), never replaced."""
+    out = tmp_path / "o"
+
+    def check(o, e):
+        cfgj = json.load(open(out / "checkpoints" / "step-000002" / "model" / "config.json"))
+        return cfgj["vocab_size"] == 512
+    correct_attempt(request, capsys, train(base, out, "--set", "model.overrides.vocab_size=512"), check)
+
+
+def test_overrides_vocab_size_with_a_pretrained_model_refused(request, base, tmp_path):
+    d = copy.deepcopy(base["d"])
+    d["model"] = {"path": str(base["run"] / "checkpoints" / "step-000002" / "model"), "overrides": {"vocab_size": 999}}
+    library_attempt(request, lambda: config_from_dict(d), ValueError,
+                    names=["model.overrides.vocab_size", "999", "embedding"])
+
+
+def test_explicit_text_field_the_records_lack(request, capsys, base, tmp_path):
+    """``data.text_field: body`` on records without ``body`` is an error naming the row, never another column."""
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(json.dumps({"text": f"doc {i} " * 5, "title": "t"}) + "\n" for i in range(30)))
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", f"data.sources.alpha={p}",
+                                   "--set", "data.text_field=body"),
+            names=["a.jsonl", "line 1", "'body'", "data.text_field"])
+
+
+def test_named_pipe_as_a_data_source_is_refused_not_read(request, capsys, base, tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    t0 = time.time()
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", f"data.sources.alpha={fifo}"),
+            names=["data.sources.alpha", "pipe.jsonl", "not a regular file"])
+    from desmoe.data import DataSourceError, load_domain_texts
+
+    library_attempt(request, lambda: load_domain_texts("alpha", source=str(fifo)), DataSourceError,
+                    names=["pipe.jsonl", "not a regular file"])
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("cmd", ["eval", "export", "specialization"])
+def test_device_cuda_without_a_gpu(request, capsys, base, tmp_path, cmd):
+    extra = ["--out", tmp_path / "x"] if cmd == "export" else []
+    attempt(request, capsys, [cmd, "--checkpoint", base["run"], "--device", "cuda", *extra],
+            names=["--device", "cuda", "no CUDA device"], protect=[base["run"]])
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../setup", "../benchmarks/bench_routing", "no_such_bench",
+                                  "bench_routing.py/../../x"])
+def test_bench_runs_only_the_repositorys_benchmarks_by_name(request, capsys, tmp_path, name):
+    marker = tmp_path / "ran"
+    attempt(request, capsys, ["bench", name], names=["desmoe bench NAME", name, "not one of"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target,names", [("dir", ["--json", "is a directory"]),
+                                          ("missing/x.json", ["--json", "does not exist"]),
+                                          ("file/x.json", ["--json", "is a file"])])
+def test_json_target_checked_before_the_work(request, capsys, base, tmp_path, monkeypatch, target, names):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    import desmoe.train.evaluate as ev
+
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    for cmd in ("eval", "specialization"):
+        attempt(request, capsys, [cmd, "--checkpoint", base["run"], "--json", tmp_path / target], names=names,
+                protect=[base["run"]])
+
+
+def test_output_dirs_checked_before_the_work(request, capsys, base, tmp_path):
+    (tmp_path / "f").write_text("x")
+    attempt(request, capsys, ["experiment", "pareto", "--quick", "--out", tmp_path / "f"], names=["--out", "is a file"])
+    attempt(request, capsys, ["demo", "--out", tmp_path / "f" / "sub"], names=["--out", "is a file"])
+    attempt(request, capsys, train(base, tmp_path / "f" / "o"), names=["--output-dir", "is a file"])
+
+
+def test_bare_model_name_fails_fast_offline(request, capsys, base, tmp_path, monkeypatch):
+    """``model.path=gpt2`` (a legacy bare hub id): one clear error in seconds, no retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.tiny=null", "--set", "model.path=gpt2"),
+            names=["model.path", "'gpt2'", "HF_HUB_OFFLINE"])
+    assert time.time() - t0 < 10
+
+
+def test_bare_model_name_unreachable_makes_one_request(request, capsys, base, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def down(self, *a, **k):
+        calls.append(a)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", down)
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.tiny=null", "--set", "model.path=gpt2"),
+            names=["model.path", "'gpt2'", "cannot be reached"])
+    assert len(calls) == 1
+
+
+def test_missing_local_data_path_is_not_sent_to_the_hub(request, capsys, base, tmp_path, monkeypatch):
+    """``data/x`` where ``data/`` is a local directory: a missing local path, not a hub dataset."""
+    monkeypatch.chdir(base["root"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda *a, **k: pytest.fail("asked the hub"))
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "data.sources.alpha=data/x"),
+            names=["data.sources.alpha", "'data/x'", "does not exist"])
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "data.sources.alpha=./x"),
+            names=["data.sources.alpha", "'./x'", "does not exist"])
+
+
+def test_model_directory_without_tokenizer(request, capsys, base, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(base["run"] / "checkpoints" / "step-000002" / "model", m)
+    for f in os.listdir(m):
+        if "token" in f:
+            os.remove(m / f)
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.tiny=null", "--set", f"model.path={m}"),
+            names=["model.path", str(m), "no tokenizer files", "tokenizer.path"])
+
+
+def test_missing_model_directory_says_so(request, capsys, base, tmp_path):
+    attempt(request, capsys, train(base, tmp_path / "o", "--set", "model.tiny=null",
+                                   "--set", f"model.path={tmp_path / 'nope' / 'model'}"),
+            names=["model.path", "does not exist"])
+    capsys.readouterr()
 
 
 def test_hf_trainer_method_state_payload_refused(request, tmp_path):

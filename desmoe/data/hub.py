@@ -66,7 +66,7 @@ def check_hub_name(name: str, field: str, repo_type: str = "model", timeout: flo
     fix = (f"download it where there is network ({get}) and copy the Hugging Face cache here, or set {field} to a "
            f"local {'file or directory' if kind == 'dataset' else 'directory'}")
     if hub_offline():
-        raise DataSourceError(f"{field}: {name!r} is not a local path and not in the Hugging Face cache "
+        raise DataSourceError(f"{field}: {name!r} is not an existing local path and not in the Hugging Face cache "
                               f"({_hub_cache()}), and HF_HUB_OFFLINE is set, so it cannot be downloaded; {fix}")
     try:
         from huggingface_hub import HfApi
@@ -75,26 +75,35 @@ def check_hub_name(name: str, field: str, repo_type: str = "model", timeout: flo
     except Exception as e:  # the hub client's exception classes differ across versions: judge by name
         cls = type(e).__name__
         if "RepositoryNotFound" in cls:
-            raise DataSourceError(f"{field}: no {kind} {name!r} on the Hugging Face hub (or it is private); check "
-                                  f"the name, or set {field} to a local path") from None
+            raise DataSourceError(f"{field}: {name!r} is not an existing local path, and the Hugging Face hub has "
+                                  f"no {kind} of that name (or it is private); check the path or the name") from None
         if "GatedRepo" in cls:
             raise DataSourceError(f"{field}: the {kind} {name!r} is gated: accept its terms on huggingface.co and "
                                   f"log in (`hf auth login`), or {fix}") from None
         if "HTTP" in cls and "404" not in str(e):
             raise DataSourceError(f"{field}: the Hugging Face hub refused {name!r} ({cls}: {str(e)[:200]}); {fix}") \
                 from None
-        raise DataSourceError(f"{field}: {name!r} is not a local path, not in the Hugging Face cache, and the hub "
+        raise DataSourceError(f"{field}: {name!r} is not an existing local path, not in the Hugging Face cache, and the hub "
                               f"cannot be reached ({cls}: {str(e)[:200]}); {fix} (set HF_HUB_OFFLINE=1 to use the "
                               f"cache only)") from None
+
+
+def is_model_hub_name(s: str) -> bool:
+    """A model or tokenizer name the hub may hold: ``org/name`` or a legacy bare id (``gpt2``)."""
+    return isinstance(s, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", s)) and s not in (".", "..")
 
 
 def check_config_hub_names(cfg, *, data_only: bool = False) -> None:
     """Every hub name a training config refers to (``model.path``, ``tokenizer.path``, ``data.sources``) is
     cached or reachable; called before a run loads anything (``data_only``: a resume, whose model and tokenizer
-    come from the checkpoint)."""
+    come from the checkpoint). A bare model id (``gpt2``) counts too: transformers would otherwise retry it for
+    up to a minute; anything else that is not a local path is an error naming the field."""
     models = () if data_only else (("model.path", cfg.model.path), ("tokenizer.path", cfg.tokenizer.path))
     for field, name in models:
-        if name and not os.path.exists(os.path.expanduser(name)) and is_hub_name(name):
+        if name and not os.path.exists(os.path.expanduser(name)):
+            if not is_model_hub_name(name):
+                raise DataSourceError(f"{field}: {name!r} does not exist as a local directory and is not a Hugging "
+                                      f"Face name (org/name); expected a model directory")
             check_hub_name(name, field, "model")
     for d, src in cfg.data.sources.items():
         if not os.path.exists(os.path.expanduser(src)) and is_hub_name(src):

@@ -82,6 +82,9 @@ def _records_to_texts(records, source: str, domain: str, text_field: str, rows=N
         if is_sft_record(rec, text_field):
             texts.append(parse_sft_record(rec, where))
             continue
+        if text_field != "text" and rec.get(text_field) is None:  # an explicit field: never another column instead
+            raise DataSourceError(f"{where} has no field {text_field!r} (data.text_field; the record's fields: "
+                                  f"{sorted(map(str, rec))}); expected every raw-text record to hold it")
         text = format_record(rec, domain, text_field)
         if text is None:
             raise DataSourceError(
@@ -275,6 +278,9 @@ def load_domain_texts(domain: str, split: str = "train", *, source: str | None =
         raise TypeError(f"source must be a str path or dataset name, got {type(source).__name__}")
     source = os.fspath(source)
     path = Path(source).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block forever, a device never end
+        raise DataSourceError(f"data.sources.{domain}: {source!r} is not a regular file or directory (a named pipe, "
+                              f"socket or device); expected a json/jsonl/parquet/txt file or a directory of them")
     if path.exists():
         texts = _load_local(path, domain, split, text_field)
     elif _looks_like_path(source) and not is_hub_name(source):

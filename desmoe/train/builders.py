@@ -15,11 +15,14 @@ from .loss import task_loss, to_device
 
 def resolve_device(cfg: Config) -> torch.device:
     d = cfg.train.device
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device is {d!r} but no CUDA device is available")
-    return torch.device(d)
+    dev = torch.device("cuda" if d == "auto" and torch.cuda.is_available() else "cpu" if d == "auto" else d)
+    if dev.type == "cpu" and cfg.model.dtype == "float16":
+        raise ValueError(f"model.dtype=float16 on CPU (train.device={d!r}): float16 parameters without loss scaling "
+                         f"overflow to NaN on CPU within a few steps; expected model.dtype float32 or bfloat16 (bf16 "
+                         f"compute over float32 master weights) on CPU, float16 only on a CUDA device")
+    return dev
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -59,6 +62,11 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
 
         src = cfg.tokenizer.path or cfg.model.path  # a pretrained model brings its own tokenizer
         key = "tokenizer.path" if cfg.tokenizer.path else "model.path"
+        from .config import _TOKENIZER_FILES, has_tokenizer_files
+
+        if os.path.isdir(src) and not has_tokenizer_files(src):
+            raise FileNotFoundError(f"{key}: the directory {src!r} has no tokenizer files (none of "
+                                    f"{', '.join(_TOKENIZER_FILES)}); set tokenizer.path to a tokenizer directory")
         try:
             return AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError) as e:
@@ -91,8 +99,14 @@ def build_model(cfg: Config, vocab_size: int, tokenizer=None):
         if tokenizer is not None:
             extra = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
                      if getattr(tokenizer, k, None) is not None}
+        want = cfg.model.overrides.get("vocab_size")
+        if want is not None and want < vocab_size:
+            raise ValueError(f"model.overrides.vocab_size={want} is smaller than the tokenizer's {vocab_size} tokens "
+                             f"(token ids up to {vocab_size - 1} would index past the embeddings); expected >= "
+                             f"{vocab_size}, or remove it (the tiny model's vocabulary is then the tokenizer's)")
+        # an explicit larger vocab_size is kept (unused embedding rows, as models pad their vocabulary)
         model = tiny_model(cfg.model.tiny, seed=cfg.model.seed, dtype=dtype,
-                           **{**extra, **cfg.model.overrides, "vocab_size": vocab_size})
+                           **{**extra, **cfg.model.overrides, "vocab_size": want or vocab_size})
     else:
         from transformers import AutoModelForCausalLM
 

@@ -74,6 +74,63 @@ def check_device(name: str, v) -> str:
     return v
 
 
+def check_device_available(name: str, v) -> str:
+    """:func:`check_device`, and a ``cuda`` device must exist here (checked before any work)."""
+    check_device(name, v)
+    if v.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {v!r}: no CUDA device is available on this machine (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); expected cpu or auto")
+        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"{name} {v!r}: this machine has {torch.cuda.device_count()} CUDA device(s); expected "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return v
+
+
+def check_output_file(name: str, path) -> str:
+    """An output file named by a flag (``--json FILE``): checked before the work it records, so a bad target
+    never throws the work away. Its directory must exist and take a new file; the path must not be a directory."""
+    import tempfile
+
+    if not isinstance(path, str) or not path.strip():
+        _bad(name, "a file path", path)
+    p = os.path.expanduser(path)
+    if os.path.isdir(p):
+        raise ValueError(f"{name} {path!r} is a directory; expected a file path (e.g. {os.path.join(path, 'results.json')!r})")
+    if os.path.exists(p) and not os.path.isfile(p):
+        raise ValueError(f"{name} {path!r} exists and is not a regular file; expected a file path")
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        what = "is a file" if os.path.exists(parent) else "does not exist"
+        raise FileNotFoundError(f"{name} {path!r}: its directory {os.path.dirname(p) or '.'!r} {what}; expected an "
+                                f"existing directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".desmoe-write-check-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{name} {path!r}: cannot write in {parent!r} ({e.strerror or e})") from None
+    if os.path.isfile(p) and not os.access(p, os.W_OK):
+        raise PermissionError(f"{name} {path!r} exists and is not writable")
+    return path
+
+
+def check_output_dir(name: str, path) -> str:
+    """An output directory named by a flag: not a file, not under a file, and (where it exists) writable."""
+    if not isinstance(path, str) or not path.strip():
+        _bad(name, "a directory path", path)
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ValueError(f"{name} {path!r} is a file; expected a directory")
+    q = p
+    while not os.path.exists(q):
+        q = os.path.dirname(q)
+    if not os.path.isdir(q):
+        raise ValueError(f"{name} {path!r}: {q!r} is a file, so the directory cannot be made under it")
+    return path
+
+
 def _kinds(hint) -> tuple:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return typing.get_args(hint)
@@ -114,6 +171,55 @@ def check_field_types(section: str, cls, values: dict) -> None:
             _bad(f"{section}.{k}", expected, v)
         if isinstance(v, int) and not isinstance(v, bool) and f"{section}.{k}" in INT_BOUNDS:
             _int(f"{section}.{k}", v)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "vocab.txt")
+
+
+def looks_like_local_path(s: str) -> bool:
+    """A name that can only mean a local path: it starts with ``/``, ``./``, ``../`` or ``~``, has more than one
+    path separator, or its first component is an existing local directory (``data/x`` where ``data/`` exists).
+    ``org/name`` and a bare ``name`` may be Hugging Face names."""
+    s = str(s)
+    if s.startswith(("/", "./", "../", "~", ".\\")) or s in (".", ".."):
+        return True
+    parts = re.split(r"[\\/]", s)
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_model_dir(name: str, path: str) -> None:
+    """``model.path`` / ``tokenizer.path``: a missing local path is named as such (not sent to the hub); an
+    existing one must be a directory."""
+    p = os.path.expanduser(path)
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            raise ValueError(f"{name}: {path!r} is a file; expected a model directory (config.json, *.safetensors, "
+                             f"tokenizer files) or a Hugging Face name")
+        return
+    if looks_like_local_path(path):
+        raise ValueError(f"{name}: directory {path!r} does not exist (a local path; expected a directory "
+                                f"holding config.json, *.safetensors and the tokenizer files)")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
+def _pretrained_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"model.path: {os.path.join(path, 'config.json')!r} is not a usable model config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _max_positions(conf):
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    v = getattr(text, "max_position_embeddings", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def check_overrides(overrides: dict, model_config, source: str) -> None:
@@ -172,16 +278,22 @@ class ModelConfig:
             _bad("model.overrides", "a mapping of config keys", self.overrides)
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             _bad("model.path", "a local model directory or a Hugging Face name (org/name)", self.path)
+        if self.path is not None:
+            check_model_dir("model.path", self.path)
         if self.overrides:
             if self.tiny is not None:
                 from ..integrations.tiny import tiny_config
 
                 check_overrides(self.overrides, tiny_config(self.tiny), f"tiny {self.tiny}")
-            elif os.path.isfile(os.path.join(self.path, "config.json")):
-                from transformers import AutoConfig
+                from .modelcheck import check_tiny_overrides
 
-                check_overrides(self.overrides, AutoConfig.from_pretrained(self.path, trust_remote_code=False),
-                                repr(self.path))
+                check_tiny_overrides(self.tiny, self.overrides)  # buildable, has MoE layers, runs (names the key)
+            elif os.path.isfile(os.path.join(self.path, "config.json")):
+                from .modelcheck import check_pretrained_overrides
+
+                conf = _pretrained_config(self.path)
+                check_overrides(self.overrides, conf, repr(self.path))
+                check_pretrained_overrides(self.path, conf, self.overrides)
         from ..ops import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -203,9 +315,10 @@ class TokenizerConfig:
     def __post_init__(self):
         check_field_types("tokenizer", TokenizerConfig, vars(self))
         _int("tokenizer.vocab_size", self.vocab_size, 260)
-        if self.path is not None and not os.path.isdir(self.path) and not is_hub_name(self.path):
-            raise ValueError(f"tokenizer.path: no tokenizer directory at {self.path!r} (and not a Hugging Face "
-                             f"name org/name)")
+        if self.path is not None and not isinstance(self.path, str) or self.path == "":
+            _bad("tokenizer.path", "a tokenizer directory, a Hugging Face name (org/name) or null", self.path)
+        if self.path is not None:
+            check_model_dir("tokenizer.path", self.path)
 
 
 @dataclass
@@ -245,10 +358,16 @@ class DataConfig:
         for d, src in self.sources.items():
             if not isinstance(src, str) or not src:
                 _bad(f"data.sources.{d}", "a dataset name or file path", src)
-            if not os.path.exists(os.path.expanduser(src)) and not is_hub_name(src) and (
-                    os.sep in src or src.startswith((".", "~")) or src.lower().endswith(LOCAL_EXTS)):
-                raise ValueError(f"data.sources.{d}: file {src!r} does not exist (and it is not a Hugging Face "
-                                 f"dataset name org/name)")
+            p = os.path.expanduser(src)
+            if os.path.exists(p) and not (os.path.isfile(p) or os.path.isdir(p)):
+                raise ValueError(f"data.sources.{d}: {src!r} is not a regular file or directory (a named pipe, "
+                                 f"socket or device would block or never end); expected a json/jsonl/parquet/txt "
+                                 f"file or a directory of them")
+            if not os.path.exists(p) and (looks_like_local_path(src) or not is_hub_name(src) and (
+                    os.sep in src or src.startswith((".", "~")) or src.lower().endswith(LOCAL_EXTS))):
+                raise ValueError(f"data.sources.{d}: local path {src!r} does not exist (expected a "
+                                        f"json/jsonl/parquet/txt file or a directory, or a Hugging Face dataset "
+                                        f"name org/name)")
         if self.max_docs is not None:
             _int("data.max_docs", self.max_docs, 1)
         if self.eval_max_docs is not None:
@@ -361,6 +480,34 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        """Checks across sections, before any work: the model's context against ``data.seq_len``, the tokenizer
+        files of a local ``model.path`` / ``tokenizer.path``."""
+        m = self.model
+        conf, where = None, None
+        if m.tiny is not None:
+            from ..integrations.tiny import tiny_config
+
+            conf, where = tiny_config(m.tiny, **m.overrides), f"the tiny {m.tiny} model"
+        elif os.path.isfile(os.path.join(os.path.expanduser(m.path), "config.json")):
+            conf, where = _pretrained_config(os.path.expanduser(m.path)), f"model.path {m.path!r}"
+            for k, v in m.overrides.items():
+                setattr(conf, k, v)
+        limit = _max_positions(conf) if conf is not None else None
+        if limit is not None and self.data.seq_len > limit:
+            src = "model.overrides.max_position_embeddings" if "max_position_embeddings" in m.overrides else where
+            raise ValueError(f"data.seq_len={self.data.seq_len} is longer than the model's context "
+                             f"(max_position_embeddings={limit}, from {src}); expected data.seq_len <= {limit}"
+                             + (" (or raise model.overrides.max_position_embeddings)" if m.tiny else ""))
+        tok_dir = self.tokenizer.path or m.path
+        if tok_dir is not None and os.path.isdir(os.path.expanduser(tok_dir)) \
+                and not has_tokenizer_files(os.path.expanduser(tok_dir)):
+            field_name = "tokenizer.path" if self.tokenizer.path else "model.path"
+            raise ValueError(
+                f"{field_name}: the directory {tok_dir!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)})"
+                + ("; set tokenizer.path to a tokenizer directory (e.g. the one the model was trained with)"
+                   if field_name == "model.path" else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
