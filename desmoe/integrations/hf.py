@@ -100,14 +100,19 @@ def _phimoe(gate, config):
     return RouterSpec(top_k=2, num_experts=gate.num_experts, renormalize=True, weights_dtype="logits")
 
 
-def _sparsemixer_select(router, logits_TE):
-    """Phi-3.5-MoE's SparseMixer, transformers' own function, on the (ALR-adjusted) logits: eval, the top-2 by
-    logit with masked-softmax weights; training, Gumbel sampling among the unmasked experts with the
-    straight-through (Heun) multiplier gradient. The router's ``router_jitter_noise`` is its mask threshold."""
-    import importlib
+def _sparsemixer_select(gate):
+    """Phi-3.5-MoE's SparseMixer, transformers' own function (from the stock router's module, resolved here at
+    patch time so nothing is imported inside a forward that torch.compile traces), on the (ALR-adjusted) logits:
+    eval, the top-2 by logit with masked-softmax weights; training, Gumbel sampling among the unmasked experts with
+    the straight-through (Heun) multiplier gradient. The router's ``router_jitter_noise`` is its mask threshold."""
+    import sys
 
-    sparsemixer = importlib.import_module("transformers.models.phimoe.modeling_phimoe").sparsemixer
-    return sparsemixer(logits_TE, jitter_eps=router.router_jitter_noise, training=router.training, top_k=2)
+    sparsemixer = sys.modules[type(gate).__module__].sparsemixer
+
+    def select(router, logits_TE):
+        return sparsemixer(logits_TE, jitter_eps=router.router_jitter_noise, training=router.training, top_k=2)
+
+    return select
 
 
 def _deepseek_v2(gate, config):
@@ -147,8 +152,9 @@ class ModelFamily:
         weight_path: where the router weight lives inside the router (kept there: same state-dict keys).
         bias_path: the selection bias inside the router, if the family has one.
         logits_bias_path: the bias of the router's logits linear, if it has one (gpt-oss).
-        select: the family's own selection ``select(router, logits_TE) -> (weights_TK, ids_TK)``, for routing the
-            spec cannot express (Phi-3.5-MoE's SparseMixer); None: :func:`desmoe.ops.topk_route` with the spec.
+        select: builds the family's own selection from the stock router, ``select(stock_router)`` ->
+            ``fn(router, logits_TE) -> (weights_TK, ids_TK)``, for routing the spec cannot express (Phi-3.5-MoE's
+            SparseMixer); None: :func:`desmoe.ops.topk_route` with the spec.
         router_attrs: attributes copied from the stock router onto desmoe's (the ones ``select`` reads; an
             ``input_jitter_noise`` one is applied as the family's router applies it).
         experts: the experts variant: ``"standard"`` (bias-free concatenated ``[E, 2I, D]`` gated MLP) or
@@ -395,7 +401,8 @@ def _replace_router(gate: nn.Module, fam: ModelFamily, config, backend) -> TopKR
     bias = getattr(gate, "e_score_correction_bias", None) if fam.bias_path == "e_score_correction_bias" else None
     new = _router_class(type(gate))(weight, fam.spec(gate, config), bias_E=bias, backend=backend,
                                     weight_path=fam.weight_path, bias_path=fam.bias_path,
-                                    logits_bias_path=fam.logits_bias_path, select=fam.select,
+                                    logits_bias_path=fam.logits_bias_path,
+                                    select=None if fam.select is None else fam.select(gate),
                                     input_jitter_noise=float(getattr(gate, "input_jitter_noise", 0.0) or 0.0))
     for attr in fam.router_attrs:  # what the family's own selection reads off its router
         setattr(new, attr, getattr(gate, attr))
