@@ -169,3 +169,40 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     return res
+
+
+@torch.no_grad()
+def base_specialization(base_path: str, spec, tokens: int = 16384) -> dict:
+    """:func:`desmoe.experiments.specialization.specialization` of the base on ``tokens`` held-out (test split)
+    tokens of each experiment domain: per layer I(domain; expert), ESFT concentration and the DGES masks' overlap
+    at the fine-tuning ``phi`` (cached in ``base_path/specialization.json`` per (tokens, phi, domains))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import eval_batches, load_domain_texts, tokenize_domains
+    from ..integrations.hf import patch
+    from ..method.config import MethodConfig
+    from .specialization import specialization
+
+    ft = spec.finetune.get("data", {})
+    seq, bs = ft.get("seq_len", 128), ft.get("batch_size", 8)
+    phi = spec.finetune.get("method", {}).get("phi", MethodConfig.phi)
+    key = {"tokens": tokens, "phi": phi, "domains": list(spec.domains), "seq_len": seq}
+    path = os.path.join(base_path, "specialization.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    patch(model)
+    model.eval()
+    n = -(-tokens // (seq * bs))
+    docs = tokenize_domains(tok, {d: load_domain_texts(d, "test", max_docs=ft.get("eval_max_docs", 64))
+                                  for d in spec.domains})
+    batches = {d: list(eval_batches(docs[d], seq, bs, tok.eos_token_id, max_batches=n)) for d in spec.domains}
+    res = {**specialization(model, batches, max_tokens=tokens, phi=phi), "key": key, "split": "test"}
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return res

@@ -13,7 +13,7 @@ import time
 from .. import provenance
 from . import pareto as P
 from . import plots
-from .base import base_routing, prepare_base_cached
+from .base import base_routing, base_specialization, prepare_base_cached
 from .methods import SINGLE_METHODS
 from .runner import aggregate, combine_single, run_jobs
 from .spec import ExperimentSpec
@@ -39,7 +39,15 @@ def _base(spec: ExperimentSpec, log) -> dict:
     base = prepare_base_cached(cfg, spec.base["pretrain_steps"], spec.cache,
                                aux_loss_coef=spec.base.get("aux_loss_coef", 0.0),
                                pretrain_mix=spec.base.get("pretrain_mix"), log=log)
-    return {**base, "routing": base_routing(base["path"], spec)}
+    return {**base, "routing": base_routing(base["path"], spec),
+            "specialization": _spec_summary(base_specialization(base["path"], spec))}
+
+
+def _spec_summary(sp: dict) -> dict:
+    """The base's specialization as results carry it: the layer means, the uniform-routing concentration and the
+    per-layer normalised mutual information."""
+    return {**sp["mean"], "concentration_uniform": sp["concentration_uniform"], "n_top": sp["n_top"],
+            "mi_norm_per_layer": [r["mi_norm"] for r in sp["layers"]], "tokens_per_domain": sp["key"]["tokens"]}
 
 
 def _rel(path: str) -> str:
@@ -57,7 +65,8 @@ def _header(name: str, spec: ExperimentSpec, base: dict) -> dict:
             "split": {"select": "validation", "report": "test"},
             "base": {k: base[k] for k in keys if k in base} | {
                 "aux_loss_coef": base.get("aux_loss_coef", 0.0), "pretrain_mix": base.get("pretrain_mix"),
-                "model": spec.base["config"]["model"], "routing": base["routing"]}}
+                "model": spec.base["config"]["model"], "routing": base["routing"],
+                "specialization": base.get("specialization")}}
 
 
 def _write(out: str, res: dict) -> str:
@@ -69,17 +78,22 @@ def _write(out: str, res: dict) -> str:
     return p
 
 
-def _jobs(spec: ExperimentSpec, methods: list[str], singles: list[str], lrs=None) -> list[tuple]:
+def _jobs(spec: ExperimentSpec, methods: list[str], singles: list[str], lrs: dict | None = None) -> list[tuple]:
     """Seed-major (a stopped command leaves whole seeds behind), then LR, then method; one-model-per-domain
-    methods as one job per domain."""
+    methods as one job per domain. ``lrs``: method -> its own LR grid (default: ``spec.lrs`` for every method)."""
+    def grid(m):
+        return (lrs or {}).get(m) or spec.lrs
+
     jobs = []
     for seed in range(spec.seeds):
-        for lr in (lrs or spec.lrs):
+        for lr in sorted({x for m in [*methods, *singles] for x in grid(m)}):
             for m in methods:
-                meth, ov = spec.cell_of(m)
-                jobs.append((meth, list(spec.domains), lr, seed, ov))
+                if lr in grid(m):
+                    meth, ov = spec.cell_of(m)
+                    jobs.append((meth, list(spec.domains), lr, seed, ov))
             for sm in singles:
-                jobs.extend((sm, [d], lr, seed, None) for d in spec.domains)
+                if lr in grid(sm):
+                    jobs.extend((sm, [d], lr, seed, None) for d in spec.domains)
     return jobs
 
 
@@ -138,12 +152,13 @@ def _eval_se(recs: list[dict]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def exp_pareto(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> dict:
+def exp_pareto(spec: ExperimentSpec, out: str, log=print, workers: int = 1, lrs: dict | None = None) -> dict:
+    """``lrs``: method -> its own LR grid (the base sweep's searches); default ``spec.lrs`` for all."""
     base = _base(spec, log)
     methods_, singles = list(spec.pareto_methods), list(spec.single_methods)
-    jobs = _jobs(spec, methods_, singles)
-    log(f"pareto: {len(methods_)} mixed + {len(singles)} one-model-per-domain methods × {len(spec.lrs)} LRs × "
-        f"{spec.seeds} seeds ({len(jobs)} runs)")
+    jobs = _jobs(spec, methods_, singles, lrs)
+    log(f"pareto: {len(methods_)} mixed + {len(singles)} one-model-per-domain methods × "
+        f"{'their own' if lrs else len(spec.lrs)} LRs × {spec.seeds} seeds ({len(jobs)} runs)")
     recs = run_jobs(spec, base["path"], jobs, workers=workers, log=log)
     grouped = _group(spec, jobs, recs, methods_, singles)
     methods: dict[str, dict] = {}
@@ -177,6 +192,7 @@ def exp_pareto(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> d
     base_loss = sum(five["domain_loss_before"].values()) / len(five["domain_loss_before"])
     res = {**_header("pareto", spec, base), "domains": spec.domains,
            "steps": {"mixed": spec.steps_per_domain * len(spec.domains), "per_domain_model": spec.steps_per_domain},
+           **({"lrs_by_method": {m: sorted(v) for m, v in lrs.items()}} if lrs else {}),
            "methods": methods, "references": refs,
            "base_domain_loss": base_loss,
            "wall_clock_target": {"what": "per seed: fft_mixed's final validation average domain loss at its "
@@ -198,15 +214,17 @@ def exp_pareto(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> d
     return res
 
 
-def exp_scaling(spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> dict:
-    """The scaling methods at the LR chosen on validation in the Pareto grid (its runs are reused), on the first
-    n domains for each n of ``scaling_counts``, ``steps_per_domain × n`` steps."""
+def exp_scaling(spec: ExperimentSpec, out: str, log=print, workers: int = 1, lrs: dict | None = None) -> dict:
+    """The scaling methods at the LR chosen on validation in the Pareto grid (its runs are reused; ``lrs``:
+    method -> LR, already chosen), on the first n domains for each n of ``scaling_counts``, ``steps_per_domain ×
+    n`` steps."""
     base = _base(spec, log)
     ms = list(spec.scaling_methods)
-    pjobs = _jobs(spec, ms, [])
-    log(f"scaling: the LR grid of {ms} (from the Pareto runs)")
-    grouped = _group(spec, pjobs, run_jobs(spec, base["path"], pjobs, workers=workers, log=log), ms, [])
-    lrs = {m: _selected(spec, grouped[m])[0] for m in ms}
+    if lrs is None:
+        pjobs = _jobs(spec, ms, [])
+        log(f"scaling: the LR grid of {ms} (from the Pareto runs)")
+        grouped = _group(spec, pjobs, run_jobs(spec, base["path"], pjobs, workers=workers, log=log), ms, [])
+        lrs = {m: _selected(spec, grouped[m])[0] for m in ms}
     counts = sorted(spec.scaling_counts)
     jobs = [(*spec.cell_of(m), n, lrs[m], s) for s in range(spec.seeds) for n in counts for m in ms]
     jobs = [(meth, list(spec.domains[:n]), lr, s, ov) for meth, ov, n, lr, s in jobs]

@@ -101,3 +101,36 @@ def scaling(path: str, counts: list[int], methods: dict, common: list[str]) -> s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def sweep(path: str, bases: list[dict]) -> str | None:
+    """DES-MoE − FFT against the base's specialization (normalised I(domain; expert)), one point per base with
+    twice the paired per-seed spread as error bars: domain loss at FFT's and at DES-MoE's forgetting (left),
+    forgetting at their domain losses (right). Below zero: DES-MoE better."""
+    plt = _plt()
+    pts = [b for b in bases if (b.get("specialization") or {}).get("mi_norm") is not None]
+    if plt is None or not pts:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, kind, what in ((axes[0], "at_matched_forgetting", "domain loss at matched forgetting"),
+                           (axes[1], "at_matched_domain_loss", "forgetting at matched domain loss")):
+        for ref, mk, dx in (("fft_mixed", "o", -0.002), ("des_moe", "s", 0.002)):
+            xs, ys, es, labels = [], [], [], []
+            for b in pts:
+                v = b["versus"][f"{kind}@{ref}"]
+                if v["delta"] is None:
+                    continue
+                xs.append(b["specialization"]["mi_norm"] + dx)
+                ys.append(v["delta"])
+                es.append(2 * (v["spread_used"] or 0))
+                labels.append(f"{b['pretrain_steps']}")
+            ax.errorbar(xs, ys, yerr=es, fmt=mk + "-", capsize=3, label=f"at {ref}'s level")
+            for x, y, t in zip(xs, ys, labels):
+                ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("base specialization: I(domain; expert) / H(domain), mean over layers")
+        ax.set_ylabel(f"DES-MoE − FFT, {what} (test)")
+        ax.set_title(f"{what} (labels: pretraining steps)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
