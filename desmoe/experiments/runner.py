@@ -221,7 +221,8 @@ def combine_single(recs: list[dict]) -> dict:
             "domain_loss_val": dlv, "avg_domain_loss_val": sum(dlv.values()) / len(dlv),
             "forgetting": sum(r["forgetting"] for r in recs) / len(recs),
             "forgetting_val": sum(r["forgetting_val"] for r in recs) / len(recs),
-            "wall_clock_s": sum(r["wall_clock_s"] for r in recs), "train_seconds": sum(r["train_seconds"] for r in recs),
+            "wall_clock_s": sum(r["wall_clock_s"] for r in recs),
+            "train_seconds": sum(r["train_seconds"] for r in recs),
             "steps": sum(r["steps"] for r in recs), "math_exact_match": None,
             "note": "one model per domain: each domain's loss from its own model; forgetting = mean over the models, "
                     "seconds = sum"}

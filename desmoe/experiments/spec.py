@@ -49,7 +49,8 @@ class ExperimentSpec:
             raise ValueError(f"{s}: base.aux_loss_coef must be a number >= 0, got {aux!r}")
         base_keys = {"pretrain_steps", "config", "aux_loss_coef", "pretrain_mix"}
         if set(self.base) - base_keys:
-            raise ValueError(f"{s}: unknown base key(s) {sorted(set(self.base) - base_keys)}; valid: {sorted(base_keys)}")
+            raise ValueError(f"{s}: unknown base key(s) {sorted(set(self.base) - base_keys)}; "
+                             f"valid: {sorted(base_keys)}")
         mix = self.base.get("pretrain_mix")
         if mix is not None and (not isinstance(mix, dict) or not mix or any(
                 isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0 for w in mix.values())):
@@ -72,7 +73,8 @@ class ExperimentSpec:
         general = self.finetune.get("data", {}).get("general", "general")
         if general in self.domains:
             raise ValueError(f"{s}: domains must not contain the forgetting probe {general!r}")
-        if isinstance(self.steps_per_domain, bool) or not isinstance(self.steps_per_domain, int) or self.steps_per_domain < 1:
+        spd = self.steps_per_domain
+        if isinstance(spd, bool) or not isinstance(spd, int) or spd < 1:
             raise ValueError(f"{s}: steps_per_domain must be an int >= 1, got {self.steps_per_domain!r}")
         if (not isinstance(self.lrs, list) or not self.lrs or len(set(self.lrs)) != len(self.lrs)
                 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0

@@ -81,7 +81,8 @@ def load_alr_(model, model_dir: str) -> bool:
         raise ALRFileError(f"cannot read the ALR in {model_dir!r}: {e}") from None
     routers = get_routers(model)
     if meta.get("num_layers") != len(routers):
-        raise ALRFileError(f"{path!r} holds {meta.get('num_layers')} ALR layers but the model has {len(routers)} routers")
+        raise ALRFileError(f"{path!r} holds {meta.get('num_layers')} ALR layers but the model has {len(routers)} "
+                           f"routers")
     # the width as stored (older files: the integer expansion); round(expansion·D) gives it back exactly
     width = meta.get("alr_width")
     expansion = width / meta["hidden_dim"] if width is not None and meta.get("hidden_dim") else meta["expansion"]

@@ -16,12 +16,12 @@ _SHARED_EXPERT_ALIASES = {"train": "always", "frozen": "never"}  # the names bef
 class MethodConfig:
     """DES-MoE and baseline settings. Fractions are of the total number of optimizer steps T.
 
-    name: which method (a registered :class:`~desmoe.method.registry.Method`: ``method_names()``). warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T,
-    T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
+    name: which method (a registered :class:`~desmoe.method.registry.Method`: ``method_names()``).
+    warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T, T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
     the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
     period (steps); lock_affinity: A and the masks stop refreshing after T2 (consolidation keeps them, as in
-    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one expert-level mask (the union over domains). unknown_domain: what a token with
-    domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed
+    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one
+    expert-level mask (the union over domains). unknown_domain: what a token with domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed
     expert) or ``union`` (any expert some domain owns).
     shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
     gate, Granite-shared and HunYuan ``shared_mlp``: per family in :mod:`desmoe.integrations.families`) train

@@ -80,6 +80,25 @@ class AffinityTracker:
         self.masks_LME = masks_from_affinity(self.A_LME, self.phi)
         return self.masks_LME
 
+    def routing_record(self, domain_names) -> dict:
+        """Log entries: each domain's mask size (mean over layers) and the mean over layers of max/mean expert load."""
+        rec = {}
+        if self.masks_LME is not None:
+            for m, d in enumerate(domain_names):
+                rec[f"mask_size/{d}"] = float(self.masks_LME[:, m].sum(-1).float().mean())
+        load = self.load_LE.float()
+        if load.sum() > 0:
+            rec["expert_load_max_over_mean"] = float((load.max(-1).values / load.mean(-1).clamp(min=1)).mean())
+        return rec
+
+    def masks_by_domain(self, domain_names) -> dict | None:
+        """``{domain: [its mask's expert ids, per layer]}``; None before the first masks."""
+        m = self.masks_LME
+        if m is None:
+            return None
+        return {d: [m[l, i].nonzero().flatten().tolist() for l in range(m.shape[0])]
+                for i, d in enumerate(domain_names)}
+
     def state_dict(self) -> dict:
         return {"A_LME": self.A_LME.cpu(), "counts_LME": self.counts_LME.cpu(), "initialised": self.initialised,
                 "masks_LME": None if self.masks_LME is None else self.masks_LME.cpu(), "load_LE": self.load_LE.cpu(),
@@ -87,7 +106,8 @@ class AffinityTracker:
 
     def load_state_dict(self, sd: dict) -> None:
         if tuple(sd["A_LME"].shape) != (self.L, self.M, self.E):
-            raise ValueError(f"affinity state has A of shape {tuple(sd['A_LME'].shape)}, expected {(self.L, self.M, self.E)}")
+            raise ValueError(f"affinity state has A of shape {tuple(sd['A_LME'].shape)}, "
+                             f"expected {(self.L, self.M, self.E)}")
         dev = self.A_LME.device
         self.A_LME = sd["A_LME"].to(dev)
         self.counts_LME = sd["counts_LME"].to(dev)

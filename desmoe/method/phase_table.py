@@ -8,8 +8,8 @@ from .config import MethodConfig
 from .registry import method_class, method_names
 
 _KIND_COLUMNS = (("router", "router weight"), ("alr", "ALR"), ("experts", "routed experts"),
-                 ("shared_experts", "shared experts¹"), ("attention", "attention"), ("embeddings", "embeddings + LM head"),
-                 ("other", "norms, dense MLPs"))
+                 ("shared_experts", "shared experts¹"), ("attention", "attention"),
+                 ("embeddings", "embeddings + LM head"), ("other", "norms, dense MLPs"))
 
 
 def phase_table_markdown(cfg: MethodConfig | None = None, total_steps: int = 100) -> str:
@@ -23,8 +23,10 @@ def phase_table_markdown(cfg: MethodConfig | None = None, total_steps: int = 100
         m = method_class(name)(dataclasses.replace(base, name=name), total_steps)
         for phase, (a, b) in m.phase_spans().items():
             kinds = m.trainable_kinds(phase)
-            cells = [(m.expert_scope(phase) if k == "experts" else "✓") if k in kinds else "–" for k, _ in _KIND_COLUMNS]
-            rows.append(f"| `{name}` | {phase} [{a / total_steps:g}T, {b / total_steps:g}T) | " + " | ".join(cells) + " |")
+            cells = [(m.expert_scope(phase) if k == "experts" else "✓") if k in kinds else "–"
+                     for k, _ in _KIND_COLUMNS]
+            span = f"[{a / total_steps:g}T, {b / total_steps:g}T)"
+            rows.append(f"| `{name}` | {phase} {span} | " + " | ".join(cells) + " |")
     rows.append("")
     rows.append("¹ Shared experts: the parameters under the modules each family names "
                 f"(`desmoe.integrations.families`): {shared_expert_footnote()} (nothing in this column). "

@@ -149,8 +149,8 @@ def commit_checkpoint(run_dir: str, tmp: str, step: int, *, meta: dict, config: 
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and is_write_fault(e):
-            raise CheckpointError(f"cannot write checkpoint {final!r}: {describe_error(e)}. The temporary directory was "
-                                  f"removed; the previous checkpoint and 'latest' are unchanged (free space or fix "
+            raise CheckpointError(f"cannot write checkpoint {final!r}: {describe_error(e)}. The temporary directory "
+                                  f"was removed; the previous checkpoint and 'latest' are unchanged (free space or fix "
                                   f"permissions, then resume)") from e
         raise
     try:

@@ -110,6 +110,21 @@ def sync_routing_stats_(tracker, snap: tuple[torch.Tensor, torch.Tensor] | None,
     tracker.load_LE = base_l.to(dev) + flat[n:].view_as(delta_l)
 
 
+def global_means(dist: Dist, task, kd, n_task, n_kd):
+    """Global-batch means of the task and added loss, and each rank's rescaling of its own mean: the averaged
+    DDP gradient is then the gradient of the global-batch mean (what one process would compute)."""
+    W = dist.world
+    zero = torch.zeros((), dtype=torch.float64, device=task.device)
+    red = torch.stack([task.detach().double() * n_task, n_task,
+                       (kd.detach().double() if kd is not None else zero) * n_kd, n_kd]).cpu()
+    dist.all_reduce_(red)
+    g_task = float(red[0] / red[1].clamp(min=1))
+    g_kd = float(red[2] / red[3].clamp(min=1)) if kd is not None else None
+    s_task = float(n_task) * W / float(red[1].clamp(min=1)) if W > 1 else 1.0
+    s_kd = float(n_kd) * W / float(red[3].clamp(min=1)) if W > 1 else 1.0
+    return g_task, g_kd, s_task, s_kd
+
+
 def _coll_device(dev: torch.device) -> torch.device:
     import torch.distributed as dist
 
@@ -144,7 +159,8 @@ def fully_shard_model(model: torch.nn.Module, device: torch.device, bf16: bool =
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # torch < 2.6
-        raise ValueError(f"train.distributed=fsdp2 needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from None
+        raise ValueError(f"train.distributed=fsdp2 needs torch.distributed.fsdp.fully_shard (torch >= 2.6): "
+                         f"{e}") from None
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"train.distributed=fsdp2: {type(model).__name__} has no model.layers to shard")

@@ -1,7 +1,9 @@
-"""The task loss of one batch (shared by fine-tuning, base pretraining and the non-finite diagnosis)."""
+"""The task loss of one batch (shared by fine-tuning, base pretraining and the non-finite diagnosis), and
+:class:`StepStats`, what one optimizer step of the training loop adds up."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,3 +62,46 @@ def supervised_tokens(labels: torch.Tensor | None, num_tokens: int | None = None
     sup = torch.zeros_like(labels, dtype=torch.bool)
     sup[..., :-1] = labels[..., 1:] != -100
     return sup.reshape(-1)
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's global-batch losses (averaged over micro-batches), tokens and per-domain task loss."""
+
+    num_domains: int
+    loss: float = 0.0
+    task: float = 0.0
+    kd: float = 0.0
+    tokens: int = 0
+    grad_norm: float | None = None
+    lr: float | None = None  # the learning rate this step's update used (before the scheduler steps)
+    bad: tuple | None = None  # (term, value, batch) of the first non-finite loss or gradient norm
+    last_batch: dict | None = None
+    dom_loss_M: torch.Tensor = field(init=False)
+    dom_cnt_M: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.dom_loss_M = torch.zeros(self.num_domains, dtype=torch.float64)
+        self.dom_cnt_M = torch.zeros(self.num_domains, dtype=torch.float64)
+
+    def add(self, b: dict, ce, valid, g_task: float, g_kd: float | None, aux: float | None, *, lam: float,
+            grad_accum: int) -> None:
+        """Add micro-batch ``b`` of a step of ``grad_accum``: its global-batch losses (objective
+        ``λ·KD + (1-λ)·task`` plus ``aux``), its per-domain task loss (``ce`` over the ``valid`` shifted
+        targets) and its supervised tokens."""
+        ga = grad_accum
+        g_loss = g_task if g_kd is None else lam * g_kd + (1 - lam) * g_task
+        self.loss += (g_loss + (aux or 0.0)) / ga
+        self.task += g_task / ga
+        self.kd += (g_kd if g_kd is not None else 0.0) / ga
+        d_S = b["domain_ids"][:, 1:]
+        ok = valid & (d_S >= 0)
+        self.dom_loss_M.index_add_(0, d_S[ok].cpu(), ce[ok].double().cpu())
+        self.dom_cnt_M.index_add_(0, d_S[ok].cpu(), torch.ones(int(ok.sum()), dtype=torch.float64))
+        self.tokens += int((b["labels"] != -100).sum())
+        self.last_batch = b
+
+    def domain_losses(self, domain_names) -> dict:
+        """``{"loss/<domain>": the step's mean task loss}`` for each domain it had tokens of."""
+        return {f"loss/{d}": float(self.dom_loss_M[m] / self.dom_cnt_M[m])
+                for m, d in enumerate(domain_names) if self.dom_cnt_M[m] > 0}

@@ -1,5 +1,7 @@
 """The run's record, written by rank 0: ``train.log`` (messages), ``history.jsonl`` (one record per logged step),
-``run_info.json`` (provenance, one line per session), TensorBoard scalars (``tb/``) and the per-phase summary."""
+``run_info.json`` (provenance, one line per session), TensorBoard scalars (``tb/``), and what ``summary.json``
+says of the steps (losses, tokens/s, time and memory per phase and in total, skipped batches), kept across a
+resume through the checkpoint (:meth:`RunLog.progress_state`)."""
 from __future__ import annotations
 
 import json
@@ -61,6 +63,11 @@ class RunLog:
         self.history_path = os.path.join(output_dir, "history.jsonl")
         self.scalars: Scalars | None = None
         self.phases: dict[str, dict] = {}  # per phase: steps, seconds, tokens, first/last step and task loss
+        self.losses: list[float] = []  # this session's task loss per step
+        self.first_loss: float | None = None  # the run's first task loss (from the checkpoint when resumed)
+        self.tokens_done, self.t_train = 0, 0.0  # over the run: tokens trained on, seconds of training compute
+        self.skipped: list[int] = []  # steps whose batch was skipped (train.skip_nonfinite)
+        self.rss0 = self.rss_peak = rss_mb()
 
     def start(self, cfg, device, world_size: int, *, resumed: bool) -> None:
         """A new run empties ``train.log`` and ``history.jsonl``; every session appends to ``run_info.json``."""
@@ -96,6 +103,23 @@ class RunLog:
             with open(self.history_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def count_step(self, phase: str, step: int, seconds: float, tokens: int, task_loss: float) -> tuple[float, bool]:
+        """Count a finished step (``seconds`` of training compute, ``tokens`` over all ranks); returns the run's
+        tokens/s so far and whether this step's batch was skipped."""
+        self.losses.append(task_loss)
+        self.t_train += seconds
+        self.tokens_done += tokens
+        skipped = bool(self.skipped) and self.skipped[-1] == step
+        self.phase_step(phase, step, seconds, tokens, task_loss, skipped)
+        return self.tokens_done / max(self.t_train, 1e-9), skipped
+
+    def rss_now(self) -> float | None:
+        """The process's resident memory now (MB), also kept as the run's peak."""
+        rss = rss_mb()
+        if rss is not None:
+            self.rss_peak = max(self.rss_peak or 0.0, rss)
+        return rss
+
     def phase_step(self, phase: str, step: int, seconds: float, tokens: int, task_loss: float, skipped: bool) -> None:
         pp = self.phases.setdefault(phase, {"steps": 0, "seconds": 0.0, "tokens": 0, "first_step": step,
                                             "task_loss_first": task_loss, "skipped_nonfinite": 0})
@@ -113,6 +137,39 @@ class RunLog:
                                  for p, v in self.phases.items()},
                 "phase_summary": {p: {**v, "tokens_per_s": v["tokens"] / max(v["seconds"], 1e-9)}
                                   for p, v in self.phases.items()}}
+
+    def progress_state(self) -> dict:
+        """What the summary needs of the steps run so far; kept in the checkpoint so that a resumed run's summary
+        covers the whole run, not only the last session."""
+        first = self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses else None)
+        return {"phases": self.phases, "train_loss_first": first,
+                "tokens_done": self.tokens_done, "t_train": self.t_train, "skipped": list(self.skipped)}
+
+    def restore_progress(self, st: dict | None) -> None:
+        if not st:  # a checkpoint from before this was recorded: the summary covers this session only
+            return
+        self.phases = {p: dict(v) for p, v in st.get("phases", {}).items()}
+        self.first_loss = st.get("train_loss_first")
+        self.tokens_done, self.t_train = int(st.get("tokens_done", 0)), float(st.get("t_train", 0.0))
+        self.skipped = list(st.get("skipped", []))
+
+    def run_summary(self, cuda_peak_mb: float | None) -> dict:
+        """The steps' entries of ``summary.json``: first/last task loss, tokens/s, per phase, skipped, memory."""
+        return {
+            "train_loss_first": self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses
+                                                                                     else None),
+            "train_loss_last": self.losses[-1] if self.losses else None,
+            "tokens_per_s": self.tokens_done / max(self.t_train, 1e-9),
+            **self.phase_summary(), "skipped_nonfinite": self.skipped,
+            "memory": {"rss_mb_start": self.rss0, "rss_mb_peak": self.rss_peak, "rss_mb_end": rss_mb(),
+                       "cuda_peak_mb": cuda_peak_mb},
+        }
+
+    def say_done(self, start: int, stop: int, total: int) -> None:
+        self.say(f"done: steps {start}..{stop} of {total}; " + "; ".join(
+            f"{p} {v['steps']} steps, task loss {v['task_loss_first']:.4f} -> {v['task_loss_last']:.4f}"
+            for p, v in self.phases.items())
+            + (f"; {len(self.skipped)} non-finite batches skipped" if self.skipped else ""))
 
     def write_summary(self, summary: dict) -> None:
         if self.main:

@@ -3,8 +3,9 @@
 ``run(cfg, output_dir)`` builds a :class:`Trainer` and returns its JSON-able summary. The pieces live beside it:
 :mod:`.builders` (device, texts, tokenizer, model, optimizer, base pretraining), :mod:`.signals` (SIGTERM/SIGINT),
 :mod:`.guards` (non-finite losses, :class:`TrainingInterrupted`), :mod:`.rundir` (one run per directory, resume
-and overwrite rules), :mod:`.runlog` (train.log, history.jsonl, run_info.json, TensorBoard, per-phase summary),
-:mod:`.checkpoint` (every checkpoint read and write; exact resume), :mod:`.distributed` (torchrun DDP/FSDP2).
+and overwrite rules), :mod:`.runlog` (train.log, history.jsonl, run_info.json, TensorBoard, the summary's losses,
+speed and memory), :mod:`.checkpoint` (every checkpoint read and write; exact resume), :mod:`.distributed`
+(torchrun DDP/FSDP2).
 The method (what trains when, masks, added loss) is a :class:`desmoe.method.MethodController`.
 """
 from __future__ import annotations
@@ -13,26 +14,34 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn as nn
 
 from ..integrations.hf import patch
 from ..data.hub import check_config_hub_names
 from ..eval import evaluate_model
 from ..method import MethodController
 from . import checkpoint as ck
-from . import rundir
-from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state, enable_activation_checkpointing,
-                       eval_kwargs, load_texts, lr_factor, pretrain, progress_bar, resolve_device, use_bf16)
+from . import evalcache, rundir
+from .builders import (build_model, build_optimizer, build_tokenizer, drop_frozen_state,
+                       enable_activation_checkpointing, eval_kwargs, load_texts, lr_factor, pretrain, progress_bar,
+                       resolve_device, use_bf16)
 from .config import Config
+from .distributed import Dist, fully_shard_model, global_means, routing_snapshot, sync_routing_stats_, wrap_ddp
 from .durable import CheckpointError
 from .guards import NonFiniteLossError, TrainingInterrupted, diagnose_nonfinite
-from .loss import supervised_tokens, task_loss, to_device
+from .loss import StepStats, supervised_tokens, task_loss, to_device
 from .plots import save_affinity_png, save_loss_curve_png
 from .rng import set_rng_state
-from .runlog import RunLog, rss_mb, truncate_history
+from .runlog import RunLog, truncate_history
 from .signals import StopFlag
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
+    from ..data import MixedDomainStream
 
 __all__ = ["run", "Trainer", "NonFiniteLossError", "TrainingInterrupted", "lr_factor", "build_model"]
 
@@ -51,7 +60,6 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
     checkpoint from elsewhere is resumed into an ``output_dir`` holding another run only with ``overwrite``.
     A signal outside the training steps stops the run at once (:class:`desmoe.train.signals.Interrupted`).
     """
-    from .distributed import Dist
     from .numerics import flushed_denormals
 
     dist = Dist.setup(cfg.train.distributed, cfg.train.device)
@@ -64,29 +72,55 @@ def run(cfg: Config, output_dir: str, *, max_steps: int | None = None, resume: b
         dist.close()
 
 
-@dataclass
-class StepStats:
-    """One optimizer step's global-batch losses (averaged over micro-batches), tokens and per-domain task loss."""
-
-    num_domains: int
-    loss: float = 0.0
-    task: float = 0.0
-    kd: float = 0.0
-    tokens: int = 0
-    grad_norm: float | None = None
-    lr: float | None = None  # the learning rate this step's update used (before the scheduler steps)
-    bad: tuple | None = None  # (term, value, batch) of the first non-finite loss or gradient norm
-    last_batch: dict | None = None
-    dom_loss_M: torch.Tensor = field(init=False)
-    dom_cnt_M: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.dom_loss_M = torch.zeros(self.num_domains, dtype=torch.float64)
-        self.dom_cnt_M = torch.zeros(self.num_domains, dtype=torch.float64)
-
-
 class Trainer:
-    """One training session of a run directory (a fresh run or a resumed one)."""
+    """One training session of a run directory (a fresh run or a resumed one).
+
+    Every attribute is declared here (as torchtitan's Trainer does): ``__init__`` sets those of the first group,
+    :meth:`setup` builds the second, :meth:`train` the third."""
+
+    # the session's settings (__init__)
+    cfg: Config
+    cfg_dict: dict  # cfg as written to config.yaml and every checkpoint's config.json
+    out: str  # the run directory
+    dist: Dist
+    flag: StopFlag  # SIGTERM/SIGINT: deferred inside the steps
+    resume: bool | str  # True (the run's latest checkpoint), a checkpoint or run path, or False
+    overwrite: bool
+    main: bool  # rank 0: writes the run's files
+    progress: bool
+    device: torch.device
+    bf16: bool
+    fsdp: bool
+    T: int  # train.max_steps: the phase clock
+    stop: int  # the step this session stops before (max_steps caps it)
+    t_start: float
+    runlog: RunLog  # the run's record: logs, history, summary entries of the steps
+    say: Callable[[str], None]  # a message on the console and in train.log (rank 0)
+    domains: list[str]  # the fine-tuning domains
+    eval_names: list[str]  # the fine-tuning domains + the general domain (the forgetting probe)
+    ev: dict  # evaluate_model's arguments (test split)
+    ev_val: dict  # ... and for validation (train.val_batches)
+    val_docs: dict | None  # the validation split of every evaluated domain (train.val_batches > 0)
+    last_val: tuple[int, dict] | None  # (step, evaluate_model result) of the latest validation
+    # built by setup()
+    ckpt: str | None  # the checkpoint this session resumes from
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    train_docs: dict[str, list]  # token docs per domain
+    eval_docs: dict[str, list]
+    summary: dict  # summary.json, filled in as the run goes
+    stream: MixedDomainStream  # the training batches (this rank's shard)
+    ctl: MethodController
+    start: int  # the first step of this session
+    before: dict | None  # evaluation before training (test split); from the checkpoint when resumed
+    val_before: dict | None
+    trainer_state: dict | None  # the checkpoint's trainer.pt (resumed sessions)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    fwd: nn.Module  # what the forward calls: the model, or its DDP wrapper
+    # the loop (train)
+    phase: str
+    snap: tuple[torch.Tensor, torch.Tensor] | None  # the routing counts after the last sync (distributed runs)
 
     def __init__(self, cfg: Config, output_dir: str, *, max_steps=None, resume=False, progress=None, log=print,
                  dist, flag: StopFlag, overwrite: bool = False):
@@ -109,13 +143,8 @@ class Trainer:
         self.eval_names = self.domains + ([g] if g and g not in self.domains else [])
         self.ev = eval_kwargs(cfg, self.device)
         self.ev_val = {**self.ev, "max_batches": cfg.train.val_batches}
-        self.val_docs = None  # the validation split of every evaluated domain (train.val_batches > 0)
-        self.last_val: tuple[int, dict] | None = None  # (step, evaluate_model result) of the latest validation
-        self.skipped: list[int] = []
-        self.losses: list[float] = []
-        self.tokens_done, self.t_train = 0, 0.0
-        self.first_loss: float | None = None  # the run's first task loss (from the checkpoint when resumed)
-        self.rss0 = self.rss_peak = rss_mb()
+        self.val_docs = None
+        self.last_val = None
 
     # --- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -162,7 +191,8 @@ class Trainer:
         val_texts = load_texts(cfg, self.eval_names, "validation", cfg.data.eval_max_docs) \
             if cfg.train.val_batches else None
         if self.ckpt is not None:
-            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=getattr(torch, cfg.model.param_dtype))
+            dtype = getattr(torch, cfg.model.param_dtype)
+            self.model, self.tok = ck.load_model(self.ckpt, device=self.device, dtype=dtype)
             patch(self.model, backend=cfg.model.backend)
             self.model.train()
         else:
@@ -233,7 +263,7 @@ class Trainer:
             if self.val_docs is not None and self.val_before is None:
                 self.say("validation before training: unknown (the checkpoint was written without "
                          "train.val_batches); val_before stays null")
-            self._restore_progress(meta.get("run_progress"))
+            self.runlog.restore_progress(meta.get("run_progress"))
         elif n_prep:
             # every rank prepares on the same (whole global) batches, so all ranks reach the same state
             prep = self._stream(seed=cfg.data.seed + 7, batch_size=cfg.data.batch_size * self.dist.world,
@@ -247,8 +277,6 @@ class Trainer:
 
     def _evaluate_before(self, docs: dict, split: str, ev: dict) -> dict:
         """Evaluation before training, through ``train.eval_cache`` where the run may use it."""
-        from . import evalcache
-
         if self.cfg.train.eval_cache:
             why = evalcache.why_not(self.cfg, resumed=self.ckpt is not None)
             if why is None:
@@ -257,8 +285,6 @@ class Trainer:
         return evaluate_model(self.model, self.tok, docs, **ev)
 
     def _build_optimizer(self) -> None:
-        from .distributed import fully_shard_model
-
         if self.fsdp:
             fully_shard_model(self.model, self.device, bf16=self.bf16)
         self.opt, self.sched = build_optimizer(self.ctl, self.cfg)
@@ -280,15 +306,11 @@ class Trainer:
 
     def _wrap(self):
         """DDP registers only the parameters that train now: re-wrapped when a phase changes them."""
-        from .distributed import wrap_ddp
-
         return wrap_ddp(self.model, self.device) if self.cfg.train.distributed == "ddp" else self.model
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Set up, then per step: data → train_step → log → save (or stop on a signal); then save and evaluate."""
-        from .distributed import routing_snapshot
-
         self.setup()
         bar = progress_bar(range(self.start, self.stop), self.progress, self.cfg.method.name)
         self.phase = self.ctl.phase(self.start)
@@ -305,8 +327,6 @@ class Trainer:
 
     def train_step(self, step: int) -> StepStats:
         """One optimizer step over ``train.grad_accum`` micro-batches, then the method's update after it."""
-        from .distributed import routing_snapshot, sync_routing_stats_
-
         ctl, opt, cfg = self.ctl, self.opt, self.cfg
         prev = ctl.current_phase
         self.phase = ctl.begin_step(step)
@@ -348,7 +368,7 @@ class Trainer:
                                                 aux=self.cfg.train.aux_loss)
             kd = fwd.added_loss
             n_kd = fwd.added_tokens if fwd.added_tokens is not None else (dom_T >= 0).sum()
-            g_task, g_kd, s_task, s_kd = self._global_means(task, kd, valid.sum().double(), n_kd.double())
+            g_task, g_kd, s_task, s_kd = global_means(self.dist, task, kd, valid.sum().double(), n_kd.double())
             terms = {"task": g_task, "kd": g_kd, "aux": None if aux is None else float(aux.detach())}
             if st.bad is None:
                 st.bad = next(((n, v, b) for n, v in terms.items() if v is not None and not math.isfinite(v)), None)
@@ -357,30 +377,7 @@ class Trainer:
                 loss = loss + aux
             if st.bad is None:
                 (loss / ga).backward()
-        g_loss = g_task if kd is None else ctl.last_lambda * g_kd + (1 - ctl.last_lambda) * g_task
-        st.loss += (g_loss + (terms["aux"] or 0.0)) / ga
-        st.task += g_task / ga
-        st.kd += (g_kd if g_kd is not None else 0.0) / ga
-        d_S = b["domain_ids"][:, 1:]
-        ok = valid & (d_S >= 0)
-        st.dom_loss_M.index_add_(0, d_S[ok].cpu(), ce[ok].double().cpu())
-        st.dom_cnt_M.index_add_(0, d_S[ok].cpu(), torch.ones(int(ok.sum()), dtype=torch.float64))
-        st.tokens += int((b["labels"] != -100).sum())
-        st.last_batch = b
-
-    def _global_means(self, task, kd, n_task, n_kd):
-        """Global-batch means of the task and added loss, and each rank's rescaling of its own mean: the averaged
-        DDP gradient is then the gradient of the global-batch mean (what one process would compute)."""
-        W = self.dist.world
-        zero = torch.zeros((), dtype=torch.float64, device=task.device)
-        red = torch.stack([task.detach().double() * n_task, n_task,
-                           (kd.detach().double() if kd is not None else zero) * n_kd, n_kd]).cpu()
-        self.dist.all_reduce_(red)
-        g_task = float(red[0] / red[1].clamp(min=1))
-        g_kd = float(red[2] / red[3].clamp(min=1)) if kd is not None else None
-        s_task = float(n_task) * W / float(red[1].clamp(min=1)) if W > 1 else 1.0
-        s_kd = float(n_kd) * W / float(red[3].clamp(min=1)) if W > 1 else 1.0
-        return g_task, g_kd, s_task, s_kd
+        st.add(b, ce, valid, g_task, g_kd, terms["aux"], lam=ctl.last_lambda, grad_accum=ga)
 
     def _nonfinite(self, step: int, term: str, val: float, batch: dict) -> None:
         """Raise :class:`NonFiniteLossError` naming step, term and layer, or skip the batch (``skip_nonfinite``)."""
@@ -391,39 +388,31 @@ class Trainer:
             self.say(f"non-finite {where}; {diag}")
             raise NonFiniteLossError(f"non-finite {where}; {diag}. Set train.skip_nonfinite: true to skip such "
                                      f"batches instead, or lower train.lr")
-        self.skipped.append(step)
+        self.runlog.skipped.append(step)
         self.opt.zero_grad(set_to_none=True)
-        self.say(f"skipped batch of {where} (train.skip_nonfinite; {len(self.skipped)} skipped so far)")
+        self.say(f"skipped batch of {where} (train.skip_nonfinite; {len(self.runlog.skipped)} skipped so far)")
 
     # --- log, save, stop -------------------------------------------------------------------------------------
     def log_step(self, step: int, out: StepStats, t_step: float, bar) -> None:
-        ctl, W = self.ctl, self.dist.world
-        self.losses.append(out.task)
+        ctl, rl = self.ctl, self.runlog
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t_step  # tokens/s counts training compute only (not checkpoint or eval time)
-        self.t_train += dt
+        tps, skipped_now = rl.count_step(self.phase, step, dt, out.tokens * self.dist.world, out.task)
         val = self._validate(step)  # after dt: validation time is not training time
-        self.tokens_done += out.tokens * W
-        skipped_now = bool(self.skipped) and self.skipped[-1] == step
-        self.runlog.phase_step(self.phase, step, dt, out.tokens * W, out.task, skipped_now)
-        tps = self.tokens_done / max(self.t_train, 1e-9)
         if hasattr(bar, "set_postfix"):  # the task loss, as in the summary; KD and its weight beside it
             bar.set_postfix(task=f"{out.task:.3f}", kd=f"{out.kd:.3f}", lam=f"{ctl.last_lambda:.2f}",
                             phase=self.phase, tok_s=f"{tps:.0f}")
-        rss = rss_mb()
-        if rss is not None:
-            self.rss_peak = max(self.rss_peak or 0.0, rss)
         rec = {"step": step, "phase": self.phase, "loss": out.loss, "task": out.task, "kd": out.kd,
-               "lambda": ctl.last_lambda, "lr": out.lr, "grad_norm": out.grad_norm,
-               "tok_s": tps, "rss_mb": rss, "skipped_nonfinite": len(self.skipped), "train_s": self.t_train, **val}
+               "lambda": ctl.last_lambda, "lr": out.lr, "grad_norm": out.grad_norm, "tok_s": tps,
+               "rss_mb": rl.rss_now(), "skipped_nonfinite": len(rl.skipped), "train_s": rl.t_train, **val}
         if self.device.type == "cuda":
             rec["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        rec.update(self._routing_record(out))
-        self.runlog.step(rec, write=step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now
-                         or bool(val))
-        if self.main and not self.progress and (step % self.cfg.train.log_every == 0 or step == self.stop - 1
-                                                 or skipped_now):
+        rec.update(out.domain_losses(ctl.domain_names))
+        rec.update(ctl.tracker.routing_record(ctl.domain_names))
+        due = step % self.cfg.train.log_every == 0 or step == self.stop - 1 or skipped_now
+        rl.step(rec, write=due or bool(val))
+        if self.main and not self.progress and due:
             self.say(f"step {step:5d} {self.phase:<13} task {out.task:.4f} kd {out.kd:.4f} lambda "
                      f"{ctl.last_lambda:.3f} (objective {out.loss:.4f}) tok/s {tps:.0f}")
 
@@ -440,21 +429,6 @@ class Trainer:
         rec["val/avg"] = sum(rec.values()) / len(self.domains)
         if g:
             rec["val/general"] = res[g]["loss"]
-        return rec
-
-    def _routing_record(self, out: StepStats) -> dict:
-        """Per-domain loss, mask sizes and expert load of the step."""
-        ctl, rec = self.ctl, {}
-        for m, d in enumerate(ctl.domain_names):
-            if out.dom_cnt_M[m] > 0:
-                rec[f"loss/{d}"] = float(out.dom_loss_M[m] / out.dom_cnt_M[m])
-        masks = ctl.tracker.masks_LME
-        if masks is not None:
-            for m, d in enumerate(ctl.domain_names):
-                rec[f"mask_size/{d}"] = float(masks[:, m].sum(-1).float().mean())
-        load = ctl.tracker.load_LE.float()
-        if load.sum() > 0:
-            rec["expert_load_max_over_mean"] = float((load.max(-1).values / load.mean(-1).clamp(min=1)).mean())
         return rec
 
     def maybe_stop_or_save(self, step: int) -> None:
@@ -476,7 +450,7 @@ class Trainer:
         ctl, cfg = self.ctl, self.cfg
         meta = {"total_steps": self.T, "phase": self.phase, "method": cfg.method.name, "domains": ctl.domain_names,
                 "eval_before": self.before, "val_before": self.val_before, "world_size": self.dist.world,
-                "distributed": cfg.train.distributed, "run_progress": self._progress_state()}
+                "distributed": cfg.train.distributed, "run_progress": self.runlog.progress_state()}
         path = ck.save_checkpoint(self.out, step, model=self.model, tokenizer=self.tok, controller=ctl,
                                   optimizer=self.opt, scheduler=self.sched, stream_state=self.stream.state_dict(),
                                   meta=meta, config=self.cfg_dict, keep=cfg.train.keep_last or None,
@@ -489,21 +463,6 @@ class Trainer:
                 self.summary["plot"] = png
         self.dist.barrier()
         return path
-
-    def _progress_state(self) -> dict:
-        """What the summary needs of the steps run so far; kept in the checkpoint so that a resumed run's summary
-        covers the whole run, not only the last session."""
-        first = self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses else None)
-        return {"phases": self.runlog.phases, "train_loss_first": first,
-                "tokens_done": self.tokens_done, "t_train": self.t_train, "skipped": list(self.skipped)}
-
-    def _restore_progress(self, st: dict | None) -> None:
-        if not st:  # a checkpoint from before this was recorded: the summary covers this session only
-            return
-        self.runlog.phases = {p: dict(v) for p, v in st.get("phases", {}).items()}
-        self.first_loss = st.get("train_loss_first")
-        self.tokens_done, self.t_train = int(st.get("tokens_done", 0)), float(st.get("t_train", 0.0))
-        self.skipped = list(st.get("skipped", []))
 
     # --- eval and summary -------------------------------------------------------------------------------------
     def finish(self, final: str) -> dict:
@@ -526,28 +485,13 @@ class Trainer:
         cuda_peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         self.summary.update({
             "steps_run": stop - start, "start_step": start, "final_step": stop, "checkpoint": final,
-            "resumed_from": self.ckpt,
-            "train_loss_first": self.first_loss if self.first_loss is not None else (self.losses[0] if self.losses
-                                                                                     else None),
-            "train_loss_last": self.losses[-1] if self.losses else None, "eval_before": self.before,
-            "eval_after": after, "tokens_per_s": self.tokens_done / max(self.t_train, 1e-9),
-            **self.runlog.phase_summary(), "skipped_nonfinite": self.skipped,
-            "memory": {"rss_mb_start": self.rss0, "rss_mb_peak": self.rss_peak, "rss_mb_end": rss_mb(),
-                       "cuda_peak_mb": cuda_peak},
-            "seconds": time.time() - self.t_start, "masks": self._masks_summary(), **ctl.method.summary(),
+            "resumed_from": self.ckpt, "eval_before": self.before, "eval_after": after,
+            **self.runlog.run_summary(cuda_peak), "seconds": time.time() - self.t_start,
+            "masks": ctl.tracker.masks_by_domain(ctl.domain_names), **ctl.method.summary(),
         })
         if self.dist.enabled:
             self.summary["A_LME_checksum"] = float(ctl.tracker.A_LME.double().sum())
         self.runlog.write_summary(self.summary)
-        self.say(f"done: steps {start}..{stop} of {self.T}; " + "; ".join(
-            f"{p} {v['steps']} steps, task loss {v['task_loss_first']:.4f} -> {v['task_loss_last']:.4f}"
-            for p, v in self.runlog.phases.items())
-            + (f"; {len(self.skipped)} non-finite batches skipped" if self.skipped else ""))
+        self.runlog.say_done(start, stop, self.T)
         self.dist.barrier()
         return self.summary
-
-    def _masks_summary(self):
-        m, names = self.ctl.tracker.masks_LME, self.ctl.domain_names
-        if m is None:
-            return None
-        return {d: [m[l, i].nonzero().flatten().tolist() for l in range(m.shape[0])] for i, d in enumerate(names)}

@@ -84,7 +84,7 @@ def _loop_trainer(tmp_path, method, **train):
 
 
 def _loop_grads(tr, rows, step, ga):
-    from desmoe.train.trainer import StepStats
+    from desmoe.train.loss import StepStats
 
     ctl, model = tr.ctl, tr.model
     model.zero_grad(set_to_none=True)
