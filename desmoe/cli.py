@@ -142,7 +142,7 @@ def _resume_or_start(resume, output_dir: str):
 
 
 def cmd_train(a) -> int:
-    from .train import NonFiniteLossError, TrainingInterrupted, load_config, run
+    from .train import NonFiniteLossError, load_config, run
 
     if a.max_steps is not None and a.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {a.max_steps}")
@@ -164,7 +164,7 @@ def cmd_train(a) -> int:
     except RunFinished as e:
         print(f"desmoe train: {e}", file=sys.stderr, flush=True)
         return 0
-    except (TrainingInterrupted, Interrupted) as e:
+    except Interrupted as e:  # TrainingInterrupted too (a checkpoint was written first)
         print(f"desmoe train: stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except NonFiniteLossError as e:

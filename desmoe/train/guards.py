@@ -4,21 +4,20 @@ gradients (:class:`NonFiniteLossError` naming the step, the loss term and the fi
 output, or a skipped batch under ``train.skip_nonfinite``)."""
 from __future__ import annotations
 
-import signal
-
 import torch
 
 from .loss import task_loss
+from .signals import Interrupted
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """SIGTERM/SIGINT arrived: a checkpoint was written at the next step boundary, then the run stopped."""
 
     def __init__(self, signame: str, step: int, checkpoint: str):
-        self.signame, self.step, self.checkpoint = signame, step, checkpoint
-        self.exit_code = 128 + int(getattr(signal, signame, signal.SIGTERM))
-        super().__init__(f"{signame} received: checkpoint of step {step} written to {checkpoint}; continue with "
-                         f"`desmoe train ... --resume` (or --resume {checkpoint})")
+        self.step = step
+        super().__init__(signame, checkpoint, f"{signame} received: checkpoint of step {step} written to "
+                                              f"{checkpoint}; continue with `desmoe train ... --resume` (or --resume "
+                                              f"{checkpoint})")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -14,12 +14,16 @@ import threading
 
 
 class Interrupted(RuntimeError):
-    """A signal stopped a run outside its training steps; ``exit_code`` is 128 + the signal number."""
+    """A signal stopped a run: outside its training steps this, inside them its subclass
+    :class:`~desmoe.train.guards.TrainingInterrupted` (after a checkpoint); ``exit_code`` is 128 + the signal
+    number for both."""
 
-    def __init__(self, signame: str, checkpoint: str | None = None):
+    def __init__(self, signame: str, checkpoint: str | None = None, message: str | None = None):
         self.signame, self.checkpoint = signame, checkpoint
         self.exit_code = 128 + int(getattr(signal, signame, signal.SIGTERM))
-        if checkpoint:
+        if message is not None:
+            msg = message
+        elif checkpoint:
             msg = (f"{signame} received: the last checkpoint {checkpoint} is written; stopped before the final "
                    f"evaluation (summary.json not written; `desmoe eval --checkpoint {checkpoint}` evaluates it)")
         else:
