@@ -278,8 +278,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
         raise ExportError(f"checkpoint {ckpt!r} has no tokenizer in model/")
     routers = get_routers(model)
     has_alr = any(r.residual is not None for r in routers)
-    general = [cfg.data.general] if cfg.data.general and cfg.data.general not in cfg.data.domains else []
-    names = list(cfg.data.domains) + general
+    names = cfg.data.eval_domains()
     held = _domain_batches(cfg, tok, "test", names, eval_tokens)
     val = _domain_batches(cfg, tok, "validation", names, eval_tokens)  # the gate's split (model selection)
     if has_alr:

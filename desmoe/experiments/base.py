@@ -71,7 +71,7 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     t0 = time.time()
     device = resolve_device(cfg)
     torch.manual_seed(cfg.model.seed)
-    names = list(cfg.data.domains) + ([g] if g not in cfg.data.domains else [])
+    names = cfg.data.eval_domains()
     texts = load_texts(cfg, names, "train", cfg.data.max_docs)
     tok = build_tokenizer(cfg, texts)
     model = build_model(cfg, len(tok), tok).to(device)

@@ -337,6 +337,12 @@ class DataConfig:
     text_field: str = "text"
     seed: int = 0
 
+    def eval_domains(self) -> list[str]:
+        """What a run evaluates: the fine-tuning domains, then ``general`` (the forgetting probe) when it is set and
+        not one of them."""
+        g = self.general
+        return list(self.domains) + ([g] if g and g not in self.domains else [])
+
     def __post_init__(self):
         if isinstance(self.domains, str):
             self.domains = [self.domains]

@@ -73,8 +73,7 @@ def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: in
     ctl = MethodController(model, cfg.method, max(int(meta.get("total_steps", 1)), 1), list(meta["domains"]))
     ctl.load_state_dict(ck.load_method_state(ckpt))
     model.to(dev)
-    g = cfg.data.general
-    names = domains or list(cfg.data.domains) + ([g] if g and g not in cfg.data.domains else [])
+    names = domains or cfg.data.eval_domains()
     docs = tokenize_domains(tok, load_texts(cfg, names, "test", cfg.data.eval_max_docs))  # the trainer's eval docs
     res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                          max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0, device=dev,

@@ -139,8 +139,7 @@ class Trainer:
         self.runlog = RunLog(output_dir, main=self.main, log=log)
         self.say = self.runlog.say
         self.domains = list(cfg.data.domains)
-        g = cfg.data.general
-        self.eval_names = self.domains + ([g] if g and g not in self.domains else [])
+        self.eval_names = cfg.data.eval_domains()
         self.ev = eval_kwargs(cfg, self.device)
         self.ev_val = {**self.ev, "max_batches": cfg.train.val_batches}
         self.val_docs = None
