@@ -29,7 +29,7 @@ import _common  # noqa: E402
 import desmoe  # noqa: E402,F401  (registers the "desmoe" experts implementation)
 from desmoe.layers import set_expert_masks  # noqa: E402
 
-SHAPE = dict(E=64, K=8, D=256, I=128)  # the fine-grained shape of issue 11 (Qwen3-MoE-like, CPU-sized)
+SHAPE = dict(E=64, K=8, D=256, I=128)  # a fine-grained shape (Qwen3-MoE-like, CPU-sized)
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 
 

@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     result["records"].append({"shape": "copy", "T": None, "impl": "torch", "pass": "copy", "ms": ms_copy,
                               "gbps": copy_gbps, "peak_mem_gb": _common.peak_mem_gb(device),
                               "note": f"dst.copy_(src) of {n_copy * elsize} bytes (read + write counted)"})
-    del src, dst
+    src = dst = None  # freed (the timed lambda holds them)
 
     impls = {
         "extension": lambda s: ops.mask_expert_grads_(grads, masks, s),

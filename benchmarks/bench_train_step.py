@@ -92,7 +92,7 @@ def bench_one(spec, impl, pass_, device, dtype, iters, warmup):
            "peak_mem_gb": _common.peak_mem_gb(device),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total_params": sum(p.numel() for p in model.parameters())}
-    del model, opt, ctl
+    model = opt = ctl = None  # freed (the step closure holds them) before empty_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rec

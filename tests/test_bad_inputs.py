@@ -1,4 +1,4 @@
-"""Bad inputs and faults, as a new user and as a tester would try them (issue 15).
+"""Bad inputs and faults, as a new user and as a tester would try them.
 
 Every case calls the CLI's ``main()`` in-process (or the library function a user would call) and asserts a
 *clear* error: exit code 2 (or the documented code), no traceback, the field / file / directory named in the
@@ -197,7 +197,7 @@ CONFIG_CASES = [
     ("data.sources.alpha=./missing.jsonl", ["data.sources.alpha", "missing.jsonl"]),
     ("model.tiny=gpt2", ["model.tiny", "gpt2"]),
     ("model.path=/no/such/model", ["model", "path"]),  # with model.tiny still set: the pair is the error
-    # issue 25: values the model or the tokenizer also define, checked against them before any work
+    # values the model or the tokenizer also define, checked against them before any work
     ("data.seq_len=256", ["data.seq_len", "256", "max_position_embeddings=128"]),
     ("model.overrides.max_position_embeddings=16", ["data.seq_len", "32", "model.overrides.max_position_embeddings"]),
     ("model.overrides.hidden_size=-8", ["model.overrides.hidden_size", "-8", ">= 1"]),
@@ -288,7 +288,7 @@ TOPK_ROUTE_CASES = [(dict(scaling=float("nan")), ["scaling", "nan", "finite"]),
 
 @pytest.mark.parametrize("kw,names", TOPK_ROUTE_CASES, ids=[str(sorted(c[0])) for c in TOPK_ROUTE_CASES])
 def test_topk_route_refuses_nonfinite_or_negative_options(request, kw, names):
-    """Issue 25: these routed silently wrong (NaN weights, flipped signs) instead of naming the option."""
+    """These once routed silently wrong (NaN weights, flipped signs) instead of naming the option."""
     from desmoe import ops
 
     kw = dict(kw)
@@ -479,7 +479,7 @@ def test_checkpoint_files_table_is_complete(base):
 @pytest.mark.parametrize("rel", sorted(CHECKPOINT_FILES))
 def test_planted_pickle_in_every_checkpoint_file(request, capsys, base, run_copy, tmp_path, rel):
     """A pickle planted in place of any file (manifest rewritten to match): every command that reads the file
-    refuses it naming the file; the payload never runs (issue 25)."""
+    refuses it naming the file; the payload never runs."""
     marker = tmp_path / "pwned"
     reads = CHECKPOINT_FILES[rel]
     for name in ("step-000001", "step-000002"):
@@ -794,7 +794,7 @@ def test_write_fault_during_checkpoint_keeps_the_previous_one(request, capsys, b
 
 
 def test_no_space_left_from_torch_save_is_named(request, capsys, base, tmp_path, monkeypatch):
-    """torch's own message for a full disk (as the issue saw it), raised from the zip writer."""
+    """torch's own message for a full disk (as users meet it), raised from the zip writer."""
     def full(obj, f, *a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
@@ -939,7 +939,7 @@ def test_sigterm_during_base_pretraining_subprocess(tmp_path):
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it(request, capsys, base, tmp_path):
     """What a requeued job passes: ``--resume`` on a run that a signal stopped before its first checkpoint (here:
     what such a run leaves, run_info.json + config.yaml), or on a directory never started, starts the run and
-    says so (issue 25)."""
+    says so."""
     stopped = tmp_path / "stopped"
     os.makedirs(stopped)
     (stopped / "run_info.json").write_text("[]")

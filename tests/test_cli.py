@@ -132,7 +132,7 @@ def test_quick_bench_leaves_the_source_tree_alone(tmp_path, capsys, monkeypatch)
 def test_interrupted_demo_says_how_and_the_same_command_continues_it(tmp_path, capsys, monkeypatch, sig):
     """Ctrl-C / SIGTERM during the demo's fine-tuning: a message and the signal's exit code, no traceback; the
     same command resumes the run from its checkpoint, then reuses the finished run; other settings need
-    --overwrite (issue 25)."""
+    --overwrite."""
     import signal
 
     import desmoe.train as train_pkg

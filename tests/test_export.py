@@ -134,7 +134,7 @@ def test_export_cli_and_bad_input(trained, tmp_path, capsys):
     assert "min_agreement" in capsys.readouterr().err
 
 
-# --- export and from_pretrained verify what they read, and export cleans up after itself (issue 25) ---------------
+# --- export and from_pretrained verify what they read, and export cleans up after itself ------------------------
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -1,4 +1,4 @@
-"""The experiments of issue 16 — ``pareto`` (every method × LR grid × seeds, paired; matched comparisons, controls,
+"""The paper-claim experiments — ``pareto`` (every method × LR grid × seeds, paired; matched comparisons, controls,
 wall-clock) and ``scaling`` (2 → N domains, fixed steps per domain) — and ``all``.
 
 Each writes ``OUT/results.json`` and PNG plots. Choices are made on the validation split, numbers are reported

@@ -9,7 +9,7 @@ from .registry import method_names
 
 UNKNOWN_DOMAIN_MODES = ("none", "union")
 SHARED_EXPERT_MODES = ("until_consolidation", "always", "never")
-_SHARED_EXPERT_ALIASES = {"train": "always", "frozen": "never"}  # the names before issue 14
+_SHARED_EXPERT_ALIASES = {"train": "always", "frozen": "never"}  # the earlier names
 
 
 @dataclass

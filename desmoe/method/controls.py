@@ -1,4 +1,4 @@
-"""Controls that separate DES-MoE's parts (issue 16): what each method's gains and forgetting come from.
+"""Controls that separate DES-MoE's parts: what each method's gains and forgetting come from.
 
 - ``experts_only``: every routed expert trains, nothing else (no router, shared experts, attention, embeddings,
   norms): DES-MoE without its masks, its ALR and its router training — the expert capacity alone.

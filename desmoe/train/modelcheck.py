@@ -1,4 +1,4 @@
-"""``model.overrides`` checked against the model before any work (issue 25).
+"""``model.overrides`` checked against the model before any work.
 
 A value the model's config class accepts can still make a model that cannot be built or run (a negative width,
 3 attention heads over 2 key/value heads, no experts). transformers then fails deep inside a module's

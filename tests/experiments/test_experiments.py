@@ -1,5 +1,5 @@
 """``desmoe experiment``: the Pareto analysis (frontier, matched comparisons, selection on validation, time to
-target, resolution), quick mode end to end (results.json in the issue's format, plots, cache reuse, pairing), the
+target, resolution), quick mode end to end (results.json in its documented format, plots, cache reuse, pairing), the
 README's generated Results block, and bad input (exit 2 / ValueError naming the key)."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Base specialization as a number (issue 27 item 1): I(domain; expert), ESFT concentration and DGES-mask overlap
+"""Base specialization as a number: I(domain; expert), ESFT concentration and DGES-mask overlap
 on synthetic routing statistics with known answers, and `desmoe specialization` on a tiny trained checkpoint."""
 import json
 import math

@@ -14,7 +14,7 @@ the artefacts:
 - CTAs/SM: resident blocks per SM from registers (64K per SM, 256-register warp granules) and shared memory
   (228 KB per SM, 1 KB reserved per block).
 
-Asserted (issue 11, item 8): 0 bytes of stack in every GEMM kernel, >= 3 pipeline buffers with copies in
+Asserted: 0 bytes of stack in every GEMM kernel, >= 3 pipeline buffers with copies in
 flight in the dW kernels, wgmma in every bf16 GEMM, everything fits shared memory. One table is printed.
 
 The compiles run in a subprocess (this file as a script) because the test process runs Triton's interpreter;

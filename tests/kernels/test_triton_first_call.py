@@ -1,5 +1,5 @@
 """The first call of a new shape runs the autotuner: every candidate config runs on the real buffers. Its result
-must equal the second call's and the reference, values and every gradient (issue 11, item 1).
+must equal the second call's and the reference, values and every gradient.
 
 Under the interpreter each kernel normally has one config (no autotuning at all), so this test gives every
 autotuned kernel two configs with different tile sizes, clears the autotune caches, and checks call 1 and call 2.

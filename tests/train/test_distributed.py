@@ -142,7 +142,7 @@ PLANTS = [("ddp", "rng-rank000001.pt"), ("fsdp2", "optim/.metadata"), ("fsdp2", 
 @pytest.mark.parametrize("rel", sorted({r for _, r in PLANTS}))
 def test_planted_payload_in_a_distributed_checkpoint_is_refused_on_resume(dist_full, tmp_path, rel):
     """A received 2-rank checkpoint with a pickle planted (and its manifest rewritten to match, as a sender
-    would): ``--resume`` on 2 ranks refuses it naming the file, and the payload never runs (issue 25: torch's
+    would): ``--resume`` on 2 ranks refuses it naming the file, and the payload never runs (torch's
     DCP reader unpickles ``.metadata`` and non-tensor values without restriction)."""
     mode, dd, full, _ = dist_full
     if (mode, rel) not in PLANTS:

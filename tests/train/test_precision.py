@@ -1,4 +1,4 @@
-"""Mixed precision (issue 14 item 1): ``model.dtype: bfloat16`` trains float32 master weights (and float32 AdamW
+"""Mixed precision: ``model.dtype: bfloat16`` trains float32 master weights (and float32 AdamW
 state) under bf16 autocast, so lr 1e-5 updates survive; pure bf16 parameters (``model.pure_dtype``) lose them.
 Runs the training path's own builders (build_model, build_optimizer, use_bf16, task_loss) on CPU."""
 import pytest

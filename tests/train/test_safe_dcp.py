@@ -1,5 +1,5 @@
 """FSDP2's sharded optimizer state (torch.distributed.checkpoint) is read without running code from it: a planted
-pickle in ``.metadata`` or in a ``.distcp`` value is refused naming the file (issue 25). The DCP directories here
+pickle in ``.metadata`` or in a ``.distcp`` value is refused naming the file. The DCP directories here
 are written by ``dcp.save`` in one process (no process group), the same format FSDP2 ranks write; the 2-rank
 FSDP2 resume is in ``test_distributed.py``."""
 import dataclasses
