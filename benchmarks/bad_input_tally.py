@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,30 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTCOMES = ("clear", "unclear", "traceback", "silent", "lost")
+
+
+# this machine's paths in tracebacks, as portable placeholders (the results are committed)
+_MACHINE_PATHS = ((re.compile(r"/[^\s\"']*?/site-packages/"), "<site-packages>/"),
+                  (re.compile(r"/[^\s\"']*?/lib/python3\.\d+/"), "<python>/"),
+                  (re.compile(r"/tmp/pytest-of-[^/\s\"']+/pytest-\d+/"), "<tmp>/"),
+                  (re.compile(r"/tmp/tmp[\w-]+/"), "<tmp>/"))
+
+
+def portable(obj, roots: list[str]):
+    """``obj`` (a result, recursively) with absolute paths made machine-free: under a directory of ``roots`` (the
+    checkout, the tested package's parent) relative to it; site-packages, the Python install and temporary
+    directories as placeholders."""
+    if isinstance(obj, dict):
+        return {k: portable(v, roots) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, roots) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    for r in sorted(roots, key=len, reverse=True):
+        obj = obj.replace(r.rstrip("/") + "/", "")
+    for pat, sub in _MACHINE_PATHS:
+        obj = pat.sub(sub, obj)
+    return obj
 
 
 HEADER = ("| code | attempts tried | clear | unclear | traceback | silent | lost | other checks passed | suite time |\n"
@@ -126,6 +151,7 @@ def main() -> int:
         res["torch"] = torch.__version__
     except ImportError:
         pass
+    res = portable(res, [ROOT, os.path.dirname(code)] + ([os.path.abspath(a.code)] if a.code else []))
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(ROOT, "benchmarks", "results", f"bad_inputs_tally-{a.label}.json")
     with open(out, "w") as f:
