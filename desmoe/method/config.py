@@ -17,12 +17,13 @@ class MethodConfig:
     """DES-MoE and baseline settings. Fractions are of the total number of optimizer steps T.
 
     name: which method (a registered :class:`~desmoe.method.registry.Method`: ``method_names()``).
-    warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T, T2=stabilize_frac·T. tau, lambda_*: KD temperature and λ schedule (λ reaches 0 at ``lambda_end``, default
-    the end of stabilisation). phi/ema_momentum/update_every: DGES mask threshold, A's EMA momentum and refresh
-    period (steps); lock_affinity: A and the masks stop refreshing after T2 (consolidation keeps them, as in
-    the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T). per_token_masking: False uses one
-    expert-level mask (the union over domains). unknown_domain: what a token with domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed
-    expert) or ``union`` (any expert some domain owns).
+    warmup_frac/stabilize_frac: phase boundaries T1=warmup_frac·T, T2=stabilize_frac·T. tau, lambda_*: KD temperature
+    and λ schedule (λ reaches 0 at ``lambda_end``, default the end of stabilisation). phi/ema_momentum/update_every:
+    DGES mask threshold, A's EMA momentum and refresh period (steps); lock_affinity: A and the masks stop refreshing
+    after T2 (consolidation keeps them, as in the paper). T1 = floor(warmup_frac·T), T2 = floor(stabilize_frac·T).
+    per_token_masking: False uses one expert-level mask (the union over domains). unknown_domain: what a token with
+    domain -1 (unknown; also padding, which has no gradient) updates in masked phases: ``none`` (no routed expert) or
+    ``union`` (any expert some domain owns).
     shared_experts: the always-on shared experts (DeepSeek ``shared_experts``, Qwen2-MoE ``shared_expert`` + its
     gate, Granite-shared and HunYuan ``shared_mlp``: per family in :mod:`desmoe.integrations.families`) train
     ``until_consolidation`` (default, the paper: consolidation updates masked routed experts only),
@@ -96,5 +97,7 @@ class MethodConfig:
             bad("esft_p", "in (0, 1]", self.esft_p)
         if isinstance(self.esft_tokens, bool) or int(self.esft_tokens) != self.esft_tokens or self.esft_tokens < 1:
             bad("esft_tokens", "an int >= 1", self.esft_tokens)
+        if self.esft_tokens > 1 << 40:
+            bad("esft_tokens", f"<= {1 << 40} (tokens scored per domain)", self.esft_tokens)
         if self.esft_batches is not None and (int(self.esft_batches) != self.esft_batches or self.esft_batches < 1):
             bad("esft_batches", "an int >= 1 or null", self.esft_batches)

@@ -1,9 +1,9 @@
 """ESFT (Expert-Specialized Fine-Tuning): only the experts most relevant to the training domains train.
 
 Before training, :meth:`ESFT.prepare` scores every expert on training batches (no grad) until every domain has
-``esft_tokens`` scored tokens (131,072 by default, as the authors' scripts; capped by the domain's training data):
-per layer and domain, the gate-score mass (``esft_gate``) or the token-selection share (``esft_token``); per layer and domain it
-selects the fewest experts whose normalised scores sum to >= ``esft_p``, and a layer trains the union over
+``esft_tokens`` scored tokens (131,072 by default, as the authors' scripts; capped by the domain's training data): per
+layer and domain, the gate-score mass (``esft_gate``) or the token-selection share (``esft_token``); per layer and
+domain it selects the fewest experts whose normalised scores sum to >= ``esft_p``, and a layer trains the union over
 domains. Nothing else trains.
 """
 from __future__ import annotations
