@@ -81,6 +81,14 @@ _DEFAULT = {
     "dx_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
     "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
     "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
+    # gpt-oss's variant (desmoe.kernels.moe_gpt_oss): the same tile classes as the SwiGLU kernels it mirrors (its
+    # up tile is one [BLOCK_K, 2*BLOCK_N] interleaved B tile, the footprint of the two [BLOCK_K, BLOCK_N] ones)
+    "up_gpt_oss_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
+                          128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
+    "down_gpt_oss_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
+                            128: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)]},
+    "dh_gpt_oss_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
+                          128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
 }
 _EXTRA = {
     "up_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
@@ -89,6 +97,9 @@ _EXTRA = {
     "dx_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
     "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
     "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
+    "up_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
+    "down_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
+    "dh_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
 }
 GPU_CONFIGS = {
     "default": _DEFAULT,

@@ -155,6 +155,8 @@ def permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 
 def _check_ids(topk_ids_TK, num_experts, validate_range: bool = True) -> None:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     _check_tensor("topk_ids_TK", topk_ids_TK, dim=2, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
     if validate_range and topk_ids_TK.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
@@ -229,9 +231,13 @@ def check_experts_args(
 
 def triton_experts_supported(activation: str = "silu", *, has_bias: bool = False, transposed: bool = False,
                              interleaved: bool = False) -> bool:
-    """Whether the Triton experts kernels carry this variant: SiLU SwiGLU, the standard layout, no biases.
-    Everything else (other activations, gpt-oss's biased, transposed, interleaved clamped SwiGLU) runs on the
-    grouped engine (``desmoe.ops.grouped``: ``torch._grouped_mm`` on CUDA) when the Triton backend is asked."""
+    """Whether the Triton experts kernels carry this variant: SiLU SwiGLU in the standard layout without biases
+    (``desmoe.kernels.moe``), and gpt-oss's stored layout (``transposed`` and ``interleaved``, biases or not) with
+    its clamped SwiGLU or SiLU SwiGLU (``desmoe.kernels.moe_gpt_oss``). Everything else (other activations, a
+    layout only half transposed/interleaved, biases on the standard layout) runs on the grouped engine
+    (``desmoe.ops.grouped``: ``torch._grouped_mm`` on CUDA) when the Triton backend is asked."""
+    if transposed and interleaved:
+        return activation in ("silu", "clamped_swiglu")
     return activation == "silu" and not has_bias and not transposed and not interleaved
 
 
@@ -260,7 +266,7 @@ def moe_experts(
     device sync; the HF integration turns it off since its router produced the ids). gpt-oss's experts:
     ``b_gate_up [E, 2I]``, ``b_down [E, D]``, ``transposed`` (weights ``[E, D, 2I]`` / ``[E, I, D]``),
     ``interleaved`` (gate/up in the even/odd columns), ``activation="clamped_swiglu"`` with ``alpha``/``limit``;
-    these run on the reference or the grouped engine (the Triton backend routes them to the grouped one).
+    the Triton backend runs them on ``desmoe.kernels.moe_gpt_oss`` (see :func:`triton_experts_supported`).
     """
     check_experts_args(
         x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
@@ -272,6 +278,14 @@ def moe_experts(
     has_bias = b_gate_up is not None or b_down is not None
     if name == "triton" and triton_experts_supported(activation, has_bias=has_bias, transposed=transposed,
                                                      interleaved=interleaved):
+        if transposed:  # gpt-oss's layout
+            from . import triton_gpt_oss
+
+            return triton_gpt_oss.moe_experts_gpt_oss(
+                x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, b_gate_up=b_gate_up, b_down=b_down,
+                activation=activation, alpha=alpha, limit=limit, expert_trainable_E=expert_trainable_E,
+                pair_trainable_TK=pair_trainable_TK,
+            )
         from . import triton_ops
 
         return triton_ops.moe_experts(
@@ -284,8 +298,8 @@ def moe_experts(
                         f"one of them, or run under torch.autocast")
     layout = dict(b_gate_up=b_gate_up, b_down=b_down, transposed=transposed, interleaved=interleaved, alpha=alpha,
                   limit=limit)
-    # grouped: its own backend; triton with a variant its kernels do not carry (another activation, gpt-oss's
-    # layout); reference under torch.compile (the reference loop syncs with the host and branches on data; the
+    # grouped: its own backend; triton with a variant its kernels do not carry (another activation, biases on the
+    # standard layout); reference under torch.compile (the reference loop syncs with the host and branches on data; the
     # grouped op is one opaque custom op with a fake implementation, tested against the reference)
     if name != "reference" or torch.compiler.is_compiling():
         from .grouped import grouped_experts

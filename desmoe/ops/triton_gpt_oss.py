@@ -1,0 +1,273 @@
+"""Triton backend for gpt-oss's experts: launchers for ``desmoe.kernels.moe_gpt_oss`` as ``torch.library`` ops.
+
+    desmoe::moe_experts_gpt_oss_fwd  x, W_gate_up [E, D, 2I] (interleaved), W_down [E, I, D], ids, weights, biases
+                                     (+ masks, saved for backward) -> out [T, D], the interleaved gate|up
+                                     pre-activation [S, 2I] (sorted-pair rows, biases included; the only activation
+                                     kept), sorted_pairs, offsets
+    desmoe::moe_experts_gpt_oss_bwd  -> dx, dW_gate_up, dW_down, d weights, db_gate_up, db_down (masks on the
+                                        weight and bias gradients only)
+
+The stored layout is read in place (no weight copies, no transposes). The activation is gpt-oss's clamped SwiGLU
+(``clamped=True``, ``alpha``/``limit``) or SiLU SwiGLU on the same layout. Routing metadata, the tile schedule and
+the persistent grids are :mod:`desmoe.ops.triton_ops`'; nothing syncs with the host. Inputs are validated by
+:mod:`desmoe.ops` before they arrive here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels import moe as _mk
+from ..kernels import moe_gpt_oss as _gk
+from . import _autocast, dispatch, reference
+from .triton_ops import (_INTERPRET, _KERNEL_DTYPES, _block_m, _empty, _mask_u8, _on_device, _pow2, _routing_metadata,
+                         _row_grid, _rows_bucket, _tile_schedule)
+
+Tensor = torch.Tensor
+_BIAS_BLOCKS = (16, 16) if _INTERPRET else (32, 128)  # bias_grad_kernel: (rows, columns) per step
+
+
+def _dims(x_TD: Tensor, w_gate_up: Tensor, pairs_TK: Tensor) -> tuple[int, int, int, int, int, int]:
+    T, D = x_TD.shape
+    E, _, I2 = w_gate_up.shape
+    K = pairs_TK.shape[1]
+    return T, D, E, I2 // 2, K, T * K
+
+
+@torch.library.custom_op("desmoe::moe_experts_gpt_oss_fwd", mutates_args=())
+def moe_experts_gpt_oss_fwd(
+    x_TD: Tensor, w_gate_up_ED2I: Tensor, w_down_EID: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
+    b_gate_up_E2I: Optional[Tensor], b_down_ED: Optional[Tensor], expert_trainable_E: Optional[Tensor],
+    pair_trainable_TK: Optional[Tensor], save_for_backward: bool, clamped: bool, alpha: float, limit: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_ED2I, topk_ids_TK)
+    dev, dt = x_TD.device, x_TD.dtype
+    BM = _block_m(S, E)
+    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = _routing_metadata(topk_ids_TK, E, BM)
+    gate_up_S2I = _empty((S, 2 * I) if save_for_backward else (0, 2 * I), dt, dev)
+    out_TD = _empty((T, D), dt, dev)
+    if S == 0:
+        out_TD.zero_()
+        return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+    h_SI = _empty((S, I), dt, dev)  # transient: the activation (sorted rows)
+    y_SD = _empty((S, D), dt, dev)  # transient: unweighted expert outputs, bias included (pair rows)
+    bucket = _rows_bucket(S, E)
+    ieee = dt == torch.float32 or _INTERPRET
+    b1 = b_gate_up_E2I if b_gate_up_E2I is not None else x_TD
+    b2 = b_down_ED if b_down_ED is not None else x_TD
+    with _on_device(x_TD):
+        _gk.up_gpt_oss_kernel[_row_grid(max_tiles, I, dev)](
+            x_TD, w_gate_up_ED2I, b1, gate_up_S2I if save_for_backward else h_SI, h_SI,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K, float(alpha), float(limit),
+            x_TD.stride(0), x_TD.stride(1), *w_gate_up_ED2I.stride(), b1.stride(0),
+            bucket, STORE_GATE_UP=save_for_backward, HAS_BIAS=b_gate_up_E2I is not None, CLAMPED=bool(clamped),
+            IEEE=ieee, BLOCK_M=BM,
+        )
+        _gk.down_gpt_oss_kernel[_row_grid(max_tiles, D, dev)](
+            h_SI, w_down_EID, b2, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, D, I, *w_down_EID.stride(), b2.stride(0), bucket, HAS_BIAS=b_down_ED is not None,
+            IEEE=ieee, BLOCK_M=BM,
+        )
+        BD = min(1024, _pow2(D))
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, topk_weights_TK.contiguous(), out_TD, T, D, K, HAS_W=True,
+                                                     BLOCK_D=BD)
+    return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+
+
+@moe_experts_gpt_oss_fwd.register_fake
+def _(x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_gate_up_E2I, b_down_ED, expert_trainable_E,
+      pair_trainable_TK, save_for_backward, clamped, alpha, limit):
+    T, D = x_TD.shape
+    E, _, I2 = w_gate_up_ED2I.shape
+    S = T * topk_ids_TK.shape[1]
+    return (x_TD.new_empty((T, D)), x_TD.new_empty((S, I2) if save_for_backward else (0, I2)),
+            x_TD.new_empty((S,), dtype=torch.int32), x_TD.new_empty((E + 1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("desmoe::moe_experts_gpt_oss_bwd", mutates_args=())
+def moe_experts_gpt_oss_bwd(
+    dout_TD: Tensor, x_TD: Tensor, w_gate_up_ED2I: Tensor, w_down_EID: Tensor, topk_ids_TK: Tensor,
+    topk_weights_TK: Tensor, b_down_ED: Optional[Tensor], gate_up_S2I: Tensor, sorted_pairs_S: Tensor,
+    offsets_E1: Tensor, expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
+    need_dx: bool, need_dw: bool, need_db: bool, need_dweights: bool, clamped: bool, alpha: float, limit: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx_TD, dw_gate_up, dw_down, dweights_TK, db_gate_up (float32), db_down (float32))``; a gradient not
+    asked for is an empty tensor."""
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_ED2I, topk_weights_TK)
+    I2 = 2 * I
+    dev, dt = x_TD.device, x_TD.dtype
+    wdt = w_gate_up_ED2I.dtype
+    dx_TD = _empty((T, D) if need_dx else (0,), dt, dev)
+    dw1 = _empty(tuple(w_gate_up_ED2I.shape) if need_dw else (0,), wdt, dev)
+    dw2 = _empty(tuple(w_down_EID.shape) if need_dw else (0,), wdt, dev)
+    dweights_TK = _empty((T, K) if need_dweights else (0,), topk_weights_TK.dtype, dev)
+    db1 = _empty((E, I2) if need_db else (0,), torch.float32, dev)
+    db2 = _empty((E, D) if need_db else (0,), torch.float32, dev)
+    outs = (dx_TD, dw1, dw2, dweights_TK, db1, db2)
+    if S == 0 or not (need_dx or need_dw or need_db or need_dweights):
+        for t in outs:
+            t.zero_()
+        return outs
+    dout_TD = dout_TD.contiguous()
+    w_TK = topk_weights_TK.contiguous()
+    BM = _block_m(S, E)
+    bucket = _rows_bucket(S, E)
+    ieee = dt == torch.float32 or _INTERPRET
+    sd_t, sd_d = dout_TD.stride()
+    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
+    need_dgu = need_dx or need_dw or need_db
+    dgate_up_S2I = _empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
+    hw_SI = _empty((S, I), dt, dev) if need_dw else gate_up_S2I
+    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
+    dwp_NS = _empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
+    em = _mask_u8(expert_trainable_E, offsets_E1)
+    pm = _mask_u8(pair_trainable_TK, offsets_E1)
+    has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
+    with _on_device(x_TD):
+        _gk.dh_gpt_oss_kernel[_row_grid(max_tiles, I, dev)](
+            dout_TD, w_down_EID, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K, S, ndwp, float(alpha), float(limit), sd_t, sd_d, *w_down_EID.stride(), bucket,
+            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm,
+            CLAMPED=bool(clamped), IEEE=ieee, DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
+        )
+        if need_dweights:
+            dweights = dwp_NS.sum(0).view(T, K)
+            if b_down_ED is not None:  # the down bias is weighted too: d w[t, k] += <dout[t], b_down[ids[t, k]]>
+                dweights = dweights + (dout_TD.float() @ b_down_ED.float().t()).gather(1, topk_ids_TK.long())
+            dweights_TK.copy_(dweights)
+        if need_dx:
+            dxp_SD = _empty((S, D), dt, dev)
+            se, sd, sj = w_gate_up_ED2I.stride()
+            _mk.dx_kernel[_row_grid(max_tiles, D, dev)](  # W_gate_up [E, D, 2I]: rows of the GEMM's K are its columns
+                dgate_up_S2I, w_gate_up_ED2I, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+                E, max_tiles, D, I2, se, sj, sd, bucket, IEEE=ieee, BLOCK_M=BM,
+            )
+            BD = min(1024, _pow2(D))
+            _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+        if need_dw or need_db:
+            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in the dW GEMMs and sums)
+            tok_S = (sorted_pairs_S // K).to(torch.int32)
+            if has_pm:
+                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+        if need_dw:
+            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
+                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
+
+            # dW_gate_up[e] [D, 2I] = x[tok]^T d(gate|up): A gathered by token, B sorted rows (dw_down's shape)
+            _mk.dw_down_kernel[grid(D, I2)](
+                x_TD, dgate_up_S2I, dw1, offsets_E1, tok_S, em, D, I2, x_TD.stride(0), x_TD.stride(1),
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            )
+            # dW_down[e] [I, D] = hw^T dout[tok]: A sorted rows, B gathered by token (dw_gate_up's shape)
+            _mk.dw_gate_up_kernel[grid(I, D)](
+                hw_SI, dout_TD, dw2, offsets_E1, tok_S, em, I, D, sd_t, sd_d,
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            )
+        if need_db:
+            BR, BN = _BIAS_BLOCKS
+            w_sorted_S = w_TK.reshape(-1)[sorted_pairs_S.long()]
+            _gk.bias_grad_kernel[(E, triton.cdiv(I2, BN))](
+                dgate_up_S2I, dgate_up_S2I, tok_S, offsets_E1, em, db1, I2, I2, 1,
+                GATHER=False, HAS_SCALE=False, HAS_EXPERT_MASK=has_em, BLOCK_R=BR, BLOCK_N=BN,
+            )
+            _gk.bias_grad_kernel[(E, triton.cdiv(D, BN))](
+                dout_TD, w_sorted_S, tok_S, offsets_E1, em, db2, D, sd_t, sd_d,
+                GATHER=True, HAS_SCALE=True, HAS_EXPERT_MASK=has_em, BLOCK_R=BR, BLOCK_N=BN,
+            )
+    return outs
+
+
+@moe_experts_gpt_oss_bwd.register_fake
+def _(dout_TD, x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_down_ED, gate_up_S2I,
+      sorted_pairs_S, offsets_E1, expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_db, need_dweights,
+      clamped, alpha, limit):
+    T, D = x_TD.shape
+    E, _, I2 = w_gate_up_ED2I.shape
+    f32 = torch.float32
+    return (
+        x_TD.new_empty((T, D) if need_dx else (0,)),
+        w_gate_up_ED2I.new_empty(tuple(w_gate_up_ED2I.shape) if need_dw else (0,)),
+        w_down_EID.new_empty(tuple(w_down_EID.shape) if need_dw else (0,)),
+        topk_weights_TK.new_empty(tuple(topk_weights_TK.shape) if need_dweights else (0,)),
+        x_TD.new_empty((E, I2) if need_db else (0,), dtype=f32),
+        x_TD.new_empty((E, D) if need_db else (0,), dtype=f32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, w1, w2, ids, w_TK, b1, b2, em, pm, save, clamped, alpha, limit = inputs
+    _out, gate_up, sorted_pairs, offsets = output
+    ctx.save_for_backward(x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm)
+    ctx.saved_activations = bool(save)
+    ctx.act = (bool(clamped), float(alpha), float(limit))
+    ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+
+
+def _backward(ctx, dout_TD, *_unused):
+    x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dweights = need[0], need[4]
+    need_dw = need[1] or need[2]
+    need_db = need[5] or need[6]
+    if dout_TD is None or not (need_dx or need_dw or need_db or need_dweights):
+        return (None,) * 13
+    if not ctx.saved_activations:
+        raise RuntimeError("desmoe::moe_experts_gpt_oss_fwd ran without saving activations (save_for_backward=False) "
+                           "but a gradient was requested")
+    dx, dw1, dw2, dweights, db1, db2 = moe_experts_gpt_oss_bwd(
+        dout_TD, x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm,
+        need_dx, need_dw, need_db, need_dweights, *ctx.act)
+    dt1, dt2 = ctx.bias_dtypes
+    return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,
+            dweights if need_dweights else None, db1.to(dt1) if need[5] else None, db2.to(dt2) if need[6] else None,
+            None, None, None, None, None, None)
+
+
+moe_experts_gpt_oss_fwd.register_autograd(_backward, setup_context=_setup_context)
+# bf16 compute under torch.autocast over fp32 masters: the GEMM operands take the region's dtype; routing weights
+# and the biases stay as given (the kernels add them in float32, as stock gpt-oss adds its fp32 biases)
+_autocast.register("desmoe::moe_experts_gpt_oss_fwd", ("x_TD", "w_gate_up_ED2I", "w_down_EID"))
+
+
+def moe_experts_gpt_oss(
+    x_TD: Tensor, w_gate_up_ED2I: Tensor, w_down_EID: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    b_gate_up: Tensor | None = None, b_down: Tensor | None = None, activation: str = "clamped_swiglu",
+    alpha: float = reference.SWIGLU_ALPHA, limit: float = reference.SWIGLU_LIMIT,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """gpt-oss's expert MLP with weighted combine on the Triton kernels: ``x [T, D] -> out [T, D]``.
+
+    Layout ``transposed=True, interleaved=True`` of :func:`desmoe.ops.reference.moe_experts_reference`
+    (``w_gate_up [E, D, 2I]`` gate in the even / up in the odd columns, ``w_down [E, I, D]``, optional
+    ``b_gate_up [E, 2I]`` / ``b_down [E, D]``), ``activation`` ``"clamped_swiglu"`` (``alpha``, ``limit``) or
+    ``"silu"``; same masks. x and the weights in one dtype among float32, float16, bfloat16 (the autocast region's
+    where one is active); anything else, or the ``grouped_mm`` GEMM engine (:mod:`desmoe.ops.dispatch`), runs on
+    the grouped engine (:mod:`desmoe.ops.grouped`).
+    """
+    dt, dt_gu, dt_dn = (_autocast.compute_dtype(t) for t in (x_TD, w_gate_up_ED2I, w_down_EID))
+    T, D = x_TD.shape
+    E, _, I2 = w_gate_up_ED2I.shape
+    engine = "triton"
+    if dt in _KERNEL_DTYPES and dt_gu == dt and dt_dn == dt:
+        engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, dt)
+    if dt not in _KERNEL_DTYPES or dt_gu != dt or dt_dn != dt or engine == "grouped_mm":
+        from .grouped import grouped_experts
+
+        trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
+        return grouped_experts(x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, activation=activation,
+                               trainable_S=trainable_S, trainable_E=expert_trainable_E, b_gate_up=b_gate_up,
+                               b_down=b_down, transposed=True, interleaved=True, alpha=alpha, limit=limit)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, w_gate_up_ED2I, w_down_EID, topk_weights_TK, b_gate_up,
+                                                    b_down))
+    return moe_experts_gpt_oss_fwd(
+        x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_gate_up, b_down, expert_trainable_E,
+        pair_trainable_TK, save, activation == "clamped_swiglu", float(alpha), float(limit))[0]
+
+
+__all__ = ["moe_experts_gpt_oss", "moe_experts_gpt_oss_fwd", "moe_experts_gpt_oss_bwd"]
