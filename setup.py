@@ -2,8 +2,8 @@
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch (inside pip's
 isolated build env torch is absent, or pip would pull a multi-GB CUDA build). Without torch at build time the
-package still installs; its loader (``desmoe.ops.extension``) then JIT-builds the extension on first use, or falls back to the
-PyTorch reference with one warning.
+package still installs; its loader (``desmoe.ops.extension``) then JIT-builds the extension on first use, or falls
+back to the PyTorch reference with one warning.
 
 ``kernels/`` is installed as the subpackage ``desmoe.kernels`` — never as a top-level ``kernels`` package, a
 name that belongs to Hugging Face's kernel hub and that transformers imports when present.

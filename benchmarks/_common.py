@@ -46,7 +46,8 @@ def device_name(device: torch.device | str | None = None) -> str:
 def git_sha() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL).decode().strip()
+        out = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL)
+        return out.decode().strip()
     except Exception:
         return "unknown"
 
@@ -174,7 +175,8 @@ def reset_peak(device=None) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def print_table(records: list[dict], cols=("shape", "T", "impl", "pass", "ms", "tflops", "gbps", "peak_mem_gb")) -> None:
+def print_table(records: list[dict],
+                cols=("shape", "T", "impl", "pass", "ms", "tflops", "gbps", "peak_mem_gb")) -> None:
     cols = [c for c in cols if any(c in r for r in records)]
     rows = [[_fmt(r.get(c, "")) for c in cols] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]

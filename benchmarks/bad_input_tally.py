@@ -58,7 +58,8 @@ HEADER = ("| code | attempts tried | clear | unclear | traceback | silent | lost
 
 def row(res: dict) -> str:
     return (f"| {res['label']} | {res['attempts_tried']} | " + " | ".join(str(res[k]) for k in OUTCOMES)
-            + f" | {res['plain_checks'] - res['plain_checks_failed']} of {res['plain_checks']} | {res['seconds']:.0f} s |")
+            + f" | {res['plain_checks'] - res['plain_checks_failed']} of {res['plain_checks']}"
+            + f" | {res['seconds']:.0f} s |")
 
 
 def write_readme() -> int:
@@ -107,7 +108,8 @@ def main() -> int:
         r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_bad_inputs.py"), "-q",
                             "-p", "no:cacheprovider", f"--junitxml={junit}", f"--rootdir={ROOT}",
                             "-n", "1", f"--timeout={a.case_timeout}", "--timeout-method=thread",
-                            *[f"--deselect=tests/test_bad_inputs.py::{t}" for t in a.skip]],  # one xdist worker: a case that aborts the process is reported, not fatal
+                            # one xdist worker: a case that aborts the process is reported, not fatal
+                            *[f"--deselect=tests/test_bad_inputs.py::{t}" for t in a.skip]],
                            env=env, cwd=td,
                            capture_output=True, text=True, timeout=a.timeout)
         seconds = time.time() - t0
@@ -138,7 +140,8 @@ def main() -> int:
     counts = collections.Counter(r["outcome"] for r in records)
     recorded = {r["case"].split("::")[-1] for r in records}
     plain = [c for c in cases if c["case"].split("::")[-1] not in recorded and not c["skipped"]]
-    res = {"label": a.label, "package": code, "skipped_tests": a.skip, "python": sys.version.split()[0], "seconds": round(seconds, 1),
+    res = {"label": a.label, "package": code, "skipped_tests": a.skip, "python": sys.version.split()[0],
+           "seconds": round(seconds, 1),
            "attempts_tried": len(records), **{k: counts.get(k, 0) for k in OUTCOMES},
            "plain_checks": len(plain), "plain_checks_failed": sum(c["failed"] for c in plain),
            "tests": len(cases), "tests_failed": sum(c["failed"] for c in cases),

@@ -31,7 +31,8 @@ from desmoe.train.builders import disable_activation_checkpointing, enable_activ
 
 QUICK = dict(shape="tiny", overrides=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=16, moe_intermediate_size=48, num_experts=8,
-                                          num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512), B=2, S=64)
+                                          num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512),
+             B=2, S=64)
 CPU = dict(shape="cpu-256x4L-16e-top4", overrides=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                                                         num_key_value_heads=4, head_dim=32, moe_intermediate_size=128,
                                                         num_experts=16, num_experts_per_tok=4, vocab_size=2048,

@@ -119,7 +119,8 @@ def run(tokens: int, rounds: int, max_gb: float, out_dir=None, verbose=True):
     }
     path = _common.write_results(result, out_dir)
     if verbose:
-        _common.print_table(result["records"], cols=("shape", "T", "impl", "masks", "pass", "ms", "median_ms", "tflops"))
+        _common.print_table(result["records"],
+                            cols=("shape", "T", "impl", "masks", "pass", "ms", "median_ms", "tflops"))
         v = result["verdict"]
         print(f"desmoe auto / {best_hf}: {v['desmoe_over_best']:.3f} (fastest step), "
               f"{v['desmoe_over_best_median']:.3f} (median); with masks: {v['desmoe_masked_over_best']:.3f}")

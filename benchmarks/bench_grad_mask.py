@@ -75,8 +75,8 @@ def main(argv=None) -> dict:
 
     result = _common.header("bench_grad_mask", device)
     info = extension.info()
-    result.update(quick=args.quick, small_shapes=quick, frozen_frac=args.frozen_frac, grad_bytes=total_bytes, frozen_bytes=frozen_bytes,
-                  extension=info)
+    result.update(quick=args.quick, small_shapes=quick, frozen_frac=args.frozen_frac, grad_bytes=total_bytes,
+                  frozen_bytes=frozen_bytes, extension=info)
 
     # Correctness first (also the records' "ok"): frozen rows exact zero, trainable rows unchanged (checksums).
     sums_before = [g.float().sum(dim=tuple(range(1, g.dim()))) for g in grads]

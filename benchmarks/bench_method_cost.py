@@ -261,8 +261,8 @@ def flop_accounting(v: Variant, batch: dict) -> dict:
             dw += 6.0 * n * D * I
     # attention's S x S products (no weights: forward, and dX where needed)
     H = cfg.num_attention_heads
-    hd_qk = getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0) or getattr(cfg, "head_dim", None) \
-        or cfg.hidden_size // H
+    hd_qk = (getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0)
+             or getattr(cfg, "head_dim", None) or cfg.hidden_size // H)
     hd_v = getattr(cfg, "v_head_dim", None) or hd_qk
     att = 2.0 * B * S * S * H * (hd_qk + hd_v)
     fwd += att * n_layers
@@ -392,7 +392,8 @@ def readme_table(res: dict, path: str) -> str:
 
 
 def update_readme(results_dir: str = _common.RESULTS_DIR,
-                  readme: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "method.md")):
+                  readme: str = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                             "method.md")):
     import glob
 
     blocks = []

@@ -25,9 +25,10 @@ import desmoe  # noqa: E402
 from desmoe.integrations.tiny import tiny_model  # noqa: E402
 from desmoe.method import MethodConfig, MethodController  # noqa: E402
 
-QUICK = dict(shape="tiny", overrides=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          head_dim=16, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-                                          vocab_size=1024, max_position_embeddings=512), B=4, S=128)
+QUICK = dict(shape="tiny", overrides=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, moe_intermediate_size=48,
+                                          num_experts=8, num_experts_per_tok=2, vocab_size=1024,
+                                          max_position_embeddings=512), B=4, S=128)
 GPU = dict(shape="qwen3moe-0.5B", overrides=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                                                  num_key_value_heads=4, head_dim=64, moe_intermediate_size=512,
                                                  num_experts=32, num_experts_per_tok=4, vocab_size=32000,
@@ -38,7 +39,8 @@ M_DOMAINS = 4
 def active_params(model) -> int:
     cfg = model.config
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3)
+    expert = sum(p.numel() for n, p in model.named_parameters()
+                 if n.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3)
     return int(total - expert + expert * cfg.num_experts_per_tok / cfg.num_experts)
 
 
@@ -70,7 +72,8 @@ def bench_one(spec, impl, pass_, device, dtype, iters, warmup):
         step0 = {"warmup": 0, "stabilization": 30, "consolidation": 90}[phase]
         ctl.begin_step(step0)
     opt = torch.optim.AdamW(ctl.param_groups() if ctl is not None else model.parameters(), lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     def step():
         with ctl.applied(dom_T) if ctl is not None else contextlib.nullcontext() as fwd, autocast:
@@ -123,8 +126,8 @@ def main(argv=None):
         res["records"].append(rec)
         print(f"{impl:>10} {pass_:<18} {rec['ms']:9.2f} ms  {rec['tokens_per_s']:10.0f} tok/s", flush=True)
     path = _common.write_results(res, out) if out is not None else None
-    _common.print_table(res["records"], cols=("shape", "T", "impl", "pass", "ms", "tokens_per_s", "tflops", "peak_mem_gb",
-                                              "trainable_params"))
+    _common.print_table(res["records"], cols=("shape", "T", "impl", "pass", "ms", "tokens_per_s", "tflops",
+                                              "peak_mem_gb", "trainable_params"))
     if path:
         print(f"wrote {path}")
     return res

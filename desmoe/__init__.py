@@ -32,4 +32,5 @@ def from_pretrained(path: str, **kwargs):
 
     return _from_pretrained(path, **kwargs)
 
-__all__ = ["ops", "from_pretrained", "patch", "unpatch", "supported_model_types", "UnsupportedModelError", "__version__"]
+__all__ = ["ops", "from_pretrained", "patch", "unpatch", "supported_model_types", "UnsupportedModelError",
+           "__version__"]

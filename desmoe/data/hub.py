@@ -83,9 +83,9 @@ def check_hub_name(name: str, field: str, repo_type: str = "model", timeout: flo
         if "HTTP" in cls and "404" not in str(e):
             raise DataSourceError(f"{field}: the Hugging Face hub refused {name!r} ({cls}: {str(e)[:200]}); {fix}") \
                 from None
-        raise DataSourceError(f"{field}: {name!r} is not an existing local path, not in the Hugging Face cache, and the hub "
-                              f"cannot be reached ({cls}: {str(e)[:200]}); {fix} (set HF_HUB_OFFLINE=1 to use the "
-                              f"cache only)") from None
+        raise DataSourceError(f"{field}: {name!r} is not an existing local path, not in the Hugging Face cache, and "
+                              f"the hub cannot be reached ({cls}: {str(e)[:200]}); {fix} (set HF_HUB_OFFLINE=1 to use "
+                              f"the cache only)") from None
 
 
 def is_model_hub_name(s: str) -> bool:

@@ -202,8 +202,8 @@ def _chat_spans(tokenizer, doc: SFTDoc, template: str | None) -> tuple[str, list
         else:  # the template rewrites earlier turns (e.g. drops reasoning): find the content itself
             a = full.find(content, pos)
             if a < 0:
-                raise DataSourceError(f"{doc.where}: the tokenizer's chat template does not reproduce turn {i}'s content; "
-                                      f"cannot tell which tokens to supervise")
+                raise DataSourceError(f"{doc.where}: the tokenizer's chat template does not reproduce turn {i}'s "
+                                      f"content; cannot tell which tokens to supervise")
             end = a + len(content)
         spans.append((a, end))
         pos = end

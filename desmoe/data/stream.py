@@ -92,7 +92,8 @@ class MixedDomainStream:
     ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes rows ``r*B .. r*B+B-1`` of it (B = batch_size, W = world_size).
 
     :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding and on the tokens of SFT
-    documents that are not targets), ``domain_ids`` (domain index per token, -1 on padding) and ``attention_mask`` (1 real / 0 padding), all LongTensor[B, S].
+    documents that are not targets), ``domain_ids`` (domain index per token, -1 on padding) and ``attention_mask``
+    (1 real / 0 padding), all LongTensor[B, S].
     :meth:`state_dict` is a small JSON-able dict; :meth:`load_state_dict` resumes exactly.
     """
 

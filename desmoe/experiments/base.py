@@ -104,7 +104,8 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     prev = sum(losses[-2 * k:-k]) / k if pretrain_steps >= 2 * k else float("nan")
     info = {"path": os.path.abspath(out), "pretrain_steps": pretrain_steps, "aux_loss_coef": aux_loss_coef,
             "pretrain_mix": mix, "n_params": n_params,
-            "general_loss_random_init": l0, "general_loss": l1, "train_loss_curve": losses[:: max(1, pretrain_steps // 200)],
+            "general_loss_random_init": l0, "general_loss": l1,
+            "train_loss_curve": losses[:: max(1, pretrain_steps // 200)],
             "train_loss_last10pct": tail, "train_loss_prev10pct": prev,
             "seconds": time.time() - t0, "config": base_cfg}
     with open(os.path.join(tmp, "base_info.json"), "w") as f:

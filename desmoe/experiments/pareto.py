@@ -96,7 +96,8 @@ def matched(points: list[dict], *, forgetting: float | None = None, loss: float 
     if (forgetting is None) == (loss is None):
         raise ValueError("matched: give exactly one of forgetting= and loss=")
     sfx = "" if split == "test" else "_val"
-    read = (lambda fr: loss_at_forgetting(fr, forgetting)) if loss is None else (lambda fr: forgetting_at_loss(fr, loss))
+    read = ((lambda fr: loss_at_forgetting(fr, forgetting)) if loss is None
+            else (lambda fr: forgetting_at_loss(fr, loss)))
     mean_front = frontier([(r["domain_loss" + sfx], r["forgetting" + sfx]) for r in lr_means(points)])
     seeds: dict[int, list[dict]] = {}
     for p in points:

@@ -277,10 +277,13 @@ def sweep_md(res: dict) -> str:
                "per-seed spread)\n\n" + R._table(head, rows))
     head = ["base", "method", "forgetting (fewest → most domains)", "Δ forgetting", "relative growth",
             "Δ common-domain loss"]
-    rows = [[str(b["pretrain_steps"]), m, f"{_f(g['forgetting_from'], sign=True)} → {_f(g['forgetting_to'], sign=True)}",
-             _f(g["forgetting_change"], sign=True), "–" if g["forgetting_ratio"] is None else f"×{g['forgetting_ratio']:.2f}",
+    rows = [[str(b["pretrain_steps"]), m,
+             f"{_f(g['forgetting_from'], sign=True)} → {_f(g['forgetting_to'], sign=True)}",
+             _f(g["forgetting_change"], sign=True),
+             "–" if g["forgetting_ratio"] is None else f"×{g['forgetting_ratio']:.2f}",
              _f(g["common_loss_change"], sign=True)] for b in B for m, g in b["scaling"].items()]
     out.append("#### Adding domains\n\n" + R._table(head, rows))
     rows = [[str(b["pretrain_steps"]), c["claim"], c["ours"], c["verdict"]] for b in B for c in b["claims"]]
-    out.append("#### Claim verdicts per base (the report's rules)\n\n" + R._table(["base", "claim", "ours", "verdict"], rows))
+    out.append("#### Claim verdicts per base (the report's rules)\n\n"
+               + R._table(["base", "claim", "ours", "verdict"], rows))
     return "\n\n".join(out) + "\n"

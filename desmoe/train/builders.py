@@ -218,7 +218,8 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
         losses, start = _load_pretrain_state(state_path, model, opt, stream, steps)
     it = progress_bar(range(start, steps), progress, "pretraining the base model")
     for s in it:
-        lr = cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        lr = (cfg.train.pretrain_lr * min(1.0, (s + 1) / max(1, steps // 10))
+              * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
         for g in opt.param_groups:
             g["lr"] = lr
         for r in routers:

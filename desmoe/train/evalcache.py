@@ -14,8 +14,8 @@ The key of one entry (stored in the file and compared on read; its hash names th
 parameter dtype and backend, the tokenizer path and vocabulary size, the split, the domain, its data source and
 text field, ``data.eval_max_docs``, ``seq_len``, ``batch_size``, ``max_batches``, the bf16 flag, the device type
 (CPU and GPU numbers differ in the last bits), the fact that the starting model is the unchanged base, and a digest
-of the tokenized documents themselves (which covers the data and the tokenizer's output exactly). Files are written atomically (temporary file + ``os.replace``), so
-concurrent runs sharing the directory never read a partial entry.
+of the tokenized documents themselves (which covers the data and the tokenizer's output exactly). Files are written
+atomically (temporary file + ``os.replace``), so concurrent runs sharing the directory never read a partial entry.
 """
 from __future__ import annotations
 

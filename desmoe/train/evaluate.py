@@ -76,7 +76,8 @@ def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: in
     names = domains or cfg.data.eval_domains()
     docs = tokenize_domains(tok, load_texts(cfg, names, "test", cfg.data.eval_max_docs))  # the trainer's eval docs
     res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                         max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0, device=dev,
+                         max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0,
+                         device=dev,
                          bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general)
     res["checkpoint"] = os.path.abspath(ckpt)
     res["step"] = meta["step"]

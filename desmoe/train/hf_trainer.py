@@ -129,8 +129,11 @@ class DesMoEMixin:
             method = MethodConfig(**(method or {}))
         if not isinstance(method, MethodConfig):
             raise TypeError(f"method must be a MethodConfig or a dict of its fields, got {type(method).__name__}")
-        if not domain_names or not all(isinstance(d, str) for d in domain_names):
-            raise ValueError(f"domain_names must be a non-empty list of domain names, got {domain_names!r}")
+        if isinstance(domain_names, str) or not isinstance(domain_names, (list, tuple)) or not domain_names \
+                or not all(isinstance(d, str) and d for d in domain_names) \
+                or len(set(domain_names)) != len(domain_names):
+            raise ValueError(f"domain_names must be a non-empty list of distinct domain names (the index of each is "
+                             f"a row's domain_ids value), got {domain_names!r}")
         if method_class(method.name)(method, targs.max_steps).prepare_batches():
             raise ValueError(f"{who}: method {method.name!r} needs a preparation pass over training batches "
                              f"before training (ESFT scores experts); use `desmoe train`")

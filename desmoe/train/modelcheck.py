@@ -103,7 +103,8 @@ def _forward_tiny(conf) -> None:
 
     from ..integrations.tiny import _VISION_LANGUAGE
 
-    auto = AutoModelForImageTextToText if getattr(conf, "model_type", None) in _VISION_LANGUAGE else AutoModelForCausalLM
+    vision = getattr(conf, "model_type", None) in _VISION_LANGUAGE
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     with torch.random.fork_rng():
         model = auto.from_config(conf)
         model.set_experts_implementation("eager") if hasattr(model, "set_experts_implementation") else None

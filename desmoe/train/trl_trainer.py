@@ -5,7 +5,7 @@ tokens only, TRL's defaults (activation checkpointing on, bf16).
     from trl import SFTConfig
     trainer = DesMoESFTTrainer(model=model, args=SFTConfig(output_dir="out", max_steps=2000,
                                                            assistant_only_loss=True),
-                               train_dataset=ds,                     # rows: "messages" (or prompt/completion) + "domain"
+                               train_dataset=ds,  # rows: "messages" (or prompt/completion) + "domain"
                                processing_class=tokenizer,
                                method={"name": "des_moe"}, domain_names=["math", "code", "law"])
     trainer.train()
