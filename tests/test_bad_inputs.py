@@ -365,7 +365,7 @@ def test_second_run_in_a_locked_dir_fails_naming_dir_and_pid_then_stale_lock_is_
         p.wait()
     assert json.loads((run_copy / ".desmoe.lock").read_text())["pid"] == p.pid
     err = attempt(request, capsys, train(base, run_copy, "--resume"), names=["already finished"], expect_rc=0)
-    assert f"stale lock" in err and f"pid {p.pid}" in err
+    assert "stale lock" in err and f"pid {p.pid}" in err
 
 
 def test_lock_is_released_after_a_run_and_after_a_failure(request, base, tmp_path):

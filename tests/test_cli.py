@@ -51,7 +51,8 @@ def test_train_then_eval(tmp_path, cfg_file, capsys):
 
 
 def test_bad_inputs_exit_2_with_clear_message(tmp_path, cfg_file, capsys):
-    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r"), "--set", "method.tau=-1"]) == 2
+    assert main(["train", "--config", str(cfg_file), "--output-dir", str(tmp_path / "r"),
+                 "--set", "method.tau=-1"]) == 2
     assert "method.tau" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "none.yaml"), "--output-dir", str(tmp_path / "r")]) == 2
     assert "none.yaml" in capsys.readouterr().err

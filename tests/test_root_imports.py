@@ -43,7 +43,8 @@ def test_python_c_from_the_root_imports_hugging_face_kernels_and_the_trainer():
     hf_file, own_file, has_api = proc.stdout.split()
     assert not hf_file.startswith(OWN_KERNELS + os.sep), hf_file
     assert "site-packages" in hf_file or "dist-packages" in hf_file, hf_file
-    assert own_file == os.path.join(OWN_KERNELS, "moe.py") or own_file.endswith(os.path.join("desmoe", "kernels", "moe.py"))
+    assert (own_file == os.path.join(OWN_KERNELS, "moe.py")
+            or own_file.endswith(os.path.join("desmoe", "kernels", "moe.py")))
     assert has_api == "True"
 
 

@@ -186,7 +186,8 @@ def test_eval_ignores_prompt_tokens(tmp_path, tok):
     ({"messages": ["hi"]}, r"messages\[0\] is a str"),
     ({"prompt": "p", "completion": ""}, r"'completion' is empty"),
     ({"prompt": 3, "completion": "c"}, r"'prompt' is a int"),
-    ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]}, r"'prompt' and 'completion' must both be strings or both be lists"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]},
+     r"'prompt' and 'completion' must both be strings or both be lists"),
 ])
 def test_malformed_rows_named(tmp_path, row, msg):
     good = esft_rows(4)
@@ -219,8 +220,8 @@ def test_template_that_refuses_a_conversation_is_named(tmp_path, tok):
     texts = all_texts(write_jsonl(tmp_path / "c.jsonl", esft_rows(3)))
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
     try:
-        with pytest.raises(DataSourceError, match=r"c\.jsonl: line \d \(record \d\): the tokenizer's chat template cannot render"
-                                                  r".*roles must alternate"):
+        with pytest.raises(DataSourceError, match=r"c\.jsonl: line \d \(record \d\): the tokenizer's chat template "
+                                                  r"cannot render.*roles must alternate"):
             tokenize_domains(tok, {"chat": texts})
     finally:
         tok.chat_template = None

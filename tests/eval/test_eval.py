@@ -104,7 +104,8 @@ def test_math_exact_match_runs_on_a_real_model(tok):
 
 
 def test_format_table():
-    res = {"domains": {"math": {"loss": 1.0, "ppl": 2.718, "tokens": 10}, "general": {"loss": 2.0, "ppl": 7.39, "tokens": 5}},
+    res = {"domains": {"math": {"loss": 1.0, "ppl": 2.718, "tokens": 10},
+                       "general": {"loss": 2.0, "ppl": 7.39, "tokens": 5}},
            "math": {"exact_match": 0.5, "n": 4}}
     res["general"] = res["domains"]["general"]
     t = format_table(res)

@@ -171,7 +171,8 @@ def test_bad_input(tmp_path, capsys):
         with pytest.raises(ValueError, match=msg):
             load_spec(str(p))
     p = tmp_path / "max_steps.yaml"
-    p.write_text(yaml.safe_dump({**d, "finetune": {**d["finetune"], "train": {**d["finetune"]["train"], "max_steps": 5}}}))
+    train = {**d["finetune"]["train"], "max_steps": 5}
+    p.write_text(yaml.safe_dump({**d, "finetune": {**d["finetune"], "train": train}}))
     with pytest.raises(ValueError, match="steps_per_domain"):
         load_spec(str(p))
 

@@ -44,12 +44,14 @@ def test_stopped_pretraining_continues_bitwise(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", stopping_step)
     with pytest.raises(_Stop):
-        pretrain(model, cfg, docs, tok.eos_token_id, torch.device("cpu"), 7, aux_coef=0.01, state_path=state, save_every=2)
+        pretrain(model, cfg, docs, tok.eos_token_id, torch.device("cpu"), 7, aux_coef=0.01, state_path=state,
+                 save_every=2)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     assert os.path.isfile(state)
 
     cfg, tok, model, docs = _setup()  # a new process: fresh model, fresh stream
-    losses = pretrain(model, cfg, docs, tok.eos_token_id, torch.device("cpu"), 7, aux_coef=0.01, state_path=state, save_every=2)
+    losses = pretrain(model, cfg, docs, tok.eos_token_id, torch.device("cpu"), 7, aux_coef=0.01, state_path=state,
+                      save_every=2)
     assert losses == ref_losses
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k

@@ -253,8 +253,8 @@ def test_phases_change_exactly_the_right_parameters():
     assert ctl.tracker.initialised and ctl.tracker.masks_LME is not None
 
 
-@pytest.mark.parametrize("method", ["fft", "frozen_router", "des_moe_no_alr", "des_moe_no_dges", "esft_gate", "esft_token",
-                                    "experts_only", "fft_attention_frozen"])
+@pytest.mark.parametrize("method", ["fft", "frozen_router", "des_moe_no_alr", "des_moe_no_dges", "esft_gate",
+                                    "esft_token", "experts_only", "fft_attention_frozen"])
 def test_baselines_select_the_right_parameters(method):
     m = _model("deepseek_v2")
     T = 5
@@ -477,7 +477,7 @@ def test_unknown_domain_tokens_in_masked_phases(mode):
     b = _batch()
     b["domain_ids"][:] = -1  # every token of unknown domain
     m.zero_grad(set_to_none=True)
-    with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
+    with ctl.applied(b["domain_ids"].reshape(-1)):
         out = m(input_ids=b["input_ids"], labels=b["labels"])
     out.loss.backward()
     for bname, _, ex in ctl.blocks:

@@ -108,7 +108,8 @@ def test_every_file_and_directory_is_fsynced(tmp_path, monkeypatch):
     s = run(config_from_dict(d), str(tmp_path / "r"), **QUIET)
     c = os.path.realpath(s["checkpoint"])
     tmp_name = c.replace("step-000001", ".tmp-step-000001")  # files are synced before the rename
-    files = [os.path.join(tmp_name, f) for f in ck.verify_checkpoint(c)["files"]] + [os.path.join(tmp_name, ck.MANIFEST)]
+    files = ([os.path.join(tmp_name, f) for f in ck.verify_checkpoint(c)["files"]]
+             + [os.path.join(tmp_name, ck.MANIFEST)])
     missing = [f for f in files if f not in synced]
     assert not missing, missing
     assert os.path.dirname(c) in synced  # the rename itself is made durable

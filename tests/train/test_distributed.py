@@ -20,7 +20,8 @@ from desmoe.train.durable import sha256_file
 from desmoe.train.trainer import run
 from test_train import tiny_cfg
 
-pytestmark = [pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not available"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed not available"),
+              pytest.mark.usefixtures("one_thread")]
 QUIET = dict(progress=False, log=lambda *_: None)
 
 

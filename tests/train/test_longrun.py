@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from desmoe.train import config_from_dict
