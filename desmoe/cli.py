@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("--output-dir", required=True, help="run directory (checkpoints, plots, summary.json)")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this step (the phase clock stays train.max_steps)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step (the phase clock stays train.max_steps)")
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue from the latest checkpoint in --output-dir, or from checkpoint/run directory DIR "
                         "(verified: a corrupt or mismatched checkpoint is an error, never a restart from step 0)")
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: per-domain loss/ppl, math exact match, general loss")
     e.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or checkpoint dir")
-    e.add_argument("--max-batches", type=int, default=None, help="held-out batches per domain (default: the run's train.eval_batches)")
+    e.add_argument("--max-batches", type=int, default=None,
+                   help="held-out batches per domain (default: the run's train.eval_batches)")
     e.add_argument("--math-n", type=int, default=16, help="math problems for exact match (0 = skip)")
     e.add_argument("--json", default=None, help="also write the results JSON to this file")
     e.add_argument("--format", choices=["table", "json"], default="table",
@@ -223,7 +225,8 @@ def cmd_eval(a) -> int:
 
 
 def _is_export(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "desmoe_export.json")) and os.path.isfile(os.path.join(path, "config.json"))
+    return (os.path.isfile(os.path.join(path, "desmoe_export.json"))
+            and os.path.isfile(os.path.join(path, "config.json")))
 
 
 def _lm_eval(a, tasks: list[str], exported: bool) -> dict:
@@ -546,8 +549,8 @@ def _cpu_threads(cmd: str) -> None:
     threads on a busy 2-core machine made the same run up to 20x slower (27.5 s vs 7.5 s measured)."""
     import torch
 
-    if cmd in ("demo", "train", "eval", "export", "specialization", "experiment", "parity") and not torch.cuda.is_available() \
-            and os.environ.get("OMP_NUM_THREADS") is None:
+    if cmd in ("demo", "train", "eval", "export", "specialization", "experiment", "parity") \
+            and not torch.cuda.is_available() and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(1)
 
 

@@ -1,6 +1,6 @@
 """Markdown from the experiments' results.json files: ``python -m desmoe.experiments.report DIR`` (DIR holds
-``pareto/`` and ``scaling/`` as written by ``desmoe experiment all --out DIR``); ``--readme docs/experiments.md`` rewrites the
-README's generated Results block (between the ``results:begin`` / ``results:end`` markers) instead of printing.
+``pareto/`` and ``scaling/`` as written by ``desmoe experiment all --out DIR``); ``--readme docs/experiments.md``
+rewrites the README's generated Results block (between the ``results:begin`` / ``results:end`` markers) instead of printing.
 
 The paper-claim table is computed here from the JSON: every verdict follows a stated rule, and a difference only
 counts when it is larger than twice the paired seed spread (``resolution`` in pareto/results.json).
@@ -69,7 +69,8 @@ def pareto_md(r: dict) -> str:
         ["method", "LR (val)", "avg domain loss (test)", "forgetting (test)", "val loss", "val forgetting",
          "train s"], rows))
     refs = r["references"]
-    head = ["method"] + [f"domain loss at {ref}'s forgetting ({_f(v['forgetting'], sign=True)})" for ref, v in refs.items()] \
+    head = ["method"] + [f"domain loss at {ref}'s forgetting ({_f(v['forgetting'], sign=True)})"
+                         for ref, v in refs.items()] \
         + [f"forgetting at {ref}'s domain loss ({_f(v['domain_loss'])})" for ref, v in refs.items()]
     rows = [[m] + [_matched(b, "at_matched_forgetting", ref) for ref in refs]
             + [_matched(b, "at_matched_domain_loss", ref) for ref in refs] for m, b in r["methods"].items()]

@@ -98,7 +98,8 @@ def check_output_file(name: str, path) -> str:
         _bad(name, "a file path", path)
     p = os.path.expanduser(path)
     if os.path.isdir(p):
-        raise ValueError(f"{name} {path!r} is a directory; expected a file path (e.g. {os.path.join(path, 'results.json')!r})")
+        raise ValueError(f"{name} {path!r} is a directory; expected a file path "
+                         f"(e.g. {os.path.join(path, 'results.json')!r})")
     if os.path.exists(p) and not os.path.isfile(p):
         raise ValueError(f"{name} {path!r} exists and is not a regular file; expected a file path")
     parent = os.path.dirname(os.path.abspath(p))
@@ -240,7 +241,8 @@ def check_overrides(overrides: dict, model_config, source: str) -> None:
             ok = True
         if not ok:
             tn = type(cur).__name__
-            _bad(f"model.overrides.{k}", f"{'an' if tn[0] in 'aeiou' else 'a'} {tn} like the config's default {cur!r}", v)
+            article = "an" if tn[0] in "aeiou" else "a"
+            _bad(f"model.overrides.{k}", f"{article} {tn} like the config's default {cur!r}", v)
 
 
 @dataclass
@@ -511,7 +513,8 @@ class Config:
                 and not has_tokenizer_files(os.path.expanduser(tok_dir)):
             field_name = "tokenizer.path" if self.tokenizer.path else "model.path"
             raise ValueError(
-                f"{field_name}: the directory {tok_dir!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)})"
+                f"{field_name}: the directory {tok_dir!r} has no tokenizer files "
+                f"(none of {', '.join(_TOKENIZER_FILES)})"
                 + ("; set tokenizer.path to a tokenizer directory (e.g. the one the model was trained with)"
                    if field_name == "model.path" else ""))
 
