@@ -1,6 +1,7 @@
 """Markdown from the experiments' results.json files: ``python -m desmoe.experiments.report DIR`` (DIR holds
 ``pareto/`` and ``scaling/`` as written by ``desmoe experiment all --out DIR``); ``--readme docs/experiments.md``
-rewrites the README's generated Results block (between the ``results:begin`` / ``results:end`` markers) instead of printing.
+rewrites the README's generated Results block (between the ``results:begin`` / ``results:end`` markers) instead of
+printing.
 
 The paper-claim table is computed here from the JSON: every verdict follows a stated rule, and a difference only
 counts when it is larger than twice the paired seed spread (``resolution`` in pareto/results.json).
