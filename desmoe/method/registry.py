@@ -17,15 +17,12 @@ adapter. The built-in methods live one per file beside this one (``fft.py``, ``f
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 
 from .dges import AffinityTracker
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import MethodConfig
 
 PARAM_KINDS = ("experts", "router", "alr", "shared_experts", "attention", "embeddings", "other")
 
@@ -52,13 +49,14 @@ class MethodContext(Protocol):
 class Method:
     """Base class: one phase named after the method, nothing masked, no added loss, nothing to prepare.
 
-    ``cfg`` is the run's :class:`~desmoe.method.MethodConfig`; ``total_steps`` is T, the phase clock.
+    ``cfg`` is the run's :class:`~desmoe.method.MethodConfig` (which validates its name against this registry, so
+    the config module imports this one, not the other way round); ``total_steps`` is T, the phase clock.
     """
 
     name: ClassVar[str] = ""
     uses_alr: ClassVar[bool] = False  # attach the ALR residual to every router (its parameters are kind "alr")
 
-    def __init__(self, cfg: "MethodConfig", total_steps: int):
+    def __init__(self, cfg, total_steps: int):
         self.cfg, self.T = cfg, int(total_steps)
 
     # --- phases and trainable parameters ----------------------------------------------------------------------
