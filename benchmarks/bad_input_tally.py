@@ -1,6 +1,7 @@
-"""Tally of the bad-input suite (tests/test_bad_inputs.py): tried / clear / unclear / traceback / silent / lost.
+"""Tally of the bad-input suites (tests/test_bad_inputs.py, tests/test_fuzz_inputs.py): tried / clear / correct /
+unclear / traceback / silent / lost.
 
-Runs the suite with ``DESMOE_BAD_INPUT_TALLY`` set, so every CLI/library attempt records how it was classified
+Runs the suites with ``DESMOE_BAD_INPUT_TALLY`` set, so every CLI/library attempt records how it was classified
 (see ``classify`` in the test file), and reads pytest's JUnit XML for the checks that are plain asserts.
 ``--code DIR`` runs the same suite against another checkout of the package (e.g. the code before issue 15:
 ``git archive c163abc | tar -x -C /tmp/old``), to measure what the suite finds there.
@@ -25,7 +26,8 @@ import time
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUTCOMES = ("clear", "unclear", "traceback", "silent", "lost")
+OUTCOMES = ("clear", "correct", "unclear", "traceback", "silent", "lost")
+SUITES = ("tests/test_bad_inputs.py", "tests/test_fuzz_inputs.py")
 
 
 # this machine's paths in tracebacks, as portable placeholders (the results are committed)
@@ -52,12 +54,12 @@ def portable(obj, roots: list[str]):
     return obj
 
 
-HEADER = ("| code | attempts tried | clear | unclear | traceback | silent | lost | other checks passed | suite time |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| code | attempts tried | clear | correct | unclear | traceback | silent | lost | other checks passed | "
+          "suite time |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(res: dict) -> str:
-    return (f"| {res['label']} | {res['attempts_tried']} | " + " | ".join(str(res[k]) for k in OUTCOMES)
+    return (f"| {res['label']} | {res['attempts_tried']} | " + " | ".join(str(res.get(k, "–")) for k in OUTCOMES)
             + f" | {res['plain_checks'] - res['plain_checks_failed']} of {res['plain_checks']}"
             + f" | {res['seconds']:.0f} s |")
 
@@ -105,11 +107,12 @@ def main() -> int:
         code = subprocess.run([sys.executable, "-c", "import desmoe, os; print(os.path.dirname(desmoe.__file__))"],
                               env=env, cwd=td, capture_output=True, text=True).stdout.strip()
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_bad_inputs.py"), "-q",
+        r = subprocess.run([sys.executable, "-m", "pytest", *[os.path.join(ROOT, s) for s in SUITES], "-q",
                             "-p", "no:cacheprovider", f"--junitxml={junit}", f"--rootdir={ROOT}",
                             "-n", "1", f"--timeout={a.case_timeout}", "--timeout-method=thread",
                             # one xdist worker: a case that aborts the process is reported, not fatal
-                            *[f"--deselect=tests/test_bad_inputs.py::{t}" for t in a.skip]],
+                            *[f"--deselect={t}" if "::" in t else f"--deselect=tests/test_bad_inputs.py::{t}"
+                              for t in a.skip]],
                            env=env, cwd=td,
                            capture_output=True, text=True, timeout=a.timeout)
         seconds = time.time() - t0

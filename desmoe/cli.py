@@ -160,6 +160,9 @@ def cmd_train(a) -> int:
     from .train.rundir import RunFinished
     from .train.signals import Interrupted
 
+    if isinstance(a.resume, str) and not os.path.isdir(a.resume):
+        raise FileNotFoundError(f"--resume {a.resume!r}: no such checkpoint or run directory"
+                                + (" (it is a file)" if os.path.exists(a.resume) else ""))
     resume = _resume_or_start(a.resume, a.output_dir)
     try:
         s = run(cfg, a.output_dir, max_steps=a.max_steps, resume=resume, overwrite=a.overwrite)
@@ -192,12 +195,12 @@ def cmd_eval(a) -> int:
     check_device_available("--device", a.device)
     if a.json is not None:
         check_output_file("--json", a.json)
-    if not os.path.exists(a.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {a.checkpoint!r} does not exist; expected a run directory or a "
-                                f"checkpoint directory")
     tasks = None if a.tasks is None else [t.strip() for t in a.tasks.split(",") if t.strip()]
     if a.tasks is not None and not tasks:
         raise ValueError(f"--tasks: expected comma-separated lm-eval task names, got {a.tasks!r}")
+    if not os.path.exists(a.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {a.checkpoint!r} does not exist; expected a run directory or a "
+                                f"checkpoint directory")
     exported = _is_export(a.checkpoint)
     if exported and not tasks:
         raise ValueError(f"--checkpoint {a.checkpoint!r} is an exported model (desmoe_export.json): its held-out "

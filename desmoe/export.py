@@ -70,6 +70,10 @@ def from_pretrained(path: str, *, device="cpu", dtype=torch.float32, backend: st
     was trained with them — in eval mode. ``path``: a run directory (latest checkpoint), a checkpoint directory,
     or a model folder. No domain, data or method state is needed. A desmoe checkpoint is verified against its
     manifest first, and only safetensors weights are read (nothing in a received folder runs)."""
+    if not isinstance(device, torch.device):
+        from .train.config import check_device_available
+
+        check_device_available("device", str(device))
     return _load_model_dir(_model_dir(path), device=device, dtype=dtype, backend=backend)
 
 

@@ -115,7 +115,16 @@ def alr_facts(model: str, expansion: float | None = None) -> dict:
     from .method import MethodConfig
     from .method.alr import alr_summary
 
+    import math
+
+    if expansion is not None and (not isinstance(expansion, (int, float)) or not math.isfinite(expansion)
+                                  or not 0 < expansion <= 64):
+        raise ValueError(f"--alr-expansion must be a number in (0, 64] (the ALR width as a multiple of the hidden "
+                         f"size), got {expansion!r}")
     path = os.path.dirname(model) if os.path.basename(model) == "config.json" else model
+    if not os.path.isfile(os.path.join(path, "config.json")):  # a folder or its config.json: never a hub lookup
+        raise FileNotFoundError(f"--model {model!r}: no config.json there; expected a model folder holding "
+                                f"config.json, or the config.json file itself")
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -127,8 +136,12 @@ def main(fmt: str = "table", out=None, model: str | None = None, alr_expansion: 
     import json
 
     out = out or sys.stdout
+    if alr_expansion is not None and model is None:
+        raise ValueError(f"--alr-expansion {alr_expansion} needs --model (the model folder whose ALR it costs)")
+    if model is not None:
+        alr_facts_checked = alr_facts(model, alr_expansion)  # the flags checked before anything is collected
     facts = collect()
     if model is not None:
-        facts["alr"] = {"model": model, **alr_facts(model, alr_expansion)}
+        facts["alr"] = {"model": model, **alr_facts_checked}
     out.write((json.dumps(facts, indent=2) if fmt == "json" else format_table(facts)) + "\n")
     return 0

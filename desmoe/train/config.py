@@ -32,7 +32,7 @@ INT_BOUNDS = {
     "train.max_steps": (1, _BIG), "train.warmup_steps": (0, _BIG), "train.grad_accum": (1, 1 << 16),
     "train.log_every": (1, _BIG), "train.save_every": (0, _BIG), "train.eval_batches": (1, 1 << 20),
     "train.pretrain_steps": (0, _BIG), "train.keep_last": (0, 1 << 20), "train.val_batches": (0, 1 << 20),
-    "train.val_every": (0, _BIG),
+    "train.val_every": (0, _BIG), "train.activation_checkpointing": (0, 1 << 20),
     "method.alr_expansion": (1, 64), "method.update_every": (1, _BIG), "method.esft_batches": (1, 1 << 20),
 }
 
@@ -359,9 +359,14 @@ class DataConfig:
             _bad("data.sources", "a mapping domain -> dataset name or file", self.sources)
         from ..data import DOMAINS
 
+        if self.general is not None and not self.general.strip():
+            _bad("data.general", "a domain name or null (no forgetting probe)", self.general)
+        if not self.text_field.strip():
+            _bad("data.text_field", "a column name", self.text_field)
         for d in self.domains + ([self.general] if self.general else []):
             if d not in DOMAINS and d not in self.sources:
-                raise ValueError(f"data.domains: {d!r} is not a built-in domain ({', '.join(DOMAINS)}) and has no "
+                which = "data.general" if d == self.general and d not in self.domains else "data.domains"
+                raise ValueError(f"{which}: {d!r} is not a built-in domain ({', '.join(DOMAINS)}) and has no "
                                  f"data.sources entry")
         for d, src in self.sources.items():
             if not isinstance(src, str) or not src:
