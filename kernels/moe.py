@@ -70,6 +70,10 @@ def _dw(ba, bb, bk, w, s, group=8):
 # The small-footprint fallback is what float32 inputs run (tests, debugging; no tensor cores there).
 _ROW_FALLBACK = _row(32, 32, 4, 2)
 _DW_FALLBACK = _dw(64, 64, 32, 4, 2)
+# kernels whose float32 path needs a smaller tile than the shared fallback to stay free of spills (gpt-oss's up
+# GEMM: one [BLOCK_K, 2*BLOCK_N] interleaved B tile, FMA dot)
+_ROW_FALLBACKS = {"up_gpt_oss_kernel": _row(32, 16, 4, 2)}
+_ALL_FALLBACKS = (_ROW_FALLBACK, _DW_FALLBACK, *_ROW_FALLBACKS.values())
 _DEFAULT = {
     "up_swiglu_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
                          128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
@@ -116,7 +120,7 @@ def configs_for(kernel: str, mode: str = AUTOTUNE) -> list:
     out = []
     for group in GPU_CONFIGS[mode][kernel].values():
         out += [c for c in group if c not in out]
-    return out + [_DW_FALLBACK if kernel.startswith("dw_") else _ROW_FALLBACK]
+    return out + [_DW_FALLBACK if kernel.startswith("dw_") else _ROW_FALLBACKS.get(kernel, _ROW_FALLBACK)]
 
 
 _SMEM_BUDGET = 220 * 1024  # H100/H200: 227 KB per block, minus room for the epilogue's layout conversions
@@ -133,7 +137,7 @@ def prune_configs(configs, element_size: int, block_m=None, n_b_tiles: int = 1, 
     """The configs the autotuner benchmarks for one call: the kernel's class for this row-tile height (when
     ``kernel`` is given and the candidates are the listed ones), that fit shared memory; float32 inputs run the
     small fallback only."""
-    fallback = [c for c in configs if c in (_ROW_FALLBACK, _DW_FALLBACK)]
+    fallback = [c for c in configs if c in _ALL_FALLBACKS]
     if element_size >= 4 and fallback:
         return fallback
     cand = [c for c in configs if c not in fallback]

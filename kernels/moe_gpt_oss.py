@@ -43,12 +43,24 @@ def _gated(g, u, alpha, limit, CLAMPED: tl.constexpr):
 
 
 @triton.jit
-def _up_epilogue(sub, h_ptr, rows, rmask, c_start, N, alpha, limit, CLAMPED: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HALF: tl.constexpr):
-    """h for HALF columns of I from their 2*HALF interleaved pre-activation columns ``sub``."""
+def _up_epilogue(sub, b_ptr, gate_up_ptr, h_ptr, e, rows, rmask, c_start, N, alpha, limit, HAS_BIAS: tl.constexpr,
+                 STORE_GATE_UP: tl.constexpr, CLAMPED: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """HALF columns of I from their 2*HALF interleaved pre-activation columns ``sub``: + bias, the pre-activation
+    stored, gate/up split in registers, h stored."""
+    c2 = 2 * c_start + tl.arange(0, 2 * HALF)
+    m2 = c2 < 2 * N
+    dt = h_ptr.dtype.element_ty
+    if HAS_BIAS:
+        sub += tl.load(b_ptr + e + c2, mask=m2, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        # the clamps act on the pre-activation as stored (rounded to the compute dtype): the backward, which
+        # reloads it, then takes the same side of every clamp edge as this forward
+        sub = sub.to(dt).to(tl.float32)
+    if STORE_GATE_UP:
+        tl.store(gate_up_ptr + rows[:, None] * (2 * N) + c2[None, :], sub.to(dt), mask=rmask[:, None] & m2[None, :])
     g, u = tl.split(tl.reshape(sub, [BLOCK_M, HALF, 2]))
     cols = c_start + tl.arange(0, HALF)
-    tl.store(h_ptr + rows[:, None] * N + cols[None, :], _gated(g, u, alpha, limit, CLAMPED).to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows[:, None] * N + cols[None, :], _gated(g, u, alpha, limit, CLAMPED).to(dt),
              mask=rmask[:, None] & (cols < N)[None, :])
 
 
@@ -88,17 +100,18 @@ def up_gpt_oss_kernel(
                 acc = _dot(a, b, acc, IEEE)
                 a_ptrs += BLOCK_K * sx_d
                 b_ptrs += BLOCK_K * sw_d
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + e.to(tl.int64) * sb_e + cols2, mask=nmask2, other=0.0).to(tl.float32)[None, :]
-            dt = h_ptr.dtype.element_ty
-            if STORE_GATE_UP:
-                tl.store(gate_up_ptr + rows[:, None] * (2 * N) + cols2[None, :], acc.to(dt),
-                         mask=rmask[:, None] & nmask2[None, :])
-            # sub-tiled epilogue: two half-width passes, each a contiguous run of interleaved columns
+            # sub-tiled epilogue: four quarter-width passes, each a contiguous run of interleaved columns (the
+            # accumulator is as wide as the SwiGLU kernel's two together; finer passes keep it within registers)
             a0, a1 = _halves(acc, BLOCK_M, 2 * BLOCK_N)
             c0 = pid_n * BLOCK_N
-            _up_epilogue(a0, h_ptr, rows, rmask, c0, N, alpha, limit, CLAMPED, BLOCK_M, BLOCK_N // 2)
-            _up_epilogue(a1, h_ptr, rows, rmask, c0 + BLOCK_N // 2, N, alpha, limit, CLAMPED, BLOCK_M, BLOCK_N // 2)
+            eb = e.to(tl.int64) * sb_e
+            Q: tl.constexpr = BLOCK_N // 4
+            for h in tl.static_range(2):
+                q0, q1 = _halves(a0 if h == 0 else a1, BLOCK_M, BLOCK_N)
+                _up_epilogue(q0, b_ptr, gate_up_ptr, h_ptr, eb, rows, rmask, c0 + 2 * h * Q, N, alpha, limit,
+                             HAS_BIAS, STORE_GATE_UP, CLAMPED, BLOCK_M, Q)
+                _up_epilogue(q1, b_ptr, gate_up_ptr, h_ptr, eb, rows, rmask, c0 + (2 * h + 1) * Q, N, alpha, limit,
+                             HAS_BIAS, STORE_GATE_UP, CLAMPED, BLOCK_M, Q)
 
 
 @triton.autotune(configs=configs_for("down_gpt_oss_kernel"), key=_ROW_KEY + ["HAS_BIAS"],

@@ -14,7 +14,9 @@ import triton
 from desmoe.ops import reference as ref
 
 triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+from desmoe import ops  # noqa: E402
 from desmoe.kernels import moe as mk  # noqa: E402
+from desmoe.kernels import moe_gpt_oss as gk  # noqa: E402
 
 _BLOCKS = {"BLOCK_N": (16, 32), "BLOCK_A": (16, 32), "BLOCK_B": (32, 16)}
 
@@ -48,7 +50,7 @@ def _fake_bench(winner: str):
 @pytest.fixture(params=["first", "last"])
 def two_configs_each(request):
     saved = {}
-    for kern in mk.AUTOTUNED:
+    for kern in mk.AUTOTUNED + gk.AUTOTUNED:
         saved[kern] = (kern.configs, dict(kern.cache), kern._do_bench)
         kern.configs = _two_configs(kern)
         kern.cache.clear()
@@ -110,10 +112,47 @@ def test_first_call_equals_second_and_reference(two_configs_each):
 
 
 
+def test_gpt_oss_first_call_equals_second_and_reference(two_configs_each):
+    """gpt-oss's variant (biases, [E, D, 2I] interleaved / [E, I, D], clamped SwiGLU with the clamps binding): its
+    own kernels and the shared dx / dW kernels, each benchmarking two configs on the first call."""
+    masks = two_configs_each == "last"
+    T, E, K, D, I = 23, 5, 2, 24, 40
+    x = torch.randn(T, D)
+    w1 = torch.randn(E, D, 2 * I) * 0.6
+    w2 = torch.randn(E, I, D) * 0.2
+    b1 = torch.randn(E, 2 * I) * 2
+    b2 = torch.randn(E, D)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    wts = torch.rand(T, K) + 0.1
+    em = torch.tensor([True, False, True, True, False]) if masks else None
+    pm = (torch.rand(T, K) > 0.3) if masks else None
+    dout = torch.randn(T, D)
+    layout = dict(activation="clamped_swiglu", transposed=True, interleaved=True, limit=1.5,
+                  expert_trainable_E=em, pair_trainable_TK=pm)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, wts, b1, b2)]
+        out = ops.moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[3], b_gate_up=leaves[4],
+                              b_down=leaves[5], backend=backend, **layout)
+        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+        return [out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))]
+
+    expect = run("reference")
+    first = run("triton")
+    used = list(gk.AUTOTUNED) + [mk.dx_kernel, mk.dw_gate_up_kernel, mk.dw_down_kernel]
+    untuned = [k.fn.__name__ for k in used if len(getattr(k, "configs_timings", None) or {}) != 2]
+    assert not untuned, f"these kernels did not benchmark both configs: {untuned}"
+    second = run("triton")
+    names = ["out", "dx", "dW_gate_up", "dW_down", "d weights", "db_gate_up", "db_down"]
+    for name, a, b, c in zip(names, first, second, expect):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4, msg=lambda m: f"call 1, {name}: {m}")
+        torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4, msg=lambda m: f"call 2, {name}: {m}")
+
+
 def test_autotune_keys_hold_every_work_changing_constexpr():
     """A constexpr that changes the work (STORE_*, masks, BLOCK_M) must be in the key, or one variant's tuning is
     reused for another. IEEE follows the input dtype (the autotuner adds dtypes to the key); DWP_COLS is fixed."""
-    for kern in mk.AUTOTUNED:
+    for kern in mk.AUTOTUNED + gk.AUTOTUNED:
         tuned = set(kern.configs[0].kwargs)
         params = inspect.signature(kern.base_fn).parameters.values()
         constexprs = {p.name for p in params if "constexpr" in str(p.annotation)} - tuned - {"IEEE", "DWP_COLS"}

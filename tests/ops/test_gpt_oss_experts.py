@@ -1,7 +1,7 @@
 """gpt-oss's experts in desmoe's ops: biases on both projections, the stored ``[E, D, 2I]`` interleaved gate/up and
 ``[E, I, D]`` down layout (read as is), the clamped SwiGLU. Oracles: the float64 dense reference, and transformers'
 own ``GptOssExperts`` (eager autograd) for values and every gradient, the clamp edges included. The Triton
-backend routes the variant to the grouped engine (tested here, so a kernel that silently ran it would fail).
+backend runs the variant on its own kernels (tested here; their parity tests: tests/kernels/test_triton_gpt_oss.py).
 """
 from unittest import mock
 
@@ -174,23 +174,30 @@ def test_matches_stock_gpt_oss_experts_fp32_and_bf16_autocast(backend, T):
     assert (o_bf16 - oracle).norm() <= 2 * (e_bf16 - oracle).norm() + 1e-3 * oracle.norm()
 
 
-def test_triton_backend_routes_gpt_oss_to_the_grouped_engine():
-    # the Triton kernels carry SiLU SwiGLU in the standard layout only; asked for gpt-oss's variant, the Triton
-    # backend runs the grouped engine (and its result is the reference's)
+def test_triton_backend_runs_gpt_oss_on_the_triton_kernels():
+    # the Triton kernels carry gpt-oss's variant (desmoe.kernels.moe_gpt_oss): asked for it, the Triton backend
+    # runs them, not the grouped engine, and its result (values and every gradient) is the reference's; a layout
+    # only half transposed/interleaved, or biases on the standard layout, still go to the grouped engine
     pytest.importorskip("triton")
     if not ops.triton_available():
         pytest.skip("desmoe.kernels do not import here")
-    from desmoe.ops import triton_ops
+    from desmoe.ops import triton_gpt_oss
 
-    assert not ops.triton_experts_supported("clamped_swiglu", has_bias=True, transposed=True, interleaved=True)
+    assert ops.triton_experts_supported("clamped_swiglu", has_bias=True, transposed=True, interleaved=True)
+    assert ops.triton_experts_supported("silu", has_bias=False, transposed=True, interleaved=True)
     assert ops.triton_experts_supported("silu")
-    x, w1, w2, b1, b2, ids, w = _inputs(5, 4, 2, 8, 4, torch.float32, seed=0)
-    with mock.patch.object(triton_ops, "moe_experts", side_effect=AssertionError("Triton kernel ran")), \
-            mock.patch.object(grouped, "grouped_experts", wraps=grouped.grouped_experts) as spy:
-        out = ops.moe_experts(x, w1, w2, ids, w, b_gate_up=b1, b_down=b2, backend="triton", **LAYOUT)
+    assert not ops.triton_experts_supported("clamped_swiglu", has_bias=True, transposed=True)
+    assert not ops.triton_experts_supported("silu", has_bias=True)
+    assert not ops.triton_experts_supported("gelu", transposed=True, interleaved=True)
+    x, w1, w2, b1, b2, ids, w = _inputs(5, 4, 2, 8, 4, torch.float32, seed=0, scale=3.0)
+    with mock.patch.object(grouped, "grouped_experts", side_effect=AssertionError("grouped engine ran")), \
+            mock.patch.object(triton_gpt_oss, "moe_experts_gpt_oss_fwd",
+                              wraps=triton_gpt_oss.moe_experts_gpt_oss_fwd) as spy:
+        got = _run("triton", x, w1, w2, b1, b2, ids, w, limit=1.5)
     assert spy.call_count == 1
-    want = ops.moe_experts(x, w1, w2, ids, w, b_gate_up=b1, b_down=b2, backend="reference", **LAYOUT)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    want = _run("reference", x, w1, w2, b1, b2, ids, w, limit=1.5)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_bad_gpt_oss_arguments_name_the_argument():
