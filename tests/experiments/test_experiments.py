@@ -205,3 +205,46 @@ def test_claim_verdicts_follow_their_rules():
     assert match[3].startswith("no") and "72% of its gain" in match[2]  # 0.021 worse > 2 x 0.002
     res["paired_diff_sd_median"] = 0.02  # now the difference is inside the spread
     assert row("DES-MoE matches mixed FFT")[3] == "yes"
+
+
+def test_near_tie_forgetting_growth_and_wins_follow_their_rules():
+    from desmoe.experiments.report import _forgetting_growth_row, claims, near_tie, wins
+
+    def lrrow(lr, val, forg):
+        return {"lr": lr, "domain_loss_val": val, "domain_loss": val, "forgetting": forg}
+
+    res = {"seed_sd_median": 0.003, "paired_diff_sd_median": 0.002, "paired_forgetting_diff_sd_median": 0.003}
+    b = {"selected_lr": 3e-4, "lr_means": [lrrow(1e-4, 3.66, 0.02), lrrow(3e-4, 3.635, 0.08), lrrow(1e-3, 3.637, 0.24)]}
+    t = near_tie(b, res)
+    assert t["lr"] == 1e-3 and t["gap"] == pytest.approx(0.002) and t["forgetting"] == 0.24
+    assert near_tie(b, {**res, "seed_sd_median": 0.001}) is None  # 0.002 apart is outside a 0.001 spread
+
+    def blk(loss, forg, lr_means=None, sel=None):
+        return {"selected": {"avg_domain_loss": loss, "forgetting": forg}, "selected_lr": sel,
+                "lr_means": lr_means or [],
+                "at_matched_forgetting": {"des_moe": {"value": loss, "per_seed": {0: loss, 1: loss + 1e-4}}},
+                "at_matched_domain_loss": {"des_moe": {"value": forg, "per_seed": {0: forg, 1: forg + 1e-4}}}}
+
+    p = {"methods": {"des_moe": blk(3.635, 0.053), "fft_mixed": blk(3.614, 0.08, b["lr_means"], 3e-4),
+                     "esft_gate": blk(3.70, 0.06)}, "resolution": res,
+         "references": {"des_moe": {"forgetting": 0.053}}, "base_domain_loss": 3.69}
+    keep = next(r for r in claims(p, None) if r[0].startswith("DES-MoE keeps general ability"))
+    assert "validation near-tie" in keep[2] and "forgets +0.240" in keep[2]
+    assert keep[3] == "partly (less, not ≤ ⅓) — rests on that near-tie (at fft_mixed's runner-up LR: yes)"
+    p["methods"]["esft_gate"]["at_matched_forgetting"]["des_moe"]["value"] = 3.70
+    w = wins(p)
+    assert w.endswith("lower domain loss at its forgetting than esft_gate (+0.065); less forgetting at its domain "
+                      "loss than fft_mixed (+0.027), esft_gate (+0.007).")  # FFT's lower loss at 0.053 is no win
+
+    def sc(des_lo, des_hi, fft_lo, fft_hi):
+        def m(lo, hi):
+            return {"per_count": {"2": {"forgetting_per_seed": lo}, "5": {"forgetting_per_seed": hi}}}
+        return {"counts": [2, 5], "methods": {"des_moe": m(des_lo, des_hi), "fft_mixed": m(fft_lo, fft_hi)}}
+
+    # absolute growth less (0.02 vs 0.04), relative growth the same (x2): "in absolute terms only"
+    row = _forgetting_growth_row(sc([0.02, 0.021, 0.019], [0.04, 0.042, 0.038], [0.04, 0.041, 0.039],
+                                    [0.08, 0.082, 0.078]))
+    assert row[3] == "in absolute terms only" and "×2.00 vs ×2.00" in row[2]
+    row = _forgetting_growth_row(sc([0.02, 0.021, 0.019], [0.03, 0.0315, 0.0285], [0.04, 0.041, 0.039],
+                                    [0.08, 0.082, 0.078]))
+    assert row[3] == "yes, absolute and relative"
