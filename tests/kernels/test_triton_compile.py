@@ -16,6 +16,10 @@ the artefacts:
 
 Asserted: 0 bytes of stack in every GEMM kernel, >= 3 pipeline buffers with copies in
 flight in the dW kernels, wgmma in every bf16 GEMM, everything fits shared memory. One table is printed.
+gpt-oss's variant (biases, the [E, D, 2I] interleaved / [E, I, D] layout, clamped SwiGLU) is compiled too, rows
+marked ``gpt_oss``: its own kernels (``desmoe.kernels.moe_gpt_oss``) with every bias / clamp / store flag on, and
+the shared dx / dW kernels with the strides that layout makes 1 (dW: the same binaries, in the roles the gpt-oss
+launcher gives them), under the same rules.
 
 The compiles run in a subprocess (this file as a script) because the test process runs Triton's interpreter;
 Triton's compile cache makes a rerun cheap. ``python tests/kernels/test_triton_compile.py [--full]`` prints the table
@@ -35,12 +39,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMEM_LIMIT = 232448  # H100/H200 max dynamic shared memory per block
 SMEM_PER_SM = 233472  # 228 KB
 GEMM_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "dw_gate_up_kernel",
-                "dw_down_kernel")
+                "dw_down_kernel", "up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 DW_KERNELS = ("dw_gate_up_kernel", "dw_down_kernel")
 _I32_PTRS = {"tile_expert_ptr", "tile_row_ptr", "offsets_ptr", "sorted_pairs_ptr", "tok_ptr", "hist_ptr",
              "sorted_tok_ptr", "ids_ptr"}
 _DIV16 = {"N", "KDIM", "A_DIM", "B_DIM", "D", "S", "sx_t", "sd_t", "sw_e", "sw_r", "sw_d", "sw_i", "stride_t",
-          "stride_dt"}
+          "stride_dt", "sw_j", "sb_e", "s_row"}
+# the weight strides that are 1 in each kernel's layout (the standard one; gpt-oss's in its own kernels)
+_UNIT_STRIDES = {"up_swiglu_kernel": {"sw_d"}, "dx_kernel": {"sw_d"}, "down_kernel": {"sw_i"},
+                 "dh_swiglu_kernel": {"sw_i"}, "up_gpt_oss_kernel": {"sw_j"}, "down_gpt_oss_kernel": {"sw_d"},
+                 "dh_gpt_oss_kernel": {"sw_d"}, "bias_grad_kernel": {"s_col"}}
 
 
 def _ptr(kernel: str, name: str, dt: str) -> str:
@@ -56,6 +64,8 @@ def _ptr(kernel: str, name: str, dt: str) -> str:
         return "*u8"
     if name in ("weights_ptr", "dwp_ptr") or (kernel, name) == ("combine_kernel", "w_ptr"):
         return "*fp32"
+    if kernel == "bias_grad_kernel":
+        return {"scale_ptr": "*fp32", "out_ptr": "*fp32", "tok_ptr": "*i32"}.get(name, dt)
     return dt
 
 
@@ -92,7 +102,8 @@ def ctas_per_sm(regs: int, num_warps: int, smem: int) -> int:
     return max(0, min(by_regs, by_smem, by_threads, 32))
 
 
-def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: str = "*bf16") -> dict:
+def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: str = "*bf16", unit_strides=None,
+                   variant: str = "") -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -100,8 +111,7 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
     jit = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap @triton.autotune
     name = jit.__name__
     ones = {"sx_d", "sd_d", "stride_e", "stride_de"}
-    ones |= {"sw_d"} if name in ("up_swiglu_kernel", "dx_kernel") else set()
-    ones |= {"sw_i"} if name in ("down_kernel", "dh_swiglu_kernel") else set()
+    ones |= _UNIT_STRIDES.get(name, set()) if unit_strides is None else set(unit_strides)
     sig, cx, attrs = {}, {}, {}
     for i, p in enumerate(jit.params):
         n = p.name
@@ -114,7 +124,7 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
             sig[n], cx[n] = "constexpr", consts[n]
         elif n.endswith("_ptr"):
             sig[n] = _ptr(name, n, dt)
-        elif n in ("scaling", "renorm_eps", "masked_value"):
+        elif n in ("scaling", "renorm_eps", "masked_value", "alpha", "limit"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
@@ -124,7 +134,7 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
     buffers, in_flight = _pipeline(k.asm["ttgir"])
     shared = k.metadata.shared
     cfg = {k_: v for k_, v in consts.items() if k_.startswith("BLOCK") or k_ == "GROUP"}
-    return {"kernel": name, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
+    return {"kernel": name, "variant": variant, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
             "num_stages": num_stages, "shared": shared, **res, "buffers": buffers, "in_flight": in_flight,
             "wgmma": "wgmma" in k.asm["ptx"], "ctas_per_sm": ctas_per_sm(res["regs"], num_warps, shared)}
 
@@ -150,6 +160,7 @@ def jobs(mode: str):
             for c in mk.prune_configs(configs, es, bm, n_b.get(name, 1), name, mode):
                 consts = {**c.kwargs, **extra.get(name, {}), "IEEE": ieee, **({} if dw else {"BLOCK_M": bm or 128})}
                 yield kern, consts, c.num_warps, c.num_stages, dt
+    yield from gpt_oss_jobs(mode)
     yield mk.combine_kernel, {"HAS_W": True, "BLOCK_D": 1024}, 4, 1, "*bf16"
     yield pk.histogram_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
     yield pk.scan_kernel, {"BLOCK_M": 128, "E_PAD": 128, "ROWS": 64, "SLOTS": 64, "FROM_OFFSETS": False}, 8, 1, "*i32"
@@ -164,8 +175,40 @@ def jobs(mode: str):
                                      "RENORM": True}, 4, 1, "*bf16"
 
 
+def gpt_oss_jobs(mode: str):
+    """gpt-oss's variant: its own kernels with every bias / clamp / store flag on, and the shared dx / dW kernels
+    with the strides its layout makes 1 (dx reads W_gate_up [E, D, 2I] along its contiguous 2I; dW_gate_up runs on
+    dw_down_kernel and dW_down on dw_gate_up_kernel, with the token-gathered operand unit-strided as before).
+    Yields (kernel, constexprs, num_warps, num_stages, pointer dtype, {"unit_strides", "variant"})."""
+    from desmoe.kernels import moe as mk
+    from desmoe.kernels import moe_gpt_oss as gk
+
+    flags = {"up_gpt_oss_kernel": {"STORE_GATE_UP": True, "HAS_BIAS": True, "CLAMPED": True},
+             "down_gpt_oss_kernel": {"HAS_BIAS": True},
+             "dh_gpt_oss_kernel": {"STORE_DGU": True, "STORE_HW": True, "STORE_DWP": True, "HAS_PAIR_MASK": True,
+                                   "CLAMPED": True, "DWP_COLS": mk.DWP_COLS},
+             "dx_kernel": {}, "dw_gate_up_kernel": {"HAS_EXPERT_MASK": True},
+             "dw_down_kernel": {"HAS_EXPERT_MASK": True}}
+    units = {"dx_kernel": {"sw_r"}, "dw_gate_up_kernel": set(), "dw_down_kernel": set()}
+    kernels = list(gk.AUTOTUNED) + [mk.dx_kernel, mk.dw_gate_up_kernel, mk.dw_down_kernel]
+    for kern in kernels:
+        name = kern.fn.__name__
+        dw = name in DW_KERNELS
+        configs = mk.configs_for(name, mode)
+        variants = [(2, "*bf16", False, bm) for bm in ((None,) if dw else (64, 128))] + [(4, "*fp32", True, 128)]
+        for es, dt, ieee, bm in variants:
+            n_b = 2 if name == "up_gpt_oss_kernel" else 1
+            for c in mk.prune_configs(configs, es, bm, n_b, name, mode):
+                consts = {**c.kwargs, **flags[name], "IEEE": ieee, **({} if dw else {"BLOCK_M": bm or 128})}
+                yield kern, consts, c.num_warps, c.num_stages, dt, {"unit_strides": units.get(name),
+                                                                   "variant": "gpt_oss"}
+    for gather in (False, True):  # bias gradients: d(gate|up) rows / w * dout[tok] rows per expert
+        yield gk.bias_grad_kernel, {"GATHER": gather, "HAS_SCALE": gather, "HAS_EXPERT_MASK": True, "BLOCK_R": 32,
+                                    "BLOCK_N": 128}, 4, 1, "*bf16", {"variant": "gpt_oss"}
+
+
 def table(recs) -> str:
-    head = f"{'kernel':<22} {'dtype':<5} {'config':<34} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>7} " \
+    head = f"{'kernel':<22} {'var':<7} {'dtype':<5} {'config':<34} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>7} " \
            f"{'bufs':>4} {'flight':>6} {'wgmma':>5} {'CTA/SM':>6}"
     lines = [head, "-" * len(head)]
     for r in recs:
@@ -173,7 +216,7 @@ def table(recs) -> str:
             lines.append(f"{r['kernel']:<22} ERROR {r['error'][:80]}")
             continue
         cfg = ",".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["config"].items())
-        lines.append(f"{r['kernel']:<22} {r['dtype'][1:]:<5} {cfg:<34} {r['num_warps']:>2} {r['num_stages']:>2} "
+        lines.append(f"{r['kernel']:<22} {r.get('variant', ''):<7} {r['dtype'][1:]:<5} {cfg:<34} {r['num_warps']:>2} {r['num_stages']:>2} "
                      f"{r['regs']:>4} {r['stack']:>5} {r['shared']:>7} {r['buffers']:>4} {str(r['in_flight']):>6} "
                      f"{str(r['wgmma']):>5} {r['ctas_per_sm']:>6}")
     return "\n".join(lines)
@@ -183,13 +226,14 @@ def main(argv) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET unset: the kernels must be real JIT functions to compile")
     recs = []
-    for kern, consts, w, s, dt in jobs("full" if "--full" in argv else "default"):
+    for kern, consts, w, s, dt, *opts in jobs("full" if "--full" in argv else "default"):
         try:
-            rec = compile_kernel(kern, consts, w, s, dt)
+            rec = compile_kernel(kern, consts, w, s, dt, **(opts[0] if opts else {}))
             rec["fits"] = rec["shared"] <= SMEM_LIMIT
         except Exception as exc:  # noqa: BLE001 - reported, the caller fails on it
             name = getattr(getattr(kern, "fn", kern), "__name__", str(kern))
-            rec = {"kernel": name, "dtype": dt, "consts": consts, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            rec = {"kernel": name, "variant": (opts[0] if opts else {}).get("variant", ""), "dtype": dt,
+                   "consts": consts, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         recs.append(rec)
         print(json.dumps(rec), flush=True)
     print(table(recs), flush=True)
@@ -200,7 +244,8 @@ def violations(recs) -> list:
     """Every compile-fact rule a record breaks, as readable strings."""
     bad = []
     for r in recs:
-        tag = f"{r['kernel']} {r['dtype']} {r.get('consts')} w{r.get('num_warps')} s{r.get('num_stages')}"
+        tag = f"{r['kernel']}{' (' + r['variant'] + ')' if r.get('variant') else ''} {r['dtype']} {r.get('consts')} " \
+              f"w{r.get('num_warps')} s{r.get('num_stages')}"
         if "error" in r:
             bad.append(f"{tag}: {r['error']}")
             continue
@@ -236,6 +281,11 @@ def test_compile_facts_sm90():
     names = {r["kernel"] for r in recs}
     assert set(GEMM_KERNELS) | {"combine_kernel", "histogram_kernel", "scan_kernel", "scatter_kernel",
                                 "topk_route_fwd_kernel", "topk_route_bwd_kernel"} <= names, names
+    # gpt-oss's variant: its kernels, and both dW kernels in the roles its launcher gives them (bf16, so the
+    # pipeline-depth rule applies to them)
+    gpt = {r["kernel"] for r in recs if r.get("variant") == "gpt_oss" and r.get("dtype") == "*bf16"}
+    assert {"up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel", "dx_kernel", "dw_gate_up_kernel",
+            "dw_down_kernel", "bias_grad_kernel"} <= gpt, gpt
     bad = violations(recs)
     assert not bad, "\n".join(bad)
 
