@@ -2,7 +2,7 @@
 
 Side by side, same inputs (the modules' weights are the benchmark's tensors, no copies), same run:
     desmoe      ``desmoe.ops.moe_experts`` with the family's variant (gpt-oss: biases, the stored [E, D, 2I]
-                interleaved layout, clamped SwiGLU; Triton backend on CUDA routes it to the grouped engine)
+                interleaved layout, clamped SwiGLU; on CUDA the Triton backend's gpt-oss kernels)
     grouped_mm  transformers' ``grouped_mm`` experts implementation on ``GptOssExperts`` (with its biases) /
                 ``PhimoeExperts``
     eager       the same modules' per-expert loop
