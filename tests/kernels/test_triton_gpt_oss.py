@@ -245,3 +245,56 @@ def test_float64_runs_on_the_grouped_engine():
     want = _run("reference", x, w1, w2, b1, b2, ids, w)
     for name, a, b in zip(NAMES, got, want):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_autocast_bf16_over_fp32_masters():
+    """Under torch.autocast the GEMM operands run in bf16 (the op's Autocast kernel), the biases stay fp32 (added
+    in fp32, as stock gpt-oss adds its fp32 biases), and every gradient reaches the fp32 masters in fp32."""
+    x, w1, w2, b1, b2, ids, w = _inputs(9, 4, 2, 16, 8, seed=10)
+    seen = []
+    real = triton_gpt_oss.moe_experts_gpt_oss_bwd
+
+    def spy(*a):
+        seen.append((a[1].dtype, a[2].dtype))
+        return real(*a)
+
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, b1, b2, w)]
+    with mock.patch.object(triton_gpt_oss, "moe_experts_gpt_oss_bwd", side_effect=spy):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            out = ops.moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[5], b_gate_up=leaves[3],
+                                  b_down=leaves[4], backend="triton", activation="clamped_swiglu", limit=1.5,
+                                  **LAYOUT)
+        grads = torch.autograd.grad(out.float().sum(), leaves)
+    assert out.dtype == torch.bfloat16
+    assert seen == [(torch.bfloat16, torch.bfloat16)]  # x and W_gate_up reached the kernels in bf16
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    want = _run("reference", x, w1, w2, b1, b2, ids, w, go=torch.ones(9, 16).to(DEV))
+    assert (out.float() - want[0]).norm() <= 0.05 * want[0].norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4099])
+def test_gpu_bf16_tolerance_rule_gpt_oss_20b_width(T):
+    """gpt-oss-20b's expert shape (E=32, K=4, D=I=2880; limit 7, alpha 1.702) in bf16 on the GPU: values and every
+    gradient within DESIGN.md's rule of the fp32 reference, frozen experts exactly zero."""
+    torch.manual_seed(0)
+    E, K, D, I = 32, 4, 2880, 2880
+    x = torch.randn(T, D, device="cuda")
+    w1 = torch.randn(E, D, 2 * I, device="cuda") * 2 / D ** 0.5  # pre-activations of a few units: clamps bind
+    w2 = torch.randn(E, I, D, device="cuda") / I ** 0.5
+    b1 = torch.randn(E, 2 * I, device="cuda")
+    b2 = torch.randn(E, D, device="cuda") * 0.1
+    w, ids = ref.topk_route_reference(torch.randn(T, E, device="cuda"), K)
+    go = torch.randn(T, D, device="cuda")
+    em = torch.arange(E, device="cuda") % 2 == 0
+    kw = dict(limit=7.0, go=go, expert_trainable_E=em)
+    r32 = _run("reference", x, w1, w2, b1, b2, ids, w, **kw)
+    bf = [t.bfloat16() for t in (x, w1, w2, b1, b2)]
+    tbf = _run("reference", *bf, ids, w, **kw)
+    fast = _run("triton", *bf, ids, w, **kw)
+    for name, a, b, r in zip(NAMES, fast, tbf, r32):
+        assert torch.isfinite(a).all(), name
+        err, base = (a.float() - r.float()).norm().item(), (b.float() - r.float()).norm().item()
+        assert err <= 2 * base + 1e-3 * r.float().norm().item() + 1e-6, (name, err, base)
+    for g in fast[2:6]:
+        assert not g[~em].any()
