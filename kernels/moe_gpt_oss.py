@@ -9,7 +9,7 @@ the up projection in the odd columns, ``w_down [E, I, D]``, ``b_gate_up [E, 2I]`
 Forward:  ``up_gpt_oss_kernel``   gather x rows (A loads) @ a contiguous ``[BLOCK_K, 2*BLOCK_N]`` tile of the
                                   interleaved W_gate_up (one GEMM, no strided loads); epilogue: + b_gate_up, the
                                   pre-activation stored interleaved as is (kept for backward), then a register
-                                  split into gate/up and the activation ``h [S, I]``
+                                  split into gate/up and the activation ``h [S, I]`` (quarter-width passes)
           ``down_gpt_oss_kernel`` h @ W_down[e] (+ b_down[e]) to the pair's own row; ``moe.combine_kernel`` sums
 Backward: ``dh_gpt_oss_kernel``   dh = dout[t] @ W_down[e]^T; epilogue reloads the interleaved pre-activation,
                                   the activation's backward (clamp edges as autograd's ``clamp``: the gradient
@@ -28,8 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .moe import (DWP_COLS, _DW_KEY, _ROW_KEY, INTERPRET, _dot, _grouped_pid, _halves, _pruner, _tile_rows,  # noqa: F401
-                  configs_for)
+from .moe import _ROW_KEY, _dot, _grouped_pid, _halves, _pruner, _tile_rows, configs_for
 
 
 @triton.jit
