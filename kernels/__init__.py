@@ -22,15 +22,12 @@ if __name__ == "kernels":
         import os
         import sys
 
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        def _is_checkout(entry) -> bool:  # this root, or another desmoe checkout (its kernels/ would hand over too)
+            base = entry or os.curdir
+            return (os.path.isfile(os.path.join(base, "kernels", "__init__.py"))
+                    and os.path.isfile(os.path.join(base, "desmoe", "__init__.py")))
 
-        def _is_root(entry) -> bool:
-            try:
-                return os.path.samefile(entry or os.curdir, root)
-            except (OSError, TypeError, ValueError):
-                return False
-
-        search = [p for p in sys.path if isinstance(p, str) and not _is_root(p)]
+        search = [p for p in sys.path if isinstance(p, str) and not _is_checkout(p)]
         spec = importlib.machinery.PathFinder.find_spec("kernels", search)
         if spec is None:  # installed through another meta-path finder (an editable install, say)
             for finder in sys.meta_path:

@@ -88,3 +88,22 @@ def test_without_hugging_face_kernels_the_root_folder_is_not_a_stand_in():
     assert proc.returncode == 1
     assert "ModuleNotFoundError: No module named 'kernels'" in proc.stderr, proc.stderr[-2000:]
     assert "desmoe.kernels" in proc.stderr
+
+
+@needs_hf_kernels
+def test_a_second_checkout_on_the_path_does_not_loop(tmp_path):
+    """Two checkouts on sys.path (the root first, another through PYTHONPATH): each one's kernels/ hands over past
+    both, to Hugging Face's package (it used to hand over to the other checkout's, back and forth, until a
+    RecursionError)."""
+    import shutil
+
+    other = tmp_path / "clone"
+    (other / "kernels").mkdir(parents=True)
+    (other / "desmoe").mkdir()
+    shutil.copy(os.path.join(OWN_KERNELS, "__init__.py"), other / "kernels" / "__init__.py")
+    (other / "desmoe" / "__init__.py").write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(other)}
+    proc = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "site-packages" in proc.stdout or "dist-packages" in proc.stdout, proc.stdout
