@@ -151,12 +151,13 @@ def main() -> int:
            "not_clear": [r for r in records if r["outcome"] != "clear"],
            "plain_failed": [c["case"] for c in plain if c["failed"]],
            "date": time.strftime("%Y-%m-%d"), "pytest_tail": r.stdout[-1500:]}
-    try:
-        import torch
+    import importlib.metadata as md
 
-        res["torch"] = torch.__version__
-    except ImportError:
-        pass
+    for dist in ("torch", "transformers"):
+        try:
+            res[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
     res = portable(res, [ROOT, os.path.dirname(code)] + ([os.path.abspath(a.code)] if a.code else []))
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     out = os.path.join(ROOT, "benchmarks", "results", f"bad_inputs_tally-{a.label}.json")
