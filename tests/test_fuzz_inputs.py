@@ -156,7 +156,8 @@ def test_config_section_shape(request, section, shape):
     assert outcome in ("clear", "correct"), f"{outcome}: {section}={SHAPES[shape]!r}: {detail}"
 
 
-@pytest.mark.parametrize("top", [[], "text", 3, None, [{"model": {}}]], ids=["list", "text", "int", "null", "list-of-map"])
+@pytest.mark.parametrize("top", [[], "text", 3, None, [{"model": {}}]],
+                         ids=["list", "text", "int", "null", "list-of-map"])
 def test_config_top_level_shape(request, top):
     outcome, detail = _outcome_of(lambda: config_from_dict(top, source="fuzz.yaml"), ["fuzz.yaml", "mapping"])
     _record(request, outcome, detail)
@@ -169,7 +170,8 @@ CLI_CASES = [
       ("abc", "-1", "0", "1e99", "nan", "")],
     *[(["eval", "--checkpoint", "nope", "--math-n", v], "--math-n") for v in ("abc", "-1", "1.5")],
     *[(["eval", "--checkpoint", "nope", "--max-batches", v], "--max-batches") for v in ("0", "-5", "x")],
-    *[(["eval", "--checkpoint", "nope", "--device", v], "--device") for v in ("gpu", "cuda:x", "", "tpu", "cuda:99999")],
+    *[(["eval", "--checkpoint", "nope", "--device", v], "--device")
+      for v in ("gpu", "cuda:x", "", "tpu", "cuda:99999")],
     *[(["eval", "--checkpoint", "nope", "--format", v], "--format") for v in ("xml", "")],
     *[(["eval", "--checkpoint", "nope", "--tasks", v], "--tasks") for v in (",", " , ")],
     *[(["export", "--checkpoint", "nope", "--out", "o", "--min-agreement", v], "min_agreement") for v in

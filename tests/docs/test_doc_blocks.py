@@ -186,7 +186,8 @@ def test_recipe(tmp_path, tiny_model_dir):
     lines = body.splitlines()
     assert lines[0].startswith("pip install") and "-e ." in lines[0]
     subs = [(re.search(r"^MODEL=(\S+)", body, re.M).group(1), tiny_model_dir), ("seq_len: 2048", "seq_len: 32"),
-            ("batch_size: 8", "batch_size: 2"), ("max_steps: 1000", "max_steps: 2"), ("save_every: 100", "save_every: 1"),
+            ("batch_size: 8", "batch_size: 2"), ("max_steps: 1000", "max_steps: 2"),
+            ("save_every: 100", "save_every: 1"),
             ("device: cuda", "device: cpu")]
     script = "\n".join(lines[1:])
     for a, b in subs:
@@ -196,7 +197,8 @@ def test_recipe(tmp_path, tiny_model_dir):
         (tmp_path / "data").mkdir(exist_ok=True)
         with open(tmp_path / "data" / f"{d}.jsonl", "w") as f:
             for i in range(40):
-                q, a = (f"What is {i} + {i}?", str(2 * i)) if d == "math" else (f"Write f{i}.", f"def f{i}(): return {i}")
+                q, a = ((f"What is {i} + {i}?", str(2 * i)) if d == "math"
+                        else (f"Write f{i}.", f"def f{i}(): return {i}"))
                 f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                                  {"role": "assistant", "content": a}]}) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -209,7 +211,8 @@ def test_recipe(tmp_path, tiny_model_dir):
     """)
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": ROOT}, capture_output=True,
                        text=True, timeout=900)
-    assert r.returncode == 0, f"recipe failed:\n{script}\n--- stdout ---\n{r.stdout[-3000:]}\n--- stderr ---\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, (f"recipe failed:\n{script}\n--- stdout ---\n{r.stdout[-3000:]}\n"
+                               f"--- stderr ---\n{r.stderr[-4000:]}")
     assert json.load(open(tmp_path / "runs" / "my" / "eval.json"))["domains"]
     assert os.path.isfile(tmp_path / "my-moe" / "config.json")
     from transformers import AutoModelForCausalLM
