@@ -137,6 +137,7 @@ def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Ten
     """Per router, the weight ``[E, D]`` minimising ``||X W^T - Z||^2 + mu ||W - W0||^2`` where X are the router
     inputs and Z the trained router's logits (base + ALR) on ``batches``, W0 the pretrained weight and
     ``mu = ridge * mean(diag(X^T X))``. Returns float32 CPU tensors; the model is not changed."""
+    from .data.packing import packed_forward
     from .integrations.hf import routers as get_routers
 
     routers = get_routers(model)
@@ -150,7 +151,7 @@ def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Ten
             for b in batches:
                 am = b.get("attention_mask")
                 stats.mask_T = None if am is None else am.reshape(-1).bool()
-                model(input_ids=b["input_ids"].to(dev), attention_mask=None if am is None else am.to(dev))
+                packed_forward(model, b, device=dev)
     finally:
         for h in handles:
             h.remove()
@@ -170,6 +171,7 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
     """Per router, on ``batches``: the share of tokens whose top-k expert set under the candidate linear weight
     equals the trained router's (``topk_exact``), and the mean share of the k experts kept (``topk_overlap``)."""
     from . import ops
+    from .data.packing import packed_forward
     from .integrations.hf import routers as get_routers
 
     routers = get_routers(model)
@@ -205,7 +207,7 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
             for b in batches:
                 am = b.get("attention_mask")
                 mask["T"] = None if am is None else am.reshape(-1).bool().to(dev)
-                model(input_ids=b["input_ids"].to(dev), attention_mask=None if am is None else am.to(dev))
+                packed_forward(model, b, device=dev)
     finally:
         for h in handles:
             h.remove()
@@ -225,7 +227,7 @@ def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> 
     per_batch = cfg.data.seq_len * cfg.data.batch_size
     max_batches = max(1, max_tokens // per_batch)
     return {d: (docs[d], list(eval_batches(docs[d], cfg.data.seq_len, cfg.data.batch_size, tok.eos_token_id,
-                                           max_batches=max_batches))) for d in names}
+                                           max_batches=max_batches, packing=cfg.data.packing))) for d in names}
 
 
 def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]]) -> dict[str, float]:
@@ -235,7 +237,8 @@ def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]]) ->
 
     dev = next(model.parameters()).device
     return {d: domain_loss(model, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                           eos_id=tok.eos_token_id, max_batches=len(batches), device=dev)["loss"]
+                           eos_id=tok.eos_token_id, max_batches=len(batches), device=dev,
+                           packing=cfg.data.packing)["loss"]
             for d, (docs, batches) in batches_by_domain.items()}
 
 

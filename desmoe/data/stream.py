@@ -8,8 +8,21 @@ are therefore never cut; long ones (a source file) waste nothing.
 Supervision: every token of a raw-text document is a target, its EOS included (labels = input_ids, -100 on
 padding). An SFT document (:class:`~desmoe.data.sft.SupervisedDoc`) carries one flag per token: its labels are
 -100 outside the assistant / completion tokens, and its first token is never a target, so no loss term predicts
-one document from the one packed before it. Attention is NOT separated: documents packed into one row attend to
-the earlier documents of that row (positions run on across them), as with raw text.
+one document from the one packed before it.
+
+Attention across documents (``packing``):
+
+- ``"isolated"`` (the default): each batch also has ``position_ids`` that restart at 0 at every document (and at
+  the row's padding, and where a long document continues from the previous row). Fed through
+  :func:`model_inputs` (``position_ids``, no 2-D ``attention_mask``, ``use_cache=False``), a transformers model
+  whose masks come from ``transformers.masking_utils`` (every v5 MoE model) builds a block-diagonal causal mask
+  from them (eager / sdpa / flex attention; flash attention takes ``cu_seqlens`` from them, which transformers does
+  for a batch of one row, so :func:`packed_forward` flattens the batch to one row there): a document's tokens see
+  only that document, and get the logits they would get alone. A document's first token is not a target either
+  (as in transformers' ``DataCollatorWithFlattening``): no loss term predicts it from the document before, so a
+  packed document's loss is its loss alone. :func:`check_isolated_packing` says when a model cannot do it.
+- ``"concatenated"``: no ``position_ids``; documents of a row attend to the earlier documents of that row and
+  positions run on across them (the cheaper classic LM packing, and desmoe's behaviour before ``packing``).
 """
 from __future__ import annotations
 
@@ -19,6 +32,24 @@ from ._util import permutation, uniform01
 from .sft import tokenize_texts
 
 _IGNORE = -100
+PACKING_MODES = ("isolated", "concatenated")
+
+
+def _check_packing(v) -> str:
+    if v not in PACKING_MODES:
+        raise ValueError(f"packing must be one of {', '.join(map(repr, PACKING_MODES))}, got {v!r}")
+    return v
+
+
+def _positions(starts: list[int], n: int, seq_len: int) -> torch.Tensor:
+    """LongTensor[seq_len]: 0, 1, … from each segment start in ``starts`` (ascending, starting at 0) over the ``n``
+    real tokens, and again from 0 over the padding ``n..seq_len``."""
+    pos = torch.arange(seq_len, dtype=torch.long)
+    bounds = list(starts) + [n]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        pos[a:b] -= a
+    pos[n:] -= n
+    return pos
 
 
 def _check_positive(name: str, v) -> int:
@@ -91,14 +122,19 @@ class MixedDomainStream:
     probabilities. Each domain walks its documents in a per-epoch seeded shuffle. Global batch ``k`` is rows
     ``[k*B*W, (k+1)*B*W)``; rank ``r`` takes rows ``r*B .. r*B+B-1`` of it (B = batch_size, W = world_size).
 
-    :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding and on the tokens of SFT
-    documents that are not targets), ``domain_ids`` (domain index per token, -1 on padding) and ``attention_mask``
-    (1 real / 0 padding), all LongTensor[B, S].
+    :meth:`next_batch` returns ``input_ids``, ``labels`` (input_ids, -100 on padding, on the tokens of SFT
+    documents that are not targets and, isolated, on the first token of each document after a row's first),
+    ``domain_ids`` (domain index per token, -1 on padding), ``attention_mask`` (1 real / 0 padding) and, with
+    ``packing="isolated"`` (default), ``position_ids`` (restarting at 0 at every document), all LongTensor[B, S].
+    Feed the model with :func:`~desmoe.data.packed_forward` / :func:`~desmoe.data.model_inputs`, not
+    ``model(**batch)``: transformers reads document boundaries off ``position_ids`` only when no 2-D attention mask
+    is passed (see the module docstring).
     :meth:`state_dict` is a small JSON-able dict; :meth:`load_state_dict` resumes exactly.
     """
 
     def __init__(self, token_docs: dict[str, list[list[int]]], seq_len: int, batch_size: int, *, seed: int = 0,
-                 weights: dict[str, float] | None = None, eos_id: int, rank: int = 0, world_size: int = 1):
+                 weights: dict[str, float] | None = None, eos_id: int, rank: int = 0, world_size: int = 1,
+                 packing: str = "isolated"):
         if not isinstance(token_docs, dict) or not token_docs:
             raise ValueError("token_docs must be a non-empty dict {domain name: list of token-id lists}")
         self.seq_len = _check_positive("seq_len", seq_len)
@@ -111,6 +147,7 @@ class MixedDomainStream:
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed, self.rank, self.eos_id = seed, rank, eos_id
+        self.packing = _check_packing(packing)
         self.domain_names = list(token_docs)
         self._docs = []
         for name in self.domain_names:
@@ -155,16 +192,20 @@ class MixedDomainStream:
             self._perms[d] = cached
         return cached[1]
 
-    def _next_row(self) -> tuple[list[int], int, list[int] | None]:
+    def _next_row(self) -> tuple[list[int], int, list[int] | None, list[int]]:
         d = self._domain_of_row(self._row)
         self._row += 1
         docs, cur = self._docs[d], self._cursors[d]
         row: list[int] = []
         sup: list[int] | None = [] if self._sft else None
+        starts: list[int] = []  # where each document (or the rest of a long one) begins in the row
         while len(row) < self.seq_len:
             epoch, pos, offset = cur
             doc = docs[self._order(d, epoch)[pos]]
+            start = len(row)
             offset, done = self._packer.fill(row, doc, offset, sup)
+            if len(row) > start:
+                starts.append(start)
             if done:
                 pos += 1
                 if pos == len(docs):
@@ -173,7 +214,7 @@ class MixedDomainStream:
             else:  # a short doc did not fit (row is done), or the row filled up mid-doc
                 cur[2] = offset
                 break
-        return row, d, sup
+        return row, d, sup, starts
 
     # ------------------------------------------------------------------------------------------- public API
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -183,9 +224,11 @@ class MixedDomainStream:
         domain_ids = torch.full((B, S), -1, dtype=torch.long)
         attention_mask = torch.zeros((B, S), dtype=torch.long)
         target = torch.ones((B, S), dtype=torch.bool)
+        isolated = self.packing == "isolated"
+        position_ids = torch.zeros((B, S), dtype=torch.long) if isolated else None
         for r in range(self.world_size):
             for b in range(B):
-                row, d, sup = self._next_row()  # every rank advances through the whole global batch
+                row, d, sup, starts = self._next_row()  # every rank advances through the whole global batch
                 if r != self.rank:
                     continue
                 n = len(row)
@@ -194,8 +237,14 @@ class MixedDomainStream:
                 attention_mask[b, :n] = 1
                 if sup is not None:
                     target[b, :n] = torch.tensor(sup, dtype=torch.bool)
+                if isolated:
+                    position_ids[b] = _positions(starts, n, S)
         labels = input_ids.masked_fill((attention_mask == 0) | ~target, _IGNORE)
-        return {"input_ids": input_ids, "labels": labels, "domain_ids": domain_ids, "attention_mask": attention_mask}
+        out = {"input_ids": input_ids, "labels": labels, "domain_ids": domain_ids, "attention_mask": attention_mask}
+        if isolated:
+            out["position_ids"] = position_ids
+            labels[:, 1:].masked_fill_(position_ids[:, 1:] == 0, _IGNORE)  # no document predicted from the last
+        return out
 
     def __iter__(self):
         while True:
@@ -238,46 +287,59 @@ def tokenize_domains(tokenizer, texts_by_domain: dict[str, list[str]]) -> dict[s
 
 
 def eval_batches(token_docs: list[list[int]], seq_len: int, batch_size: int, eos_id: int,
-                 max_batches: int | None = None) -> list[dict]:
+                 max_batches: int | None = None, packing: str = "isolated") -> list[dict]:
     """Fixed held-out batches: documents packed in order (no shuffle) with the training packing rule.
 
-    Each dict has ``input_ids``, ``labels`` (-100 on padding and on SFT documents' non-target tokens) and
-    ``attention_mask``, LongTensor[b, seq_len];
-    the last batch may have fewer rows. At most ``max_batches`` batches.
+    Each dict has ``input_ids``, ``labels`` (-100 on padding and on SFT documents' non-target tokens),
+    ``attention_mask`` and, with ``packing="isolated"``, ``position_ids`` (see the module docstring),
+    LongTensor[b, seq_len]; the last batch may have fewer rows. At most ``max_batches`` batches.
     """
     _check_positive("seq_len", seq_len)
     _check_positive("batch_size", batch_size)
     if max_batches is not None:
         _check_positive("max_batches", max_batches)
+    _check_packing(packing)
     docs = _check_docs("token_docs", token_docs)
     packer = _Packer(seq_len, eos_id)
     sft = _has_sft(docs)
     max_rows = None if max_batches is None else max_batches * batch_size
     rows: list[list[int]] = []
     sups: list[list[int] | None] = []
-    i, offset, row, sup = 0, 0, [], [] if sft else None
+    row_starts: list[list[int]] = []
+    i, offset, row, sup, starts = 0, 0, [], [] if sft else None, []
     while i < len(docs) and (max_rows is None or len(rows) < max_rows):
+        n0 = len(row)
         offset, done = packer.fill(row, docs[i], offset, sup)
+        if len(row) > n0:
+            starts.append(n0)
         if done:
             i += 1
         if len(row) == seq_len or not done:  # full, or the next doc starts a new row
             rows.append(row)
             sups.append(sup)
-            row, sup = [], [] if sft else None
+            row_starts.append(starts)
+            row, sup, starts = [], [] if sft else None, []
     if row and (max_rows is None or len(rows) < max_rows):
         rows.append(row)
         sups.append(sup)
+        row_starts.append(starts)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         ids = torch.full((len(chunk), seq_len), eos_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), seq_len), dtype=torch.long)
         target = torch.ones((len(chunk), seq_len), dtype=torch.bool)
+        pos = torch.zeros((len(chunk), seq_len), dtype=torch.long)
         for b, r in enumerate(chunk):
             ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
             mask[b, :len(r)] = 1
             if sups[start + b] is not None:
                 target[b, :len(r)] = torch.tensor(sups[start + b], dtype=torch.bool)
-        batches.append({"input_ids": ids, "labels": ids.masked_fill((mask == 0) | ~target, _IGNORE),
-                        "attention_mask": mask})
+            pos[b] = _positions(row_starts[start + b], len(r), seq_len)
+        batch = {"input_ids": ids, "labels": ids.masked_fill((mask == 0) | ~target, _IGNORE),
+                 "attention_mask": mask}
+        if packing == "isolated":
+            batch["position_ids"] = pos
+            batch["labels"][:, 1:].masked_fill_(pos[:, 1:] == 0, _IGNORE)
+        batches.append(batch)
     return batches

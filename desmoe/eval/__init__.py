@@ -29,23 +29,22 @@ def autocast_ctx(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def domain_loss(model, docs: list[list[int]], *, seq_len: int, batch_size: int, eos_id: int,
-                max_batches: int | None = None, device="cpu", bf16: bool = False) -> dict:
-    """Mean next-token loss and perplexity of ``model`` on one domain's held-out token docs.
+                max_batches: int | None = None, device="cpu", bf16: bool = False, packing: str = "isolated") -> dict:
+    """Mean next-token loss and perplexity of ``model`` on one domain's held-out token docs, packed as in training
+    (``packing``: see :mod:`desmoe.data.stream`; isolated: each document scored as if alone).
 
     Also ``loss_se``, the standard error of ``loss`` with the packed rows (sequences) as the sampling units: row
     ``i`` has mean loss ``x_i`` over ``w_i`` valid tokens, ``loss = Σ w_i x_i / Σ w_i`` and (ratio estimator)
     ``loss_se = sqrt(Σ w_i² (x_i - loss)²) / Σ w_i``; ``rows``: the number of rows with a valid token."""
-    from ..data import eval_batches
+    from ..data import eval_batches, packed_forward
 
     device = torch.device(device)
     was = model.training
     model.eval()
     sums_R, counts_R = [], []  # per row: summed loss and valid tokens
-    for b in eval_batches(docs, seq_len, batch_size, eos_id, max_batches=max_batches):
-        ids = b["input_ids"].to(device)
+    for b in eval_batches(docs, seq_len, batch_size, eos_id, max_batches=max_batches, packing=packing):
         with autocast_ctx(device, bf16):
-            am = b.get("attention_mask")
-            logits = model(input_ids=ids, attention_mask=None if am is None else am.to(device)).logits
+            logits = packed_forward(model, b, device=device).logits
         ce, valid = token_losses(logits, b["labels"].to(device))
         sums_R += ce.double().sum(1).tolist()
         counts_R += valid.sum(1).tolist()
@@ -90,7 +89,7 @@ def math_exact_match(model, tokenizer, *, n: int = 16, seed: int = 0, max_new_to
 
 def evaluate_model(model, tokenizer, eval_docs: dict[str, list[list[int]]], *, seq_len: int, batch_size: int,
                    max_batches: int | None = 4, math_n: int = 16, device="cpu", bf16: bool = False,
-                   general: str | None = "general") -> dict:
+                   general: str | None = "general", packing: str = "isolated") -> dict:
     """Per-domain held-out loss/ppl for every domain in ``eval_docs`` (+ math exact match when ``math`` is one
     of them); ``general`` is reported separately as the forgetting probe."""
     from ..progress import bar
@@ -100,7 +99,7 @@ def evaluate_model(model, tokenizer, eval_docs: dict[str, list[list[int]]], *, s
     for d, docs in bar(eval_docs.items(), "evaluating held-out loss", total=len(eval_docs), unit="domain",
                        leave=False):
         res["domains"][d] = domain_loss(model, docs, seq_len=seq_len, batch_size=batch_size, eos_id=eos,
-                                        max_batches=max_batches, device=device, bf16=bf16)
+                                        max_batches=max_batches, device=device, bf16=bf16, packing=packing)
     if general is not None and general in res["domains"]:
         res["general"] = res["domains"][general]
     if "math" in eval_docs and math_n > 0:

@@ -36,7 +36,8 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 def eval_kwargs(cfg: Config, device: torch.device) -> dict:
     """Keyword arguments of :func:`desmoe.eval.evaluate_model` for a run under ``cfg``."""
     return dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, max_batches=cfg.train.eval_batches,
-                math_n=0, device=device, bf16=use_bf16(cfg, device), general=cfg.data.general)
+                math_n=0, device=device, bf16=use_bf16(cfg, device), general=cfg.data.general,
+                packing=cfg.data.packing)
 
 
 def load_texts(cfg: Config, names: list[str], split: str, max_docs: int | None) -> dict[str, list[str]]:
@@ -210,7 +211,8 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
 
     routers = [r for _, r, _ in moe_blocks(model)]
     stream = MixedDomainStream(docs if isinstance(docs, dict) else {"general": docs}, cfg.data.seq_len,
-                               cfg.data.batch_size, seed=cfg.data.seed + 1, eos_id=eos_id, weights=weights)
+                               cfg.data.batch_size, seed=cfg.data.seed + 1, eos_id=eos_id, weights=weights,
+                               packing=cfg.data.packing)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.pretrain_lr, betas=(0.9, 0.95))
     bf16 = use_bf16(cfg, device)
     losses, start = [], 0

@@ -326,7 +326,10 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     """``domains``: fine-tuning domains (built-in names, or any name with a ``sources`` entry: a hub dataset or a
-    local json/jsonl/parquet/text file). ``general``: the base model's domain, the forgetting probe."""
+    local json/jsonl/parquet/text file). ``general``: the base model's domain, the forgetting probe.
+    ``packing``: ``isolated`` (default: each document packed into a row attends only to itself, with positions
+    from 0, where the model allows it, else a clear error at the first forward) or ``concatenated`` (documents
+    of a row attend to the earlier ones of that row); see :mod:`desmoe.data.stream`."""
 
     domains: list = field(default_factory=lambda: ["math", "code", "law"])
     sources: dict = field(default_factory=dict)
@@ -338,6 +341,7 @@ class DataConfig:
     weights: dict | list | None = None
     text_field: str = "text"
     seed: int = 0
+    packing: str = "isolated"
 
     def eval_domains(self) -> list[str]:
         """What a run evaluates: the fine-tuning domains, then ``general`` (the forgetting probe) when it is set and
@@ -363,6 +367,10 @@ class DataConfig:
             _bad("data.general", "a domain name or null (no forgetting probe)", self.general)
         if not self.text_field.strip():
             _bad("data.text_field", "a column name", self.text_field)
+        from ..data.stream import PACKING_MODES
+
+        if self.packing not in PACKING_MODES:
+            _bad("data.packing", " or ".join(PACKING_MODES), self.packing)
         for d in self.domains + ([self.general] if self.general else []):
             if d not in DOMAINS and d not in self.sources:
                 which = "data.general" if d == self.general and d not in self.domains else "data.domains"

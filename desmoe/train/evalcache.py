@@ -71,6 +71,7 @@ def entry_key(cfg, *, split: str, domain: str, docs: list[list[int]], max_batche
             "backend": cfg.model.backend, "tokenizer_path": tok, "vocab": vocab, "split": split, "domain": domain,
             "source": d.sources.get(domain, "built-in"), "text_field": d.text_field,
             "eval_max_docs": d.eval_max_docs, "seq_len": d.seq_len, "batch_size": d.batch_size,
+            "packing": d.packing,
             "max_batches": max_batches, "bf16": bool(bf16), "device": device, "docs": _docs_digest(docs)}
 
 

@@ -78,7 +78,8 @@ def evaluate_checkpoint(path: str, *, max_batches: int | None = None, math_n: in
     res = evaluate_model(model, tok, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                          max_batches=max_batches or cfg.train.eval_batches, math_n=math_n if "math" in names else 0,
                          device=dev,
-                         bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general)
+                         bf16=cfg.train.bf16 in ("auto", True, "true"), general=cfg.data.general,
+                         packing=cfg.data.packing)
     res["checkpoint"] = os.path.abspath(ckpt)
     res["step"] = meta["step"]
     res["method"] = cfg.method.name

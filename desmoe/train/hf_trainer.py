@@ -73,8 +73,11 @@ class DesMoECallback(TrainerCallback):
 
 
 class StreamDataset(torch.utils.data.IterableDataset):
-    """Rows (``input_ids``, ``labels``, ``attention_mask``, ``domain_ids``; LongTensor[S]) of a
-    :class:`desmoe.data.MixedDomainStream`, for ``Trainer`` (use ``max_steps``; the stream is endless)."""
+    """Rows (``input_ids``, ``labels``, ``domain_ids`` and ``attention_mask``, or ``position_ids`` instead of the
+    mask under isolated packing; LongTensor[S]) of a :class:`desmoe.data.MixedDomainStream`, for ``Trainer`` (use
+    ``max_steps``; the stream is endless). Isolated rows carry no 2-D mask: transformers separates the packed
+    documents by their ``position_ids`` only without one (and without a KV cache: the trainer passes
+    ``use_cache=False``); under flash attention only with one row per device batch."""
 
     def __init__(self, stream):
         super().__init__()
@@ -83,6 +86,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         while True:
             b = self.stream.next_batch()
+            if "position_ids" in b:
+                b.pop("attention_mask", None)
             for i in range(b["input_ids"].shape[0]):
                 yield {k: v[i] for k, v in b.items()}
 
@@ -259,6 +264,7 @@ class DesMoEMixin:
                 if dom is None:
                     return {}
                 inputs = {k: v for k, v in batch.items() if k not in ("domain_ids", "labels")}
+                inputs.setdefault("use_cache", False)  # a KV cache would turn off packed-document masks
                 with self.compute_loss_context_manager():
                     logits = model(**inputs).logits
                 labels = batch.get("labels", batch["input_ids"])
@@ -273,7 +279,7 @@ class DesMoEMixin:
 
     def _evaluation_loss(self, model, inputs, dom, return_outputs, num_items_in_batch):
         """The model's own loss on rows with or without ``domain_ids`` (evaluate / predict)."""
-        outputs = model(**inputs)
+        outputs = model(**{"use_cache": False, **inputs})
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         return (loss, outputs) if return_outputs else loss
 

@@ -44,10 +44,13 @@ def model_aux_loss(model, out) -> torch.Tensor | None:
 def task_loss(model, batch, device, bf16, fwd=None, aux: bool | None = None):
     """``(mean CE, coef·aux loss or None, per-token CE [B,S-1], valid [B,S-1])``; aux is the model's own
     load-balancing loss, requested with ``aux=True`` (``train.aux_loss``), off with False, or as the model's
-    config says with None. ``fwd``: the module to call (a DDP wrapper of ``model``), default ``model``."""
+    config says with None. ``fwd``: the module to call (a DDP wrapper of ``model``), default ``model``. A batch
+    with ``position_ids`` (isolated packing) goes in so that each packed document attends only to itself
+    (:func:`desmoe.data.packed_forward`)."""
+    from ..data.packing import packed_forward
+
     with train_autocast(device, bf16):
-        out = (fwd or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             **aux_kwargs(model, aux))
+        out = packed_forward(fwd or model, batch, model=model, **aux_kwargs(model, aux))
     ce, valid = token_losses(out.logits, batch["labels"])
     loss = ce.sum() / valid.sum().clamp(min=1)
     return loss, model_aux_loss(model, out), ce.detach(), valid

@@ -226,9 +226,17 @@ def _flatten(d, prefix=""):
     return out
 
 
+# keys added after checkpoints were written without them: the value that matches what those runs did
+ADDED_KEYS = {"data.packing": "concatenated"}
+
+
 def config_differences(saved: dict, current: dict, ignore=RESUMABLE_KEYS) -> list[str]:
-    """``["key: checkpoint=X, now=Y", ...]`` over the flattened configs, except ``ignore``d keys."""
+    """``["key: checkpoint=X, now=Y", ...]`` over the flattened configs, except ``ignore``d keys (a key of
+    :data:`ADDED_KEYS` absent from the checkpoint's config counts as that key's listed value)."""
     a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(current, default=str)))
+    if any(k.startswith("data.") for k in a):
+        for k, v in ADDED_KEYS.items():
+            a.setdefault(k, v)
     diffs = []
     for k in sorted(set(a) | set(b)):
         if k in ignore:

@@ -231,7 +231,7 @@ class Trainer:
         d = self.cfg.data
         shard = dict(rank=self.dist.rank, world_size=self.dist.world) if sharded else {}
         return MixedDomainStream({n: self.train_docs[n] for n in self.domains}, d.seq_len, batch_size, seed=seed,
-                                 weights=d.weights, eos_id=self.tok.eos_token_id, **shard)
+                                 weights=d.weights, eos_id=self.tok.eos_token_id, packing=d.packing, **shard)
 
     def _build_method(self) -> None:
         """The method controller; on resume its state, else the method's preparation pass; eval before training."""

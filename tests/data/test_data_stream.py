@@ -22,7 +22,7 @@ def _token_docs():
 
 
 def _stream(**kw):
-    args = dict(seq_len=24, batch_size=4, seed=3, eos_id=EOS)
+    args = dict(seq_len=24, batch_size=4, seed=3, eos_id=EOS, packing="concatenated")  # isolated: test_packing.py
     args.update(kw)
     return MixedDomainStream(_token_docs(), **args)
 
@@ -37,16 +37,21 @@ def _rows(batch):
     return out
 
 
-def test_batch_fields_and_padding():
-    s = _stream()
+@pytest.mark.parametrize("packing", ["concatenated", "isolated"])
+def test_batch_fields_and_padding(packing):
+    s = _stream(packing=packing)
     assert s.domain_names == ["a", "b", "c"]
     for _ in range(10):
         b = s.next_batch()
-        assert set(b) == {"input_ids", "labels", "domain_ids", "attention_mask"}
+        extra = {"position_ids"} if packing == "isolated" else set()
+        assert set(b) == {"input_ids", "labels", "domain_ids", "attention_mask"} | extra
         for v in b.values():
             assert v.dtype == torch.long and v.shape == (4, 24)
         pad = b["attention_mask"] == 0
-        assert (b["labels"][pad] == -100).all() and (b["labels"][~pad] == b["input_ids"][~pad]).all()
+        target = ~pad
+        if packing == "isolated":
+            target[:, 1:] &= b["position_ids"][:, 1:] != 0
+        assert (b["labels"][~target] == -100).all() and (b["labels"][target] == b["input_ids"][target]).all()
         assert (b["domain_ids"][pad] == -1).all()
         for row_dom, row_mask in zip(b["domain_ids"], b["attention_mask"]):  # one domain per row
             assert row_dom[row_mask == 1].unique().numel() == 1
@@ -168,7 +173,7 @@ def test_eval_batches_fixed_in_order():
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again))
     flat = []
     for b in batches:
-        assert set(b) == {"input_ids", "labels", "attention_mask"} and b["input_ids"].shape[1] == 16
+        assert set(b) == {"input_ids", "labels", "attention_mask", "position_ids"} and b["input_ids"].shape[1] == 16
         pad = b["attention_mask"] == 0
         assert (b["labels"][pad] == -100).all()
         for row, m in zip(b["input_ids"].tolist(), b["attention_mask"].tolist()):

@@ -104,8 +104,14 @@ def test_raw_text_unchanged(tok):
     docs = tokenize_domains(tok, {"g": texts})["g"]
     assert docs == list(tok(texts, add_special_tokens=False)["input_ids"])
     assert all(type(d) is list for d in docs)
-    b = MixedDomainStream({"g": docs}, seq_len=16, batch_size=2, eos_id=tok.eos_token_id).next_batch()
+    b = MixedDomainStream({"g": docs}, seq_len=16, batch_size=2, eos_id=tok.eos_token_id,
+                          packing="concatenated").next_batch()
     assert torch.equal(b["labels"], b["input_ids"].masked_fill(b["attention_mask"] == 0, -100))
+    # isolated packing (the default): the same, except that no document after a row's first is a target at its start
+    bi = MixedDomainStream({"g": docs}, seq_len=16, batch_size=2, eos_id=tok.eos_token_id).next_batch()
+    starts = bi["position_ids"] == 0
+    starts[:, 0] = False
+    assert torch.equal(bi["labels"], b["labels"].masked_fill(starts, -100))
 
 
 def test_packing_keeps_domain_ids_and_supervision(tmp_path, tok):
@@ -122,8 +128,10 @@ def test_packing_keeps_domain_ids_and_supervision(tmp_path, tok):
             real = am.bool()
             d = int(dom[real][0])
             assert (dom[real] == d).all() and (dom[~real] == -1).all() and (lab[~real] == -100).all()
-            if d == 0:  # raw text: every real token a target
-                assert torch.equal(lab[real], ids[real])
+            if d == 0:  # raw text: every real token a target but a document's first (isolated packing)
+                start = b["position_ids"][r] == 0
+                start[0] = False
+                assert torch.equal(lab[real & ~start], ids[real & ~start]) and (lab[start] == -100).all()
                 continue
             seen_chat = True
             kept = lab != -100
@@ -162,7 +170,8 @@ def test_eval_ignores_prompt_tokens(tmp_path, tok):
         def forward(self, input_ids, attention_mask=None):
             return type("O", (), {"logits": torch.zeros(*input_ids.shape, len(tok))})()
 
-    res = domain_loss(Probe(), chat, seq_len=48, batch_size=4, eos_id=tok.eos_token_id)
+    res = domain_loss(Probe(), chat, seq_len=48, batch_size=4, eos_id=tok.eos_token_id,
+                      packing="concatenated")  # a probe without attention (isolated packing is refused for it)
     first_shifted = sum(int((b["labels"][:, :1] != -100).sum()) for b in bs)
     assert res["tokens"] == n_sup - first_shifted and res["loss"] == pytest.approx(torch.log(torch.tensor(
         float(len(tok)))).item(), rel=1e-5)

@@ -40,7 +40,7 @@ def test_domain_loss_random_model_near_log_vocab(tok):
 
 def test_domain_loss_standard_error_over_rows(tok):
     """``loss_se`` against a direct computation: per packed row its mean loss and valid tokens, ratio-estimator SE."""
-    from desmoe.data import eval_batches
+    from desmoe.data import eval_batches, packed_forward
 
     m = tiny_model("qwen3_moe", vocab_size=len(tok))
     desmoe.patch(m)
@@ -51,7 +51,7 @@ def test_domain_loss_standard_error_over_rows(tok):
         m.eval()
         for b in eval_batches(docs, 24, 3, tok.eos_token_id, max_batches=3):
             for i in range(b["input_ids"].shape[0]):  # one row at a time
-                logits = m(input_ids=b["input_ids"][i:i + 1], attention_mask=b["attention_mask"][i:i + 1]).logits
+                logits = packed_forward(m, {k: v[i:i + 1] for k, v in b.items()}).logits
                 ce, valid = token_losses(logits, b["labels"][i:i + 1])
                 if valid.any():  # a row holding only a document's last token predicts nothing
                     w.append(float(valid.sum()))

@@ -143,8 +143,8 @@ def test_aux_loss_included_the_same_way_in_the_loop_and_the_trainer(tmp_path):
             task, aux, _, _ = task_loss(model, b, torch.device("cpu"), False, aux=aux_on)
         assert (aux is not None) == aux_on
         loop = ctl.combine(task, fwd.added_loss) + (aux if aux is not None else 0.0)
-        hf = tr.compute_loss(model, {k: b[k] for k in ("input_ids", "labels", "attention_mask", "domain_ids")
-                                     if k in b})
+        # the rows as StreamDataset gives them (isolated packing: position_ids, no 2-D mask)
+        hf = tr.compute_loss(model, {k: b[k] for k in ("input_ids", "labels", "position_ids", "domain_ids")})
         torch.testing.assert_close(hf, loop, rtol=1e-5, atol=1e-6)
         losses[aux_on] = (float(loop.detach()), None if aux is None else float(aux.detach()))
         for a in ctl.alr:
