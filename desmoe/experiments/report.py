@@ -310,6 +310,46 @@ def wins(p: dict) -> str:
             + ("; ".join(out) if out else "none") + ".")
 
 
+def sweep_md(res: dict) -> str:
+    """Markdown of a sweep's results.json."""
+    B = res["bases"]
+    head = ["base (pretrain steps)", "general loss", "I(d;e)/H(d)", "concentration", "mask Jaccard"] + \
+        [f"LR {m}" for m in B[0]["selected"]] if B else []
+    rows = []
+    for b in B:
+        sp = b["specialization"] or {}
+        rows.append([str(b["pretrain_steps"]), _f(b["general_loss"]), _f(sp.get("mi_norm")),
+                     _f(sp.get("concentration")) + f" (uniform {_f(sp.get('concentration_uniform'))})",
+                     _f(sp.get("mask_jaccard"))] + [f"{v['lr']:g}" for v in b["selected"].values()])
+    out = ["#### The bases and the LRs chosen on validation\n\n" + _table(head, rows)]
+    head = ["base", "DES−FFT loss @ FFT's forgetting", "@ DES's forgetting", "DES−FFT forgetting @ FFT's loss",
+            "@ DES's loss"]
+    rows = []
+    for b in B:
+        cells = []
+        for key in ("at_matched_forgetting@fft_mixed", "at_matched_forgetting@des_moe",
+                    "at_matched_domain_loss@fft_mixed", "at_matched_domain_loss@des_moe"):
+            v = b["versus"][key]
+            cells.append("out of reach" if v["delta"] is None else
+                         f"{_f(v['delta'], sign=True)} ± {_f(2 * v['spread_used'])}"
+                         + (" (resolved)" if v["resolved"] else ""))
+        rows.append([str(b["pretrain_steps"])] + cells)
+    out.append("#### DES-MoE minus FFT at matched levels (test; negative = DES-MoE better; ± twice the paired "
+               "per-seed spread)\n\n" + _table(head, rows))
+    head = ["base", "method", "forgetting (fewest → most domains)", "Δ forgetting", "relative growth",
+            "Δ common-domain loss"]
+    rows = [[str(b["pretrain_steps"]), m,
+             f"{_f(g['forgetting_from'], sign=True)} → {_f(g['forgetting_to'], sign=True)}",
+             _f(g["forgetting_change"], sign=True),
+             "–" if g["forgetting_ratio"] is None else f"×{g['forgetting_ratio']:.2f}",
+             _f(g["common_loss_change"], sign=True)] for b in B for m, g in b["scaling"].items()]
+    out.append("#### Adding domains\n\n" + _table(head, rows))
+    rows = [[str(b["pretrain_steps"]), c["claim"], c["ours"], c["verdict"]] for b in B for c in b["claims"]]
+    out.append("#### Claim verdicts per base (the report's rules)\n\n"
+               + _table(["base", "claim", "ours", "verdict"], rows))
+    return "\n\n".join(out) + "\n"
+
+
 def render(root: str, img: str = "") -> str:
     """The Markdown of ``root``'s results; ``img`` prefixes the plots' paths (``../results/experiments/`` in
     docs/experiments.md, nothing in ``summary.md`` beside them)."""
@@ -335,6 +375,13 @@ def render(root: str, img: str = "") -> str:
         out.append(f"![wall-clock]({img}pareto/wall_clock.png)")
     if s:
         out.append(f"![scaling]({img}scaling/scaling.png)")
+    sw = load(root, "sweep")
+    if sw:
+        done = [b["pretrain_steps"] for b in sw["bases"]]
+        todo = [n for n in sw.get("planned_pretrain_steps", []) if n not in done]
+        note = f"; still to run: {todo} (the sweep is incomplete: no conclusion across bases yet)" if todo else ""
+        out.append(f"### The base sweep (`{sw['config']}`)\n\nBases finished: {done or 'none'}{note}."
+                   + (f"\n\n{sweep_md(sw)}\n\n![sweep]({img}sweep/sweep.png)" if done else ""))
     return "\n\n".join(out) + "\n"
 
 

@@ -197,7 +197,8 @@ def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers:
     bases = []
     res = {"experiment": "sweep", "config": _rel(sw.source), "experiment_config": _rel(spec.source),
            "versions": versions(), "git_sha": git_sha(), "seeds": list(range(spec.seeds)),
-           "split": {"select": "validation", "report": "test"}, "lr_ladder": sw.lr_ladder, "bases": bases}
+           "split": {"select": "validation", "report": "test"}, "lr_ladder": sw.lr_ladder,
+           "planned_pretrain_steps": sorted(sw.pretrain_steps), "bases": bases}
     for steps in sorted(sw.pretrain_steps):
         sp = dataclasses.replace(spec, base={**spec.base, "pretrain_steps": steps})
         bout = os.path.join(out, f"base-{steps}")
@@ -220,7 +221,7 @@ def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers:
     plots.sweep(os.path.join(out, "sweep.png"), bases)
     _timing(out, sw, workers, time.time() - t0, _n_records(spec) - n0)
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(sweep_md(res))
+        f.write(R.sweep_md(res))
     return res
 
 
@@ -243,47 +244,3 @@ def _timing(out: str, sw: SweepSpec, workers: int, secs: float, computed: int) -
     old["note"] = ("wall time of each invocation that computed runs (bases are built once and cached; a base's "
                    "build time is in results.json as base_seconds)")
     _write_json(p, old)
-
-
-def _f(x, nd=3, sign=False):
-    return R._f(x, nd, sign)
-
-
-def sweep_md(res: dict) -> str:
-    """Markdown of a sweep's results.json."""
-    B = res["bases"]
-    head = ["base (pretrain steps)", "general loss", "I(d;e)/H(d)", "concentration", "mask Jaccard"] + \
-        [f"LR {m}" for m in B[0]["selected"]] if B else []
-    rows = []
-    for b in B:
-        sp = b["specialization"] or {}
-        rows.append([str(b["pretrain_steps"]), _f(b["general_loss"]), _f(sp.get("mi_norm")),
-                     _f(sp.get("concentration")) + f" (uniform {_f(sp.get('concentration_uniform'))})",
-                     _f(sp.get("mask_jaccard"))] + [f"{v['lr']:g}" for v in b["selected"].values()])
-    out = ["#### The bases and the LRs chosen on validation\n\n" + R._table(head, rows)]
-    head = ["base", "DES−FFT loss @ FFT's forgetting", "@ DES's forgetting", "DES−FFT forgetting @ FFT's loss",
-            "@ DES's loss"]
-    rows = []
-    for b in B:
-        cells = []
-        for key in ("at_matched_forgetting@fft_mixed", "at_matched_forgetting@des_moe",
-                    "at_matched_domain_loss@fft_mixed", "at_matched_domain_loss@des_moe"):
-            v = b["versus"][key]
-            cells.append("out of reach" if v["delta"] is None else
-                         f"{_f(v['delta'], sign=True)} ± {_f(2 * v['spread_used'])}"
-                         + (" (resolved)" if v["resolved"] else ""))
-        rows.append([str(b["pretrain_steps"])] + cells)
-    out.append("#### DES-MoE minus FFT at matched levels (test; negative = DES-MoE better; ± twice the paired "
-               "per-seed spread)\n\n" + R._table(head, rows))
-    head = ["base", "method", "forgetting (fewest → most domains)", "Δ forgetting", "relative growth",
-            "Δ common-domain loss"]
-    rows = [[str(b["pretrain_steps"]), m,
-             f"{_f(g['forgetting_from'], sign=True)} → {_f(g['forgetting_to'], sign=True)}",
-             _f(g["forgetting_change"], sign=True),
-             "–" if g["forgetting_ratio"] is None else f"×{g['forgetting_ratio']:.2f}",
-             _f(g["common_loss_change"], sign=True)] for b in B for m, g in b["scaling"].items()]
-    out.append("#### Adding domains\n\n" + R._table(head, rows))
-    rows = [[str(b["pretrain_steps"]), c["claim"], c["ours"], c["verdict"]] for b in B for c in b["claims"]]
-    out.append("#### Claim verdicts per base (the report's rules)\n\n"
-               + R._table(["base", "claim", "ours", "verdict"], rows))
-    return "\n\n".join(out) + "\n"

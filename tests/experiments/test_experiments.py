@@ -178,8 +178,11 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_shipped_configs_validate():
+    from desmoe.experiments.sweep import load_sweep
+
     for name in os.listdir(CONFIG_DIR):
-        spec = load_spec(os.path.join(CONFIG_DIR, name))
+        path = os.path.join(CONFIG_DIR, name)
+        spec = load_sweep(path)[1] if name.startswith("sweep") else load_spec(path)
         assert set(spec.domains) <= set(spec.base["config"]["data"]["domains"])
 
 

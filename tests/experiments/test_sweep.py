@@ -80,7 +80,7 @@ def test_bad_sweep_configs_name_the_key(tmp_path, key, value, msg):
 
 
 def test_quick_sweep_end_to_end(tmp_path, capsys):
-    out, cache = tmp_path / "out", tmp_path / "cache"
+    out, cache = tmp_path / "results" / "sweep", tmp_path / "cache"
     args = ["experiment", "sweep", "--quick", "--out", str(out), "--cache", str(cache), "--workers", "1"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
@@ -102,6 +102,10 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
         assert per["methods"]["des_moe"]["selected_lr"] == b["selected"]["des_moe"]["lr"]
     assert (out / "sweep.png").stat().st_size > 1000
     assert "DES-MoE minus FFT" in (out / "summary.md").read_text()
+    from desmoe.experiments.report import render
+
+    md = render(str(tmp_path / "results"))  # the results dir's report (docs/experiments.md) carries the sweep
+    assert "### The base sweep" in md and "Bases finished: [4, 10]." in md and "still to run" not in md
     t = json.loads((out / "timing.json").read_text())
     assert len(t["invocations"]) == 1 and t["invocations"][0]["runs_computed"] > 0
     n = len(list((cache / "ft").iterdir()))
