@@ -216,17 +216,16 @@ def test_a_failed_export_leaves_nothing_behind(trained, tmp_path, capsys, monkey
     import errno
 
     import desmoe.export as ex
-    from transformers import PreTrainedModel
 
     out = tmp_path / "out"
     if fault == "disk_full":
-        real = PreTrainedModel.save_pretrained
+        real = ex.write_weights_streaming
 
-        def full(self, d, *a, **k):
-            real(self, d, *a, **k)  # files half written, then the disk is full
+        def full(src, d, *a, **k):
+            real(src, d, *a, **k)  # shards half written, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", os.path.join(d, "model.safetensors"))
 
-        monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+        monkeypatch.setattr(ex, "write_weights_streaming", full)
         _export_fails(capsys, trained, out, str(out), "No space left on device", "nothing was written")
     else:
         calls = []
