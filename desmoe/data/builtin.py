@@ -169,7 +169,40 @@ def _signature(files: list[tuple[str, str]]) -> str:
     return format(stable_hash(_CACHE_VERSION, h), "016x")
 
 
+PIN_ENV = "DESMOE_CORPORA_PIN"
+
+
 def _cached(domain: str, files: list[tuple[str, str]], build: Callable[[], list[Doc]]) -> list[Doc]:
+    """The domain's documents: from the pinned snapshot ``$DESMOE_CORPORA_PIN/<domain>.json`` when that is set
+    and holds one (an experiment's corpora stay fixed whatever is installed later: installing a package adds its
+    description to ``general`` and its licence to ``law``), else from the per-machine cache keyed by the file
+    list, built when missing (and copied into the snapshot folder when one is set)."""
+    pin = os.environ.get(PIN_ENV)
+    if pin:
+        pinned = Path(pin) / f"{domain}.json"
+        docs = read_json_cache(pinned)
+        if isinstance(docs, list):
+            return [tuple(d) for d in docs]
+        docs = _built(domain, files, build)
+        pin_write(pinned, docs)
+        return docs
+    return _built(domain, files, build)
+
+
+def pin_write(path: Path, docs: list) -> None:
+    """Write a pinned snapshot atomically; unlike the per-machine cache, a snapshot that cannot be written is an
+    error (the experiment would silently read whatever is installed next time)."""
+    import json
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(docs, f, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _built(domain: str, files: list[tuple[str, str]], build: Callable[[], list[Doc]]) -> list[Doc]:
     path = cache_root() / "corpora" / f"{domain}-{_signature(files)}.json"
     docs = read_json_cache(path)
     if isinstance(docs, list):

@@ -64,7 +64,10 @@ def _build_base(base_cfg, pretrain_steps, aux_loss_coef, out, info_path, log, mi
     if os.path.isfile(info_path):
         with open(info_path) as f:
             return json.load(f)
-    cfg = config_from_dict(base_cfg, source="experiment base")
+    # the experiments' bases pack concatenated, as every base was built before data.packing existed (the recipe's
+    # hash, which names the cached base, is of base_cfg as written: an explicit data.packing still counts)
+    cfg = config_from_dict({**base_cfg, "data": {"packing": "concatenated", **base_cfg.get("data", {})}},
+                           source="experiment base")
     g = cfg.data.general
     if not g:
         raise ValueError("base.data.general must name the pretraining domain")

@@ -15,7 +15,7 @@ from . import pareto as P
 from . import plots
 from .base import base_routing, base_specialization, prepare_base_cached
 from .methods import SINGLE_METHODS
-from .runner import aggregate, combine_single, run_jobs
+from .runner import aggregate, combine_single, pinned_corpora, run_jobs
 from .spec import ExperimentSpec
 
 EXPERIMENTS = ("pareto", "scaling")
@@ -304,6 +304,8 @@ def run_experiment(name: str, out: str, spec: ExperimentSpec, log=print, workers
         raise ValueError(f"experiment name must be one of {EXPERIMENTS} or 'all', got {name!r}")
     t0 = time.time()
     log(f"experiment {name} -> {out}")
-    res = RUNNERS[name](spec, out, log, workers)
+    with pinned_corpora(spec) as fp:
+        log(f"corpora pinned in {os.path.join(spec.cache, 'corpora')} (fingerprint {fp})")
+        res = RUNNERS[name](spec, out, log, workers)
     log(f"experiment {name} done in {time.time() - t0:.0f}s: {os.path.join(out, 'results.json')}")
     return res

@@ -9,6 +9,7 @@ processes (one thread each); several commands sharing a cache also split the wor
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -24,6 +25,39 @@ from .spec import ExperimentSpec
 
 def _key(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+FP_ENV = "DESMOE_CORPORA_FINGERPRINT"
+
+
+@contextlib.contextmanager
+def pinned_corpora(spec: ExperimentSpec):
+    """Every built-in corpus the experiment reads comes from ``<cache>/corpora/`` — snapshotted at first use — in
+    this process and the worker processes it starts, and every run's cache key carries the snapshot's fingerprint
+    (yielded). Without it, installing a package (its description joins ``general``, its licence ``law``) would
+    change the held-out sets between runs that are compared as pairs."""
+    from ..data.builtin import PIN_ENV, builtin_docs
+
+    pin = os.path.abspath(os.path.join(spec.cache, "corpora"))
+    saved = {k: os.environ.get(k) for k in (PIN_ENV, FP_ENV)}
+    os.environ[PIN_ENV] = pin
+    try:
+        base_data = spec.base.get("config", {}).get("data", {})
+        names = {*spec.domains, *base_data.get("domains", []), base_data.get("general"),
+                 spec.finetune.get("data", {}).get("general")} - {None, "math"}  # math is generated, not read
+        h = hashlib.sha1()
+        for d in sorted(names):
+            builtin_docs(d)  # snapshots it when missing
+            with open(os.path.join(pin, f"{d}.json"), "rb") as f:
+                h.update(d.encode() + b"\0" + hashlib.sha1(f.read()).digest())
+        os.environ[FP_ENV] = h.hexdigest()[:12]
+        yield os.environ[FP_ENV]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def finetune_config(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], lr: float, seed: int,
@@ -82,7 +116,9 @@ def run_dir_of(spec: ExperimentSpec, base_path: str, method: str, domains: list[
     if cfg_d is None:
         cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
     tag = f"{method}{''.join(f'-{k}{v}' for k, v in sorted((method_overrides or {}).items()))}"
-    return os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{_key(cfg_d)}")
+    fp = os.environ.get(FP_ENV)  # set by pinned_corpora: runs on other corpora never share a cache entry
+    key = _key({**cfg_d, "corpora": fp} if fp else cfg_d)
+    return os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{key}")
 
 
 def run_one(spec: ExperimentSpec, base_path: str, method: str, domains: list[str], lr: float, seed: int,

@@ -30,6 +30,7 @@ import time
 
 from . import plots
 from . import report as R
+from .runner import pinned_corpora
 from .spec import CONFIG_DIR, ExperimentSpec, load_spec
 
 DEFAULT_SWEEP = "sweep.yaml"
@@ -187,7 +188,7 @@ def overall(bases: list[dict]) -> dict:
 
 
 def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers: int = 1) -> dict:
-    from .experiments import _n_records, _rel, exp_pareto, exp_scaling, git_sha, versions
+    from .experiments import _n_records, _rel, git_sha, versions
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"--workers must be an int >= 1, got {workers!r}")
@@ -199,6 +200,19 @@ def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers:
            "versions": versions(), "git_sha": git_sha(), "seeds": list(range(spec.seeds)),
            "split": {"select": "validation", "report": "test"}, "lr_ladder": sw.lr_ladder,
            "planned_pretrain_steps": sorted(sw.pretrain_steps), "bases": bases}
+    with pinned_corpora(spec) as fp:
+        res["corpora_fingerprint"] = fp
+        _sweep_bases(sw, spec, out, res, bases, starts, log, workers, t0)
+    plots.sweep(os.path.join(out, "sweep.png"), bases)
+    _timing(out, sw, workers, time.time() - t0, _n_records(spec) - n0)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(R.sweep_md(res))
+    return res
+
+
+def _sweep_bases(sw, spec, out, res, bases, starts, log, workers, t0) -> None:
+    from .experiments import exp_pareto, exp_scaling
+
     for steps in sorted(sw.pretrain_steps):
         sp = dataclasses.replace(spec, base={**spec.base, "pretrain_steps": steps})
         bout = os.path.join(out, f"base-{steps}")
@@ -218,11 +232,6 @@ def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers:
         res["overall"] = overall(bases)
         _write_json(os.path.join(out, "results.json"), res)
         log(f"sweep: base {steps} done ({time.time() - t0:.0f}s so far)")
-    plots.sweep(os.path.join(out, "sweep.png"), bases)
-    _timing(out, sw, workers, time.time() - t0, _n_records(spec) - n0)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(R.sweep_md(res))
-    return res
 
 
 def _write_json(path: str, obj: dict) -> None:
