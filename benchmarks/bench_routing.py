@@ -1,7 +1,7 @@
 """Benchmark: top-k routing from router logits to everything the expert kernels consume.
 
 Side by side, same logits:
-    desmoe  fused Triton routing kernel + permutation kernel (``desmoe.ops.triton_ops.route_and_permute``) on
+    desmoe  fused Triton routing kernel + permutation kernel (``desmoe.ops.triton_routing.route_and_permute``) on
             CUDA; on CPU the reference routing + permutation (the Triton path needs CUDA)
     torch   the PyTorch sequence a user writes: softmax, topk, renormalise, sort, bincount, cumsum
     eager   the transformers router module's own forward on precomputed logits (softmax / topk / renorm as HF
@@ -67,9 +67,9 @@ def _desmoe_sequence(logits, K, renormalize=True, scaling=1.0):
     from desmoe import ops
 
     if ops.resolve_backend(None, logits.device) == "triton":
-        from desmoe.ops import triton_ops
+        from desmoe.ops import triton_routing
 
-        return triton_ops.route_and_permute(logits, K, renormalize=renormalize, scaling=scaling)
+        return triton_routing.route_and_permute(logits, K, renormalize=renormalize, scaling=scaling)
     w, ids = ops.topk_route(logits, K, renormalize=renormalize, scaling=scaling)
     return (w, ids, *ops.permute(ids, logits.shape[1]))
 

@@ -212,7 +212,7 @@ def _kernel_table(r: Run, shape: str, fn, inputs) -> None:
 
 
 def routing(r: Run) -> None:
-    from desmoe.ops import triton_ops
+    from desmoe.ops import triton_routing
 
     E, K = 128, 8
     T = 64 if r.dry else 32768
@@ -227,7 +227,7 @@ def routing(r: Run) -> None:
         return w, order, offsets
 
     def ours():
-        return triton_ops.route_and_permute(logits, K)
+        return triton_routing.route_and_permute(logits, K)
 
     t_torch, t_ours = r.time(torch_seq), r.time(ours)
     r.emit({"stage": "routing", "T": T, "E": E, "K": K, "torch_ms": t_torch, "desmoe_ms": t_ours,

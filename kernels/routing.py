@@ -1,6 +1,6 @@
 """Triton routing kernels: fused top-k routing (forward and backward) and the expert-major permutation.
 
-Kernels (raw ``@triton.jit``; launchers live in ``desmoe.ops.triton_ops``):
+Kernels (raw ``@triton.jit``; launchers live in ``desmoe.ops.triton_routing``):
 
 - ``topk_route_fwd_kernel``: logits [T, E] -> weights [T, K] (float32), ids [T, K] (int64). One program owns
   ``BLOCK_T`` rows with the whole (padded) expert axis in registers: scoring, selection bias, group-limited

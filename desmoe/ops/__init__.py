@@ -1,64 +1,22 @@
 """desmoe ops: validated entry points that dispatch to a backend.
 
-Backends:
-    ``"triton"``     Triton kernels (``desmoe.kernels``) behind ``torch.library.custom_op``s; CUDA tensors.
-    ``"grouped"``    PyTorch grouped GEMMs with a hand-written backward (``desmoe.ops.grouped``); any device.
-    ``"reference"``  plain PyTorch (``desmoe.ops.reference``): runs anywhere, the readable test oracle.
-    ``"auto"``       triton for CUDA tensors when Triton and the kernels import, else grouped. Routing has
-                     two implementations: triton, and the reference (which every other backend uses).
-
-The backend comes from the ``backend=`` argument, else the ``DESMOE_BACKEND`` environment variable, else
-``"auto"``. Every entry point validates its inputs here, once, for all backends, and raises ``ValueError`` /
-``TypeError`` naming the argument and what was expected.
+Every entry point validates its inputs here, once, for all backends, and raises ``ValueError`` / ``TypeError``
+naming the argument and what was expected; :mod:`desmoe.ops.dispatch` then decides which implementation runs
+(backends ``"triton"``, ``"grouped"``, ``"reference"``, ``"auto"``; the experts op's variant, dtype and GEMM-engine
+rule), and the entry point calls it. One module per op family below: ``triton_routing``, ``triton_permute``,
+``triton_experts``, ``triton_gpt_oss`` (launchers over ``desmoe.kernels``' routing, permute, moe, moe_gpt_oss),
+``grouped`` (the grouped-GEMM experts), ``reference`` (plain PyTorch, the oracle), and one module per C++ op.
 """
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 
 from . import reference
+from .dispatch import (BACKENDS, experts_impl, kernel_routes, resolve_backend, routing_impl, triton_available,
+                       triton_experts_supported)
 from .spec import GROUP_SCORES, ROUTING_SCORINGS, RouterSpec, as_spec
 
-BACKENDS = ("auto", "triton", "grouped", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend (``"triton"``, ``"grouped"`` or ``"reference"``) for tensors on ``device``."""
-    name = backend if backend is not None else os.environ.get("DESMOE_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "grouped"
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' requested but Triton or desmoe.kernels is not importable: install Triton "
-                "(`pip install 'desmoe[triton]'`; CUDA builds of torch include it) or use backend='reference'"
-            )
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
-                "kernels on CPU for testing, or use backend='reference'"
-            )
-    return name
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        from . import triton_ops  # noqa: F401
-    except Exception:  # Triton missing, or kernels not built for this platform
-        return False
-    return True
-
-
-@torch.compiler.assume_constant_result  # a fact about the process: torch.compile bakes it in, no tracing
-def triton_available() -> bool:
-    """Whether Triton and ``desmoe.kernels`` import (cached for the process)."""
-    return _triton_importable()
 
 
 def _check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=None) -> None:
@@ -103,16 +61,6 @@ def _check_finite_once(name: str, t: torch.Tensor) -> None:
         pass
 
 
-def kernel_routes(spec: RouterSpec) -> bool:
-    """Whether the Triton routing kernel carries every option of ``spec`` (else routing runs on the reference).
-
-    The kernel reads the weights from the unmasked scores and renormalises by ``sum + eps``: a spec whose
-    weights come from the masked scores *and* that can pick masked experts (K > eligible), or whose sum is
-    floored (``renorm_min``), runs on the reference.
-    """
-    return not (spec.weights_from_masked and spec.top_k > spec.num_eligible) and not spec.renorm_min
-
-
 def topk_route(
     logits_TE: torch.Tensor,
     spec: RouterSpec | int,
@@ -130,11 +78,11 @@ def topk_route(
         _check_tensor("logits_TE", logits_TE, dim=2)
     spec = as_spec(spec, logits_TE.shape[1], options)
     check_routing_args(logits_TE, spec, bias_E)
-    if kernel_routes(spec) and resolve_backend(backend, logits_TE.device) == "triton":
-        from . import triton_ops
+    if routing_impl(spec, backend, logits_TE.device) == "triton":
+        from . import triton_routing
 
         # the custom-op boundary: primitives only
-        return triton_ops.topk_route(
+        return triton_routing.topk_route(
             logits_TE, spec.top_k, scoring=spec.scoring, renormalize=spec.renormalize, bias_E=bias_E,
             n_group=spec.n_group, topk_group=spec.topk_group, group_score=spec.group_score, scaling=spec.scaling,
             renorm_eps=spec.renorm_eps, masked_value=spec.masked_value,
@@ -229,18 +177,6 @@ def check_experts_args(
             )
 
 
-def triton_experts_supported(activation: str = "silu", *, has_bias: bool = False, transposed: bool = False,
-                             interleaved: bool = False) -> bool:
-    """Whether the Triton experts kernels carry this variant: SiLU SwiGLU in the standard layout without biases
-    (``desmoe.kernels.moe``), and gpt-oss's stored layout (``transposed`` and ``interleaved``, biases or not) with
-    its clamped SwiGLU or SiLU SwiGLU (``desmoe.kernels.moe_gpt_oss``). Everything else (other activations, a
-    layout only half transposed/interleaved, biases on the standard layout) runs on the grouped engine
-    (``desmoe.ops.grouped``: ``torch._grouped_mm`` on CUDA) when the Triton backend is asked."""
-    if transposed and interleaved:
-        return activation in ("silu", "clamped_swiglu")
-    return activation == "silu" and not has_bias and not transposed and not interleaved
-
-
 def moe_experts(
     x_TD: torch.Tensor,
     w_gate_up_E2ID: torch.Tensor,
@@ -274,44 +210,34 @@ def moe_experts(
         b_gate_up=b_gate_up, b_down=b_down, transposed=transposed, interleaved=interleaved, alpha=alpha,
         limit=limit,
     )
-    name = resolve_backend(backend, x_TD.device)
-    has_bias = b_gate_up is not None or b_down is not None
-    if name == "triton" and triton_experts_supported(activation, has_bias=has_bias, transposed=transposed,
-                                                     interleaved=interleaved):
-        if transposed:  # gpt-oss's layout
-            from . import triton_gpt_oss
+    impl = experts_impl(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, backend=backend, activation=activation,
+                        has_bias=b_gate_up is not None or b_down is not None, transposed=transposed,
+                        interleaved=interleaved)
+    masks = dict(expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK)
+    if impl == "triton":
+        from .triton_experts import moe_experts as launch
 
-            return triton_gpt_oss.moe_experts_gpt_oss(
-                x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, b_gate_up=b_gate_up, b_down=b_down,
-                activation=activation, alpha=alpha, limit=limit, expert_trainable_E=expert_trainable_E,
-                pair_trainable_TK=pair_trainable_TK,
-            )
-        from . import triton_ops
+        return launch(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, **masks)
+    if impl == "triton_gpt_oss":
+        from .triton_gpt_oss import moe_experts_gpt_oss
 
-        return triton_ops.moe_experts(
-            x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
-            expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK,
-        )
-    if x_TD.dtype != w_gate_up_E2ID.dtype and not torch.is_autocast_enabled(x_TD.device.type):
-        # the reference's matmuls would fail with a message naming neither argument (autocast casts them itself)
-        raise TypeError(f"x_TD ({x_TD.dtype}) and the expert weights ({w_gate_up_E2ID.dtype}) differ in dtype; cast "
-                        f"one of them, or run under torch.autocast")
+        return moe_experts_gpt_oss(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, b_gate_up=b_gate_up,
+                                   b_down=b_down, activation=activation, alpha=alpha, limit=limit, **masks)
+    if impl == "grouped_mm":
+        from .grouped import moe_experts_grouped_mm
+
+        return moe_experts_grouped_mm(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, **masks)
     layout = dict(b_gate_up=b_gate_up, b_down=b_down, transposed=transposed, interleaved=interleaved, alpha=alpha,
                   limit=limit)
-    # grouped: its own backend; triton with a variant its kernels do not carry (another activation, biases on the
-    # standard layout); reference under torch.compile (the reference loop syncs with the host and branches on data; the
-    # grouped op is one opaque custom op with a fake implementation, tested against the reference)
-    if name != "reference" or torch.compiler.is_compiling():
+    if impl == "grouped":
         from .grouped import grouped_experts
 
         trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
         return grouped_experts(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
                                activation=activation, trainable_S=trainable_S, trainable_E=expert_trainable_E,
                                **layout)
-    return reference.moe_experts_reference(
-        x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, activation=activation,
-        expert_trainable_E=expert_trainable_E, pair_trainable_TK=pair_trainable_TK, **layout,
-    )
+    return reference.moe_experts_reference(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                           activation=activation, **masks, **layout)
 
 
 # The C++/CUDA extension's ops, one module each (validation, fake, dispatch to the extension or the reference).

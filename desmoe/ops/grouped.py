@@ -1,8 +1,20 @@
-"""Experts on PyTorch's grouped GEMM (``torch.nn.functional.grouped_mm``): the fast path where Triton is not.
+"""Grouped-GEMM experts: the two implementations that run the expert MLP as grouped GEMMs over expert-sorted pairs.
 
-Backend ``"grouped"`` (``backend="auto"`` on CPU). One ``torch.library.custom_op`` for the forward and one for the
-backward, both with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them; inside,
-eager PyTorch on the sorted pairs:
+Why two, and which runs (:func:`desmoe.ops.dispatch.experts_impl` decides; nothing here does):
+
+- :func:`grouped_experts` (``"grouped"``, ``backend="auto"`` on CPU, and any variant the Triton kernels do not
+  carry): portable, pure PyTorch around ``torch.nn.functional.grouped_mm`` (a per-expert loop where no grouped
+  GEMM exists), every activation, biases and gpt-oss's layout; sort-based pair order and an ``index_add_``
+  combine. It keeps ``x_g``, ``h``, ``act(gate)`` and ``a`` for the backward.
+- :func:`moe_experts_grouped_mm` (``"grouped_mm"``: the Triton backend's GEMM engine for coarse shapes on CUDA,
+  SiLU SwiGLU in the standard layout): the same four GEMMs on ``torch._grouped_mm``, but inside the Triton
+  backend's O(S) routing metadata and its fixed-order combine kernel, so it is deterministic on CUDA (the
+  ``index_add_`` combine is not) and keeps only the gate|up pre-activation, as the Triton kernels do. It needs
+  Triton, so it cannot replace the portable one; the portable one lacks its determinism and memory profile.
+
+The portable op is one ``torch.library.custom_op`` for the forward and one for the backward, both with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces through them; inside, eager PyTorch on the sorted
+pairs:
 
     forward   pairs sorted by expert (stable) -> x_g = x[tok] -> h = x_g @ W1[e]^T (grouped) -> a = act(gate) * up
               -> y = (w * a) @ W2[e]^T (grouped; the weight folded into the narrower input) -> out[tok] += y
@@ -10,10 +22,10 @@ eager PyTorch on the sorted pairs:
     backward  g = dout[tok] @ W2[e] (grouped, unweighted) -> dw = <g, a>, da = w * g -> dh = act'(h) (da)
               -> dx[tok] += dh @ W1[e] (grouped) -> dW1 = dh^T x_g, dW2 = dout[tok]^T (w * a) (grouped, K = pairs)
 
-It saves the pair order, offsets, ``x_g``, ``h``, ``act(gate)`` and ``a``; ``y`` is never stored
-(``dw = <dout, y> = <dout @ W2, a>``).
-The DES-MoE masks act on the two dW GEMMs only (values, dX and d(weights) are untouched): a frozen expert's dW
-GEMMs are skipped, and a non-trainable pair's rows are zeroed. Shapes as in :mod:`desmoe.ops.reference` (whose per-expert loop stays the readable oracle).
+``y`` is never stored (``dw = <dout, y> = <dout @ W2, a>``). In both, the DES-MoE masks act on the two dW GEMMs
+only (values, dX and d(weights) are untouched): a frozen expert's dW GEMMs are skipped (or zeroed), and a
+non-trainable pair's rows are zeroed. Shapes as in :mod:`desmoe.ops.reference` (whose per-expert loop stays the
+readable oracle).
 """
 from __future__ import annotations
 
@@ -307,3 +319,85 @@ def grouped_experts(
     return grouped_experts_fwd(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, trainable_S,
                                trainable_E, activation, b_gate_up, b_down, bool(transposed), bool(interleaved),
                                float(alpha), float(limit))[0]
+
+
+# --- the Triton backend's coarse-shape engine: torch._grouped_mm GEMMs inside desmoe's Triton metadata, combine and masks
+
+def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
+    out = torch.empty_like(v_sorted)
+    out[sorted_pairs] = v_sorted
+    return out
+
+
+class _GroupedMMExperts(torch.autograd.Function):
+    """SwiGLU experts with the four GEMMs (and both dW) on ``torch._grouped_mm``; same contract and masks as
+    :func:`desmoe.ops.triton_experts.moe_experts`. Saves x, the weights, the routing metadata and the gate|up pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1, w2, ids_TK, w_TK, em, pm):
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I = I2 // 2
+        K = ids_TK.shape[1]
+        from .triton_permute import routing_metadata
+
+        sp, off, tok, *_ = routing_metadata(ids_TK, E, 0)
+        sp, tok, ends = sp.long(), tok.long(), off[1:]
+        gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        h = (g * torch.sigmoid(g) * u).to(x_TD.dtype)
+        y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [S, D]
+        from .triton_common import combine
+
+        out = combine(_to_pair_rows(y, sp), w_TK.contiguous(), T, K)
+        ctx.save_for_backward(x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
+        T, D = x_TD.shape
+        E, I2, _ = w1.shape
+        I, K = I2 // 2, w_TK.shape[1]
+        ends, dt = off[1:], x_TD.dtype
+        dout_s = dout_TD.contiguous()[tok]
+        dh_u = torch._grouped_mm(dout_s, w2, offs=ends).float()  # dout[t] @ W_down[e], [S, I]
+        g, u = gu[:, :I].float(), gu[:, I:].float()
+        sig = torch.sigmoid(g)
+        h = g * sig * u
+        w_s = w_TK.reshape(-1)[sp].float()
+        dweights = torch.empty(T * K, dtype=torch.float32, device=x_TD.device)
+        dweights[sp] = (dh_u * h).sum(-1)
+        dh = dh_u * w_s[:, None]
+        dgu = torch.cat([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig], dim=1).to(dt)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            from .triton_common import combine
+
+            dx = combine(_to_pair_rows(torch._grouped_mm(dgu, w1, offs=ends), sp), None, T, K)
+        dw1 = dw2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            scale = w_s if pm is None else w_s * pm.reshape(-1)[sp].float()
+            dgu_w = dgu if pm is None else dgu * pm.reshape(-1)[sp].to(dt)[:, None]
+            dw1 = torch._grouped_mm(dgu_w.t(), x_TD[tok], offs=ends)  # [E, 2I, D]
+            dw2 = torch._grouped_mm(dout_s.t(), (h * scale[:, None]).to(dt), offs=ends)  # [E, D, I]
+            keep = (off[1:] > off[:-1]) if em is None else (off[1:] > off[:-1]) & em.bool()
+            zero = torch.zeros((), dtype=dw1.dtype, device=dw1.device)
+            dw1 = torch.where(keep[:, None, None], dw1, zero)
+            dw2 = torch.where(keep[:, None, None], dw2, zero)
+        dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None
+        return dx, dw1, dw2, None, dwts, None, None
+
+
+def moe_experts_grouped_mm(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """SiLU SwiGLU experts in the standard layout with ``torch._grouped_mm`` GEMMs inside desmoe's O(S) Triton
+    metadata, gather/scatter, deterministic combine and masks: the Triton backend's coarse-shape GEMM engine
+    (``grouped_mm`` in :func:`desmoe.ops.dispatch.experts_impl`, which also sends it only non-empty inputs)."""
+    # an autograd.Function has no Autocast kernel: the same rule as the custom ops, applied at its entry (the casts
+    # are autograd ops, so the fp32 masters get fp32 gradients)
+    x_TD, w_gate_up_E2ID, w_down_EDI = _autocast.cast_operands(x_TD, w_gate_up_E2ID, w_down_EDI)
+    return _GroupedMMExperts.apply(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK,
+                                   expert_trainable_E, pair_trainable_TK)

@@ -9,8 +9,9 @@
 
 The stored layout is read in place (no weight copies, no transposes). The activation is gpt-oss's clamped SwiGLU
 (``clamped=True``, ``alpha``/``limit``) or SiLU SwiGLU on the same layout. Routing metadata, the tile schedule and
-the persistent grids are :mod:`desmoe.ops.triton_ops`'; nothing syncs with the host. Inputs are validated by
-:mod:`desmoe.ops` before they arrive here.
+the persistent grids are :mod:`desmoe.ops.triton_permute`'s and :mod:`desmoe.ops.triton_common`'s; nothing syncs
+with the host. Inputs are validated by :mod:`desmoe.ops`, and whether a call runs here (variant, dtypes, GEMM
+engine) is :mod:`desmoe.ops.dispatch`'s rule, before they arrive: :func:`moe_experts_gpt_oss` only launches.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import triton
 
 from ..kernels import moe as _mk
 from ..kernels import moe_gpt_oss as _gk
-from . import _autocast, dispatch, reference
-from .triton_ops import (_INTERPRET, _KERNEL_DTYPES, _block_m, _empty, _mask_u8, _on_device, _pow2, _routing_metadata,
-                         _row_grid, _rows_bucket, _tile_schedule)
+from . import _autocast, reference
+from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket
+from .triton_permute import routing_metadata, tile_schedule
 
 Tensor = torch.Tensor
-_BIAS_BLOCKS = (16, 16) if _INTERPRET else (32, 128)  # bias_grad_kernel: (rows, columns) per step
+_BIAS_BLOCKS = (16, 16) if INTERPRET else (32, 128)  # bias_grad_kernel: (rows, columns) per step
 
 
 def _dims(x_TD: Tensor, w_gate_up: Tensor, pairs_TK: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -44,21 +45,21 @@ def moe_experts_gpt_oss_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T, D, E, I, K, S = _dims(x_TD, w_gate_up_ED2I, topk_ids_TK)
     dev, dt = x_TD.device, x_TD.dtype
-    BM = _block_m(S, E)
-    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = _routing_metadata(topk_ids_TK, E, BM)
-    gate_up_S2I = _empty((S, 2 * I) if save_for_backward else (0, 2 * I), dt, dev)
-    out_TD = _empty((T, D), dt, dev)
+    BM = block_m(S, E)
+    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = routing_metadata(topk_ids_TK, E, BM)
+    gate_up_S2I = empty((S, 2 * I) if save_for_backward else (0, 2 * I), dt, dev)
+    out_TD = empty((T, D), dt, dev)
     if S == 0:
         out_TD.zero_()
         return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
-    h_SI = _empty((S, I), dt, dev)  # transient: the activation (sorted rows)
-    y_SD = _empty((S, D), dt, dev)  # transient: unweighted expert outputs, bias included (pair rows)
-    bucket = _rows_bucket(S, E)
-    ieee = dt == torch.float32 or _INTERPRET
+    h_SI = empty((S, I), dt, dev)  # transient: the activation (sorted rows)
+    y_SD = empty((S, D), dt, dev)  # transient: unweighted expert outputs, bias included (pair rows)
+    bucket = rows_bucket(S, E)
+    ieee = dt == torch.float32 or INTERPRET
     b1 = b_gate_up_E2I if b_gate_up_E2I is not None else x_TD
     b2 = b_down_ED if b_down_ED is not None else x_TD
-    with _on_device(x_TD):
-        _gk.up_gpt_oss_kernel[_row_grid(max_tiles, I, dev)](
+    with on_device(x_TD):
+        _gk.up_gpt_oss_kernel[row_grid(max_tiles, I, dev)](
             x_TD, w_gate_up_ED2I, b1, gate_up_S2I if save_for_backward else h_SI, h_SI,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K, float(alpha), float(limit),
@@ -66,12 +67,12 @@ def moe_experts_gpt_oss_fwd(
             bucket, STORE_GATE_UP=save_for_backward, HAS_BIAS=b_gate_up_E2I is not None, CLAMPED=bool(clamped),
             IEEE=ieee, BLOCK_M=BM,
         )
-        _gk.down_gpt_oss_kernel[_row_grid(max_tiles, D, dev)](
+        _gk.down_gpt_oss_kernel[row_grid(max_tiles, D, dev)](
             h_SI, w_down_EID, b2, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, D, I, *w_down_EID.stride(), b2.stride(0), bucket, HAS_BIAS=b_down_ED is not None,
             IEEE=ieee, BLOCK_M=BM,
         )
-        BD = min(1024, _pow2(D))
+        BD = min(1024, pow2(D))
         _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, topk_weights_TK.contiguous(), out_TD, T, D, K, HAS_W=True,
                                                      BLOCK_D=BD)
     return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
@@ -100,12 +101,12 @@ def moe_experts_gpt_oss_bwd(
     I2 = 2 * I
     dev, dt = x_TD.device, x_TD.dtype
     wdt = w_gate_up_ED2I.dtype
-    dx_TD = _empty((T, D) if need_dx else (0,), dt, dev)
-    dw1 = _empty(tuple(w_gate_up_ED2I.shape) if need_dw else (0,), wdt, dev)
-    dw2 = _empty(tuple(w_down_EID.shape) if need_dw else (0,), wdt, dev)
-    dweights_TK = _empty((T, K) if need_dweights else (0,), topk_weights_TK.dtype, dev)
-    db1 = _empty((E, I2) if need_db else (0,), torch.float32, dev)
-    db2 = _empty((E, D) if need_db else (0,), torch.float32, dev)
+    dx_TD = empty((T, D) if need_dx else (0,), dt, dev)
+    dw1 = empty(tuple(w_gate_up_ED2I.shape) if need_dw else (0,), wdt, dev)
+    dw2 = empty(tuple(w_down_EID.shape) if need_dw else (0,), wdt, dev)
+    dweights_TK = empty((T, K) if need_dweights else (0,), topk_weights_TK.dtype, dev)
+    db1 = empty((E, I2) if need_db else (0,), torch.float32, dev)
+    db2 = empty((E, D) if need_db else (0,), torch.float32, dev)
     outs = (dx_TD, dw1, dw2, dweights_TK, db1, db2)
     if S == 0 or not (need_dx or need_dw or need_db or need_dweights):
         for t in outs:
@@ -113,21 +114,21 @@ def moe_experts_gpt_oss_bwd(
         return outs
     dout_TD = dout_TD.contiguous()
     w_TK = topk_weights_TK.contiguous()
-    BM = _block_m(S, E)
-    bucket = _rows_bucket(S, E)
-    ieee = dt == torch.float32 or _INTERPRET
+    BM = block_m(S, E)
+    bucket = rows_bucket(S, E)
+    ieee = dt == torch.float32 or INTERPRET
     sd_t, sd_d = dout_TD.stride()
-    tile_expert, tile_row, max_tiles = _tile_schedule(offsets_E1, S, E, BM)
+    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
     need_dgu = need_dx or need_dw or need_db
-    dgate_up_S2I = _empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
-    hw_SI = _empty((S, I), dt, dev) if need_dw else gate_up_S2I
+    dgate_up_S2I = empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
+    hw_SI = empty((S, I), dt, dev) if need_dw else gate_up_S2I
     ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
-    dwp_NS = _empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
-    em = _mask_u8(expert_trainable_E, offsets_E1)
-    pm = _mask_u8(pair_trainable_TK, offsets_E1)
+    dwp_NS = empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
+    em = mask_u8(expert_trainable_E, offsets_E1)
+    pm = mask_u8(pair_trainable_TK, offsets_E1)
     has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
-    with _on_device(x_TD):
-        _gk.dh_gpt_oss_kernel[_row_grid(max_tiles, I, dev)](
+    with on_device(x_TD):
+        _gk.dh_gpt_oss_kernel[row_grid(max_tiles, I, dev)](
             dout_TD, w_down_EID, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K, S, ndwp, float(alpha), float(limit), sd_t, sd_d, *w_down_EID.stride(), bucket,
@@ -140,13 +141,13 @@ def moe_experts_gpt_oss_bwd(
                 dweights = dweights + (dout_TD.float() @ b_down_ED.float().t()).gather(1, topk_ids_TK.long())
             dweights_TK.copy_(dweights)
         if need_dx:
-            dxp_SD = _empty((S, D), dt, dev)
+            dxp_SD = empty((S, D), dt, dev)
             se, sd, sj = w_gate_up_ED2I.stride()
-            _mk.dx_kernel[_row_grid(max_tiles, D, dev)](  # W_gate_up [E, D, 2I]: rows of the GEMM's K are its columns
+            _mk.dx_kernel[row_grid(max_tiles, D, dev)](  # W_gate_up [E, D, 2I]: rows of the GEMM's K are its columns
                 dgate_up_S2I, w_gate_up_ED2I, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
                 E, max_tiles, D, I2, se, sj, sd, bucket, IEEE=ieee, BLOCK_M=BM,
             )
-            BD = min(1024, _pow2(D))
+            BD = min(1024, pow2(D))
             _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
         if need_dw or need_db:
             # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in the dW GEMMs and sums)
@@ -246,22 +247,8 @@ def moe_experts_gpt_oss(
     (``w_gate_up [E, D, 2I]`` gate in the even / up in the odd columns, ``w_down [E, I, D]``, optional
     ``b_gate_up [E, 2I]`` / ``b_down [E, D]``), ``activation`` ``"clamped_swiglu"`` (``alpha``, ``limit``) or
     ``"silu"``; same masks. x and the weights in one dtype among float32, float16, bfloat16 (the autocast region's
-    where one is active); anything else, or the ``grouped_mm`` GEMM engine (:mod:`desmoe.ops.dispatch`), runs on
-    the grouped engine (:mod:`desmoe.ops.grouped`).
+    where one is active), as :func:`desmoe.ops.dispatch.experts_impl` picks this launcher for.
     """
-    dt, dt_gu, dt_dn = (_autocast.compute_dtype(t) for t in (x_TD, w_gate_up_ED2I, w_down_EID))
-    T, D = x_TD.shape
-    E, _, I2 = w_gate_up_ED2I.shape
-    engine = "triton"
-    if dt in _KERNEL_DTYPES and dt_gu == dt and dt_dn == dt:
-        engine = dispatch.experts_gemm_engine(T, E, topk_ids_TK.shape[1], D, I2 // 2, x_TD.device, dt)
-    if dt not in _KERNEL_DTYPES or dt_gu != dt or dt_dn != dt or engine == "grouped_mm":
-        from .grouped import grouped_experts
-
-        trainable_S = None if pair_trainable_TK is None else pair_trainable_TK.reshape(-1)
-        return grouped_experts(x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, activation=activation,
-                               trainable_S=trainable_S, trainable_E=expert_trainable_E, b_gate_up=b_gate_up,
-                               b_down=b_down, transposed=True, interleaved=True, alpha=alpha, limit=limit)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_TD, w_gate_up_ED2I, w_down_EID, topk_weights_TK, b_gate_up,
                                                     b_down))

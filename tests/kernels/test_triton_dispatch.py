@@ -5,7 +5,10 @@ import torch
 from desmoe.ops import dispatch
 from desmoe.ops import reference as ref
 
-triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+pytest.importorskip("desmoe.ops.triton_experts")
+from desmoe import ops  # noqa: E402
+from desmoe.ops import grouped  # noqa: E402
+
 CUDA, CPU, BF16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
 
 
@@ -53,11 +56,13 @@ def test_grouped_mm_engine_matches_reference(monkeypatch, masks, via_dispatch):
     calls = []
     if via_dispatch:  # the Triton backend's entry point routes to the grouped_mm engine when the rule says so
         monkeypatch.setenv("DESMOE_EXPERTS_GEMM", "grouped_mm")
-        real = triton_ops.moe_experts_grouped_mm
-        monkeypatch.setattr(triton_ops, "moe_experts_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-        fn = triton_ops.moe_experts
+        real = grouped.moe_experts_grouped_mm
+        monkeypatch.setattr(grouped, "moe_experts_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+        def fn(*a, **k):
+            return ops.moe_experts(*a, backend="triton", **k)
     else:
-        fn = triton_ops.moe_experts_grouped_mm
+        fn = grouped.moe_experts_grouped_mm
 
     def run(f, **kw):
         leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, wts)]

@@ -13,7 +13,7 @@ import triton
 
 from desmoe.ops import reference as ref
 
-triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+triton_experts = pytest.importorskip("desmoe.ops.triton_experts")
 from desmoe import ops  # noqa: E402
 from desmoe.kernels import moe as mk  # noqa: E402
 from desmoe.kernels import moe_gpt_oss as gk  # noqa: E402
@@ -90,7 +90,7 @@ def test_first_call_equals_second_and_reference(two_configs_each):
         return [out.detach(), *grads]
 
     def fast(*a):
-        return triton_ops.moe_experts(*a, expert_trainable_E=em, pair_trainable_TK=pm)
+        return triton_experts.moe_experts(*a, expert_trainable_E=em, pair_trainable_TK=pm)
 
     def oracle(*a):
         return ref.moe_experts_reference(*a, activation="silu", expert_trainable_E=em, pair_trainable_TK=pm)

@@ -8,7 +8,7 @@ import torch
 import desmoe
 from desmoe.integrations.tiny import tiny_model
 
-pytest.importorskip("desmoe.ops.triton_ops")
+pytest.importorskip("desmoe.ops.triton_experts")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -19,14 +19,14 @@ def _poison(monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
 def test_patch_triton_matches_eager(model_type, monkeypatch):
-    from desmoe.ops import triton_ops
+    from desmoe.ops import triton_experts, triton_routing
 
     calls = {"topk_route": 0, "moe_experts": 0}
-    for fn in calls:
-        def counted(*a, _fn=getattr(triton_ops, fn), _name=fn, **k):
+    for fn, mod in (("topk_route", triton_routing), ("moe_experts", triton_experts)):
+        def counted(*a, _fn=getattr(mod, fn), _name=fn, **k):
             calls[_name] += 1
             return _fn(*a, **k)
-        monkeypatch.setattr(triton_ops, fn, counted)
+        monkeypatch.setattr(mod, fn, counted)
     eager = tiny_model(model_type).to(DEV).train()
     fast = copy.deepcopy(eager)
     desmoe.patch(fast, backend="triton")

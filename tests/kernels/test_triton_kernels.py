@@ -1,4 +1,4 @@
-"""Triton kernels (desmoe.kernels via desmoe.ops.triton_ops) against the reference ops, values and gradients.
+"""Triton kernels (desmoe.kernels via desmoe.ops.triton_routing, triton_permute, triton_experts) against the reference ops, values and gradients.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes are tiny. Inputs are random and
 tie-free (continuous randn), so the kernels' arg-max choice among equal values never matters. GPU tests at real
@@ -11,7 +11,8 @@ import torch
 from desmoe import ops
 from desmoe.ops import reference as ref
 
-triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+triton_experts = pytest.importorskip("desmoe.ops.triton_experts")
+from desmoe.ops import triton_permute, triton_routing  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -82,7 +83,7 @@ def test_topk_route_bf16_logits():
 
 def test_route_and_permute_no_host_state():
     logits = torch.randn(15, 6, device=DEV)
-    w, ids, counts, offsets, sorted_pairs = triton_ops.route_and_permute(logits, 2)
+    w, ids, counts, offsets, sorted_pairs = triton_routing.route_and_permute(logits, 2)
     rs, ro = ref.permute_reference(ids, 6)
     assert torch.equal(sorted_pairs, rs) and torch.equal(offsets, ro)
     assert torch.equal(counts, ref.expert_counts_reference(ids, 6))
@@ -98,7 +99,7 @@ def test_permute_matches_reference(T, E, K, kind):
     else:
         ids = torch.full((T, K), E - 1)
     ids = ids.to(DEV)
-    s, o = triton_ops.permute(ids, E)
+    s, o = triton_permute.permute(ids, E)
     rs, ro = ref.permute_reference(ids, E)
     assert torch.equal(s, rs) and torch.equal(o, ro)
 
@@ -265,7 +266,7 @@ def test_moe_experts_low_precision_tolerance_rule(dtype):
 
 def test_fwd_op_writes_every_saved_element():
     x, w1, w2, ids, w = _experts_inputs(19, 5, 3, 16, 16)
-    out, gate_up, sorted_pairs, offsets = triton_ops.moe_experts_fwd(x, w1, w2, ids, w, None, None, True)
+    out, gate_up, sorted_pairs, offsets = triton_experts.moe_experts_fwd(x, w1, w2, ids, w, None, None, True)
     assert gate_up.shape == (19 * 3, 32)
     assert torch.isfinite(out).all() and torch.isfinite(gate_up).all()
     rs, ro = ref.permute_reference(ids, 5)
@@ -293,12 +294,12 @@ def test_opcheck_custom_ops():
     em = torch.tensor([True, False, True], device=DEV)
     pm = torch.rand(6, 2, device=DEV) > 0.5
     for args in [(x, w1, w2, ids, w, None, None, True), (x, w1, w2, ids, w, em, pm, True)]:
-        torch.library.opcheck(triton_ops.moe_experts_fwd, args)
+        torch.library.opcheck(triton_experts.moe_experts_fwd, args)
     logits = torch.randn(7, 8, device=DEV, requires_grad=True)
-    torch.library.opcheck(triton_ops.topk_route_fwd,
+    torch.library.opcheck(triton_routing.topk_route_fwd,
                           (logits, torch.randn(8, device=DEV), 2, "sigmoid", True, 4, 2, "top2sum", 2.5, 1e-20, None))
-    torch.library.opcheck(triton_ops.topk_route_fwd, (logits, None, 3, "softmax", False, 4, 2, "max", 1.5, 0.0, 0.0))
-    torch.library.opcheck(triton_ops.moe_permute, (ids, 3))
+    torch.library.opcheck(triton_routing.topk_route_fwd, (logits, None, 3, "softmax", False, 4, 2, "max", 1.5, 0.0, 0.0))
+    torch.library.opcheck(triton_permute.moe_permute, (ids, 3))
 
 
 def test_torch_compile_fullgraph_moe_block():

@@ -4,7 +4,7 @@ import torch
 
 from desmoe.ops import reference as ref
 
-triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+triton_permute = pytest.importorskip("desmoe.ops.triton_permute")
 
 
 @pytest.mark.parametrize("T,E,K,skew", [(1, 3, 1, False), (97, 5, 3, False), (70, 16, 4, True), (40, 7, 7, False)])
@@ -16,7 +16,7 @@ def test_routing_metadata_matches_reference(T, E, K, skew):
     else:
         ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     BM = 16
-    sp, off, tok, te, tr, n = triton_ops._routing_metadata(ids, E, BM)
+    sp, off, tok, te, tr, n = triton_permute.routing_metadata(ids, E, BM)
     rs, ro = ref.permute_reference(ids, E)
     assert torch.equal(sp.long(), rs) and torch.equal(off.long(), ro.long())
     assert torch.equal(tok.long(), rs // K)
@@ -29,5 +29,5 @@ def test_routing_metadata_matches_reference(T, E, K, skew):
         assert int(off[e]) <= lo < hi
         covered[lo:hi] += 1
     assert torch.equal(covered, torch.ones_like(covered))
-    te2, tr2, n2 = triton_ops._tile_schedule(off, T * K, E, BM)  # backward's rebuild from offsets
+    te2, tr2, n2 = triton_permute.tile_schedule(off, T * K, E, BM)  # backward's rebuild from offsets
     assert n2 == n and torch.equal(te2, te) and torch.equal(tr2[te2 < E], tr[te < E])

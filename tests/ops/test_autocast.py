@@ -218,13 +218,13 @@ class _LaunchSpy:
 def test_gpu_triton_kernels_get_bf16_and_never_ieee_under_autocast(monkeypatch, engine):
     # fp32 masters under torch.autocast(bf16) on CUDA: the kernels receive bf16 x and weights and run tensor-core
     # tl.dot (IEEE=False), forward and backward; both GEMM engines of the Triton backend
-    from desmoe.ops import triton_ops
+    from desmoe.ops import triton_experts
 
     monkeypatch.setenv("DESMOE_EXPERTS_GEMM", engine)
     spies = {}
     for name in ("up_swiglu_kernel", "down_kernel"):
-        spies[name] = _LaunchSpy(getattr(triton_ops._mk, name))
-        monkeypatch.setattr(triton_ops._mk, name, spies[name])
+        spies[name] = _LaunchSpy(getattr(triton_experts._mk, name))
+        monkeypatch.setattr(triton_experts._mk, name, spies[name])
     x, w1, w2, ids, wts = (t.cuda() for t in _experts_inputs(T=512, D=256, I=128, E=8, K=2))
     x, w1, w2 = (t.detach().requires_grad_() for t in (x, w1, w2))
     rec = OpInputs()

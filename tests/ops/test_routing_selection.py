@@ -11,7 +11,7 @@ import torch
 from desmoe import ops
 from desmoe.ops import reference as ref
 
-triton_ops = pytest.importorskip("desmoe.ops.triton_ops")
+pytest.importorskip("desmoe.ops.triton_routing")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = [  # T, E, K, spec fields

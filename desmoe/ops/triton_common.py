@@ -1,0 +1,79 @@
+"""What every Triton launcher of :mod:`desmoe.ops` shares: allocation (poisoned on request), device scope, the
+experts kernels' row-tile grids and the deterministic combine.
+
+Debugging aid: with ``DESMOE_POISON_OUTPUTS=1`` every buffer a launcher allocates is filled with NaN (ints with
+-1) first, so an element a kernel forgets to write shows up in the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels import moe as _mk
+
+Tensor = torch.Tensor
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def poison() -> bool:
+    return os.environ.get("DESMOE_POISON_OUTPUTS") == "1"
+
+
+def empty(shape, dtype, device) -> Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if poison():
+        t.fill_(float("nan") if dtype.is_floating_point else -1)
+    return t
+
+
+def on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+# --- the experts kernels' row-tile grids (shared by the standard and gpt-oss launchers) ----------------------
+
+def block_m(S: int, E: int) -> int:
+    if INTERPRET:
+        return 16
+    return 128 if S >= 256 * E else 64
+
+
+def rows_bucket(S: int, E: int) -> int:
+    # autotune key: pairs per expert rounded to a power of two (the raw token count stays out of the key)
+    return min(pow2(S // max(E, 1)), 1 << 16)
+
+
+def max_programs(device: torch.device) -> int:
+    """Grid cap of the persistent row-tile kernels: a few programs per SM (3 in the interpreter, so the tests
+    exercise the work loop)."""
+    if device.type != "cuda":
+        return 3
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_grid(max_tiles, N, device):
+    cap = max_programs(device)
+    return lambda meta: (max(1, min(max_tiles * triton.cdiv(N, meta["BLOCK_N"]), cap)),)
+
+
+def mask_u8(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    return mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else like
+
+
+def combine(y_SD: Tensor, w_TK: Optional[Tensor], T: int, K: int) -> Tensor:
+    """``out[t] = sum_k w[t, k] * y[t*K + k]`` (``w_TK`` None: unweighted) in a fixed order: deterministic."""
+    D = y_SD.shape[1]
+    out_TD = empty((T, D), y_SD.dtype, y_SD.device)
+    BD = min(1024, pow2(D))
+    with on_device(y_SD):
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, y_SD if w_TK is None else w_TK, out_TD, T, D, K,
+                                                     HAS_W=w_TK is not None, BLOCK_D=BD)
+    return out_TD

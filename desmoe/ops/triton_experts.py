@@ -1,0 +1,232 @@
+"""Triton experts (the standard layout): launchers for ``desmoe.kernels.moe`` wrapped as ``torch.library`` ops.
+
+    desmoe::moe_experts_fwd  x, W_gate_up, W_down, ids, weights (+ masks, saved for backward) -> out [T,D], and
+                             what backward needs: the gate|up pre-activation [S,2I] (sorted-pair rows; the
+                             only activation kept), sorted_pairs, offsets
+    desmoe::moe_experts_bwd  -> dx, dW_gate_up, dW_down, d weights (masks applied to the dW only)
+
+Each with a fake (meta) impl and ``register_autograd``, so they trace under ``torch.compile(fullgraph=True)`` as
+single opaque nodes. Nothing here syncs with the host: the permutation and the GEMM tile schedule
+(:mod:`desmoe.ops.triton_permute`) are built on the device and grids are sized from shapes alone. Inputs are
+validated by :mod:`desmoe.ops`, and whether a call runs here (variant, dtypes, GEMM engine) is
+:mod:`desmoe.ops.dispatch`'s rule, before they arrive: :func:`moe_experts` only launches.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..kernels import moe as _mk
+from . import _autocast
+from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket
+from .triton_permute import routing_metadata, tile_schedule
+
+Tensor = torch.Tensor
+
+
+def _dims(x_TD: Tensor, w_gate_up_E2ID: Tensor, pairs_TK: Tensor) -> tuple[int, int, int, int, int, int]:
+    """``T, D, E, I, K, S`` (S = T·K pairs) of an experts call."""
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    K = pairs_TK.shape[1]
+    return T, D, E, I2 // 2, K, T * K
+
+
+@torch.library.custom_op("desmoe::moe_experts_fwd", mutates_args=())
+def moe_experts_fwd(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
+    expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor], save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_ids_TK)
+    I2 = 2 * I
+    dev, dt = x_TD.device, x_TD.dtype
+    BM = block_m(S, E)
+    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = routing_metadata(topk_ids_TK, E, BM)
+    gate_up_S2I = empty((S, I2) if save_for_backward else (0, I2), dt, dev)
+    out_TD = empty((T, D), dt, dev)
+    if S == 0:
+        out_TD.zero_()
+        return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+    # transient: h (sorted rows) and the unweighted expert outputs y (pair rows); neither is kept for backward
+    h_SI = empty((S, I), dt, dev)
+    y_SD = empty((S, D), dt, dev)
+    w_TK = topk_weights_TK.contiguous()
+    bucket = rows_bucket(S, E)
+    ieee = dt == torch.float32 or INTERPRET
+    with on_device(x_TD):
+        _mk.up_swiglu_kernel[row_grid(max_tiles, I, dev)](
+            x_TD, w_gate_up_E2ID, gate_up_S2I if save_for_backward else h_SI, h_SI,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K,
+            x_TD.stride(0), x_TD.stride(1), *w_gate_up_E2ID.stride(),
+            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=BM,
+        )
+        _mk.down_kernel[row_grid(max_tiles, D, dev)](
+            h_SI, w_down_EDI, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
+        )
+        BD = min(1024, pow2(D))
+        _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, w_TK, out_TD, T, D, K, HAS_W=True, BLOCK_D=BD)
+    return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+
+
+@moe_experts_fwd.register_fake
+def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_trainable_E, pair_trainable_TK,
+      save_for_backward):
+    T, D = x_TD.shape
+    E, I2, _ = w_gate_up_E2ID.shape
+    S = T * topk_ids_TK.shape[1]
+    return (
+        x_TD.new_empty((T, D)),
+        x_TD.new_empty((S, I2) if save_for_backward else (0, I2)),
+        x_TD.new_empty((S,), dtype=torch.int32),
+        x_TD.new_empty((E + 1,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("desmoe::moe_experts_bwd", mutates_args=())
+def moe_experts_bwd(
+    dout_TD: Tensor, x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
+    gate_up_S2I: Tensor, sorted_pairs_S: Tensor, offsets_E1: Tensor,
+    expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
+    need_dx: bool, need_dw: bool, need_dweights: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_weights_TK)
+    I2 = 2 * I
+    dev, dt = x_TD.device, x_TD.dtype
+    wdt = w_gate_up_E2ID.dtype
+    dx_TD = empty((T, D) if need_dx else (0,), dt, dev)
+    dw1 = empty(tuple(w_gate_up_E2ID.shape) if need_dw else (0,), wdt, dev)
+    dw2 = empty(tuple(w_down_EDI.shape) if need_dw else (0,), wdt, dev)
+    dweights_TK = empty((T, K) if need_dweights else (0,), topk_weights_TK.dtype, dev)
+    if S == 0 or not (need_dx or need_dw or need_dweights):
+        for t in (dx_TD, dw1, dw2, dweights_TK):
+            t.zero_()
+        return dx_TD, dw1, dw2, dweights_TK
+    w_TK = topk_weights_TK.contiguous()
+    BM = block_m(S, E)
+    bucket = rows_bucket(S, E)
+    ieee = dt == torch.float32 or INTERPRET
+    sd_t, sd_d = dout_TD.stride()
+    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
+    need_dgu = need_dx or need_dw
+    dgate_up_S2I = empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
+    hw_SI = empty((S, I), dt, dev) if need_dw else gate_up_S2I
+    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
+    # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
+    # deterministic, and y is never kept
+    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
+    dwp_NS = empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
+    em = mask_u8(expert_trainable_E, offsets_E1)
+    pm = mask_u8(pair_trainable_TK, offsets_E1)
+    has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
+    with on_device(x_TD):
+        _mk.dh_swiglu_kernel[row_grid(max_tiles, I, dev)](
+            dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
+            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+            E, max_tiles, I, D, K, S, ndwp, sd_t, sd_d, *w_down_EDI.stride(), bucket,
+            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+            DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
+        )
+        if need_dweights:
+            dweights_TK.copy_(dwp_NS.sum(0).view(T, K))
+        if need_dx:
+            dxp_SD = empty((S, D), dt, dev)
+            _mk.dx_kernel[row_grid(max_tiles, D, dev)](
+                dgate_up_S2I, w_gate_up_E2ID, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
+                E, max_tiles, D, I2, *w_gate_up_E2ID.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
+            )
+            BD = min(1024, pow2(D))
+            _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+        if need_dw:
+            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in both dW GEMMs)
+            tok_S = (sorted_pairs_S // K).to(torch.int32)
+            if has_pm:
+                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+
+            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
+                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
+
+            _mk.dw_gate_up_kernel[grid(I2, D)](
+                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, I2, D, x_TD.stride(0), x_TD.stride(1),
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            )
+            _mk.dw_down_kernel[grid(D, I)](
+                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, D, I, sd_t, sd_d,
+                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            )
+    return dx_TD, dw1, dw2, dweights_TK
+
+
+@moe_experts_bwd.register_fake
+def _(dout_TD, x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, gate_up_S2I, sorted_pairs_S, offsets_E1,
+      expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_dweights):
+    T, D = x_TD.shape
+    return (
+        x_TD.new_empty((T, D) if need_dx else (0,)),
+        w_gate_up_E2ID.new_empty(tuple(w_gate_up_E2ID.shape) if need_dw else (0,)),
+        w_down_EDI.new_empty(tuple(w_down_EDI.shape) if need_dw else (0,)),
+        topk_weights_TK.new_empty(tuple(topk_weights_TK.shape) if need_dweights else (0,)),
+    )
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x_TD, w1, w2, _ids, w_TK, em, pm, save = inputs
+    _out, gate_up, sorted_pairs, offsets = output
+    ctx.save_for_backward(x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm)
+    ctx.saved_activations = bool(save)
+
+
+def _experts_backward(ctx, dout_TD, *_unused):
+    x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_dweights = ctx.needs_input_grad[4]
+    if dout_TD is None or not (need_dx or need_dw or need_dweights):
+        return (None,) * 8
+    if not ctx.saved_activations:
+        raise RuntimeError("desmoe::moe_experts_fwd ran without saving activations (save_for_backward=False) "
+                           "but a gradient was requested")
+    dx, dw1, dw2, dweights = moe_experts_bwd(
+        dout_TD, x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm, need_dx, need_dw, need_dweights
+    )
+    return (
+        dx if need_dx else None,
+        dw1 if ctx.needs_input_grad[1] else None,
+        dw2 if ctx.needs_input_grad[2] else None,
+        None,
+        dweights if need_dweights else None,
+        None, None, None,
+    )
+
+
+moe_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+# bf16 compute under torch.autocast over fp32 masters: the GEMM operands take the region's dtype (so the kernels
+# never take the IEEE-fp32 path in an autocast run); routing weights stay as given
+_autocast.register("desmoe::moe_experts_fwd", ("x_TD", "w_gate_up_E2ID", "w_down_EDI"))
+
+
+
+def moe_experts(
+    x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, *,
+    expert_trainable_E: Tensor | None = None, pair_trainable_TK: Tensor | None = None,
+) -> Tensor:
+    """SwiGLU expert MLP with weighted combine on the Triton kernels: ``x [T, D] -> out [T, D]``.
+
+    Same contract as :func:`desmoe.ops.reference.moe_experts_reference` with ``activation="silu"``; x and the
+    weights in one dtype among float32, float16, bfloat16 (the autocast region's where one is active), as
+    :func:`desmoe.ops.dispatch.experts_impl` picks this launcher for. Activations are saved only when a gradient
+    may be asked for.
+    """
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK)
+    )
+    return moe_experts_fwd(
+        x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_trainable_E, pair_trainable_TK, save
+    )[0]
+
+
+__all__ = ["moe_experts", "moe_experts_fwd", "moe_experts_bwd"]
