@@ -24,6 +24,15 @@ def _unwrap(model):
     return model
 
 
+def _modeling_class(cls: type) -> type:
+    """The class whose module holds the modeling code: past wrapper subclasses made at run time (FSDP2's
+    ``fully_shard`` turns ``Qwen3MoeForCausalLM`` into ``FSDPQwen3MoeForCausalLM``, defined in torch)."""
+    for c in cls.__mro__:
+        if not c.__module__.startswith("torch."):
+            return c
+    return cls
+
+
 def check_isolated_packing(model) -> str:
     """The model's attention implementation, when it separates packed documents given per-document
     ``position_ids`` (see the module docstring); else ``ValueError`` naming why and the way out
@@ -40,7 +49,9 @@ def check_isolated_packing(model) -> str:
         raise ValueError(f"data.packing='isolated': {name} uses attention implementation {impl!r}, for which "
                          f"transformers builds no per-document mask from position_ids (it does for "
                          f"{', '.join(sorted(known))}); load the model with one of those, or {how}")
-    module = sys.modules.get(type(m).__module__)
+    cls = _modeling_class(type(m))
+    name = cls.__name__
+    module = sys.modules.get(cls.__module__)
     uses_masking = module is not None and any(
         getattr(v, "__module__", None) == masking_utils.__name__ for v in vars(module).values() if callable(v))
     try:
@@ -49,7 +60,7 @@ def check_isolated_packing(model) -> str:
         takes_pos = False
     if not (uses_masking and takes_pos):
         why = "its forward takes no position_ids" if not takes_pos else \
-            f"its modeling code ({type(m).__module__}) does not build masks with transformers.masking_utils"
+            f"its modeling code ({cls.__module__}) does not build masks with transformers.masking_utils"
         raise ValueError(f"data.packing='isolated': {name} cannot separate packed documents ({why}); {how}")
     return impl
 
