@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import desmoe  # noqa: E402,F401  (registers the "desmoe" experts implementation)
-from desmoe.layers import set_expert_masks  # noqa: E402
+from desmoe.context import MaskScope  # noqa: E402
 
 SHAPE = dict(E=64, K=8, D=256, I=128)  # a fine-grained shape (Qwen3-MoE-like, CPU-sized)
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -77,15 +77,13 @@ def run(tokens: int, rounds: int, max_gb: float, out_dir=None, verbose=True):
     def step(name):
         impl, masked = variants[name]
         layer.config._experts_implementation = impl
-        if masked:
-            set_expert_masks(layer, expert_trainable_E=trainable_E, token_domains_T=domains,
-                             domain_expert_mask_ME=owner_ME)
-        xr = x.clone().requires_grad_()
-        try:
+        with MaskScope() as masks:
+            if masked:
+                masks.set(layer, expert_trainable_E=trainable_E, token_domains_T=domains,
+                          domain_expert_mask_ME=owner_ME)
+            xr = x.clone().requires_grad_()
             y = layer(xr, ids, w)
             y.sum().backward()
-        finally:
-            set_expert_masks(layer)
         layer.zero_grad(set_to_none=True)
         return y.detach()
 

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import desmoe  # noqa: E402
+from desmoe.context import recording  # noqa: E402
 from desmoe.integrations.tiny import tiny_model  # noqa: E402
 from desmoe.method import MethodConfig, MethodController  # noqa: E402
 from desmoe.method.esft import select_top_p  # noqa: E402
@@ -238,8 +239,9 @@ def flop_accounting(v: Variant, batch: dict) -> dict:
     trainable_LE = ctl.expert_trainable_LE()
     masks_LME = ctl.method.token_masks_LME(ctl)
     dom_T = batch["domain_ids"].reshape(-1)
-    with torch.no_grad(), ctl.recording() as records:
+    with torch.no_grad(), recording(ctl.routers) as rec:
         model(input_ids=batch["input_ids"])
+    records = rec.layers()
     pairs_trainable = 0.0
     for l, ((name, router, ex), rec) in enumerate(zip(moe_blocks(model), records)):
         D, E = router.hidden_dim, router.num_experts

@@ -3,21 +3,22 @@
 - :class:`TopKRouter` replaces a model's router module. It *shares* the original ``weight`` Parameter (and the
   DeepSeek-V3 ``e_score_correction_bias`` buffer) — no copies, same state-dict keys, so ``save_pretrained``
   output loads in stock ``transformers``. It returns ``(logits, weights, ids)`` like the HF routers, optionally
-  adds a residual logit module (DES-MoE's ALR) and records what it routed for the method layer.
+  adds a residual logit module (DES-MoE's ALR) and, inside :func:`desmoe.context.recording`, records what it
+  routed.
 - :func:`desmoe_experts_forward` is registered with transformers' ``ExpertsInterface`` under the name
-  ``"desmoe"``; it runs on the HF experts module's own 3-D parameters and honours the DES-MoE masks set on
-  that module (see :func:`set_expert_masks`).
+  ``"desmoe"``; it runs on the HF experts module's own 3-D parameters and honours the DES-MoE masks held for
+  that module (:class:`desmoe.context.MaskScope`).
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .context import expert_masks, recorder
 from .ops import reference
 from .ops.spec import RouterSpec  # noqa: F401  (re-exported: desmoe.layers.RouterSpec)
 
@@ -104,8 +105,6 @@ class TopKRouter(nn.Module):
         self.backend = backend
         self.index_first = False  # return (ids, weights, logits): the order some families' routers use
         self.residual: nn.Module | None = None
-        self.record = False
-        self.last: dict | None = None
         self.added_loss: RouterAddedLoss | None = None
 
     def __getattr__(self, name: str):
@@ -183,9 +182,10 @@ class TopKRouter(nn.Module):
             added.values.setdefault(id(self), term.detach())  # the first forward's; a replay computes the same
             if torch.is_grad_enabled() and term.requires_grad:
                 weights_TK = _AddLossInBackward.apply(weights_TK, term, added.grad_weight)
-        if self.record:
-            self.last = {"x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
-                         "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK}
+        rec = recorder(self)
+        if rec is not None:
+            rec.put(self, {"x_TD": x_TD.detach(), "base_logits_TE": base_TE.detach(), "logits_TE": logits_TE,
+                           "topk_ids_TK": ids_TK, "topk_weights_TK": weights_TK})
         if self.index_first:
             return ids_TK, weights_TK, logits_TE
         return logits_TE, weights_TK, ids_TK
@@ -208,43 +208,6 @@ def activation_name(hidden_act: str) -> str:
         raise ValueError(
             f"hidden_act {hidden_act!r} is not supported by desmoe experts; supported: {sorted(_ACT_NAMES)}"
         ) from None
-
-
-@dataclass(frozen=True, eq=False)
-class ExpertMasks:
-    """The DES-MoE gradient masks one experts module applies in its backward (see :func:`set_expert_masks`)."""
-
-    expert_trainable_E: torch.Tensor | None = None
-    token_domains_T: torch.Tensor | None = None
-    domain_expert_mask_ME: torch.Tensor | None = None
-
-
-def set_expert_masks(
-    experts: nn.Module,
-    *,
-    expert_trainable_E: torch.Tensor | None = None,
-    token_domains_T: torch.Tensor | None = None,
-    domain_expert_mask_ME: torch.Tensor | None = None,
-) -> None:
-    """Set (or clear, with all ``None``) the DES-MoE gradient masks an experts module applies in its backward.
-
-    ``expert_trainable_E``: experts with False get no weight gradient. ``token_domains_T`` (int, one per
-    flattened token of the next forward) with ``domain_expert_mask_ME`` (bool [M, E]): a (token, expert) pair
-    updates that expert only if the token's domain owns it (per-token masking for mixed-domain batches).
-
-    The masks stay until replaced or cleared, so a forward that activation checkpointing replays inside the
-    backward applies the same masks (:meth:`desmoe.method.MethodController.applied` sets them per micro-batch and
-    clears them before the optimizer step). A forward without gradients ignores them: they act on gradients only.
-    """
-    if token_domains_T is not None and domain_expert_mask_ME is None:
-        raise ValueError("token_domains_T needs domain_expert_mask_ME (bool [M, E])")
-    given = (expert_trainable_E, token_domains_T, domain_expert_mask_ME)
-    experts.desmoe_masks = None if all(t is None for t in given) else ExpertMasks(*given)
-
-
-def expert_masks(experts: nn.Module) -> ExpertMasks | None:
-    """The masks set on ``experts`` (None: none)."""
-    return experts.__dict__.get("desmoe_masks")
 
 
 def pair_trainable_from_domains(

@@ -130,6 +130,7 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
     over domains of the total-variation distance between the domain's expert-selection distribution and the
     all-domain mean (0 = domain-agnostic, 1 = disjoint experts), the experts' max/mean load, and the number of
     experts DGES would give each domain at φ = the config's phi."""
+    from ..context import recording
     from ..data import load_domain_texts, tokenize_domains
     from ..data import eval_batches
     from ..integrations.hf import moe_blocks
@@ -154,14 +155,13 @@ def base_routing(base_path: str, spec, max_batches: int = 2) -> dict:
     counts_LME = torch.zeros(len(routers), len(spec.domains), E)
     docs = tokenize_domains(tok, {d: load_domain_texts(d, "test", max_docs=ft.get("eval_max_docs", 64))
                                   for d in spec.domains})
-    for r in routers:
-        r.record = True
-    for m, d in enumerate(spec.domains):
-        for b in eval_batches(docs[d], seq, bs, tok.eos_token_id, max_batches=max_batches):
-            model(input_ids=b["input_ids"])
-            for l, r in enumerate(routers):
-                counts_LME[l, m] += torch.bincount(r.last["topk_ids_TK"].reshape(-1), minlength=E).float()
-                r.last = None
+    with recording(routers) as rec:
+        for m, d in enumerate(spec.domains):
+            for b in eval_batches(docs[d], seq, bs, tok.eos_token_id, max_batches=max_batches):
+                model(input_ids=b["input_ids"])
+                for l, last in enumerate(rec.layers()):
+                    counts_LME[l, m] += torch.bincount(last["topk_ids_TK"].reshape(-1), minlength=E).float()
+                rec.clear()
     A_LME = counts_LME / counts_LME.sum(-1, keepdim=True).clamp(min=1)
     mean_LE = A_LME.mean(1, keepdim=True)
     tv_L = 0.5 * (A_LME - mean_LE).abs().sum(-1).mean(-1)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from .. import ops
+from ..context import recording
 from ..method.config import MethodConfig
 from ..method.dges import masks_from_affinity
 
@@ -117,10 +118,7 @@ def routing_stats_by_domain(model, batches_by_domain: dict[str, list[dict]], max
     dev = routers[0].weight.device
     counts = mass = None
     tokens = [0] * M
-    old = [(r.record, r.last) for r in routers]
-    try:
-        for r in routers:
-            r.record = True
+    with recording(routers) as rec:
         for m, batches in enumerate(batches_by_domain.values()):
             for b in batches:
                 left = None if max_tokens is None else max_tokens - tokens[m]
@@ -133,18 +131,14 @@ def routing_stats_by_domain(model, batches_by_domain: dict[str, list[dict]], max
                            else am.reshape(-1).bool().to(dev))
                 if left is not None:  # the first `left` valid tokens only
                     valid_T &= valid_T.cumsum(0) <= left
-                ids_LTK = torch.stack([r.last["topk_ids_TK"] for r in routers])
-                w_LTK = torch.stack([r.last["topk_weights_TK"].float() for r in routers])
+                ids_LTK = torch.stack([x["topk_ids_TK"] for x in rec.layers()])
+                w_LTK = torch.stack([x["topk_weights_TK"].float() for x in rec.layers()])
                 dom_T = torch.full((ids_LTK.shape[1],), m, dtype=torch.long, device=dev)
                 c, w, _ = ops.routing_stats(ids_LTK, dom_T, M, E, topk_weights_LTK=w_LTK, valid_T=valid_T)
                 counts = c if counts is None else counts + c
                 mass = w.double() if mass is None else mass + w.double()
                 tokens[m] += int(valid_T.sum())
-                for r in routers:
-                    r.last = None
-    finally:
-        for r, (rec, last) in zip(routers, old):
-            r.record, r.last = rec, last
+                rec.clear()
     if counts is None:
         raise ValueError("no tokens to measure routing on")
     return counts.cpu(), mass.cpu(), tokens

@@ -27,7 +27,8 @@ import torch.nn as nn
 from .. import ops
 from ..integrations.families import param_names
 from ..integrations.hf import foreign_experts_forward, moe_blocks
-from ..layers import RouterAddedLoss, experts_parameters, set_expert_masks
+from ..context import MaskScope, recording
+from ..layers import RouterAddedLoss, experts_parameters
 from .alr import attach_alr
 from .config import MethodConfig
 from .dges import AffinityTracker
@@ -104,6 +105,7 @@ class MethodController:
         self.kinds = classify_parameters(model)
         self.last_lambda = 0.0
         self._added: tuple[RouterAddedLoss, torch.Tensor] | None = None  # this micro-batch's router loss, scale
+        self.masks = MaskScope()  # this micro-batch's expert masks, held through its backward
 
     # --- phases and trainable parameters ----------------------------------------------------------------
     def phase(self, step: int) -> str:
@@ -131,22 +133,6 @@ class MethodController:
 
     # --- per micro-batch ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def recording(self):
-        """Within the scope the routers record their forward; afterwards the yielded list holds one record per
-        layer (empty if a forward did not complete) and the routers hold nothing."""
-        records: list[dict] = []
-        for r in self.routers:
-            r.record = True
-        try:
-            yield records
-        finally:
-            lasts = [r.last for r in self.routers]
-            for r in self.routers:
-                r.record, r.last = False, None
-            if all(x is not None for x in lasts):
-                records.extend(lasts)
-
-    @contextlib.contextmanager
     def applied(self, domain_ids_T: torch.Tensor, supervised_T: torch.Tensor | None = None):
         """This step's expert gradient masks and the method's router loss for one forward of the tokens
         ``domain_ids_T`` (flattened B*S, -1 on padding). The routing statistics are recorded once, from this
@@ -154,10 +140,12 @@ class MethodController:
         tokens with a domain and, when ``supervised_T`` (bool, flattened B*S) is given, that the task loss
         supervises (SFT: the assistant / completion tokens), so task and KD cover the same tokens.
 
-        The masks and the router loss stay on the modules after the scope, through the backward, so that a layer
-        that activation checkpointing replays inside the backward computes exactly what the forward did (and
-        saves the same tensors); the next ``applied``, :meth:`before_optimizer_step`, :meth:`begin_step` or
-        :meth:`release` removes them. Forwards without gradients ignore the masks."""
+        The masks (held by :attr:`masks`, a :class:`desmoe.context.MaskScope` keyed by experts module) and the router
+        loss stay after the scope, through the backward, so that a layer that activation checkpointing replays
+        inside the backward computes exactly what the forward did (and saves the same tensors); the next
+        ``applied``, :meth:`before_optimizer_step`, :meth:`begin_step` or :meth:`release` removes them. Forwards
+        without gradients ignore the masks. The routers record this forward through
+        :func:`desmoe.context.recording`."""
         self.release()  # the previous micro-batch's (its backward is done)
         out = Forward()
         trainable_LE = self.expert_trainable_LE()
@@ -170,9 +158,9 @@ class MethodController:
         if trainable_LE is not None or masks_LME is not None:
             self._check_experts_forward()
         for l, ex in enumerate(self.experts):
-            set_expert_masks(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
-                             **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
-                                                              "domain_expert_mask_ME": masks_LME[l]}))
+            self.masks.set(ex, expert_trainable_E=None if trainable_LE is None else trainable_LE[l],
+                           **({} if masks_LME is None else {"token_domains_T": mask_domains_T,
+                                                            "domain_expert_mask_ME": masks_LME[l]}))
         loss_T = domain_ids_T >= 0
         if supervised_T is not None:
             loss_T = loss_T & supervised_T.to(loss_T.device).reshape(-1)
@@ -184,11 +172,12 @@ class MethodController:
                 r.added_loss = added
             self._added = (added, spec[1])
         try:
-            with self.recording() as records:
+            with recording(self.routers) as rec:
                 yield out
         except BaseException:
             self.release()
             raise
+        records = rec.layers()
         if records:
             ids_LTK = torch.stack([x["topk_ids_TK"] for x in records])
             self.tracker.observe(ids_LTK, domain_ids_T.to(ids_LTK.device))
@@ -209,9 +198,8 @@ class MethodController:
                     f"(e.g. after Liger-Kernel's apply_liger_kernel_to_*): it takes the experts modules back")
 
     def release(self) -> None:
-        """Remove the current micro-batch's masks and router loss from the modules (after its backward)."""
-        for ex in self.experts:
-            set_expert_masks(ex)
+        """Drop the current micro-batch's masks and router loss (after its backward)."""
+        self.masks.clear()
         for r in self.routers:
             r.added_loss = None
         self._added = None

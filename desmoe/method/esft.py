@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..context import recording
 from ..data.packing import packed_forward
 from .registry import Method, register_method
 
@@ -74,8 +75,9 @@ class ESFT(Method):
                 idx = (dom_T == d).nonzero().flatten()
                 dom_T[idx[max(int(budget_M[d] - seen_M[d]), 0):]] = -1
                 seen_M[d] += int((dom_T == d).sum())
-            with ctl.recording() as records:
+            with recording(ctl.routers) as rec:
                 packed_forward(ctl.model, batch)  # as in training: packed documents apart where the batch says
+            records = rec.layers()
             ids_LTK = torch.stack([r["topk_ids_TK"] for r in records])
             w_LTK = torch.stack([r["topk_weights_TK"].float() for r in records])
             stats = ops.routing_stats(ids_LTK, dom_T.to(ids_LTK.device), M, E, topk_weights_LTK=w_LTK)

@@ -8,6 +8,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..context import recording
 from ..integrations.hf import patch
 from .config import Config
 from .loss import task_loss, to_device
@@ -224,15 +225,11 @@ def pretrain(model, cfg: Config, docs, eos_id: int, device, steps: int, *, aux_c
               * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
         for g in opt.param_groups:
             g["lr"] = lr
-        for r in routers:
-            r.record = aux_coef > 0
-        loss, aux, _, _ = task_loss(model, to_device(stream.next_batch(), device), device, bf16)
+        with recording(routers if aux_coef > 0 else []) as rec:
+            loss, aux, _, _ = task_loss(model, to_device(stream.next_batch(), device), device, bf16)
         if aux is not None:
             loss = loss + aux
-        records = [r.last for r in routers]
-        for r in routers:
-            r.record, r.last = False, None
-        total = loss + aux_coef * load_balance_loss(records) if aux_coef > 0 else loss
+        total = loss + aux_coef * load_balance_loss(rec.layers()) if aux_coef > 0 else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

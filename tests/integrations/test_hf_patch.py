@@ -11,7 +11,8 @@ import torch
 import desmoe
 from desmoe.integrations import moe_blocks, routers
 from desmoe.integrations.tiny import COVERED_BY, tiny_model, tiny_model_types
-from desmoe.layers import TopKRouter, set_expert_masks
+from desmoe.context import MaskScope, recording
+from desmoe.layers import TopKRouter
 
 SUPPORTED = tiny_model_types()  # every supported model type, or the one whose machinery it shares
 
@@ -187,10 +188,11 @@ def test_expert_mask_on_patched_model_freezes_expert_weights():
     E = model.config.num_experts
     mask = torch.zeros(E, dtype=torch.bool)
     mask[:3] = True
-    for _, _, experts in moe_blocks(model):
-        set_expert_masks(experts, expert_trainable_E=mask)
-    ids = _ids()
-    model(ids, labels=ids).loss.backward()
+    with MaskScope() as masks:
+        for _, _, experts in moe_blocks(model):
+            masks.set(experts, expert_trainable_E=mask)
+        ids = _ids()
+        model(ids, labels=ids).loss.backward()
     for _, _, experts in moe_blocks(model):
         assert (experts.gate_up_proj.grad[~mask] == 0).all() and (experts.down_proj.grad[~mask] == 0).all()
         assert experts.gate_up_proj.grad[mask].abs().sum() > 0
@@ -206,20 +208,22 @@ def test_per_token_domain_mask_on_patched_model():
     mask_ME[1, 4:] = True
     doms = torch.zeros(ids.numel(), dtype=torch.long)
     blocks = moe_blocks(model)
+    masks = MaskScope()
     for _, r, experts in blocks:
-        r.record = True
-        set_expert_masks(experts, token_domains_T=doms, domain_expert_mask_ME=mask_ME)
-    model(ids, labels=ids).loss.backward()
+        masks.set(experts, token_domains_T=doms, domain_expert_mask_ME=mask_ME)
+    with recording([r for _, r, _ in blocks]) as rec:
+        model(ids, labels=ids).loss.backward()
     for _, r, experts in blocks:
-        routed = set(r.last["topk_ids_TK"].flatten().tolist())
+        routed = set(rec.last(r)["topk_ids_TK"].flatten().tolist())
         assert routed & {4, 5, 6, 7}, "test needs tokens routed to the masked experts"
         assert (experts.gate_up_proj.grad[4:] == 0).all()
         assert experts.gate_up_proj.grad[:4].abs().sum() > 0
     # a wrongly sized domain vector is a clear error
     for _, _, experts in blocks:
-        set_expert_masks(experts, token_domains_T=doms[:5], domain_expert_mask_ME=mask_ME)
+        masks.set(experts, token_domains_T=doms[:5], domain_expert_mask_ME=mask_ME)
     with pytest.raises(ValueError, match="token_domains_T"):
         model(ids)
+    masks.clear()
 
 
 def test_router_residual_starts_as_identity_and_records():
@@ -231,10 +235,10 @@ def test_router_residual_starts_as_identity_and_records():
         torch.nn.init.zeros_(lin.weight)
         torch.nn.init.zeros_(lin.bias)
         r.residual = lin
-        r.record = True
-    torch.testing.assert_close(model(ids).logits, base)
+    with recording(routers(model)) as rec:
+        torch.testing.assert_close(model(ids).logits, base)
     for r in routers(model):
-        assert r.last["topk_ids_TK"].shape == (ids.numel(), r.top_k)
+        assert rec.last(r)["topk_ids_TK"].shape == (ids.numel(), r.top_k)
 
 
 def test_parity_cli(capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import desmoe
+from desmoe.context import MaskScope
 from desmoe.integrations.tiny import tiny_model
 
 pytest.importorskip("desmoe.ops.triton_experts")
@@ -54,10 +55,12 @@ def test_patch_triton_expert_mask_freezes_experts():
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
     E = experts[0].gate_up_proj.shape[0]
     trainable = torch.arange(E, device=DEV) % 2 == 0
+    masks = MaskScope()
     for m in experts:
-        desmoe.layers.set_expert_masks(m, expert_trainable_E=trainable)
+        masks.set(m, expert_trainable_E=trainable)
     ids = torch.randint(3, 128, (2, 9), device=DEV)
     model(input_ids=ids, labels=ids).loss.backward()
+    masks.clear()
     for m in experts:
         assert not m.gate_up_proj.grad[~trainable].any() and not m.down_proj.grad[~trainable].any()
         assert m.gate_up_proj.grad[trainable].abs().sum() > 0

@@ -340,7 +340,7 @@ def test_masks_are_held_through_the_backward_and_released_before_the_optimizer_s
     """``applied`` puts this micro-batch's masks and router loss (KD) on the modules and leaves them there through
     the backward (activation checkpointing replays layers inside it); the next ``applied``, the optimizer step
     or ``release`` removes them. The routers hold no record after the scope, and the added loss is a value."""
-    from desmoe.layers import expert_masks
+    from desmoe.context import expert_masks, recorder
 
     m = _model()
     ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
@@ -357,7 +357,7 @@ def test_masks_are_held_through_the_backward_and_released_before_the_optimizer_s
         out = m(input_ids=b["input_ids"], labels=b["labels"])
     assert all(expert_masks(ex) is not None for ex in ctl.experts)  # held for the backward
     assert all(r.added_loss is not None for r in ctl.routers)
-    assert all(r.last is None and not r.record for r in ctl.routers)
+    assert all(recorder(r) is None for r in ctl.routers)
     assert fwd.added_loss is not None and not fwd.added_loss.requires_grad and fwd.added_loss >= 0  # ALR starts at 0
     assert int(ctl.tracker.counts_LME.sum()) > 0
     ctl.combine(out.loss, fwd.added_loss).backward()
