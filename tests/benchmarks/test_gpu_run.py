@@ -9,7 +9,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import gpu_run  # noqa: E402
 
 STAGES = ["env", "ceilings", "correctness", "qwen3_30b_a3b", "routing", "mixtral_8x7b", "liger", "olmoe",
-          "deepseek_v2_lite", "activation_checkpointing", "method_cost"]
+          "deepseek_v2_lite", "gpt_oss_phimoe", "activation_checkpointing", "method_cost"]
 
 
 def test_gpu_run_dry(tmp_path):
