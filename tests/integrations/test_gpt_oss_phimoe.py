@@ -299,9 +299,19 @@ def test_gpt_oss_des_moe_run_exports_a_stock_gpt_oss_checkpoint(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
     from test_train import tiny_cfg
 
-    cfg = tiny_cfg(str(tmp_path), max_steps=4, lr=3e-2)
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(str(tmp_path), max_steps=4, lr=3e-2, save_every=1)
     cfg["model"] = {"tiny": "gpt_oss"}
-    run(config_from_dict(cfg), str(tmp_path / "run"))
+    full = run(config_from_dict(cfg), str(tmp_path / "run"))
+    # resumed from the step-2 checkpoint (the warm-up / stabilisation boundary), the run ends bitwise where the
+    # uninterrupted one did: biases, router and ALR included
+    res = run(config_from_dict(cfg), str(tmp_path / "resumed"),
+              resume=str(tmp_path / "run" / "checkpoints" / "step-000002"))
+    assert res["start_step"] == 2 and res["final_step"] == 4
+    a, b = (load_file(os.path.join(r["checkpoint"], "model", "model.safetensors")) for r in (full, res))
+    assert a.keys() == b.keys() and any("bias" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     out = tmp_path / "export"
     report = export(str(tmp_path / "run"), str(out), fit_tokens=2048, eval_tokens=1024, min_agreement=0.0)
     assert AutoConfig.from_pretrained(str(out)).model_type == "gpt_oss"
