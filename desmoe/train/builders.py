@@ -64,7 +64,7 @@ def build_tokenizer(cfg: Config, texts: dict[str, list[str]]):
 
         src = cfg.tokenizer.path or cfg.model.path  # a pretrained model brings its own tokenizer
         key = "tokenizer.path" if cfg.tokenizer.path else "model.path"
-        from .config import _TOKENIZER_FILES, has_tokenizer_files
+        from .checks import _TOKENIZER_FILES, has_tokenizer_files
 
         if os.path.isdir(src) and not has_tokenizer_files(src):
             raise FileNotFoundError(f"{key}: the directory {src!r} has no tokenizer files (none of "
