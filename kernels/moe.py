@@ -181,6 +181,14 @@ def autotune_stats() -> dict:
 # and every constexpr that changes the work (stores, masks), so a no-grad forward and training tune separately.
 _ROW_KEY = ["N", "KDIM", "BLOCK_M", "ROWS_BUCKET"]
 _DW_KEY = ["A_DIM", "B_DIM", "ROWS_BUCKET", "HAS_EXPERT_MASK"]
+# Sizes that vary with the batch are not specialized (``do_not_specialize``): Triton specializes an integer argument
+# on being 1 or a multiple of 16, so without this a new token count T (sequence packing, a variable batch) compiles
+# new binaries. They are the schedule length ``num_tiles``, the pairs ``S``, the pairs-per-expert bucket (an autotune
+# key only; a new bucket re-tunes but reuses the compiled binaries) and ``T``. None of them is the stride of a
+# vectorized access (S strides dh's routing-weight partials, stored per pair anyway): the GEMMs compile to the same
+# code (tests/kernels/test_triton_compile.py compiles them unspecialized; tests/kernels/test_triton_specialization.py).
+ROW_DNS = ["num_tiles", "ROWS_BUCKET"]
+DW_DNS = ["ROWS_BUCKET"]
 
 
 @triton.jit
@@ -236,7 +244,7 @@ def _up_epilogue(acc_g, acc_u, gate_up_ptr, h_ptr, rows, rmask, cols, N, STORE_G
 
 @triton.autotune(configs=configs_for("up_swiglu_kernel"), key=_ROW_KEY + ["STORE_GATE_UP"],
                  prune_configs_by=_pruner("up_swiglu_kernel", 2, "x_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS)
 def up_swiglu_kernel(
     x_ptr, w_ptr, gate_up_ptr, h_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -283,7 +291,7 @@ def up_swiglu_kernel(
 
 @triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY,
                  prune_configs_by=_pruner("down_kernel", 1, "h_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS)
 def down_kernel(
     h_ptr, w_ptr, y_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -318,7 +326,7 @@ def down_kernel(
                      mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def combine_kernel(y_ptr, w_ptr, out_ptr, T, D, TOP_K, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[t, :] = sum_k w[t,k] * y[t*K+k, :] in float32 (w = 1 without HAS_W); fixed order: deterministic."""
     t = tl.program_id(0).to(tl.int64)
@@ -358,7 +366,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
 @triton.autotune(configs=configs_for("dh_swiglu_kernel"),
                  key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK"],
                  prune_configs_by=_pruner("dh_swiglu_kernel", 1, "dout_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS + ["S"])
 def dh_swiglu_kernel(
     dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -423,7 +431,7 @@ def dh_swiglu_kernel(
 
 @triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY,
                  prune_configs_by=_pruner("dx_kernel", 1, "dgate_up_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS)
 def dx_kernel(
     dgate_up_ptr, w_ptr, dxp_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -493,7 +501,7 @@ def _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM):
 # token, -1 for pairs masked by pair_trainable) is precomputed by the launcher, so masked pairs are zero rows.
 @triton.autotune(configs=configs_for("dw_gate_up_kernel"), key=_DW_KEY,
                  prune_configs_by=_pruner("dw_gate_up_kernel", 1, "x_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=DW_DNS)
 def dw_gate_up_kernel(
     dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
     A_DIM, B_DIM, sx_t, sx_d,
@@ -518,7 +526,7 @@ def dw_gate_up_kernel(
 
 @triton.autotune(configs=configs_for("dw_down_kernel"), key=_DW_KEY,
                  prune_configs_by=_pruner("dw_down_kernel", 1, "hw_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=DW_DNS)
 def dw_down_kernel(
     dout_ptr, hw_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
     A_DIM, B_DIM, sd_t, sd_d,

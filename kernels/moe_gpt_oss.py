@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .moe import _ROW_KEY, _dot, _grouped_pid, _halves, _pruner, _tile_rows, configs_for
+from .moe import _ROW_KEY, ROW_DNS, _dot, _grouped_pid, _halves, _pruner, _tile_rows, configs_for
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _up_epilogue(sub, b_ptr, gate_up_ptr, h_ptr, e, rows, rmask, c_start, N, alp
 @triton.autotune(configs=configs_for("up_gpt_oss_kernel"),
                  key=_ROW_KEY + ["STORE_GATE_UP", "HAS_BIAS", "CLAMPED"],
                  prune_configs_by=_pruner("up_gpt_oss_kernel", 2, "x_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS)
 def up_gpt_oss_kernel(
     x_ptr, w_ptr, b_ptr, gate_up_ptr, h_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -115,7 +115,7 @@ def up_gpt_oss_kernel(
 
 @triton.autotune(configs=configs_for("down_gpt_oss_kernel"), key=_ROW_KEY + ["HAS_BIAS"],
                  prune_configs_by=_pruner("down_gpt_oss_kernel", 1, "h_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS)
 def down_gpt_oss_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
@@ -196,7 +196,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
 @triton.autotune(configs=configs_for("dh_gpt_oss_kernel"),
                  key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "CLAMPED"],
                  prune_configs_by=_pruner("dh_gpt_oss_kernel", 1, "dout_ptr"))
-@triton.jit
+@triton.jit(do_not_specialize=ROW_DNS + ["S"])
 def dh_gpt_oss_kernel(
     dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,

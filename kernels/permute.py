@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
     """Program ``b`` counts pairs [b*BLOCK, (b+1)*BLOCK) per expert, SUB pairs (a [SUB, E_PAD] one-hot) at a time."""
     b = tl.program_id(0)
@@ -34,7 +34,7 @@ def histogram_kernel(ids_ptr, hist_ptr, S, E, BLOCK: tl.constexpr, SUB: tl.const
     tl.store(hist_ptr + b.to(tl.int64) * E + cols, counts, mask=cols < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "MAX_TILES"])
 def scan_kernel(hist_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, NB, E, MAX_TILES,
                 BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr,
                 FROM_OFFSETS: tl.constexpr):
@@ -77,7 +77,7 @@ def scan_kernel(hist_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, NB, E, MAX
         tl.store(tile_row_ptr + slot, row, mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def scatter_kernel(ids_ptr, hist_ptr, offsets_ptr, sorted_pairs_ptr, sorted_tok_ptr, S, E, TOP_K,
                    BLOCK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
     """Program ``b`` places its pairs at ``offsets[e] + hist[b, e] + rank``, SUB pairs at a time, the rank among

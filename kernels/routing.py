@@ -33,7 +33,7 @@ def _route_scores(logits_ptr, stride_t, stride_e, rows, cols, row_mask, E, SCORI
     return tl.where(m2, s, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def topk_route_fwd_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, E, stride_t, stride_e,
@@ -106,7 +106,7 @@ def topk_route_fwd_kernel(
     tl.store(ids_ptr + offs, id_tk.to(tl.int64), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def topk_route_bwd_kernel(
     dweights_ptr, logits_ptr, ids_ptr, dlogits_ptr,
     T, E, stride_t, stride_e, stride_dt, stride_de,

@@ -14,7 +14,8 @@ the artefacts:
 - CTAs/SM: resident blocks per SM from registers (64K per SM, 256-register warp granules) and shared memory
   (228 KB per SM, 1 KB reserved per block).
 
-Asserted: 0 bytes of stack in every GEMM kernel, >= 3 pipeline buffers with copies in
+Asserted: 0 bytes of stack in every GEMM kernel (``KNOWN_STACK`` lists the per-version exceptions: float32
+fallback configs only), >= 3 pipeline buffers with copies in
 flight in the dW kernels, wgmma in every bf16 GEMM, everything fits shared memory. One table is printed.
 gpt-oss's variant (biases, the [E, D, 2I] interleaved / [E, I, D] layout, clamped SwiGLU) is compiled too, rows
 marked ``gpt_oss``: its own kernels (``desmoe.kernels.moe_gpt_oss``) with every bias / clamp / store flag on, and
@@ -22,7 +23,9 @@ the shared dx / dW kernels with the strides that layout makes 1 (dW: the same bi
 launcher gives them), under the same rules.
 
 The compiles run in a subprocess (this file as a script) because the test process runs Triton's interpreter;
-Triton's compile cache makes a rerun cheap. ``python tests/kernels/test_triton_compile.py [--full]`` prints the table
+Triton's compile cache makes a rerun cheap. CI runs it twice: with the installed Triton and, in a side environment,
+with Triton 3.6 (the GPU image's; ``.ci/run``'s last stage). Arguments in a kernel's ``do_not_specialize`` are
+compiled without a divisibility hint, as Triton binds them at run time. ``python tests/kernels/test_triton_compile.py [--full]`` prints the table
 (``--full``: the ``DESMOE_AUTOTUNE=full`` sweep) and one JSON line per compile.
 """
 import json
@@ -41,6 +44,11 @@ SMEM_PER_SM = 233472  # 228 KB
 GEMM_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "dw_gate_up_kernel",
                 "dw_down_kernel", "up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 DW_KERNELS = ("dw_gate_up_kernel", "dw_down_kernel")
+# Stack (bytes) a GEMM kernel is known to need under one Triton version, where the others need none; anything else
+# with stack fails. Triton 3.6 (the GPU image's) spills one or two registers (an STL/LDL pair outside the K loop,
+# read off the SASS) in the float32 fallback config of two gpt-oss GEMMs; 3.9 compiles the same configs with no
+# stack, and every bf16 config (what the GPU runs) has none under both.
+KNOWN_STACK = {("3.6", "dh_gpt_oss_kernel", "gpt_oss", "*fp32"): 8, ("3.6", "dx_kernel", "gpt_oss", "*fp32"): 8}
 _I32_PTRS = {"tile_expert_ptr", "tile_row_ptr", "offsets_ptr", "sorted_pairs_ptr", "tok_ptr", "hist_ptr",
              "sorted_tok_ptr", "ids_ptr"}
 _DIV16 = {"N", "KDIM", "A_DIM", "B_DIM", "D", "S", "sx_t", "sd_t", "sw_e", "sw_r", "sw_d", "sw_i", "stride_t",
@@ -118,7 +126,9 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
         if n in ones:
             sig[n], cx[n] = "constexpr", 1
             continue
-        if n.endswith("_ptr") or n in _DIV16:
+        # sizes in the kernel's do_not_specialize (the ones that vary with the batch) get no divisibility hint:
+        # Triton never derives one for them at run time either
+        if (n.endswith("_ptr") or n in _DIV16) and not p.do_not_specialize:
             attrs[(i,)] = [["tt.divisibility", 16]]
         if p.is_constexpr:
             sig[n], cx[n] = "constexpr", consts[n]
@@ -134,7 +144,7 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
     buffers, in_flight = _pipeline(k.asm["ttgir"])
     shared = k.metadata.shared
     cfg = {k_: v for k_, v in consts.items() if k_.startswith("BLOCK") or k_ == "GROUP"}
-    return {"kernel": name, "variant": variant, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
+    return {"kernel": name, "variant": variant, "triton": triton.__version__, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
             "num_stages": num_stages, "shared": shared, **res, "buffers": buffers, "in_flight": in_flight,
             "wgmma": "wgmma" in k.asm["ptx"], "ctas_per_sm": ctas_per_sm(res["regs"], num_warps, shared)}
 
@@ -252,8 +262,10 @@ def violations(recs) -> list:
         if not r["fits"]:
             bad.append(f"{tag}: shared memory {r['shared']} > {SMEM_LIMIT}")
         if r["kernel"] in GEMM_KERNELS:
-            if r["stack"] or r["local"]:
-                bad.append(f"{tag}: {r['stack']} bytes of stack (spills)")
+            known = KNOWN_STACK.get((".".join(r.get("triton", "").split(".")[:2]), r["kernel"], r.get("variant", ""),
+                                     r["dtype"]), 0)
+            if r["local"] or r["stack"] not in (0, known):
+                bad.append(f"{tag}: {r['stack']} bytes of stack (spills), Triton {r.get('triton')}")
             if r["dtype"] == "*bf16" and not r["wgmma"]:
                 bad.append(f"{tag}: no wgmma")
         if r["kernel"] in DW_KERNELS and r["dtype"] == "*bf16" and (r["buffers"] < 3 or not r["in_flight"]):
@@ -277,6 +289,7 @@ def test_compile_facts_sm90():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(f"Triton {recs[0].get('triton') if recs else '?'}")
     print(table(recs))
     names = {r["kernel"] for r in recs}
     assert set(GEMM_KERNELS) | {"combine_kernel", "histogram_kernel", "scan_kernel", "scatter_kernel",
