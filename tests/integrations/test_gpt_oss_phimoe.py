@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import desmoe
-from desmoe.integrations import hf, routers
+from desmoe.integrations import hf, routers, swap
 from desmoe.integrations.tiny import tiny_model
 from desmoe.method import MethodConfig, MethodController
 
@@ -113,7 +113,8 @@ def test_bf16_autocast_within_the_tolerance_rule(mt, B, S):
 
     (l_ref, g_ref, _), (l_eag, g_eag, p_eag), (l_our, g_our, p_our) = run(ref, False), run(ref, True), run(ours, True)
     K = p_eag.shape[-1] // 2  # ids then weights; SparseMixer's mask threshold can also jump a weight alone
-    same_T = ((p_eag[..., :K] == p_our[..., :K]).all(-1) & ((p_eag[..., K:] - p_our[..., K:]).abs() < 0.05).all(-1)).all(0)
+    same_T = ((p_eag[..., :K] == p_our[..., :K]).all(-1)
+              & ((p_eag[..., K:] - p_our[..., K:]).abs() < 0.05).all(-1)).all(0)
     assert same_T.float().mean() >= 0.5 and g_our.shape == g_ref.shape
     assert (l_our - l_ref)[same_T].norm() <= 2 * (l_eag - l_ref)[same_T].norm() + 1e-2
     if same_T.all():
@@ -125,7 +126,7 @@ def test_bf16_autocast_within_the_tolerance_rule(mt, B, S):
 def _stock_and_ours_router(**over):
     model = tiny_model("phimoe", **over)
     stock = model.model.layers[0].mlp.router
-    ours = hf._replace_router(copy.deepcopy(stock), hf.MODEL_TYPES["phimoe"], model.config, "reference")
+    ours = swap.replace_router(copy.deepcopy(stock), hf.MODEL_TYPES["phimoe"], model.config, "reference")
     return model, stock, ours
 
 

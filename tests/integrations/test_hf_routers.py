@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import desmoe
-from desmoe.integrations import hf
+from desmoe.integrations import hf, swap
 from desmoe.integrations.tiny import tiny_model, tiny_model_types
 
 V3_FAMILY = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "solar_open"]
@@ -75,7 +75,7 @@ def test_router_matches_stock(model_type, overrides, bias_shift, dtype):
                 bias = block.expert_bias
             assert bias is not None, "a bias case needs a family with a selection bias"
             bias.copy_(torch.rand(bias.shape, generator=g) * 0.1 + bias_shift)
-    ours = hf._replace_router(copy.deepcopy(stock), fam, model.config, "reference")
+    ours = swap.replace_router(copy.deepcopy(stock), fam, model.config, "reference")
     hidden = model.config.get_text_config().hidden_size
     x = torch.randn(37, hidden, generator=g).to(dtype)
 
