@@ -5,7 +5,7 @@ Each domain is a list of ``(split_key, text)`` documents built from local files 
 :func:`~desmoe.data._util.split_of` hashes it into train (~80%) / validation (~10%) / test (~10%). Identical texts
 are kept once, so the three splits never share a document. Parsed corpora are cached under
 ``~/.cache/desmoe/corpora`` keyed by a hash of the source file list (paths, sizes, mtimes), so a second load takes
-well under a second.
+well under a second; an experiment pins them (:mod:`desmoe.data.corpus_cache`).
 
 Sources (disjoint between domains):
 - math: generated problems (:mod:`desmoe.data.mathgen`).
@@ -32,8 +32,9 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
-from ..progress import bar, stage
-from ._util import cache_root, check_split, read_json_cache, seeded_subset, split_of, stable_hash, write_json_atomic
+from ..progress import bar
+from ._util import check_split, seeded_subset, split_of, stable_hash
+from .corpus_cache import PIN_ENV, cached_docs  # noqa: F401  (PIN_ENV re-exported: desmoe.data.builtin.PIN_ENV)
 from .mathgen import format_math, math_problems
 from .roff import parse_man, read_man
 
@@ -55,7 +56,6 @@ MIN_DOCS = 50  # fewer than this many documents in a domain is a broken source, 
 MAX_DOC_CHARS = 2000  # longer texts are cut into chunks of about this size
 MAX_FILES = 2500  # per source group, taken in a hash order (a stable, spread-out sample)
 PER_PREFIX = 8  # at most this many man pages per command family (gcloud ships 16k pages)
-_CACHE_VERSION = 7
 _TRANSLATION_LANGS = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
                       "nl": "Dutch"}
 
@@ -158,68 +158,6 @@ def _read_text(path: str, limit: int = 300_000) -> str:
         return f.read(limit).decode("utf-8", errors="replace")
 
 
-def _signature(files: list[tuple[str, str]]) -> str:
-    h = []
-    for key, path in files:
-        try:
-            st = os.stat(path)
-            h.append((key, st.st_size, int(st.st_mtime)))
-        except OSError:
-            h.append((key, -1, -1))
-    return format(stable_hash(_CACHE_VERSION, h), "016x")
-
-
-PIN_ENV = "DESMOE_CORPORA_PIN"
-
-
-def _cached(domain: str, files: list[tuple[str, str]], build: Callable[[], list[Doc]]) -> list[Doc]:
-    """The domain's documents: from the pinned snapshot ``$DESMOE_CORPORA_PIN/<domain>.json`` when that is set
-    and holds one (an experiment's corpora stay fixed whatever is installed later: installing a package adds its
-    description to ``general`` and its licence to ``law``), else from the per-machine cache keyed by the file
-    list, built when missing (and copied into the snapshot folder when one is set)."""
-    pin = os.environ.get(PIN_ENV)
-    if pin:
-        pinned = Path(pin) / f"{domain}.json"
-        docs = read_json_cache(pinned)
-        if isinstance(docs, list):
-            return [tuple(d) for d in docs]
-        docs = _built(domain, files, build)
-        pin_write(pinned, docs)
-        return docs
-    return _built(domain, files, build)
-
-
-def pin_write(path: Path, docs: list) -> None:
-    """Write a pinned snapshot atomically; unlike the per-machine cache, a snapshot that cannot be written is an
-    error (the experiment would silently read whatever is installed next time)."""
-    import json
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(docs, f, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def _built(domain: str, files: list[tuple[str, str]], build: Callable[[], list[Doc]]) -> list[Doc]:
-    path = cache_root() / "corpora" / f"{domain}-{_signature(files)}.json"
-    docs = read_json_cache(path)
-    if isinstance(docs, list):
-        return [tuple(d) for d in docs]
-    with stage(f"building the built-in '{domain}' corpus from {len(files)} installed files "
-               f"(once; cached in {path.parent})"):
-        docs = build()
-    write_json_atomic(path, docs)
-    for old in path.parent.glob(f"{domain}-*.json"):  # corpora of older file lists / versions
-        if old != path:
-            try:
-                old.unlink()
-            except OSError:
-                pass
-    return docs
-
-
 def _dedupe(docs: list[Doc]) -> list[Doc]:
     seen, out = set(), []
     for key, text in docs:
@@ -276,7 +214,7 @@ def _general_docs() -> list[Doc]:
             docs += [(key, c) for c in _chunks(text, unwrap=True) if _is_prose(c)]
         return _dedupe(docs)
 
-    return _need("general", _cached("general", files, build),
+    return _need("general", cached_docs("general", files, build),
                  f"{MAN_ROOT}/man{{2,3,4,5,7}}, installed *.dist-info/METADATA, {DOC_ROOT}/*/README* and "
                  "the stdlib's pydoc_data.topics",
                  "Install man pages (apt-get install man-db manpages) or pass source= a local text dataset.")
@@ -306,7 +244,7 @@ def _summary_docs() -> list[Doc]:
             docs += _docstring_summaries()
         return _dedupe(docs)
 
-    return _need("summary", _cached("summary", man, build),
+    return _need("summary", cached_docs("summary", man, build),
                  f"{MAN_ROOT}/man{{1,6,8}} and the Python standard library's module docstrings",
                  "Install man pages (apt-get install man-db manpages) or pass source= a local summarisation dataset.")
 
@@ -388,7 +326,7 @@ def _code_docs() -> list[Doc]:
                 continue
         return _dedupe(docs)
 
-    return _need("code", _cached("code", files, build),
+    return _need("code", cached_docs("code", files, build),
                  f"the Python standard library ({sysconfig.get_paths()['stdlib']})",
                  "The stdlib sources (.py files) must be installed alongside Python.")
 
@@ -466,7 +404,7 @@ def _translation_docs() -> list[Doc]:
                 docs.append((f"msgid/{ctx}/{mid}", f"English: {mid}\n{lang}: {mstr}"))
         return _dedupe(docs)
 
-    return _need("translation", _cached("translation", files, build), f"Django's locale dirs under {root}",
+    return _need("translation", cached_docs("translation", files, build), f"Django's locale dirs under {root}",
                  "Reinstall Django with its locale files (`pip install --force-reinstall django`).")
 
 
@@ -492,7 +430,7 @@ def _law_docs() -> list[Doc]:
             docs += [(key, c) for c in _chunks(text) if _wordy(c, 0.5)]
         return _dedupe(docs)
 
-    return _need("law", _cached("law", files, build),
+    return _need("law", cached_docs("law", files, build),
                  f"{LICENSE_ROOT}, {DOC_ROOT}/*/copyright and installed *.dist-info licence files",
                  "Install the base-files/licence packages or pass source= a local legal-text dataset.")
 
