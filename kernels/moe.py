@@ -23,7 +23,8 @@ Backward: ``dh_swiglu_kernel``   dh = w * dout[t] @ W_down[e], SwiGLU backward w
           ``dw_gate_up_kernel``  grouped GEMM with variable inner size (the expert's pairs): d(gate|up)^T x
           ``dw_down_kernel``     dout^T (w * h), the scaled activation written by dh_swiglu_kernel
           For frozen experts (``expert_trainable_E``) both dW kernels run an empty pair range: no GEMM, a zero
-          tile is stored. Pairs masked by ``pair_trainable_TK`` are zeroed rows, so they add nothing.
+          tile is stored, and dh_swiglu_kernel stores no hw rows for them. Pairs masked by
+          ``pair_trainable_TK`` are zeroed rows, so they add nothing.
 
 Autotune: configs sit beside the kernels (``GPU_CONFIGS``): a small "default" set per kernel (2 candidates
 after the shared-memory prune, so a first call compiles ~2 configs per kernel) and the "full" sweep behind
@@ -342,9 +343,10 @@ def combine_kernel(y_ptr, w_ptr, out_ptr, T, D, TOP_K, HAS_W: tl.constexpr, BLOC
 
 
 @triton.jit
-def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, cols, N,
+def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, cols, N,
                  STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr):
-    """One half-width sub-tile of dh_swiglu_kernel's epilogue; returns its share of the routing-weight dot."""
+    """One half-width sub-tile of dh_swiglu_kernel's epilogue; returns its share of the routing-weight dot.
+    ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
     smask = rmask[:, None] & (cols < N)[None, :]
     gu = rows[:, None] * (2 * N) + cols[None, :]
     g = tl.load(gate_up_ptr + gu, mask=smask, other=0.0).to(tl.float32)
@@ -359,28 +361,30 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
         tl.store(dgate_up_ptr + gu, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dt), mask=smask)
         tl.store(dgate_up_ptr + gu + N, (dh * g * sig).to(dt), mask=smask)
     if STORE_HW:
-        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (g * sig * u * scale[:, None]).to(dt), mask=smask)
+        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (g * sig * u * scale[:, None]).to(dt),
+                 mask=hw_rmask[:, None] & (cols < N)[None, :])
     return part
 
 
 @triton.autotune(configs=configs_for("dh_swiglu_kernel"),
-                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK"],
+                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "HAS_EXPERT_MASK"],
                  prune_configs_by=_pruner("dh_swiglu_kernel", 1, "dout_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS + ["S"])
 def dh_swiglu_kernel(
-    dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
+    dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr, expert_mask_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
     E, num_tiles, N, KDIM, TOP_K, S, NDWP,
     sd_t, sd_d, sw_e, sw_d, sw_i,
     ROWS_BUCKET, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
-    HAS_PAIR_MASK: tl.constexpr, IEEE: tl.constexpr, DWP_COLS: tl.constexpr,
+    HAS_PAIR_MASK: tl.constexpr, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr, DWP_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """N = I, KDIM = D. dh = w_p * dout[t] @ W_down[e]; d(gate|up) from the stored pre-activation.
 
     With STORE_HW it also writes ``hw = keep_p * w_p * silu(gate)*up`` (the recomputed activation, scaled by
     the routing weight and the pair mask) so dW_down is a plain grouped GEMM whose operands stream straight
-    from memory into the tensor cores (no per-tile arithmetic in its inner loop).
+    from memory into the tensor cores (no per-tile arithmetic in its inner loop). With HAS_EXPERT_MASK a frozen
+    expert's rows store no hw: its dW_down runs an empty pair range and never reads them.
     With STORE_DWP it writes this column tile's share of the routing-weight gradient,
     ``sum_i (dout[t] @ W_down[e])[i] * h[p, i]`` (= <dout[t], y_p> summed over tiles), so the expert outputs y
     never need to be kept from the forward. Layout: ``dwp [NDWP, S]`` with one row per ``DWP_COLS`` columns of
@@ -414,12 +418,15 @@ def dh_swiglu_kernel(
             scale = wgt
             if HAS_PAIR_MASK:
                 scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
+            hw_rmask = rmask
+            if HAS_EXPERT_MASK:
+                hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
             # sub-tiled epilogue: two half-width passes
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
             c0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, c0, N,
+            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c0, N,
                                 STORE_DGU, STORE_HW, STORE_DWP)
-            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask,
+            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask,
                                  c0 + BLOCK_N // 2, N, STORE_DGU, STORE_HW, STORE_DWP)
             if STORE_DWP:
                 j = tl.arange(0, R)

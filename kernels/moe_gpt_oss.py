@@ -152,11 +152,11 @@ def down_gpt_oss_kernel(
 
 
 @triton.jit
-def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, c_start, N, alpha, limit,
+def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c_start, N, alpha, limit,
                  CLAMPED: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
                  BLOCK_M: tl.constexpr, HALF: tl.constexpr):
     """One half-width sub-tile (HALF columns of I, 2*HALF interleaved gate|up columns); returns its share of the
-    routing-weight dot."""
+    routing-weight dot. ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
     cols = c_start + tl.arange(0, HALF)
     c2 = 2 * c_start + tl.arange(0, 2 * HALF)  # their interleaved gate|up columns
     smask2 = rmask[:, None] & (c2 < 2 * N)[None, :]
@@ -189,21 +189,22 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
                  mask=smask2)
     if STORE_HW:
         tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (h * scale[:, None]).to(hw_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (cols < N)[None, :])
+                 mask=hw_rmask[:, None] & (cols < N)[None, :])
     return part
 
 
 @triton.autotune(configs=configs_for("dh_gpt_oss_kernel"),
-                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "CLAMPED"],
+                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "HAS_EXPERT_MASK", "CLAMPED"],
                  prune_configs_by=_pruner("dh_gpt_oss_kernel", 1, "dout_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS + ["S"])
 def dh_gpt_oss_kernel(
-    dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr,
+    dout_ptr, w_ptr, weights_ptr, gate_up_ptr, dgate_up_ptr, hw_ptr, dwp_ptr, pair_mask_ptr, expert_mask_ptr,
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
     E, num_tiles, N, KDIM, TOP_K, S, NDWP, alpha, limit,
     sd_t, sd_d, sw_e, sw_i, sw_d,
     ROWS_BUCKET, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
-    HAS_PAIR_MASK: tl.constexpr, CLAMPED: tl.constexpr, IEEE: tl.constexpr, DWP_COLS: tl.constexpr,
+    HAS_PAIR_MASK: tl.constexpr, HAS_EXPERT_MASK: tl.constexpr, CLAMPED: tl.constexpr, IEEE: tl.constexpr,
+    DWP_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """N = I, KDIM = D. dh = dout[t] @ W_down[e]^T (W_down [E, I, D]); d(gate|up) from the stored interleaved
@@ -235,12 +236,16 @@ def dh_gpt_oss_kernel(
             scale = wgt
             if HAS_PAIR_MASK:
                 scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
+            hw_rmask = rmask  # a frozen expert's hw is never read (its dW runs an empty pair range): not stored
+            if HAS_EXPERT_MASK:
+                hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
             c0 = pid_n * BLOCK_N
-            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, c0, N, alpha, limit,
-                                CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M, BLOCK_N // 2)
-            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, c0 + BLOCK_N // 2,
-                                 N, alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M, BLOCK_N // 2)
+            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c0, N,
+                                alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M, BLOCK_N // 2)
+            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask,
+                                 c0 + BLOCK_N // 2, N, alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M,
+                                 BLOCK_N // 2)
             if STORE_DWP:
                 j = tl.arange(0, R)
                 r = pid_n * R + j

@@ -124,10 +124,11 @@ def moe_experts_bwd(
     has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
     with on_device(x_TD):
         _mk.dh_swiglu_kernel[row_grid(max_tiles, I, dev)](
-            dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm,
+            dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm, em,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K, S, ndwp, sd_t, sd_d, *w_down_EDI.stride(), bucket,
-            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm, IEEE=ieee,
+            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm,
+            HAS_EXPERT_MASK=has_em and need_dw, IEEE=ieee,
             DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
         )
         if need_dweights:

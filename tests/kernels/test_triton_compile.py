@@ -157,7 +157,7 @@ def jobs(mode: str):
 
     extra = {"up_swiglu_kernel": {"STORE_GATE_UP": True},
              "dh_swiglu_kernel": {"STORE_DGU": True, "STORE_HW": True, "STORE_DWP": True, "HAS_PAIR_MASK": True,
-                                  "DWP_COLS": mk.DWP_COLS},
+                                  "HAS_EXPERT_MASK": True, "DWP_COLS": mk.DWP_COLS},
              "dw_gate_up_kernel": {"HAS_EXPERT_MASK": True}, "dw_down_kernel": {"HAS_EXPERT_MASK": True}}
     n_b = {"up_swiglu_kernel": 2}
     for kern in mk.AUTOTUNED:
@@ -196,7 +196,7 @@ def gpt_oss_jobs(mode: str):
     flags = {"up_gpt_oss_kernel": {"STORE_GATE_UP": True, "HAS_BIAS": True, "CLAMPED": True},
              "down_gpt_oss_kernel": {"HAS_BIAS": True},
              "dh_gpt_oss_kernel": {"STORE_DGU": True, "STORE_HW": True, "STORE_DWP": True, "HAS_PAIR_MASK": True,
-                                   "CLAMPED": True, "DWP_COLS": mk.DWP_COLS},
+                                   "HAS_EXPERT_MASK": True, "CLAMPED": True, "DWP_COLS": mk.DWP_COLS},
              "dx_kernel": {}, "dw_gate_up_kernel": {"HAS_EXPERT_MASK": True},
              "dw_down_kernel": {"HAS_EXPERT_MASK": True}}
     units = {"dx_kernel": {"sw_r"}, "dw_gate_up_kernel": set(), "dw_down_kernel": set()}
