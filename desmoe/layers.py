@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from . import ops
 from .context import expert_masks, recorder
-from .ops import reference
 from .ops.spec import RouterSpec  # noqa: F401  (re-exported: desmoe.layers.RouterSpec)
 
 

@@ -40,7 +40,8 @@ def parity_rows(model_types=None, *, backend: str = "reference", seed: int = 0, 
         ref = tiny_model(mt, seed=seed).train()
         ref.set_experts_implementation("eager")
         ours = patch(copy.deepcopy(ref), backend=backend)
-        ids = torch.randint(3, ref.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(3, ref.config.get_text_config().vocab_size, (2, 16),
+                            generator=torch.Generator().manual_seed(seed))
         out = {}
         for name, m in (("eager", ref), ("desmoe", ours)):
             torch.manual_seed(seed)  # a family that samples in training (phimoe's SparseMixer) draws the same

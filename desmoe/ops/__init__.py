@@ -155,7 +155,8 @@ def check_experts_args(
     _check_tensor("topk_weights_TK", topk_weights_TK, dim=2, dtypes=_FLOAT_DTYPES, device=dev)
     if topk_weights_TK.shape != topk_ids_TK.shape:
         raise ValueError(
-            f"topk_weights_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(topk_weights_TK.shape)}"
+            f"topk_weights_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, "
+            f"got {tuple(topk_weights_TK.shape)}"
         )
     if activation not in reference.ALL_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(reference.ALL_ACTIVATIONS)}, got {activation!r}")
@@ -168,12 +169,14 @@ def check_experts_args(
     if expert_trainable_E is not None:
         _check_tensor("expert_trainable_E", expert_trainable_E, dim=1, dtypes=(torch.bool,), device=dev)
         if expert_trainable_E.shape[0] != E:
-            raise ValueError(f"expert_trainable_E must have shape [{E}] (num_experts), got {tuple(expert_trainable_E.shape)}")
+            raise ValueError(
+                f"expert_trainable_E must have shape [{E}] (num_experts), got {tuple(expert_trainable_E.shape)}")
     if pair_trainable_TK is not None:
         _check_tensor("pair_trainable_TK", pair_trainable_TK, dim=2, dtypes=(torch.bool,), device=dev)
         if pair_trainable_TK.shape != topk_ids_TK.shape:
             raise ValueError(
-                f"pair_trainable_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, got {tuple(pair_trainable_TK.shape)}"
+                f"pair_trainable_TK must match topk_ids_TK's shape {tuple(topk_ids_TK.shape)}, "
+                f"got {tuple(pair_trainable_TK.shape)}"
             )
 
 
@@ -247,7 +250,8 @@ from .pair_mask import pair_mask  # noqa: E402
 from .routing_stats import routing_stats  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "RouterSpec", "ROUTING_SCORINGS", "GROUP_SCORES", "resolve_backend", "triton_available", "kernel_routes", "topk_route", "expert_counts", "permute", "moe_experts", "triton_experts_supported",
+    "BACKENDS", "RouterSpec", "ROUTING_SCORINGS", "GROUP_SCORES", "resolve_backend", "triton_available",
+    "kernel_routes", "topk_route", "expert_counts", "permute", "moe_experts", "triton_experts_supported",
     "check_routing_args", "check_experts_args", "reference",
     "mask_expert_grads_", "pair_mask", "routing_stats", "affinity_ema_",
 ]

@@ -321,7 +321,7 @@ def grouped_experts(
                                float(alpha), float(limit))[0]
 
 
-# --- the Triton backend's coarse-shape engine: torch._grouped_mm GEMMs inside desmoe's Triton metadata, combine and masks
+# --- the Triton backend's coarse-shape engine: torch._grouped_mm GEMMs in desmoe's Triton metadata, combine, masks
 
 def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
     out = torch.empty_like(v_sorted)
@@ -331,7 +331,8 @@ def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
 
 class _GroupedMMExperts(torch.autograd.Function):
     """SwiGLU experts with the four GEMMs (and both dW) on ``torch._grouped_mm``; same contract and masks as
-    :func:`desmoe.ops.triton_experts.moe_experts`. Saves x, the weights, the routing metadata and the gate|up pre-activation."""
+    :func:`desmoe.ops.triton_experts.moe_experts`. Saves x, the weights, the routing metadata and the gate|up
+    pre-activation."""
 
     @staticmethod
     def forward(ctx, x_TD, w1, w2, ids_TK, w_TK, em, pm):

@@ -122,7 +122,8 @@ def permute_reference(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torc
 
     Returns:
         ``sorted_pairs_S`` int64: flat pair indices (``t * K + k``) grouped by expert, stable within an expert
-        (ascending pair index), and ``offsets_E1`` int32 [E+1]: expert e owns ``sorted_pairs_S[offsets[e]:offsets[e+1]]``.
+        (ascending pair index), and ``offsets_E1`` int32 [E+1]: expert e owns
+        ``sorted_pairs_S[offsets[e]:offsets[e+1]]``.
     """
     flat_S = topk_ids_TK.reshape(-1).long()
     sorted_pairs_S = torch.sort(flat_S, stable=True).indices
@@ -173,7 +174,8 @@ def moe_experts_reference(
 
     Masks (DES-MoE): a pair whose expert has ``expert_trainable_E[e] == False``, or whose own
     ``pair_trainable_TK[t,k] == False``, contributes nothing to that expert's weight gradients. Values and every
-    other gradient (dX, routing weights) are unchanged. Combine accumulates in float32 (float64 for float64 inputs) and returns ``x``'s dtype.
+    other gradient (dX, routing weights) are unchanged. Combine accumulates in float32 (float64 for float64 inputs)
+    and returns ``x``'s dtype.
     """
     T, K = topk_ids_TK.shape
     E = w_gate_up_E2ID.shape[0]
@@ -257,7 +259,7 @@ def pair_mask_reference(
     return rows_TE.gather(1, topk_ids_TK.long()) & valid_T.unsqueeze(1)
 
 
-# --- References for the C++/CUDA extension's ops (desmoe.ext); readable, host syncs allowed. ---------------
+# --- References for the C++/CUDA extension's ops (desmoe._C); readable, host syncs allowed. ---------------------------
 
 
 def mask_expert_grads_reference(grads: list, masks: list, scale: float = 0.0) -> None:

@@ -155,7 +155,8 @@ def test_save_pretrained_of_patched_model_loads_in_stock_transformers(tmp_path):
 def test_unpatch_restores_original_modules():
     model = tiny_model("mixtral")
     impl = model.config._experts_implementation
-    originals = [type(m.gate).__name__ for _, m in model.named_modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    originals = [type(m.gate).__name__ for _, m in model.named_modules()
+                 if hasattr(m, "gate") and hasattr(m, "experts")]
     desmoe.patch(model)
     desmoe.unpatch(model)
     assert model.config._experts_implementation == impl

@@ -4,14 +4,16 @@ import os
 
 from desmoe.integrations import hf
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "families.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                      "families.md")
 
 
 def test_readme_model_type_table_is_generated_from_the_registry():
     text = open(README).read()
     assert hf.README_BEGIN in text and hf.README_END in text
     table = text.split(hf.README_BEGIN, 1)[1].split(hf.README_END, 1)[0].strip()
-    assert table == hf.model_type_table(), "README model-type table is stale: python -m desmoe.integrations.hf --update-readme"
+    assert table == hf.model_type_table(), \
+        "README model-type table is stale: python -m desmoe.integrations.hf --update-readme"
     for mt in hf.supported_model_types():
         assert f"| `{mt}` |" in table
     for mt in hf.REFUSED:

@@ -89,7 +89,8 @@ def test_grouped_mm_kernel_rejection_is_detected():
     assert not grouped._grouped_mm_ok(torch.empty(10, 8, device="meta"))
 
 
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, True)])
 def test_grouped_backward_computes_only_what_is_needed(needs):
     # frozen weights (the method freezes all but some experts' params) or constant inputs: the backward skips
     # those gradients and the rest still match the reference

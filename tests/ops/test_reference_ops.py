@@ -16,7 +16,8 @@ def _rand_experts(T, D, I, E, K, *, dtype=torch.float64, ids=None, seed=0):
     w1 = torch.randn(E, 2 * I, D, generator=g, dtype=dtype) * 0.3
     w2 = torch.randn(E, D, I, generator=g, dtype=dtype) * 0.3
     if ids is None:
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K, dtype=torch.long)
+        ids = (torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T
+               else torch.empty(0, K, dtype=torch.long))
     w = torch.rand(T, K, generator=g, dtype=dtype) + 0.1
     return x, w1, w2, ids.long(), w
 
@@ -92,7 +93,8 @@ def test_routing_masked_value_zero_matches_deepseek_v2_semantics():
     # DeepSeek-V2 fills ineligible softmax scores with 0.0; with K larger than the eligible count's positive
     # scores this still only picks eligible experts because every softmax score is > 0.
     logits = torch.randn(20, 8)
-    w, ids = ops.topk_route(logits, 2, renormalize=False, n_group=4, topk_group=1, masked_value=0.0, backend="reference")
+    w, ids = ops.topk_route(logits, 2, renormalize=False, n_group=4, topk_group=1, masked_value=0.0,
+                            backend="reference")
     assert ((ids // 2)[:, 0] == (ids // 2)[:, 1]).all()
 
 
@@ -220,7 +222,8 @@ def test_pair_and_expert_masks_combine():
     pair = torch.rand(15, 2) > 0.3
     emask = torch.tensor([True, True, False, True, False])
     w1.requires_grad_()
-    ops.moe_experts(x, w1, w2, ids, w, pair_trainable_TK=pair, expert_trainable_E=emask, backend="reference").sum().backward()
+    ops.moe_experts(x, w1, w2, ids, w, pair_trainable_TK=pair, expert_trainable_E=emask,
+                    backend="reference").sum().backward()
     w1b = w1.detach().clone().requires_grad_()
     _dense_masked(x, w1b, w2, ids, w, pair & emask[ids]).sum().backward()
     torch.testing.assert_close(w1.grad, w1b.grad)
