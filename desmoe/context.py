@@ -1,13 +1,15 @@
 """What a patched model's modules read beyond their inputs, held keyed by module identity instead of as attributes on
-the modules: the DES-MoE expert gradient masks (:class:`MaskScope`) and the routers' records (:func:`recording`).
+the modules: the DES-MoE expert gradient masks (:class:`MaskScope`), the loss a method adds inside the routers
+(:class:`AddedLossScope`, DES-MoE's KD) and the routers' records (:func:`recording`).
 
-The experts forward looks its module up in :func:`expert_masks`, a router in :func:`recorder`; only the scope
-objects below write, and each removes exactly what it put. Why a table in this module and not a ``ContextVar``:
-the masks must hold from a forward until the backward of that forward has run, and activation checkpointing
-replays the forward inside the backward — after the caller's ``with`` has exited, and for CUDA tensors on the
-autograd engine's device thread, where a ``ContextVar`` set by the caller is not visible. A plain dict keyed by the
-module is also what ``torch.compile`` guards on (dynamo cannot trace ``ContextVar.get``, and a
-``WeakKeyDictionary`` lookup is traced without a guard on its contents, so masks set later would be ignored).
+The experts forward looks its module up in :func:`expert_masks`, a router in :func:`added_loss` and
+:func:`recorder`; only the scope objects below write, and each removes exactly what it put. Why a table in this
+module and not a ``ContextVar``: the masks and the added loss must hold from a forward until the backward of that
+forward has run, and activation checkpointing replays the forward inside the backward — after the caller's
+``with`` has exited, and for CUDA tensors on the autograd engine's device thread, where a ``ContextVar`` set by the
+caller is not visible. A plain dict keyed by the module is also what ``torch.compile`` guards on (dynamo cannot
+trace ``ContextVar.get``, and a ``WeakKeyDictionary`` lookup is traced without a guard on its contents, so masks
+set later would be ignored).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-# experts module -> its masks; router -> the Recording it writes to. Written only through MaskScope / recording.
+# experts module -> its masks; router -> the loss it adds (a desmoe.layers.RouterAddedLoss); router -> the Recording
+# it writes to. Written only through MaskScope / AddedLossScope / recording.
 _MASKS: dict[nn.Module, ExpertMasks] = {}
+_ADDED: dict[nn.Module, object] = {}
 _RECORDERS: dict[nn.Module, Recording] = {}
 
 
@@ -37,15 +41,46 @@ def expert_masks(experts: nn.Module) -> ExpertMasks | None:
     return _MASKS.get(experts)
 
 
-def _drop(held: dict, mod: nn.Module | None = None) -> None:
-    """Remove ``held``'s masks (only ``mod``'s, when given) from the table, where no other scope replaced them."""
+def added_loss(router: nn.Module):
+    """The :class:`desmoe.layers.RouterAddedLoss` held for ``router`` (None: none)."""
+    return _ADDED.get(router)
+
+
+def _drop(table: dict, held: dict, mod: nn.Module | None = None) -> None:
+    """Remove ``held``'s entries (only ``mod``'s, when given) from ``table``, where no other scope replaced them."""
     for m in list(held) if mod is None else [mod] if mod in held else []:
-        masks = held.pop(m)
-        if _MASKS.get(m) is masks:
-            del _MASKS[m]
+        value = held.pop(m)
+        if table.get(m) is value:
+            del table[m]
 
 
-class MaskScope:
+class _HeldScope:
+    """Entries one owner puts in a table (``_table``) keyed by module, held until :meth:`clear` (or the owner's next
+    put for that module, or the scope being collected: an abandoned scope leaves nothing behind)."""
+
+    _table: dict
+
+    def __init__(self) -> None:
+        self._held: dict[nn.Module, object] = {}
+        weakref.finalize(self, _drop, self._table, self._held)
+
+    def _put(self, mod: nn.Module, value) -> None:
+        _drop(self._table, self._held, mod)
+        if value is not None:
+            self._held[mod] = self._table[mod] = value
+
+    def clear(self) -> None:
+        """Drop every entry this scope holds."""
+        _drop(self._table, self._held)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.clear()
+
+
+class MaskScope(_HeldScope):
     """The expert gradient masks one owner puts on experts modules, held from a forward through its backward.
 
     :meth:`set` holds masks for a module until :meth:`clear` (or the next :meth:`set` for it, or the scope being
@@ -55,9 +90,7 @@ class MaskScope:
     As a context manager (tests, benchmarks) it clears at exit. Forwards without gradients ignore the masks.
     """
 
-    def __init__(self) -> None:
-        self._held: dict[nn.Module, ExpertMasks] = {}
-        weakref.finalize(self, _drop, self._held)  # an abandoned scope leaves no masks behind
+    _table = _MASKS
 
     def set(
         self,
@@ -76,19 +109,21 @@ class MaskScope:
         if token_domains_T is not None and domain_expert_mask_ME is None:
             raise ValueError("token_domains_T needs domain_expert_mask_ME (bool [M, E])")
         given = (expert_trainable_E, token_domains_T, domain_expert_mask_ME)
-        _drop(self._held, experts)
-        if any(t is not None for t in given):
-            self._held[experts] = _MASKS[experts] = ExpertMasks(*given)
+        self._put(experts, ExpertMasks(*given) if any(t is not None for t in given) else None)
 
-    def clear(self) -> None:
-        """Drop every mask this scope holds."""
-        _drop(self._held)
 
-    def __enter__(self) -> MaskScope:
-        return self
+class AddedLossScope(_HeldScope):
+    """The loss a method adds inside the routers' forwards (:class:`desmoe.layers.RouterAddedLoss`, DES-MoE's KD),
+    held from a forward through its backward, as :class:`MaskScope` holds masks (a layer that activation
+    checkpointing replays inside the backward attaches the same term). :class:`desmoe.method.MethodController`
+    owns one, set and cleared with its masks."""
 
-    def __exit__(self, *exc) -> None:
-        self.clear()
+    _table = _ADDED
+
+    def set(self, routers, added) -> None:
+        """Hold ``added`` (None: drop) for every router of ``routers``."""
+        for r in routers:
+            self._put(r, added)
 
 
 class Recording:

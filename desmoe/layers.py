@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .context import expert_masks, recorder
+from .context import added_loss, expert_masks, recorder
 from .ops.spec import RouterSpec  # noqa: F401  (re-exported: desmoe.layers.RouterSpec)
 
 
@@ -61,16 +61,18 @@ class TopKRouter(nn.Module):
     where the weight and the selection bias live when they belong to a submodule adopted from the model's own
     router (e.g. ``"wg.weight"``, ``"moe_statics.e_score_correction_bias"``), so state-dict keys stay the model's.
 
-    Attributes set by the method layer (all optional):
-        residual: module mapping ``x_TD -> delta_logits_TE`` added to the pretrained logits (ALR).
-        record: when True, ``last`` holds ``{"x_TD", "base_logits_TE", "logits_TE", "topk_ids_TK",
-            "topk_weights_TK"}`` of the latest forward for routing statistics; ``x_TD`` and ``base_logits_TE`` are
-            detached, ``logits_TE`` keeps its graph (the pretraining load-balancing loss). Recording adds no
-            computation, so a forward replayed by activation checkpointing saves the same tensors either way.
-        added_loss: a :class:`RouterAddedLoss` (DES-MoE's KD): with a residual, each forward computes its term on
-            the student ``base_logits.detach() + residual(x.detach())`` and attaches it to the graph here. A
-            residual with ``shares_kd_evaluation = True`` (the ALR) is evaluated once for both:
-            ``residual(x, pair=True)`` returns the routing copy and a KD copy whose gradient stops at the residual.
+    Set by the method layer (optional): ``residual``, a module mapping ``x_TD -> delta_logits_TE`` added to the
+    pretrained logits (ALR). Held for this router in :mod:`desmoe.context` (not attributes):
+
+    - the recording it writes to (:func:`desmoe.context.recording`): ``{"x_TD", "base_logits_TE", "logits_TE",
+      "topk_ids_TK", "topk_weights_TK"}`` of its latest forward for routing statistics; ``x_TD`` and
+      ``base_logits_TE`` are detached, ``logits_TE`` keeps its graph (the pretraining load-balancing loss).
+      Recording adds no computation, so a forward replayed by activation checkpointing saves the same tensors.
+    - the loss a method adds (:class:`desmoe.context.AddedLossScope`, a :class:`RouterAddedLoss`: DES-MoE's KD):
+      with a residual, each forward computes its term on the student ``base_logits.detach() +
+      residual(x.detach())`` and attaches it to the graph here. A residual with ``shares_kd_evaluation = True``
+      (the ALR) is evaluated once for both: ``residual(x, pair=True)`` returns the routing copy and a KD copy
+      whose gradient stops at the residual.
     """
 
     def __init__(self, weight: nn.Parameter, spec: RouterSpec, bias_E: torch.Tensor | None = None, backend=None,
@@ -104,7 +106,6 @@ class TopKRouter(nn.Module):
         self.backend = backend
         self.index_first = False  # return (ids, weights, logits): the order some families' routers use
         self.residual: nn.Module | None = None
-        self.added_loss: RouterAddedLoss | None = None
 
     def __getattr__(self, name: str):
         if name == "weight" and self.__dict__.get("weight_path", "weight") != "weight":
@@ -152,7 +153,7 @@ class TopKRouter(nn.Module):
                                                                       1.0 + self.input_jitter_noise)
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         base_TE = self.base_logits(x_TD)
-        added, kd_TE = self.added_loss, None
+        added, kd_TE = added_loss(self), None
         if self.residual is None:
             logits_TE = base_TE
         elif added is not None and getattr(self.residual, "shares_kd_evaluation", False):

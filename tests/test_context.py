@@ -1,9 +1,9 @@
-"""desmoe.context: masks and router records keyed by module — lifetimes, nesting, and torch.compile guards."""
+"""desmoe.context: masks, added losses and router records keyed by module — lifetimes, nesting, compile guards."""
 import gc
 
 import torch
 
-from desmoe.context import MaskScope, expert_masks, recorder, recording
+from desmoe.context import AddedLossScope, MaskScope, added_loss, expert_masks, recorder, recording
 
 
 def test_mask_scope_holds_until_cleared_and_removes_only_its_own():
@@ -55,3 +55,20 @@ def test_compiled_forward_sees_masks_set_after_compiling():
         s.set(mod, expert_trainable_E=torch.tensor([True, False]))
         assert f(x).tolist() == [1.0, 0.0]
     assert f(x).tolist() == [2.0, 2.0]
+
+
+def test_added_loss_scope_holds_until_cleared_and_removes_only_its_own():
+    r1, r2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    kd, other = object(), object()
+    one, two = AddedLossScope(), AddedLossScope()
+    one.set([r1, r2], kd)
+    two.set([r2], other)  # replaced by another scope: clearing `one` leaves it
+    one.clear()
+    assert added_loss(r1) is None and added_loss(r2) is other
+    two.set([r2], None)  # None: dropped
+    assert added_loss(r2) is None
+    lost = AddedLossScope()
+    lost.set([r1], kd)
+    del lost
+    gc.collect()
+    assert added_loss(r1) is None  # an abandoned scope leaves nothing behind

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import ops
 from ..integrations.families import param_names
 from ..integrations.hf import foreign_experts_forward, moe_blocks
-from ..context import MaskScope, recording
+from ..context import AddedLossScope, MaskScope, recording
 from ..layers import RouterAddedLoss, experts_parameters
 from .alr import attach_alr
 from .config import MethodConfig
@@ -106,6 +106,7 @@ class MethodController:
         self.last_lambda = 0.0
         self._added: tuple[RouterAddedLoss, torch.Tensor] | None = None  # this micro-batch's router loss, scale
         self.masks = MaskScope()  # this micro-batch's expert masks, held through its backward
+        self.added_losses = AddedLossScope()  # and its router loss
 
     # --- phases and trainable parameters ----------------------------------------------------------------
     def phase(self, step: int) -> str:
@@ -141,10 +142,11 @@ class MethodController:
         supervises (SFT: the assistant / completion tokens), so task and KD cover the same tokens.
 
         The masks (held by :attr:`masks`, a :class:`desmoe.context.MaskScope` keyed by experts module) and the router
-        loss stay after the scope, through the backward, so that a layer that activation checkpointing replays
-        inside the backward computes exactly what the forward did (and saves the same tensors); the next
-        ``applied``, :meth:`before_optimizer_step`, :meth:`begin_step` or :meth:`release` removes them. Forwards
-        without gradients ignore the masks. The routers record this forward through
+        loss (:attr:`added_losses`, a :class:`desmoe.context.AddedLossScope` keyed by router) stay after the scope,
+        through the backward, so that a layer that activation checkpointing replays inside the backward computes
+        exactly what the forward did (and saves the same tensors); the next ``applied``,
+        :meth:`before_optimizer_step`, :meth:`begin_step` or :meth:`release` removes them. Forwards without
+        gradients ignore the masks. The routers record this forward through
         :func:`desmoe.context.recording`."""
         self.release()  # the previous micro-batch's (its backward is done)
         out = Forward()
@@ -168,8 +170,7 @@ class MethodController:
         added = None
         if spec is not None:
             added = RouterAddedLoss(spec[0], self.routers[0].weight.device)
-            for r in self.routers:
-                r.added_loss = added
+            self.added_losses.set(self.routers, added)
             self._added = (added, spec[1])
         try:
             with recording(self.routers) as rec:
@@ -200,8 +201,7 @@ class MethodController:
     def release(self) -> None:
         """Drop the current micro-batch's masks and router loss (after its backward)."""
         self.masks.clear()
-        for r in self.routers:
-            r.added_loss = None
+        self.added_losses.clear()
         self._added = None
 
     def combine(self, task_loss: torch.Tensor, added: torch.Tensor | None, added_scale=1.0) -> torch.Tensor:

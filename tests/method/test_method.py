@@ -337,10 +337,10 @@ def test_readme_phase_table_is_generated_from_the_code():
 
 
 def test_masks_are_held_through_the_backward_and_released_before_the_optimizer_step():
-    """``applied`` puts this micro-batch's masks and router loss (KD) on the modules and leaves them there through
+    """``applied`` holds this micro-batch's masks and router loss (KD) for the modules (desmoe.context) through
     the backward (activation checkpointing replays layers inside it); the next ``applied``, the optimizer step
     or ``release`` removes them. The routers hold no record after the scope, and the added loss is a value."""
-    from desmoe.context import expert_masks, recorder
+    from desmoe.context import added_loss, expert_masks, recorder
 
     m = _model()
     ctl = MethodController(m, MethodConfig(name="des_moe"), 10, ["a", "b"])
@@ -351,22 +351,22 @@ def test_masks_are_held_through_the_backward_and_released_before_the_optimizer_s
     ctl.tracker.finish_warmup()
     ctl.begin_step(5)  # stabilisation: DGES masks, KD still on
     assert ctl.current_phase == "stabilization" and ctl.last_lambda > 0
-    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(added_loss(r) is None for r in ctl.routers)
     with ctl.applied(b["domain_ids"].reshape(-1)) as fwd:
         assert all(expert_masks(ex) is not None for ex in ctl.experts)
         out = m(input_ids=b["input_ids"], labels=b["labels"])
     assert all(expert_masks(ex) is not None for ex in ctl.experts)  # held for the backward
-    assert all(r.added_loss is not None for r in ctl.routers)
+    assert all(added_loss(r) is not None for r in ctl.routers)
     assert all(recorder(r) is None for r in ctl.routers)
     assert fwd.added_loss is not None and not fwd.added_loss.requires_grad and fwd.added_loss >= 0  # ALR starts at 0
     assert int(ctl.tracker.counts_LME.sum()) > 0
     ctl.combine(out.loss, fwd.added_loss).backward()
     ctl.before_optimizer_step(None)
-    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(added_loss(r) is None for r in ctl.routers)
     with pytest.raises(RuntimeError, match="boom"):  # a failing forward leaves nothing
         with ctl.applied(b["domain_ids"].reshape(-1)):
             raise RuntimeError("boom")
-    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(r.added_loss is None for r in ctl.routers)
+    assert all(expert_masks(ex) is None for ex in ctl.experts) and all(added_loss(r) is None for r in ctl.routers)
 
 
 def test_registry_names_every_method_and_refuses_clashes():
