@@ -203,11 +203,19 @@ def run_sweep(sw: SweepSpec, spec: ExperimentSpec, out: str, log=print, workers:
     with pinned_corpora(spec) as fp:
         res["corpora_fingerprint"] = fp
         _sweep_bases(sw, spec, out, res, bases, starts, log, workers, t0)
-    plots.sweep(os.path.join(out, "sweep.png"), bases)
     _timing(out, sw, workers, time.time() - t0, _n_records(spec) - n0)
+    return res
+
+
+def render_outputs(out: str, res: dict | None = None) -> None:
+    """``OUT/sweep.png`` and ``OUT/summary.md`` from ``OUT/results.json`` (written after every finished base, so a
+    stopped sweep leaves them for what it finished): ``python -m desmoe.experiments.sweep OUT`` redraws them."""
+    if res is None:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+    plots.sweep(os.path.join(out, "sweep.png"), res["bases"])
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(R.sweep_md(res))
-    return res
 
 
 def _sweep_bases(sw, spec, out, res, bases, starts, log, workers, t0) -> None:
@@ -230,8 +238,11 @@ def _sweep_bases(sw, spec, out, res, bases, starts, log, workers, t0) -> None:
         bases.append(_base_block(steps, p, s, grids, rounds))
         starts.update(chosen)
         res["overall"] = overall(bases)
+        b = bases[-1]
+        b["invocation_seconds_when_done"] = time.time() - t0  # this invocation's wall time up to this base
         _write_json(os.path.join(out, "results.json"), res)
-        log(f"sweep: base {steps} done ({time.time() - t0:.0f}s so far)")
+        render_outputs(out, res)
+        log(f"sweep: base {steps} done ({b['invocation_seconds_when_done']:.0f}s so far)")
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -253,3 +264,11 @@ def _timing(out: str, sw: SweepSpec, workers: int, secs: float, computed: int) -
     old["note"] = ("wall time of each invocation that computed runs (bases are built once and cached; a base's "
                    "build time is in results.json as base_seconds)")
     _write_json(p, old)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "results.json")):
+        sys.exit("usage: python -m desmoe.experiments.sweep SWEEP_OUT_DIR (a folder holding a sweep's results.json)")
+    render_outputs(sys.argv[1])
