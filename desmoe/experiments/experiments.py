@@ -60,7 +60,8 @@ def _rel(path: str) -> str:
 def _header(name: str, spec: ExperimentSpec, base: dict) -> dict:
     keys = ("pretrain_steps", "n_params", "general_loss_random_init", "general_loss", "train_loss_last10pct",
             "train_loss_prev10pct", "seconds")
-    return {"experiment": name, "config": {**spec.to_dict(), "source": _rel(spec.source)}, "versions": versions(),
+    return {"experiment": name, "config": {**spec.to_dict(), "source": _rel(spec.source), "cache": _rel(spec.cache)},
+            "versions": versions(),
             "git_sha": git_sha(), "seeds": list(range(spec.seeds)),
             "split": {"select": "validation", "report": "test"},
             "base": {k: base[k] for k in keys if k in base} | {
