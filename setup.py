@@ -1,4 +1,4 @@
-"""Build script: the package, plus the C++/CUDA extension ``desmoe._C`` when torch is importable.
+"""Build script: the package, plus the C++/CUDA extension ``desmoe.ops._C`` when torch is importable.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch (inside pip's
 isolated build env torch is absent, or pip would pull a multi-GB CUDA build). Without torch at build time the
@@ -73,12 +73,12 @@ def _ext_modules_and_cmdclass():
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         define_macros.append(("DESMOE_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
-            "desmoe._C", cpp + cu, extra_compile_args=extra, define_macros=define_macros,
+            "desmoe.ops._C", cpp + cu, extra_compile_args=extra, define_macros=define_macros,
             extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "desmoe._C", cpp, extra_compile_args=extra, define_macros=define_macros,
+            "desmoe.ops._C", cpp, extra_compile_args=extra, define_macros=define_macros,
             extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")],
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

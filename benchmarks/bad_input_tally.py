@@ -3,11 +3,11 @@ unclear / traceback / silent / lost.
 
 Runs the suites with ``DESMOE_BAD_INPUT_TALLY`` set, so every CLI/library attempt records how it was classified
 (see ``classify`` in the test file), and reads pytest's JUnit XML for the checks that are plain asserts.
-``--code DIR`` runs the same suite against another checkout of the package (e.g. the code before issue 15:
-``git archive c163abc | tar -x -C /tmp/old``), to measure what the suite finds there.
+``--code DIR`` runs the same suite against another checkout of the package (e.g. the code before
+the clear-error work: ``git archive c163abc | tar -x -C /tmp/old``), to measure what the suite finds there.
 
     python benchmarks/bad_input_tally.py                              # this checkout
-    python benchmarks/bad_input_tally.py --code /tmp/old --label before-issue-15
+    python benchmarks/bad_input_tally.py --code /tmp/old --label c163abc
     python benchmarks/bad_input_tally.py --readme     # the table between README.md's tally markers, from results/
 
 Writes ``benchmarks/results/bad_inputs_tally-<label>.json`` and prints the table last.

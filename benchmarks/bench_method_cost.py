@@ -369,7 +369,7 @@ def run(a) -> dict:
 
 
 def readme_table(res: dict, path: str) -> str:
-    label = "**Before issue 22's fixes** (the ALR evaluated twice while KD is on): " if "before" in path else ""
+    label = f"**{res['label']}**: " if res.get("label") else ""
     head = label + (f"`{res['spec']['shape']}` ({res['records'][0]['T']} tokens/step, {res['dtype']}, {res['threads']} "
             f"thread(s)) on `{res['device']}` — torch {res['torch']}, transformers {res['transformers']}, "
             f"{res['date']}, git `{res['git_sha'][:10]}`, median of {res['iters']} interleaved steps (`{path}`)")

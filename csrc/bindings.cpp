@@ -1,5 +1,5 @@
 // Registers the ops as torch.ops.desmoe.* (TORCH_LIBRARY: schemas + CPU kernels; the CUDA kernels register
-// themselves in the .cu files) and exposes build information through the pybind11 module desmoe._C.
+// themselves in the .cu files) and exposes build information through the pybind11 module desmoe.ops._C.
 // Fake (meta) implementations live in Python (one per op under desmoe/ops/, registered by the loader
 // desmoe/ops/extension.py), the module named by set_python_module so that
 // torch.compile imports it on demand.

@@ -328,7 +328,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
         # plain transformers, in the dtype written (what a server loads)
         stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, out_dtype)).to(device).eval()
         exported_loss = _held_out_loss(stock, cfg, tok, held)
-        report = {"checkpoint": os.path.abspath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
+        report = {"checkpoint": os.path.normpath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
                   "ridge": ridge, "agreement": agree, "agreement_validation": agree_val, "gate_split": "validation",
                   "min_topk_exact": worst, "min_agreement": min_agreement, "below_threshold": low,
                   "dtype": out_dtype, "architectures": list(getattr(stock.config, "architectures", None) or []),
@@ -354,7 +354,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
         raise
     if low:
         warnings.warn(msg, stacklevel=2)
-    report["out_dir"] = os.path.abspath(out_dir)
+    report["out_dir"] = os.path.normpath(out_dir)
     return report
 
 

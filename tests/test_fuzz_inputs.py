@@ -1,4 +1,4 @@
-"""Generated bad inputs (issue 25): config shapes and values, CLI flags and the public Python API.
+"""Generated bad inputs: config shapes and values, CLI flags and the public Python API.
 
 Every case runs in-process and fast (config validation, argument checks, the ops' input checks: nothing trains),
 so the whole file runs in the CPU suite in well under a minute. Each case is classified as in

@@ -1,6 +1,6 @@
-"""Loader of the C++/CUDA extension ``desmoe._C`` (the ops ``torch.ops.desmoe.*``), shared by the op modules.
+"""Loader of the C++/CUDA extension ``desmoe.ops._C`` (the ops ``torch.ops.desmoe.*``), shared by the op modules.
 
-Loading order, decided once per process on first use: the prebuilt ``desmoe._C`` (``pip install
+Loading order, decided once per process on first use: the prebuilt ``desmoe.ops._C`` (``pip install
 --no-build-isolation -e .``), else a JIT build of ``csrc/`` with ninja into ``$DESMOE_EXT_CACHE`` (default
 ``~/.cache/desmoe``) under ``ext/<torch>-<python>-<cpu|cuda>/`` (CPU sources only when torch has no CUDA), else
 the plain-PyTorch reference (``desmoe.ops.reference``) with one warning. ``DESMOE_NO_EXT=1`` forces the
@@ -107,11 +107,11 @@ def _load_uncached() -> tuple[dict, object]:
         try:
             if os.environ.get("DESMOE_NO_PREBUILT") == "1":
                 raise ImportError("skipped by DESMOE_NO_PREBUILT=1")
-            from .. import _C as module  # type: ignore[attr-defined]
+            from . import _C as module  # type: ignore[attr-defined]
 
             info["source"] = "prebuilt"
         except Exception as e:  # missing, or built against another torch
-            errors.append(f"prebuilt desmoe._C: {type(e).__name__}: {e}")
+            errors.append(f"prebuilt desmoe.ops._C: {type(e).__name__}: {e}")
             module = None
         if module is None and os.environ.get("DESMOE_NO_JIT") != "1":
             try:

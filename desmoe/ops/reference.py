@@ -259,7 +259,7 @@ def pair_mask_reference(
     return rows_TE.gather(1, topk_ids_TK.long()) & valid_T.unsqueeze(1)
 
 
-# --- References for the C++/CUDA extension's ops (desmoe._C); readable, host syncs allowed. ---------------------------
+# --- References for the C++/CUDA extension's ops (desmoe.ops._C); readable, host syncs allowed. -----------------------
 
 
 def mask_expert_grads_reference(grads: list, masks: list, scale: float = 0.0) -> None:

@@ -1,4 +1,4 @@
-"""Every fenced code block in README.md and docs/*.md is executed or checked here (issue 25 item 4).
+"""Every fenced code block in README.md and docs/*.md is executed or checked here.
 
 A block carries a marker comment on the line before it, ``<!-- doc-test: MODE [options] -->``:
 

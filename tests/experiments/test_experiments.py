@@ -86,7 +86,7 @@ def quick_all(tmp_path_factory):
     return out, cache
 
 
-def test_quick_pareto_results_in_the_issues_format(quick_all):
+def test_quick_pareto_results_have_the_documented_fields(quick_all):
     out, cache = quick_all
     res = json.loads((out / "pareto" / "results.json").read_text())
     spec = load_spec(quick=True)

@@ -1,4 +1,4 @@
-"""No recompiles for a new token count T (issue 23, item 4).
+"""No recompiles for a new token count T.
 
 Triton compiles one binary per *specialization key*: the argument types plus, for every integer argument not in the
 kernel's ``do_not_specialize``, whether it equals 1 or is a multiple of 16 (and whether each pointer is 16-byte

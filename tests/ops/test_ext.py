@@ -1,4 +1,4 @@
-"""The C++/CUDA extension (``desmoe._C``, loaded by ``desmoe.ops.extension``; one Python module per op in
+"""The C++/CUDA extension (``desmoe.ops._C``, loaded by ``desmoe.ops.extension``; one Python module per op in
 ``desmoe.ops``): CPU ops vs the PyTorch reference, errors, fallback, torch.compile, nvcc compile-only check of the
 CUDA sources, and CUDA-vs-CPU tests (``@pytest.mark.gpu``)."""
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_info_reports_source_and_build():
 
 def test_import_is_lazy():
     """``import desmoe.ops.extension`` neither loads nor builds the extension: that happens on first use."""
-    code = ("import sys, desmoe.ops.extension as x; a = 'desmoe._C' in sys.modules; x.available(); "
+    code = ("import sys, desmoe.ops.extension as x; a = 'desmoe.ops._C' in sys.modules; x.available(); "
             "print(a, bool(x._LOADED))")
     env = dict(os.environ, DESMOE_NO_JIT="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
