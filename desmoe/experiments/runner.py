@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 
+from ..method.config import MethodConfig
 from .methods import TRAINER_METHOD
 from .pareto import mean as _avg
 from .pareto import sd as _std
@@ -25,6 +26,29 @@ from .spec import ExperimentSpec
 
 def _key(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# Defaults that changed after runs were cached. A run's key is its config dict as written, which leaves defaults
+# out; so that a new default never reuses a run made under the old one, each field here is written into the key
+# with its resolved value, and left out where that value is the reference (the default the older keys were made
+# under; a config that pins the reference keeps its cached runs). A field whose default changes goes here.
+KEY_REFERENCE_DEFAULTS: dict[tuple[str, str], object] = {("method", "alr_expansion"): 4}
+_CURRENT_DEFAULTS = {"method": MethodConfig}
+
+
+def key_config(cfg_d: dict) -> dict:
+    """``cfg_d`` as keyed: every :data:`KEY_REFERENCE_DEFAULTS` field resolved, and written only where it differs
+    from its reference."""
+    d = copy.deepcopy(cfg_d)
+    for (section, field), reference in KEY_REFERENCE_DEFAULTS.items():
+        sec = d.get(section) if isinstance(d.get(section), dict) else {}
+        value = sec.get(field, getattr(_CURRENT_DEFAULTS[section](), field))
+        sec.pop(field, None)
+        if value != reference:
+            sec[field] = value
+        if sec or section in d:
+            d[section] = sec
+    return d
 
 
 FP_ENV = "DESMOE_CORPORA_FINGERPRINT"
@@ -117,7 +141,8 @@ def run_dir_of(spec: ExperimentSpec, base_path: str, method: str, domains: list[
         cfg_d = finetune_config(spec, base_path, method, domains, lr, seed, method_overrides)
     tag = f"{method}{''.join(f'-{k}{v}' for k, v in sorted((method_overrides or {}).items()))}"
     fp = os.environ.get(FP_ENV)  # set by pinned_corpora: runs on other corpora never share a cache entry
-    key = _key({**cfg_d, "corpora": fp} if fp else cfg_d)
+    keyed = key_config(cfg_d)
+    key = _key({**keyed, "corpora": fp} if fp else keyed)
     return os.path.join(spec.cache, "ft", f"{tag}-{len(domains)}d-lr{lr:g}-s{seed}-{key}")
 
 

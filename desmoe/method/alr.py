@@ -1,7 +1,8 @@
 """ALR (Adaptive Lightweight Router) and its distillation loss.
 
 Each MoE layer's pretrained router keeps its weight frozen and becomes the KD *teacher*; a small MLP
-(D -> 4D -> E, GELU) adds a residual to its logits and is the trainable part of the *student*
+(D -> W -> E, GELU; W = round(method.alr_expansion·D): 0.25·D by default, the paper's 4·D with 4) adds a residual
+to its logits and is the trainable part of the *student*
 (``student = teacher + ALR(x)``). The output layer is zero-initialised, so at step 0 the patched model routes
 exactly like the base model.
 """

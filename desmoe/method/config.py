@@ -42,7 +42,7 @@ class MethodConfig:
     lambda_schedule: str = "linear"
     lambda_end: float | None = None
     lambda_decay_rate: float = 5.0
-    alr_expansion: float = 4
+    alr_expansion: float = 0.25
     phi: float = 0.6
     ema_momentum: float = 0.9
     update_every: int = 10
