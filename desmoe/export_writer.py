@@ -18,11 +18,18 @@ class ExportError(ValueError):
 
 
 # --- serving engines ------------------------------------------------------------------------------------------
-# Architecture names (config.json "architectures") that the engines implement natively. vLLM: its
-# model_executor/models/registry.py (_TEXT_GENERATION_MODELS, checked at commit 0002bff0b6cb); SGLang: the
-# EntryClass names of python/sglang/srt/models (a conservative list: newer families may be missing). Only the MoE
-# families desmoe patches matter here. Note phimoe: transformers writes PhimoeForCausalLM, the engines register
-# PhiMoEForCausalLM (the hub checkpoints' remote-code name), so it is not a native match.
+# Architecture names (config.json "architectures") that the engines implement natively. Only the MoE families desmoe
+# patches matter here (text generation, causal LM). vLLM: _TEXT_GENERATION_MODELS of vllm-project/vllm
+# vllm/model_executor/models/registry.py, checked at commit 0002bff0b6cb. SGLang: sgl-project/sglang registers the
+# __name__ of each EntryClass in python/sglang/srt/models/*.py (models/registry.py at f7df908d8506); checked, one
+# stored version per file: mixtral 02356ceed8be, qwen2_moe 0115497da8f2, qwen3_moe 008af3a6f95b, qwen3_next
+# 0201bc8059b1, olmoe 067e8f42c478, granitemoe 0ba3cdd47463, hunyuan 08185617c3e2, ernie4 008b79d2358b, deepseek_v2
+# 00114aef19bb, glm4_moe 005ffc65dc0f, gpt_oss 009c68085e68, phimoe 008b79d2358b, dots1 ba97b11d851d, lfm2_moe
+# 01fec0786e1f, exaone_moe 0564b5215b33, glm4_moe_lite 03b1e880014d. Not in SGLang: MiniMaxForCausalLM
+# (minimax_text_01 0400545e9ff8 registers MiniMaxText01ForCausalLM), GraniteMoeSharedForCausalLM (granitemoeshared
+# 580ea2d722cb has no EntryClass), FlexOlmoForCausalLM (no model file), Qwen3_5MoeForCausalLM (qwen3_5 005fa711897e
+# registers only the ...ForConditionalGeneration classes). Note phimoe: transformers writes PhimoeForCausalLM, the
+# engines register PhiMoEForCausalLM (the hub checkpoints' remote-code name), so it is not a native match.
 SERVING_ARCHITECTURES = {
     "vllm": frozenset({
         "MixtralForCausalLM", "MiniMaxForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
@@ -33,7 +40,8 @@ SERVING_ARCHITECTURES = {
     "sglang": frozenset({
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
         "OlmoeForCausalLM", "GraniteMoeForCausalLM", "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM",
-        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
+        "Lfm2MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM",
+        "Glm4MoeLiteForCausalLM", "Dots1ForCausalLM", "ExaoneMoeForCausalLM", "GptOssForCausalLM",
         "PhiMoEForCausalLM"}),
 }
 
