@@ -4,10 +4,11 @@
 - :mod:`desmoe.kernels.permute`: O(S) routing metadata (histogram -> scan -> stable scatter, tile schedule).
 - :mod:`desmoe.kernels.moe`: grouped-GEMM SwiGLU expert MLP forward/backward with DES-MoE gradient masks.
 - :mod:`desmoe.kernels.moe_gpt_oss`: gpt-oss's experts (interleaved, biased, clamped SwiGLU) on the same tiles.
+- :mod:`desmoe.kernels.glue`: the ``grouped_mm`` engine's one-pass SwiGLU forward/backward and dW zeroing.
 
 Launchers, validation of what the kernels assume, and the ``torch.library`` custom ops live in
 one module per family in :mod:`desmoe.ops`: ``triton_routing``, ``triton_permute``, ``triton_experts``,
-``triton_gpt_oss`` (their shared helpers: ``triton_common``).
+``triton_gpt_oss``, ``triton_glue`` (their shared helpers: ``triton_common``).
 
 The top-level name ``kernels`` belongs to Hugging Face's kernel-hub package, which transformers >= 5.25 imports.
 Whenever the repository root is first on ``sys.path`` (``python -m pytest``, ``python -m desmoe``, ``python -c``

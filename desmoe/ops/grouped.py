@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _autocast
+from . import _autocast, triton_glue
 from .reference import ACTIVATIONS, ALL_ACTIVATIONS, split_gate_up
 
 
@@ -336,17 +336,13 @@ class _GroupedMMExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, w1, w2, ids_TK, w_TK, em, pm):
-        T, D = x_TD.shape
-        E, I2, _ = w1.shape
-        I = I2 // 2
-        K = ids_TK.shape[1]
+        T, K, E = x_TD.shape[0], ids_TK.shape[1], w1.shape[0]
         from .triton_permute import routing_metadata
 
         sp, off, tok, *_ = routing_metadata(ids_TK, E, 0)
         sp, tok, ends = sp.long(), tok.long(), off[1:]
         gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows
-        g, u = gu[:, :I].float(), gu[:, I:].float()
-        h = (g * torch.sigmoid(g) * u).to(x_TD.dtype)
+        h = triton_glue.swiglu_forward(gu)  # one pass, float32 in registers
         y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [S, D]
         from .triton_common import combine
 
@@ -357,20 +353,14 @@ class _GroupedMMExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout_TD):
         x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
-        T, D = x_TD.shape
-        E, I2, _ = w1.shape
-        I, K = I2 // 2, w_TK.shape[1]
+        T, K = x_TD.shape[0], w_TK.shape[1]
         ends, dt = off[1:], x_TD.dtype
         dout_s = dout_TD.contiguous()[tok]
-        dh_u = torch._grouped_mm(dout_s, w2, offs=ends).float()  # dout[t] @ W_down[e], [S, I]
-        g, u = gu[:, :I].float(), gu[:, I:].float()
-        sig = torch.sigmoid(g)
-        h = g * sig * u
-        w_s = w_TK.reshape(-1)[sp].float()
-        dweights = torch.empty(T * K, dtype=torch.float32, device=x_TD.device)
-        dweights[sp] = (dh_u * h).sum(-1)
-        dh = dh_u * w_s[:, None]
-        dgu = torch.cat([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig], dim=1).to(dt)
+        dh_u = torch._grouped_mm(dout_s, w2, offs=ends)  # dout[t] @ W_down[e], [S, I]
+        # one pass: d(gate|up), hw = h * w * mask (dW_down's operand) and the routing-weight gradient per pair
+        pm_u8 = None if pm is None else pm.reshape(-1).contiguous().view(torch.uint8)
+        dgu, hw, dweights = triton_glue.swiglu_backward(dh_u, gu, sp.to(torch.int32), w_TK.reshape(-1).float(),
+                                                        pm_u8)
         dx = None
         if ctx.needs_input_grad[0]:
             from .triton_common import combine
@@ -378,14 +368,16 @@ class _GroupedMMExperts(torch.autograd.Function):
             dx = combine(_to_pair_rows(torch._grouped_mm(dgu, w1, offs=ends), sp), None, T, K)
         dw1 = dw2 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            scale = w_s if pm is None else w_s * pm.reshape(-1)[sp].float()
-            dgu_w = dgu if pm is None else dgu * pm.reshape(-1)[sp].to(dt)[:, None]
-            dw1 = torch._grouped_mm(dgu_w.t(), x_TD[tok], offs=ends)  # [E, 2I, D]
-            dw2 = torch._grouped_mm(dout_s.t(), (h * scale[:, None]).to(dt), offs=ends)  # [E, D, I]
+            x_s = x_TD[tok]
+            if pm is not None:  # a non-trainable pair's row out of dW_gate_up (dgu itself still feeds dx)
+                x_s.mul_(pm.reshape(-1)[sp].to(dt)[:, None])
+            dw1 = torch._grouped_mm(dgu.t(), x_s, offs=ends)  # [E, 2I, D]
+            dw2 = torch._grouped_mm(dout_s.t(), hw, offs=ends)  # [E, D, I]
+            # an expert with no rows (its slice is not written by every grouped GEMM) or frozen: zeroed in place,
+            # touching only those slices
             keep = (off[1:] > off[:-1]) if em is None else (off[1:] > off[:-1]) & em.bool()
-            zero = torch.zeros((), dtype=dw1.dtype, device=dw1.device)
-            dw1 = torch.where(keep[:, None, None], dw1, zero)
-            dw2 = torch.where(keep[:, None, None], dw2, zero)
+            triton_glue.zero_experts_(dw1, keep)
+            triton_glue.zero_experts_(dw2, keep)
         dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None
         return dx, dw1, dw2, None, dwts, None, None
 

@@ -259,6 +259,34 @@ def pair_mask_reference(
     return rows_TE.gather(1, topk_ids_TK.long()) & valid_T.unsqueeze(1)
 
 
+def swiglu_glue_forward_reference(gu_SN2: torch.Tensor) -> torch.Tensor:
+    """``h = silu(g) * u`` for ``gu = [g | u]`` rows, in float32, returned in gu's dtype (the oracle of
+    :func:`desmoe.ops.triton_glue.swiglu_forward`)."""
+    N = gu_SN2.shape[1] // 2
+    g, u = gu_SN2[:, :N].float(), gu_SN2[:, N:].float()
+    return (g * torch.sigmoid(g) * u).to(gu_SN2.dtype)
+
+
+def swiglu_glue_backward_reference(dhu_SN: torch.Tensor, gu_SN2: torch.Tensor, sorted_pairs_S: torch.Tensor,
+                                   weights_P: torch.Tensor, pair_mask_P: torch.Tensor | None):
+    """``(dgu, hw, dweights)`` of the grouped_mm engine's backward epilogue, as
+    :func:`desmoe.ops.triton_glue.swiglu_backward` (its oracle): ``dh = dh_u * w``, ``d(gate|up) = [dh * u * s *
+    (1 + g (1 - s)), dh * g * s]``, ``hw = h * w * mask``, ``dweights[pair] = dh_u . h``."""
+    N = gu_SN2.shape[1] // 2
+    sp = sorted_pairs_S.long()
+    dhu = dhu_SN.float()
+    g, u = gu_SN2[:, :N].float(), gu_SN2[:, N:].float()
+    sig = torch.sigmoid(g)
+    h = g * sig * u
+    w = weights_P.reshape(-1)[sp].float()
+    scale = w if pair_mask_P is None else w * pair_mask_P.reshape(-1)[sp].float()
+    dweights = torch.zeros(weights_P.numel(), dtype=torch.float32, device=dhu.device)
+    dweights[sp] = (dhu * h).sum(-1)
+    dh = dhu * w[:, None]
+    dgu = torch.cat([dh * u * sig * (1.0 + g * (1.0 - sig)), dh * g * sig], dim=1).to(gu_SN2.dtype)
+    return dgu, (h * scale[:, None]).to(gu_SN2.dtype), dweights
+
+
 # --- References for the C++/CUDA extension's ops (desmoe.ops._C); readable, host syncs allowed. -----------------------
 
 

@@ -44,6 +44,8 @@ SMEM_PER_SM = 233472  # 228 KB
 GEMM_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "dw_gate_up_kernel",
                 "dw_down_kernel", "up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 DW_KERNELS = ("dw_gate_up_kernel", "dw_down_kernel")
+# the grouped_mm engine's elementwise glue (desmoe.kernels.glue): one pass each, so no stack either
+GLUE_KERNELS = ("swiglu_fwd_kernel", "swiglu_bwd_kernel", "zero_experts_kernel")
 # Stack (bytes) a GEMM kernel is known to need under one Triton version, where the others need none; anything else
 # with stack fails. Triton 3.6 (the GPU image's) spills one or two registers (an STL/LDL pair outside the K loop,
 # read off the SASS) in the float32 fallback config of two gpt-oss GEMMs; 3.9 compiles the same configs with no
@@ -68,7 +70,7 @@ def _ptr(kernel: str, name: str, dt: str) -> str:
         return "*i64"
     if name in _I32_PTRS:
         return "*i32"
-    if name in ("expert_mask_ptr", "pair_mask_ptr"):
+    if name in ("expert_mask_ptr", "pair_mask_ptr", "keep_ptr"):
         return "*u8"
     if name in ("weights_ptr", "dwp_ptr") or (kernel, name) == ("combine_kernel", "w_ptr"):
         return "*fp32"
@@ -172,6 +174,14 @@ def jobs(mode: str):
                 yield kern, consts, c.num_warps, c.num_stages, dt
     yield from gpt_oss_jobs(mode)
     yield mk.combine_kernel, {"HAS_W": True, "BLOCK_D": 1024}, 4, 1, "*bf16"
+    # the glue kernels as their launcher runs them on a GPU (desmoe.ops.triton_glue; Triton's default warps/stages)
+    from desmoe.kernels import glue as glk
+    from desmoe.ops.triton_glue import SWIGLU_BLOCKS
+
+    bs, bn = SWIGLU_BLOCKS
+    yield glk.swiglu_fwd_kernel, {"BLOCK_S": bs, "BLOCK_N": bn}, 4, 3, "*bf16"
+    yield glk.swiglu_bwd_kernel, {"HAS_PAIR_MASK": True, "BLOCK_S": bs, "BLOCK_N": bn}, 4, 3, "*bf16"
+    yield glk.zero_experts_kernel, {"BLOCK": 4096}, 4, 3, "*bf16"
     yield pk.histogram_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
     yield pk.scan_kernel, {"BLOCK_M": 128, "E_PAD": 128, "ROWS": 64, "SLOTS": 64, "FROM_OFFSETS": False}, 8, 1, "*i32"
     yield pk.scatter_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
@@ -261,6 +271,8 @@ def violations(recs) -> list:
             continue
         if not r["fits"]:
             bad.append(f"{tag}: shared memory {r['shared']} > {SMEM_LIMIT}")
+        if r["kernel"] in GLUE_KERNELS and (r["local"] or r["stack"]):
+            bad.append(f"{tag}: {r['stack']} bytes of stack (spills), Triton {r.get('triton')}")
         if r["kernel"] in GEMM_KERNELS:
             known = KNOWN_STACK.get((".".join(r.get("triton", "").split(".")[:2]), r["kernel"], r.get("variant", ""),
                                      r["dtype"]), 0)
@@ -292,7 +304,7 @@ def test_compile_facts_sm90():
     print(f"Triton {recs[0].get('triton') if recs else '?'}")
     print(table(recs))
     names = {r["kernel"] for r in recs}
-    assert set(GEMM_KERNELS) | {"combine_kernel", "histogram_kernel", "scan_kernel", "scatter_kernel",
+    assert set(GEMM_KERNELS) | set(GLUE_KERNELS) | {"combine_kernel", "histogram_kernel", "scan_kernel", "scatter_kernel",
                                 "topk_route_fwd_kernel", "topk_route_bwd_kernel"} <= names, names
     # gpt-oss's variant: its kernels, and both dW kernels in the roles its launcher gives them (bf16, so the
     # pipeline-depth rule applies to them)
