@@ -11,7 +11,8 @@ not know. So:
   O(D^2) per layer, whatever the token count). It measures, on held-out text, the share of tokens whose top-k
   expert set is unchanged, per layer, and the held-out loss of the exported model (loaded back with plain
   transformers, no desmoe) next to the trained one; below ``min_agreement`` it warns, or refuses and writes
-  nothing.
+  nothing. With ``layer_by_layer`` every forward runs one decoder layer at a time on the device, the model in host
+  memory (:mod:`desmoe.export_layers`), for a model larger than the device.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import warnings
 
 import torch
 
+from .export_layers import decoder_layers, layer_major_heads, run_layer_major
 from .export_writer import ExportError, parse_size, serving_engines, write_weights_streaming
 from .export_writer import SERVING_ARCHITECTURES  # noqa: F401  (re-exported: desmoe.export.SERVING_ARCHITECTURES)
 
@@ -132,11 +134,27 @@ class _RouterStats:
         return fn
 
 
-def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Tensor]:
+def _forward_all(model, batches, before_batch, *, layer_by_layer: bool, device) -> None:
+    """``model`` on every batch, ``before_batch(batch)`` first: whole on its own device, or layer-major on ``device``
+    (:func:`desmoe.export_layers.run_layer_major`; the router hooks fire the same, batch after batch per layer)."""
+    from .data.packing import packed_forward
+
+    if layer_by_layer:
+        run_layer_major(model, list(batches), device="cpu" if device is None else device, before_batch=before_batch)
+        return
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for b in batches:
+            before_batch(b)
+            packed_forward(model, b, device=dev)
+
+
+def fit_linear_routers(model, batches, *, ridge: float = 1e-3, layer_by_layer: bool = False,
+                       device=None) -> list[torch.Tensor]:
     """Per router, the weight ``[E, D]`` minimising ``||X W^T - Z||^2 + mu ||W - W0||^2`` where X are the router
     inputs and Z the trained router's logits (base + ALR) on ``batches``, W0 the pretrained weight and
-    ``mu = ridge * mean(diag(X^T X))``. Returns float32 CPU tensors; the model is not changed."""
-    from .data.packing import packed_forward
+    ``mu = ridge * mean(diag(X^T X))``. Returns float32 CPU tensors; the model is not changed. ``layer_by_layer``:
+    the model stays in host memory, one decoder layer at a time runs on ``device`` (default cpu)."""
     from .integrations.hf import routers as get_routers
 
     routers = get_routers(model)
@@ -144,13 +162,13 @@ def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Ten
         raise ExportError("the model has no desmoe routers (was it patched?)")
     stats = _RouterStats(routers)
     handles = [r.register_forward_hook(stats.hook(i)) for i, r in enumerate(routers)]
-    dev = routers[0].weight.device
+
+    def before(b):
+        am = b.get("attention_mask")
+        stats.mask_T = None if am is None else am.reshape(-1).bool()
+
     try:
-        with torch.no_grad():
-            for b in batches:
-                am = b.get("attention_mask")
-                stats.mask_T = None if am is None else am.reshape(-1).bool()
-                packed_forward(model, b, device=dev)
+        _forward_all(model, batches, before, layer_by_layer=layer_by_layer, device=device)
     finally:
         for h in handles:
             h.remove()
@@ -166,11 +184,12 @@ def fit_linear_routers(model, batches, *, ridge: float = 1e-3) -> list[torch.Ten
     return out
 
 
-def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]:
+def routing_agreement(model, weights: list[torch.Tensor], batches, *, layer_by_layer: bool = False,
+                      device=None) -> list[dict]:
     """Per router, on ``batches``: the share of tokens whose top-k expert set under the candidate linear weight
-    equals the trained router's (``topk_exact``), and the mean share of the k experts kept (``topk_overlap``)."""
+    equals the trained router's (``topk_exact``), and the mean share of the k experts kept (``topk_overlap``).
+    ``layer_by_layer``: as in :func:`fit_linear_routers`."""
     from . import ops
-    from .data.packing import packed_forward
     from .integrations.hf import routers as get_routers
 
     routers = get_routers(model)
@@ -190,7 +209,8 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
             bias = args[1] if len(args) > 1 and args[1] is not None else mod.bias_E()  # LFM2 passes it in
             _, cand = ops.topk_route(logits, s, bias_E=bias, backend="reference")
             if mask["T"] is not None:
-                ids, cand = ids[mask["T"]], cand[mask["T"]]
+                m = mask["T"].to(ids.device)
+                ids, cand = ids[m], cand[m]
             a, b = ids.sort(-1).values, cand.sort(-1).values
             exact[i] += int((a == b).all(-1).sum())
             same = (ids.unsqueeze(-1) == cand.unsqueeze(-2)).any(-1).sum(-1)
@@ -200,13 +220,13 @@ def routing_agreement(model, weights: list[torch.Tensor], batches) -> list[dict]
         return fn
 
     handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
-    dev = routers[0].weight.device
+
+    def before(b):
+        am = b.get("attention_mask")
+        mask["T"] = None if am is None else am.reshape(-1).bool()
+
     try:
-        with torch.no_grad():
-            for b in batches:
-                am = b.get("attention_mask")
-                mask["T"] = None if am is None else am.reshape(-1).bool().to(dev)
-                packed_forward(model, b, device=dev)
+        _forward_all(model, batches, before, layer_by_layer=layer_by_layer, device=device)
     finally:
         for h in handles:
             h.remove()
@@ -229,16 +249,24 @@ def _domain_batches(cfg, tok, split: str, names: list[str], max_tokens: int) -> 
                                            max_batches=max_batches, packing=cfg.data.packing))) for d in names}
 
 
-def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]]) -> dict[str, float]:
+def _held_out_loss(model, cfg, tok, batches_by_domain: dict[str, list[dict]], *, layer_by_layer: bool = False,
+                   device="cpu") -> dict[str, float]:
     """Per-domain held-out loss over exactly the batches in ``batches_by_domain`` (via :func:`desmoe.eval.domain_loss`,
-    which rebuilds the same batches from the documents)."""
+    which rebuilds the same batches from the documents). ``layer_by_layer``: one layer-major pass over all domains'
+    batches on ``device``, then ``domain_loss`` on the model's own head over the stored last-layer outputs
+    (:func:`desmoe.export_layers.layer_major_heads`)."""
     from .eval import domain_loss
 
-    dev = next(model.parameters()).device
-    return {d: domain_loss(model, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                           eos_id=tok.eos_token_id, max_batches=len(batches), device=dev,
-                           packing=cfg.data.packing)["loss"]
-            for d, (docs, batches) in batches_by_domain.items()}
+    def loss(m, docs, n, dev):
+        return domain_loss(m, docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                           eos_id=tok.eos_token_id, max_batches=n, device=dev, packing=cfg.data.packing)["loss"]
+
+    if not layer_by_layer:
+        dev = next(model.parameters()).device
+        return {d: loss(model, docs, len(batches), dev) for d, (docs, batches) in batches_by_domain.items()}
+    with layer_major_heads(model, {d: bs for d, (_, bs) in batches_by_domain.items()}, device=device) as heads:
+        return {d: loss(heads[d], docs, len(batches), torch.device(device))
+                for d, (docs, batches) in batches_by_domain.items()}
 
 
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -246,14 +274,17 @@ EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_tokens: int = 16384,
            min_agreement: float = 0.9, on_low: str = "warn", ridge: float = 1e-3, overwrite: bool = False,
-           device: str = "cpu", dtype: str = "auto", max_shard_size: str | int = "5GB") -> dict:
+           device: str = "cpu", dtype: str = "auto", max_shard_size: str | int = "5GB",
+           layer_by_layer: bool = False) -> dict:
     """Write a stock Hugging Face model to ``out_dir`` that routes like the trained checkpoint; returns the report
     (also written to ``out_dir/desmoe_export.json``). See the module docstring.
 
     ``dtype``: the weights' dtype on disk: ``"auto"`` is the run's training dtype (``model.dtype``: bf16 for a bf16
     run, whose masters were fp32), else ``float32``/``bfloat16``/``float16``. ``max_shard_size``: safetensors
     shards of at most this size with an index, as ``save_pretrained`` writes them. The agreement gate
-    (``min_agreement``) is judged on the validation split; the test split's agreement and losses are reported."""
+    (``min_agreement``) is judged on the validation split; the test split's agreement and losses are reported.
+    ``layer_by_layer``: the models stay in host memory and every forward (fit, agreement, both held-out losses) runs
+    one decoder layer at a time on ``device`` (:mod:`desmoe.export_layers`), for a model larger than the device."""
     from transformers import AutoModelForCausalLM
 
     from .integrations.hf import routers as get_routers
@@ -269,6 +300,15 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
             raise ExportError(f"{name} must be an int >= 1, got {v!r}")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    if not isinstance(layer_by_layer, bool):
+        raise ExportError(f"layer_by_layer must be a bool, got {layer_by_layer!r}")
+    from .train.config import check_device_available
+
+    check_device_available("device", device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_on = "cpu" if layer_by_layer else device  # layer by layer: the model in host memory
+    lbl = {"layer_by_layer": layer_by_layer, "device": device}  # how every forward below runs
     _check_out(out_dir, overwrite)
     mdir = _model_dir(checkpoint)
     ckpt = os.path.dirname(mdir)
@@ -278,10 +318,12 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
 
     # the checkpoint's own config (manifest-covered), not a config.yaml edited since; a difference is reported
     cfg = checkpoint_config(ckpt, log=lambda m: warnings.warn(m, stacklevel=2))
-    model, tok = _load_model_dir(mdir, device=device, dtype=torch.float32,
+    model, tok = _load_model_dir(mdir, device=load_on, dtype=torch.float32,
                                  backend="reference" if device == "cpu" else "auto")
     if tok is None:
         raise ExportError(f"checkpoint {ckpt!r} has no tokenizer in model/")
+    if layer_by_layer:
+        decoder_layers(model)  # refused before any work when its layers cannot be found
     routers = get_routers(model)
     has_alr = any(r.residual is not None for r in routers)
     names = cfg.data.eval_domains()
@@ -289,9 +331,9 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     val = _domain_batches(cfg, tok, "validation", names, eval_tokens)  # the gate's split (model selection)
     if has_alr:
         fit = _domain_batches(cfg, tok, "train", list(cfg.data.domains), fit_tokens)
-        weights = fit_linear_routers(model, [b for _, bs in fit.values() for b in bs], ridge=ridge)
-        agree_val = routing_agreement(model, weights, [b for _, bs in val.values() for b in bs])
-        agree = routing_agreement(model, weights, [b for _, bs in held.values() for b in bs])
+        weights = fit_linear_routers(model, [b for _, bs in fit.values() for b in bs], ridge=ridge, **lbl)
+        agree_val = routing_agreement(model, weights, [b for _, bs in val.values() for b in bs], **lbl)
+        agree = routing_agreement(model, weights, [b for _, bs in held.values() for b in bs], **lbl)
     else:  # nothing to fit: the linear routers are the trained routers
         weights = [r.weight.detach().float().cpu() for r in routers]
         agree = [{"layer": i, "topk_exact": 1.0, "topk_overlap": 1.0, "tokens": 0} for i in range(len(routers))]
@@ -302,7 +344,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
            f"layer (min_agreement {min_agreement:.1%})")
     if low and on_low == "refuse":
         raise ExportError(msg + "; nothing written (use --on-low warn to export anyway)")
-    trained_loss = _held_out_loss(model, cfg, tok, held)
+    trained_loss = _held_out_loss(model, cfg, tok, held, **lbl)
     parse_size(max_shard_size)
     for r in routers:
         r.residual = None
@@ -326,11 +368,12 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
                                 max_shard_size=max_shard_size)
         tok.save_pretrained(tmp)
         # plain transformers, in the dtype written (what a server loads)
-        stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, out_dtype)).to(device).eval()
-        exported_loss = _held_out_loss(stock, cfg, tok, held)
+        stock = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, out_dtype)).to(load_on).eval()
+        exported_loss = _held_out_loss(stock, cfg, tok, held, **lbl)
         report = {"checkpoint": os.path.normpath(ckpt), "had_alr": has_alr, "fit_tokens_per_domain": fit_tokens,
                   "ridge": ridge, "agreement": agree, "agreement_validation": agree_val, "gate_split": "validation",
                   "min_topk_exact": worst, "min_agreement": min_agreement, "below_threshold": low,
+                  "layer_by_layer": layer_by_layer, "device": device,
                   "dtype": out_dtype, "architectures": list(getattr(stock.config, "architectures", None) or []),
                   "serving": {"transformers": True, **serving_engines(stock.config.architectures)},
                   "serving_note": "a stock transformers checkpoint (config, safetensors, tokenizer; no desmoe keys): "

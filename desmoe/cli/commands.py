@@ -219,11 +219,13 @@ def cmd_export(a) -> int:
         warnings.simplefilter("always")
         rep = export(a.checkpoint, a.out, fit_tokens=a.fit_tokens, eval_tokens=a.eval_tokens,
                      min_agreement=a.min_agreement, on_low=a.on_low, overwrite=a.overwrite, device=a.device,
-                     dtype=a.dtype, max_shard_size=_shard_size(a.max_shard_size))
+                     dtype=a.dtype, max_shard_size=_shard_size(a.max_shard_size), layer_by_layer=a.layer_by_layer)
     if a.format == "json":
         print(json.dumps(rep, indent=1))
     else:
-        print(f"exported {rep['checkpoint']} -> {rep['out_dir']} (stock Hugging Face model)")
+        mode = (f"layer by layer: one decoder layer on {rep['device']} at a time" if rep.get("layer_by_layer")
+                else f"whole model on {rep['device']}")
+        print(f"exported {rep['checkpoint']} -> {rep['out_dir']} (stock Hugging Face model; forwards: {mode})")
         print(format_report(rep))
     for w in caught:
         if "exported routers" in str(w.message) or "differs from the config checkpoint" in str(w.message):

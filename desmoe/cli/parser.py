@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size", default="5GB",
                     help="safetensors shards of at most this size, with an index (as save_pretrained; default 5GB)")
     ex.add_argument("--device", default="cpu")
+    ex.add_argument("--layer-by-layer", action="store_true",
+                    help="keep the model in host memory and run one decoder layer on --device at a time (fit, "
+                         "agreement, held-out losses); for models larger than the device")
     ex.add_argument("--format", choices=["table", "json"], default="table")
 
     sp = sub.add_parser("specialization", help="how specialized a checkpoint's experts are to its domains, per "
