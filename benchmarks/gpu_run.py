@@ -5,13 +5,20 @@ by its time limit keeps everything measured so far. A stage starts only if its e
 of ``--budget`` seconds (counted from ``--start``, the epoch second the whole run began); a skipped stage is one
 line ``{"stage": ..., "skipped": "budget"}``.
 
-Stages: ceilings (8192^3 bf16 matmul, device copy); correctness at a real shape on the 1st and 2nd call against
+Stages: the cold first call (the Qwen3-30B-A3B layer's first fwd+bwd at T=32768 in a fresh process with an empty
+Triton cache, its compilations counted from the binaries the cache holds afterwards); ceilings (8192^3 bf16
+matmul, device copy); correctness at a real shape on the 1st and 2nd call against
 an fp32 reference (values and every gradient, backend confirmed ``triton``); the Qwen3-30B-A3B layer at T=32768
-fwd / fwd+bwd / half-frozen vs transformers' grouped_mm (its ``aten::_grouped_mm`` confirmed in a profile), the
-first call's compile+autotune time and compile count, a per-kernel CUDA-time table and the chosen configs;
+fwd / fwd+bwd / half-frozen vs transformers' grouped_mm (its ``aten::_grouped_mm`` confirmed in a profile), a
+per-kernel CUDA-time table and the chosen configs;
 routing + permute (T=32768, E=128, K=8) vs the torch sequence; Mixtral at T=16384; Liger if importable; OLMoE and
 DeepSeek-V2-Lite. ``--dry``: the same stages on CPU at tiny shapes, for the CPU suite: correctness and routing
 run the Triton kernels in the interpreter, the layer stages run desmoe's ``auto`` backend (the reference on CPU).
+
+Every headline (each layer's fwd+bwd vs grouped_mm and vs Liger, routing vs torch, the half-frozen ratio, the cold
+first call, the grad-mask op) is also one line ``{"headline": ..., "value": ...}`` the moment it is measured. A
+transformers baseline that cannot run is an ``error`` line naming why, never a silent skip (Liger, an optional
+install, is a ``skipped`` line with the reason).
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ class Run:
         self.dtype = torch.float32 if dry else torch.bfloat16
         self.iters = 1 if dry else 10
         self.warmup = 0 if dry else 2
+        self.current = "cold_first_call"  # the stage running (headline lines carry it)
+        self.ms: dict = {}  # (shape, impl, pass) -> ms, across stages (Liger's stage reads desmoe's and grouped_mm's)
 
     def emit(self, rec: dict) -> None:
         rec = {"t_s": round(time.time() - self.start, 1), **rec}
@@ -52,6 +61,7 @@ class Run:
             self.emit({"stage": name, "skipped": "budget", "left_s": round(self.left(), 1), "est_s": est_s})
             return
         t0 = time.time()
+        self.current = name
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others
@@ -64,6 +74,55 @@ class Run:
 
     def time(self, fn) -> float:
         return _common.time_fn(fn, warmup=self.warmup, iters=self.iters, device=self.dev)
+
+    def headline(self, name: str, value, unit: str, **extra) -> None:
+        self.emit({"stage": self.current, "headline": name, "value": value, "unit": unit, **extra})
+
+
+def _cache_binaries(cache_dir: str) -> int:
+    """Kernel binaries in a Triton cache folder (one per compilation: cubin on NVIDIA)."""
+    return sum(f.endswith((".cubin", ".hsaco")) for _, _, files in os.walk(cache_dir) for f in files)
+
+
+def cold_first_call(r: Run) -> None:
+    """The first fwd+bwd of the Qwen3-30B-A3B layer at T=32768, in a fresh process whose Triton cache is an empty
+    folder: what a user's first step pays (compiles + autotuning). The child appends its own lines."""
+    import subprocess
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="desmoe-triton-cold-")
+    cmd = [sys.executable, os.path.abspath(__file__), "--cold-child", "--out", r.out, "--start", str(r.start)]
+    proc = subprocess.run(cmd + (["--dry"] if r.dry else []), env={**os.environ, "TRITON_CACHE_DIR": cache},
+                          capture_output=True, text=True, timeout=max(30.0, r.left()))
+    if proc.returncode != 0:
+        raise RuntimeError(f"the cold first-call process failed (rc {proc.returncode}): {proc.stderr[-600:]}")
+
+
+def _cold_child(r: Run) -> None:
+    from desmoe.kernels import moe as mk
+
+    t0 = time.time()
+    E, K, D, I = _shape(r, "qwen3_30b_a3b")
+    T = 8 if r.dry else 32768
+    x, w1, w2, ids, w = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype)
+    fn = bml._impls(E, D, I, r.dev)["desmoe"]
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, w)]
+    if r.dev.type == "cuda":
+        torch.cuda.synchronize()
+    setup_s, t1 = time.time() - t0, time.time()
+    out = fn(*leaves[:3], ids, leaves[3])
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    if r.dev.type == "cuda":
+        torch.cuda.synchronize()
+    s = time.time() - t1
+    cache = os.environ.get("TRITON_CACHE_DIR", "")
+    n = _cache_binaries(cache) if cache else None
+    stats = mk.autotune_stats()
+    r.emit({"stage": "cold_first_call", "what": "first fwd+bwd, fresh process, empty Triton cache", "s": s,
+            "setup_s": setup_s, "T": T, "compiles": n, "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+            "autotune_candidates": {k: v["compiles"] for k, v in stats.items()},
+            "chosen": {k: v["chosen"] for k, v in stats.items()}})
+    r.headline("cold first fwd+bwd (Qwen3-30B-A3B layer)", s, "s", compiles=n, T=T)
 
 
 def ceilings(r: Run) -> None:
@@ -119,37 +178,48 @@ def _layer(r: Run, shape: str, T: int, impls=("desmoe", "grouped_mm"), frozen=Tr
     inputs = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype)
     fns = bml._impls(E, D, I, r.dev)
     flops = {"fwd": 6 * T * K * D * I, "fwd+bwd": 18 * T * K * D * I}
-    runs = [(n, p, None) for p in ("fwd", "fwd+bwd") for n in impls]
+    # the baseline first in each pass, so every other impl's line (and headline) carries its ratio
+    runs = [(n, p, None) for p in ("fwd", "fwd+bwd") for n in sorted(impls, key=lambda n: n != "grouped_mm")]
     if frozen:
         runs.append(("desmoe", "fwd+bwd_frozen50", torch.arange(E, device=r.dev) % 2 == 0))
     base = {}
-    if "desmoe" in impls:  # before any other desmoe call of this shape: the real first call
-        _first_call(r, shape, fns["desmoe"], inputs, T)
     for name, ps, mask in runs:
         fn = fns.get(name)
         if isinstance(fn, str) or fn is None:
-            r.emit({"stage": shape, "impl": name, "skipped": fn or "unknown impl"})
-            continue
+            why = fn or "unknown impl"
+            if name == "liger":  # an optional install: skipped, with the reason
+                r.emit({"stage": shape, "impl": name, "skipped": why})
+                continue
+            raise RuntimeError(f"baseline {name!r} cannot run here: {why}")
         try:
             ms, mem = bml._bench_one(fn, inputs, "fwd" if ps == "fwd" else "fwd+bwd", r.dev, r.iters, mask)
         except torch.cuda.OutOfMemoryError:
             r.emit({"stage": shape, "impl": name, "pass": ps, "T": T, "error": "out of memory"})
             torch.cuda.empty_cache()
             continue
+        r.ms[(shape, name, ps)] = ms
         fl = flops["fwd" if ps == "fwd" else "fwd+bwd"]
         rec = {"stage": shape, "shape": shape, "T": T, "impl": name, "pass": ps, "ms": ms,
                "tflops": fl / ms / 1e9, "peak_mem_gb": mem, "E": E, "K": K, "D": D, "I": I}
         if name == "grouped_mm":
             base[ps] = ms
+        elif (shape, "grouped_mm", ps) in r.ms:  # measured in an earlier stage (Liger's)
+            base.setdefault(ps, r.ms[(shape, "grouped_mm", ps)])
+        if name == "liger" and ps == "fwd+bwd" and (shape, "desmoe", ps) in r.ms:
+            rec["desmoe_speedup_vs_liger"] = ms / r.ms[(shape, "desmoe", ps)]
+            r.headline(f"{shape} fwd+bwd, desmoe vs Liger", rec["desmoe_speedup_vs_liger"], "x", T=T)
         key = "fwd+bwd" if ps.startswith("fwd+bwd") else ps
         if name != "grouped_mm" and key in base:
             rec["speedup_vs_grouped_mm"] = base[key] / ms
+            if ps == "fwd+bwd":
+                r.headline(f"{shape} fwd+bwd, {name} vs transformers grouped_mm", base[key] / ms, "x", T=T)
         if name == "desmoe":
             rec["backend"] = ops.resolve_backend(None, r.dev)
             if ps == "fwd+bwd":
                 base["desmoe_all"] = ms
             if ps == "fwd+bwd_frozen50" and "desmoe_all" in base:
                 rec["ratio_vs_all_trainable"] = ms / base["desmoe_all"]
+                r.headline(f"{shape} fwd+bwd, half the experts frozen / all trainable", ms / base["desmoe_all"], "x")
         r.emit(rec)
     if "grouped_mm" in impls and not isinstance(fns.get("grouped_mm"), str):
         ran = _profiled_ops(r, fns["grouped_mm"], inputs)
@@ -157,27 +227,6 @@ def _layer(r: Run, shape: str, T: int, impls=("desmoe", "grouped_mm"), frozen=Tr
                 "note": "aten::_grouped_mm in the profile means transformers ran its native path, not a loop"})
     if profile:
         _kernel_table(r, shape, fns["desmoe"], inputs)
-
-
-def _first_call(r, shape, fn, inputs, T) -> None:
-    """Compile + autotune cost of the first fwd+bwd of this shape (gpu_run.sh points Triton's cache at an empty
-    folder, so the compiles are real)."""
-    from desmoe.kernels import moe as mk
-
-    before = mk.autotune_stats()
-    x, w1, w2, ids, w = inputs
-    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, w)]
-    if r.dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    out = fn(*leaves[:3], ids, leaves[3])
-    torch.autograd.grad(out, leaves, torch.ones_like(out))
-    if r.dev.type == "cuda":
-        torch.cuda.synchronize()
-    after = mk.autotune_stats()
-    r.emit({"stage": shape, "what": "first fwd+bwd (compile + autotune)", "s": time.time() - t0, "T": T,
-            "compiles": {n: after[n]["compiles"] - before[n]["compiles"] for n in after},
-            "chosen": {n: v["chosen"] for n, v in after.items()}})
 
 
 def _profiled_ops(r: Run, fn, inputs) -> set:
@@ -232,6 +281,22 @@ def routing(r: Run) -> None:
     t_torch, t_ours = r.time(torch_seq), r.time(ours)
     r.emit({"stage": "routing", "T": T, "E": E, "K": K, "torch_ms": t_torch, "desmoe_ms": t_ours,
             "speedup": t_torch / t_ours})
+    r.headline("routing + permute vs the torch sequence", t_torch / t_ours, "x", T=T, E=E, K=K)
+
+
+def grad_mask(r: Run) -> None:
+    """DES-MoE's per-expert gradient masking over DeepSeek-V2-Lite's expert gradients (4 layers, half frozen),
+    against the copy ceiling and a torch loop (bench_grad_mask); the record names the op's source (CUDA extension
+    or the PyTorch reference)."""
+    from benchmarks import bench_grad_mask as bgm
+
+    res = bgm.main(["--quick", "--iters", "1", "--no-write"] if r.dry else ["--layers", "4", "--iters", "10",
+                                                                            "--no-write"])
+    for rec in res["records"]:
+        r.emit({"stage": "grad_mask", **rec})
+    ext = next(x for x in res["records"] if x["impl"] == "extension" and x["pass"] == "zero")
+    r.headline("grad mask (zero frozen experts' rows), share of the copy ceiling", ext["frac_of_copy"], "x",
+               backend=ext.get("backend"), gbps=ext["gbps"], ok=ext["ok"])
 
 
 def activation_checkpointing(r: Run) -> None:
@@ -271,13 +336,18 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all stages, counted from --start")
     p.add_argument("--start", type=float, default=None, help="epoch seconds the run began (default: now)")
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    p.add_argument("--cold-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     r = Run(args.out, args.budget, args.start or time.time(), args.dry)
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --dry for the CPU rehearsal")
+    if args.cold_child:
+        _cold_child(r)
+        return 0
     r.emit({"stage": "env", **_common.versions(), "device": _common.device_name(r.dev), "git_sha": _common.git_sha(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry": args.dry})
     T_big = 32768
+    r.stage("cold_first_call", 60, lambda: cold_first_call(r))
     r.stage("ceilings", 20, lambda: ceilings(r))
     r.stage("correctness", 60, lambda: correctness(r))
     r.stage("qwen3_30b_a3b", 150, lambda: _layer(r, "qwen3_30b_a3b", T_big, profile=True))
@@ -287,6 +357,7 @@ def main(argv=None) -> int:
     r.stage("olmoe", 50, lambda: _layer(r, "olmoe", T_big, frozen=False))
     r.stage("deepseek_v2_lite", 50, lambda: _layer(r, "deepseek_v2_lite", T_big, frozen=False))
     r.stage("gpt_oss_phimoe", 60, lambda: gpt_oss_phimoe(r))
+    r.stage("grad_mask", 30, lambda: grad_mask(r))
     r.stage("activation_checkpointing", 60, lambda: activation_checkpointing(r))
     r.stage("method_cost", 90, lambda: method_cost(r))
     return 0
