@@ -56,7 +56,7 @@ def build(spec, device, dtype):
     for a in ctl.alr:
         with torch.no_grad():
             a.down.weight.normal_(0.0, 0.05, generator=None)
-    opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-5)
+    opt = ctl.optimizer(lr=1e-5)
     B, S, V = spec["B"], spec["S"], spec["overrides"]["vocab_size"]
     batch = torch.randint(4, V, (B, S), generator=g).to(device)
     dom_T = (torch.arange(B * S) * 4 // (B * S)).to(device)

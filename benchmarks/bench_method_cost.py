@@ -102,7 +102,7 @@ class Variant:
         elif method.startswith("esft"):
             ctl.method.selection_LE = select_top_p(A, ctl.cfg.esft_p).any(dim=1)
         ctl.begin_step(self.step0)
-        self.opt = torch.optim.AdamW(ctl.param_groups(), lr=1e-5)
+        self.opt = ctl.optimizer(lr=1e-5)  # what desmoe train and DesMoETrainer build
 
     def step(self, batch: dict, *, count: bool = False) -> dict | None:
         ctl, opt, model = self.ctl, self.opt, self.model

@@ -243,6 +243,21 @@ class MethodController:
                   {"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
+    def expert_rows(self, p: torch.Tensor) -> torch.Tensor | None:
+        """bool ``[E]``: the rows of experts weight ``p`` that may change now (None: all of them)."""
+        trainable_LE = self.expert_trainable_LE()
+        if trainable_LE is None:
+            return None
+        layer_of = {id(q): l for l, ex in enumerate(self.experts) for q in experts_parameters(ex)}
+        return trainable_LE[layer_of[id(p)]]
+
+    def optimizer(self, *, lr: float, weight_decay: float = 0.0, **adamw) -> torch.optim.Optimizer:
+        """AdamW over :meth:`param_groups`, keeping the experts' moments only for the rows that may train
+        (:class:`desmoe.method.optim.ExpertRowAdamW`); ``adamw``: betas, eps, ..."""
+        from .optim import ExpertRowAdamW
+
+        return ExpertRowAdamW(self.param_groups(weight_decay), rows_of=self.expert_rows, lr=lr, **adamw)
+
     @torch.no_grad()
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Experts outside the current masks must not move: zero their weight gradients and their rows of the

@@ -161,8 +161,7 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 def build_optimizer(ctl, cfg: Config):
     """AdamW over the method's parameter groups (parameters that never train get no state) + LR schedule."""
-    opt = torch.optim.AdamW(ctl.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=(cfg.train.beta1, cfg.train.beta2))
+    opt = ctl.optimizer(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(cfg.train.beta1, cfg.train.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 

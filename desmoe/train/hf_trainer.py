@@ -166,8 +166,8 @@ class DesMoEMixin:
         """AdamW over the method's parameter groups (parameters that never train get no state)."""
         if self.optimizer is None:
             a = self.args
-            self.optimizer = torch.optim.AdamW(self.desmoe.param_groups(a.weight_decay), lr=a.learning_rate,
-                                               betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+            self.optimizer = self.desmoe.optimizer(lr=a.learning_rate, weight_decay=a.weight_decay,
+                                                   betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -20,7 +20,10 @@ def test_method_cost_quick(tmp_path, one_thread):
     assert rec["fft"]["ratio_to_fft"] == 1.0 and rec["fft"]["floor_ratio_to_fft"] == 1.0
     for r in rec.values():
         # optimizer state only for what got a gradient: AdamW's two fp32 moments (+ one step scalar per tensor)
-        assert 2 * r["grad_bytes"] <= r["opt_state_bytes"] <= 2 * r["grad_bytes"] + 64 * 100
+        assert r["opt_state_bytes"] <= 2 * r["grad_bytes"] + 64 * 100
+        # ... and, for the experts, only for the rows that may train: less than the gradients' where masks act
+        masked = r["pass"] in ("des_stabilization", "des_consolidation", "esft")
+        assert (r["opt_state_bytes"] < 2 * r["grad_bytes"]) == masked, r["pass"]
         assert r["flops_floor"] <= r["flops_as_run"]
     # consolidation trains masked experts only: less work and state than FFT, and no ALR/KD
     assert rec["des_consolidation"]["floor_ratio_to_fft"] < 1.0
