@@ -6,6 +6,7 @@
   :mod:`.frozen_router`, :mod:`.esft` (gate and token scoring), :mod:`.des_moe` (DES-MoE and its ablations),
   :mod:`.controls` (experts only, FFT with attention frozen);
 - :mod:`.controller`: drives one method through a run (phases, expert masks as a scope, optimizer-state rule);
+  :mod:`.optim`: :class:`~.optim.ExpertRowAdamW`, AdamW with moments only for the expert rows that may train;
 - :mod:`.alr`: the Adaptive Lightweight Router residual, the KD loss and the λ schedules; :mod:`.alr_files`: its
   files beside a model folder (written by checkpoints, read by ``desmoe.from_pretrained``);
 - :mod:`.dges`: the domain×expert affinity matrix A (warm-up accumulation, EMA refresh) and the expert masks.
