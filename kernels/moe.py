@@ -68,6 +68,37 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _mainloop(a_ptrs, a_step, b_ptrs, b_step, rmask, nmask, KDIM, acc, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GEMM loop every row-tile kernel runs: ``acc += A[rows, :KDIM] @ B[:KDIM, cols]`` with ``a_ptrs``
+    ``[BLOCK_M, BLOCK_K]`` and ``b_ptrs`` ``[BLOCK_K, BLOCK_N]`` advanced by ``a_step`` / ``b_step`` per K block
+    (rows outside ``rmask``, columns outside ``nmask`` and K past ``KDIM`` read as 0)."""
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KDIM, BLOCK_K):
+        kmask = (k0 + kk) < KDIM
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    return acc
+
+
+@triton.jit
+def _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e, HAS_PAIR_MASK: tl.constexpr,
+                 HAS_EXPERT_MASK: tl.constexpr):
+    """The dh epilogues' per-row factors: the routing weight, the weight times the pair mask (hw's and dW's scale)
+    and the rows whose hw is stored (none for a frozen expert: its dW runs an empty pair range)."""
+    wgt = tl.load(weights_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
+    scale = wgt
+    if HAS_PAIR_MASK:
+        scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
+    hw_rmask = rmask
+    if HAS_EXPERT_MASK:
+        hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
+    return wgt, scale, hw_rmask
+
+
+@triton.jit
 def _tile_rows(pid_m, tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr, BLOCK_M: tl.constexpr):
     e = tl.load(tile_expert_ptr + pid_m)
     row0 = tl.load(tile_row_ptr + pid_m)
@@ -182,13 +213,7 @@ def down_kernel(
             a_ptrs = h_ptr + rows[:, None] * KDIM + kk[None, :]
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + cols[None, :].to(tl.int64) * sw_d + kk[:, None] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * sw_i
+            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_i, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
             tl.store(y_ptr + pairs[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
 
@@ -273,20 +298,9 @@ def dh_swiglu_kernel(
             a_ptrs = dout_ptr + tok[:, None] * sd_t + kk[None, :] * sd_d
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_d + cols[None, :] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K * sd_d
-                b_ptrs += BLOCK_K * sw_d
-            wgt = tl.load(weights_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
-            scale = wgt
-            if HAS_PAIR_MASK:
-                scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
-            hw_rmask = rmask
-            if HAS_EXPERT_MASK:
-                hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
+            acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
+            wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
+                                                HAS_PAIR_MASK, HAS_EXPERT_MASK)
             # sub-tiled epilogue: two half-width passes
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
             c0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
@@ -328,13 +342,7 @@ def dx_kernel(
             a_ptrs = dgate_up_ptr + rows[:, None] * KDIM + kk[None, :]
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_r + cols[None, :] * sw_d
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * sw_r
+            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_r, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
             tl.store(dxp_ptr + pairs[:, None] * N + cols[None, :], acc.to(dxp_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .moe import _ROW_KEY, ROW_DNS, _dot, _grouped_pid, _halves, _pruner, _tile_rows, configs_for
+from .moe import (_ROW_KEY, ROW_DNS, _grouped_pid, _halves, _mainloop, _pair_scales, _pruner, _tile_rows,
+                  configs_for)
 
 
 @triton.jit
@@ -91,14 +92,8 @@ def up_gpt_oss_kernel(
             kk = tl.arange(0, BLOCK_K)
             a_ptrs = x_ptr + tok[:, None] * sx_t + kk[None, :] * sx_d
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_d + cols2[None, :] * sw_j
-            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask2[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K * sx_d
-                b_ptrs += BLOCK_K * sw_d
+            acc = _mainloop(a_ptrs, BLOCK_K * sx_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask2, KDIM,
+                            tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32), IEEE, BLOCK_K)
             # sub-tiled epilogue: four quarter-width passes, each a contiguous run of interleaved columns (the
             # accumulator is as wide as the SwiGLU kernel's two together; finer passes keep it within registers)
             a0, a1 = _halves(acc, BLOCK_M, 2 * BLOCK_N)
@@ -138,13 +133,7 @@ def down_gpt_oss_kernel(
             a_ptrs = h_ptr + rows[:, None] * KDIM + kk[None, :]
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_i + cols[None, :] * sw_d
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * sw_i
+            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_i, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + e.to(tl.int64) * sb_e + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + pairs[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -225,20 +214,9 @@ def dh_gpt_oss_kernel(
             a_ptrs = dout_ptr + tok[:, None] * sd_t + kk[None, :] * sd_d
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_d + cols[None, :] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, KDIM, BLOCK_K):
-                kmask = (k0 + kk) < KDIM
-                a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BLOCK_K * sd_d
-                b_ptrs += BLOCK_K * sw_d
-            wgt = tl.load(weights_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
-            scale = wgt
-            if HAS_PAIR_MASK:
-                scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
-            hw_rmask = rmask  # a frozen expert's hw is never read (its dW runs an empty pair range): not stored
-            if HAS_EXPERT_MASK:
-                hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
+            acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
+            wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
+                                                HAS_PAIR_MASK, HAS_EXPERT_MASK)
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
             c0 = pid_n * BLOCK_N
             part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c0, N,
