@@ -13,7 +13,7 @@ validated by :mod:`desmoe.ops`, and whether a call runs here (variant, dtypes, G
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -32,6 +32,74 @@ def _dims(x_TD: Tensor, w_gate_up_E2ID: Tensor, pairs_TK: Tensor) -> tuple[int, 
     E, I2, _ = w_gate_up_E2ID.shape
     K = pairs_TK.shape[1]
     return T, D, E, I2 // 2, K, T * K
+
+
+class DhPlan(NamedTuple):
+    """What both experts backward launchers (standard and gpt-oss) set up around their dh kernel."""
+    BM: int
+    bucket: int
+    ieee: bool
+    sd_t: int
+    sd_d: int
+    tile_expert: Tensor
+    tile_row: Tensor
+    max_tiles: int
+    dgate_up_S2I: Tensor
+    hw_SI: Tensor
+    ndwp: int
+    dwp_NS: Tensor
+    em: Tensor
+    pm: Tensor
+    has_em: bool
+    has_pm: bool
+
+
+def dh_plan(dout_TD: Tensor, gate_up_S2I: Tensor, offsets_E1: Tensor, E: int, I: int, *, need_dgu: bool,
+            need_dw: bool, need_dweights: bool, expert_trainable_E: Optional[Tensor],
+            pair_trainable_TK: Optional[Tensor]) -> DhPlan:
+    """Tile schedule, output buffers and mask views of the dh kernels (``dout_TD`` contiguous)."""
+    S, I2 = gate_up_S2I.shape
+    dt, dev = gate_up_S2I.dtype, gate_up_S2I.device
+    BM = block_m(S, E)
+    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
+    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
+    # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
+    # deterministic, and y is never kept
+    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
+    return DhPlan(
+        BM, rows_bucket(S, E), dt == torch.float32 or INTERPRET, *dout_TD.stride(), tile_expert, tile_row, max_tiles,
+        empty((S, I2), dt, dev) if need_dgu else gate_up_S2I, empty((S, I), dt, dev) if need_dw else gate_up_S2I,
+        ndwp, empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev),
+        mask_u8(expert_trainable_E, offsets_E1), mask_u8(pair_trainable_TK, offsets_E1),
+        expert_trainable_E is not None, pair_trainable_TK is not None)
+
+
+def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, sorted_pairs_S: Tensor,
+                     offsets_E1: Tensor, dx_TD: Tensor, E: int, K: int) -> None:
+    """``dx_TD = sum_k d(gate|up)[row] @ W_gate_up[e]`` (``w_strides``: expert, GEMM-K (2I) and D strides of
+    ``w`` in the roles dx_kernel reads them), per pair and then combined in a fixed order."""
+    (S, I2), (T, D) = p.dgate_up_S2I.shape, dx_TD.shape
+    dxp_SD = empty((S, D), dx_TD.dtype, dx_TD.device)
+    _mk.dx_kernel[row_grid(p.max_tiles, D, dx_TD.device)](
+        p.dgate_up_S2I, w, dxp_SD, p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
+        E, p.max_tiles, D, I2, *w_strides, p.bucket, IEEE=p.ieee, BLOCK_M=p.BM,
+    )
+    BD = min(1024, pow2(D))
+    _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+
+
+def trainable_tokens(sorted_pairs_S: Tensor, K: int, pair_trainable_TK: Optional[Tensor]) -> Tensor:
+    """The token of every sorted row, -1 for pairs masked by ``pair_trainable_TK`` (zero rows in the dW GEMMs)."""
+    tok_S = (sorted_pairs_S // K).to(torch.int32)
+    if pair_trainable_TK is not None:
+        keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+        tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+    return tok_S
+
+
+def expert_major_grid(E: int, a: int, b: int):
+    """dW kernels' grid: all ``[a, b]`` output tiles of expert 0, then expert 1, ..."""
+    return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
 
 
 @torch.library.custom_op("desmoe::moe_experts_fwd", mutates_args=())
@@ -106,58 +174,31 @@ def moe_experts_bwd(
             t.zero_()
         return dx_TD, dw1, dw2, dweights_TK
     w_TK = topk_weights_TK.contiguous()
-    BM = block_m(S, E)
-    bucket = rows_bucket(S, E)
-    ieee = dt == torch.float32 or INTERPRET
-    sd_t, sd_d = dout_TD.stride()
-    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
-    need_dgu = need_dx or need_dw
-    dgate_up_S2I = empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
-    hw_SI = empty((S, I), dt, dev) if need_dw else gate_up_S2I
-    # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
-    # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
-    # deterministic, and y is never kept
-    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
-    dwp_NS = empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
-    em = mask_u8(expert_trainable_E, offsets_E1)
-    pm = mask_u8(pair_trainable_TK, offsets_E1)
-    has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
+    p = dh_plan(dout_TD, gate_up_S2I, offsets_E1, E, I, need_dgu=need_dx or need_dw, need_dw=need_dw,
+                need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
+                pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
-        _mk.dh_swiglu_kernel[row_grid(max_tiles, I, dev)](
-            dout_TD, w_down_EDI, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm, em,
-            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, I, D, K, S, ndwp, sd_t, sd_d, *w_down_EDI.stride(), bucket,
-            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm,
-            HAS_EXPERT_MASK=has_em and need_dw, IEEE=ieee,
-            DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
+        _mk.dh_swiglu_kernel[row_grid(p.max_tiles, I, dev)](
+            dout_TD, w_down_EDI, w_TK, gate_up_S2I, p.dgate_up_S2I, p.hw_SI, p.dwp_NS, p.pm, p.em,
+            p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
+            E, p.max_tiles, I, D, K, S, p.ndwp, p.sd_t, p.sd_d, *w_down_EDI.stride(), p.bucket,
+            STORE_DGU=need_dx or need_dw, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=p.has_pm,
+            HAS_EXPERT_MASK=p.has_em and need_dw, IEEE=p.ieee,
+            DWP_COLS=_mk.DWP_COLS, BLOCK_M=p.BM,
         )
         if need_dweights:
-            dweights_TK.copy_(dwp_NS.sum(0).view(T, K))
+            dweights_TK.copy_(p.dwp_NS.sum(0).view(T, K))
         if need_dx:
-            dxp_SD = empty((S, D), dt, dev)
-            _mk.dx_kernel[row_grid(max_tiles, D, dev)](
-                dgate_up_S2I, w_gate_up_E2ID, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-                E, max_tiles, D, I2, *w_gate_up_E2ID.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
-            )
-            BD = min(1024, pow2(D))
-            _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+            dx_from_dgate_up(p, w_gate_up_E2ID.stride(), w_gate_up_E2ID, sorted_pairs_S, offsets_E1, dx_TD, E, K)
         if need_dw:
-            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in both dW GEMMs)
-            tok_S = (sorted_pairs_S // K).to(torch.int32)
-            if has_pm:
-                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
-                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
-
-            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
-                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
-
-            _mk.dw_gate_up_kernel[grid(I2, D)](
-                dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, em, I2, D, x_TD.stride(0), x_TD.stride(1),
-                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            tok_S = trainable_tokens(sorted_pairs_S, K, pair_trainable_TK)
+            _mk.dw_gate_up_kernel[expert_major_grid(E, I2, D)](
+                p.dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, p.em, I2, D, x_TD.stride(0), x_TD.stride(1),
+                p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
-            _mk.dw_down_kernel[grid(D, I)](
-                dout_TD, hw_SI, dw2, offsets_E1, tok_S, em, D, I, sd_t, sd_d,
-                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            _mk.dw_down_kernel[expert_major_grid(E, D, I)](
+                dout_TD, p.hw_SI, dw2, offsets_E1, tok_S, p.em, D, I, p.sd_t, p.sd_d,
+                p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
     return dx_TD, dw1, dw2, dweights_TK
 

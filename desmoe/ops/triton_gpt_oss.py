@@ -23,8 +23,9 @@ import triton
 from ..kernels import moe as _mk
 from ..kernels import moe_gpt_oss as _gk
 from . import _autocast, reference
-from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket
-from .triton_permute import routing_metadata, tile_schedule
+from .triton_common import INTERPRET, block_m, empty, on_device, pow2, row_grid, rows_bucket
+from .triton_experts import dh_plan, dx_from_dgate_up, expert_major_grid, trainable_tokens
+from .triton_permute import routing_metadata
 
 Tensor = torch.Tensor
 _BIAS_BLOCKS = (16, 16) if INTERPRET else (32, 128)  # bias_grad_kernel: (rows, columns) per step
@@ -114,72 +115,49 @@ def moe_experts_gpt_oss_bwd(
         return outs
     dout_TD = dout_TD.contiguous()
     w_TK = topk_weights_TK.contiguous()
-    BM = block_m(S, E)
-    bucket = rows_bucket(S, E)
-    ieee = dt == torch.float32 or INTERPRET
-    sd_t, sd_d = dout_TD.stride()
-    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
-    need_dgu = need_dx or need_dw or need_db
-    dgate_up_S2I = empty((S, I2), dt, dev) if need_dgu else gate_up_S2I
-    hw_SI = empty((S, I), dt, dev) if need_dw else gate_up_S2I
-    ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
-    dwp_NS = empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev)
-    em = mask_u8(expert_trainable_E, offsets_E1)
-    pm = mask_u8(pair_trainable_TK, offsets_E1)
-    has_em, has_pm = expert_trainable_E is not None, pair_trainable_TK is not None
+    p = dh_plan(dout_TD, gate_up_S2I, offsets_E1, E, I, need_dgu=need_dx or need_dw or need_db, need_dw=need_dw,
+                need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
+                pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
-        _gk.dh_gpt_oss_kernel[row_grid(max_tiles, I, dev)](
-            dout_TD, w_down_EID, w_TK, gate_up_S2I, dgate_up_S2I, hw_SI, dwp_NS, pm, em,
-            tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, I, D, K, S, ndwp, float(alpha), float(limit), sd_t, sd_d, *w_down_EID.stride(), bucket,
-            STORE_DGU=need_dgu, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=has_pm,
-            HAS_EXPERT_MASK=has_em and need_dw,
-            CLAMPED=bool(clamped), IEEE=ieee, DWP_COLS=_mk.DWP_COLS, BLOCK_M=BM,
+        _gk.dh_gpt_oss_kernel[row_grid(p.max_tiles, I, dev)](
+            dout_TD, w_down_EID, w_TK, gate_up_S2I, p.dgate_up_S2I, p.hw_SI, p.dwp_NS, p.pm, p.em,
+            p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
+            E, p.max_tiles, I, D, K, S, p.ndwp, float(alpha), float(limit), p.sd_t, p.sd_d, *w_down_EID.stride(),
+            p.bucket, STORE_DGU=need_dx or need_dw or need_db, STORE_HW=need_dw, STORE_DWP=need_dweights,
+            HAS_PAIR_MASK=p.has_pm, HAS_EXPERT_MASK=p.has_em and need_dw,
+            CLAMPED=bool(clamped), IEEE=p.ieee, DWP_COLS=_mk.DWP_COLS, BLOCK_M=p.BM,
         )
         if need_dweights:
-            dweights = dwp_NS.sum(0).view(T, K)
+            dweights = p.dwp_NS.sum(0).view(T, K)
             if b_down_ED is not None:  # the down bias is weighted too: d w[t, k] += <dout[t], b_down[ids[t, k]]>
                 dweights = dweights + (dout_TD.float() @ b_down_ED.float().t()).gather(1, topk_ids_TK.long())
             dweights_TK.copy_(dweights)
-        if need_dx:
-            dxp_SD = empty((S, D), dt, dev)
+        if need_dx:  # W_gate_up [E, D, 2I]: the GEMM's K (2I) runs along its columns
             se, sd, sj = w_gate_up_ED2I.stride()
-            _mk.dx_kernel[row_grid(max_tiles, D, dev)](  # W_gate_up [E, D, 2I]: rows of the GEMM's K are its columns
-                dgate_up_S2I, w_gate_up_ED2I, dxp_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-                E, max_tiles, D, I2, se, sj, sd, bucket, IEEE=ieee, BLOCK_M=BM,
-            )
-            BD = min(1024, pow2(D))
-            _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
+            dx_from_dgate_up(p, (se, sj, sd), w_gate_up_ED2I, sorted_pairs_S, offsets_E1, dx_TD, E, K)
         if need_dw or need_db:
-            # token of every sorted row; -1 for pairs masked by pair_trainable (zero rows in the dW GEMMs and sums)
-            tok_S = (sorted_pairs_S // K).to(torch.int32)
-            if has_pm:
-                keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
-                tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
+            tok_S = trainable_tokens(sorted_pairs_S, K, pair_trainable_TK)
         if need_dw:
-            def grid(a, b):  # expert-major: all output tiles of expert 0, then expert 1, ...
-                return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
-
             # dW_gate_up[e] [D, 2I] = x[tok]^T d(gate|up): A gathered by token, B sorted rows (dw_down's shape)
-            _mk.dw_down_kernel[grid(D, I2)](
-                x_TD, dgate_up_S2I, dw1, offsets_E1, tok_S, em, D, I2, x_TD.stride(0), x_TD.stride(1),
-                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            _mk.dw_down_kernel[expert_major_grid(E, D, I2)](
+                x_TD, p.dgate_up_S2I, dw1, offsets_E1, tok_S, p.em, D, I2, x_TD.stride(0), x_TD.stride(1),
+                p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
             # dW_down[e] [I, D] = hw^T dout[tok]: A sorted rows, B gathered by token (dw_gate_up's shape)
-            _mk.dw_gate_up_kernel[grid(I, D)](
-                hw_SI, dout_TD, dw2, offsets_E1, tok_S, em, I, D, sd_t, sd_d,
-                bucket, HAS_EXPERT_MASK=has_em, IEEE=ieee,
+            _mk.dw_gate_up_kernel[expert_major_grid(E, I, D)](
+                p.hw_SI, dout_TD, dw2, offsets_E1, tok_S, p.em, I, D, p.sd_t, p.sd_d,
+                p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
         if need_db:
             BR, BN = _BIAS_BLOCKS
             w_sorted_S = w_TK.reshape(-1)[sorted_pairs_S.long()]
             _gk.bias_grad_kernel[(E, triton.cdiv(I2, BN))](
-                dgate_up_S2I, dgate_up_S2I, tok_S, offsets_E1, em, db1, I2, I2, 1,
-                GATHER=False, HAS_SCALE=False, HAS_EXPERT_MASK=has_em, BLOCK_R=BR, BLOCK_N=BN,
+                p.dgate_up_S2I, p.dgate_up_S2I, tok_S, offsets_E1, p.em, db1, I2, I2, 1,
+                GATHER=False, HAS_SCALE=False, HAS_EXPERT_MASK=p.has_em, BLOCK_R=BR, BLOCK_N=BN,
             )
             _gk.bias_grad_kernel[(E, triton.cdiv(D, BN))](
-                dout_TD, w_sorted_S, tok_S, offsets_E1, em, db2, D, sd_t, sd_d,
-                GATHER=True, HAS_SCALE=True, HAS_EXPERT_MASK=has_em, BLOCK_R=BR, BLOCK_N=BN,
+                dout_TD, w_sorted_S, tok_S, offsets_E1, p.em, db2, D, p.sd_t, p.sd_d,
+                GATHER=True, HAS_SCALE=True, HAS_EXPERT_MASK=p.has_em, BLOCK_R=BR, BLOCK_N=BN,
             )
     return outs
 
