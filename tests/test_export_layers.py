@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import desmoe.export_layers as el
@@ -22,20 +21,11 @@ from desmoe.integrations.tiny import tiny_model, tiny_model_types
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_export import trained  # noqa: E402,F401  (the tiny DES-MoE run with a far-from-zero ALR)
+from test_export_streaming import _tensors  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = {"fit_tokens": 1024, "eval_tokens": 256, "min_agreement": 0.0}
-
-
-def _tensors(folder):
-    idx = os.path.join(folder, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
-    out = {}
-    for fn in files:
-        with safe_open(os.path.join(folder, fn), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(params=["isolated", "concatenated"])
