@@ -375,13 +375,19 @@ def render(root: str, img: str = "") -> str:
         out.append(f"![wall-clock]({img}pareto/wall_clock.png)")
     if s:
         out.append(f"![scaling]({img}scaling/scaling.png)")
-    sw = load(root, "sweep")
-    if sw:
+    # every sweep under root: sweep/ (sweep.yaml), then its variants (sweep-*/, e.g. sweep-fine/)
+    names = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else []) if d.startswith("sweep")),
+                   key=lambda d: (d != "sweep", d))
+    for name in names:
+        sw = load(root, name)
+        if not sw:
+            continue
         done = [b["pretrain_steps"] for b in sw["bases"]]
         todo = [n for n in sw.get("planned_pretrain_steps", []) if n not in done]
         note = f"; still to run: {todo} (the sweep is incomplete: no conclusion across bases yet)" if todo else ""
-        out.append(f"### The base sweep (`{sw['config']}`)\n\nBases finished: {done or 'none'}{note}."
-                   + (f"\n\n{sweep_md(sw)}\n\n![sweep]({img}sweep/sweep.png)" if done else ""))
+        title = "The base sweep" if name == "sweep" else f"The base sweep's variant `{name}`"
+        out.append(f"### {title} (`{sw['config']}`)\n\nBases finished: {done or 'none'}{note}."
+                   + (f"\n\n{sweep_md(sw)}\n\n![sweep]({img}{name}/sweep.png)" if done else ""))
     return "\n\n".join(out) + "\n"
 
 

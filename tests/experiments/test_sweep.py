@@ -1,5 +1,6 @@
 """``desmoe experiment sweep``: the LR search's rules, the DES-MoE − FFT readings, and the quick sweep end to end
 (two tiny bases, results.json, plot, cache reuse)."""
+import os
 import json
 
 import pytest
@@ -124,3 +125,18 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
 
     subprocess.run([sys.executable, "-m", "desmoe.experiments.sweep", str(out)], check=True)  # redrawn from the json
     assert (out / "sweep.png").stat().st_size > 1000 and "DES-MoE minus FFT" in (out / "summary.md").read_text()
+
+
+def test_report_renders_every_sweep_folder(tmp_path):
+    """sweep/ first, then its variants (sweep-*/), each under its own heading with its own plot."""
+    import shutil
+
+    from desmoe.experiments.report import render
+
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "results", "experiments", "sweep", "results.json")
+    for name in ("sweep-fine", "sweep"):
+        (tmp_path / name).mkdir()
+        shutil.copy(src, tmp_path / name / "results.json")
+    md = render(str(tmp_path), img="IMG/")
+    a, b = md.index("### The base sweep ("), md.index("### The base sweep's variant `sweep-fine`")
+    assert a < b and "IMG/sweep/sweep.png" in md and "IMG/sweep-fine/sweep.png" in md
