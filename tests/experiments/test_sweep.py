@@ -1,7 +1,7 @@
 """``desmoe experiment sweep``: the LR search's rules, the DES-MoE − FFT readings, and the quick sweep end to end
 (two tiny bases, results.json, plot, cache reuse)."""
-import os
 import json
+import os
 
 import pytest
 
