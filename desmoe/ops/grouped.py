@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _autocast, triton_glue
+from . import _autocast
 from .reference import ACTIVATIONS, ALL_ACTIVATIONS, split_gate_up
 
 
@@ -341,6 +341,8 @@ class _GroupedMMExperts(torch.autograd.Function):
 
         sp, off, tok, *_ = routing_metadata(ids_TK, E, 0)
         sp, tok, ends = sp.long(), tok.long(), off[1:]
+        from . import triton_glue  # the Triton backend's engine: Triton is there (not at import: CPU installs)
+
         gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows
         h = triton_glue.swiglu_forward(gu)  # one pass, float32 in registers
         y = torch._grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [S, D]
@@ -355,6 +357,8 @@ class _GroupedMMExperts(torch.autograd.Function):
         x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
         T, K = x_TD.shape[0], w_TK.shape[1]
         ends, dt = off[1:], x_TD.dtype
+        from . import triton_glue
+
         dout_s = dout_TD.contiguous()[tok]
         dh_u = torch._grouped_mm(dout_s, w2, offs=ends)  # dout[t] @ W_down[e], [S, I]
         # one pass: d(gate|up), hw = h * w * mask (dW_down's operand) and the routing-weight gradient per pair
