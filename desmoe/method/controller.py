@@ -243,13 +243,16 @@ class MethodController:
                   {"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    def expert_rows(self, p: torch.Tensor) -> torch.Tensor | None:
-        """bool ``[E]``: the rows of experts weight ``p`` that may change now (None: all of them)."""
+    def _expert_layer_of(self) -> dict[int, int]:
+        """``id(parameter) -> layer`` for every routed-experts parameter (read afresh: FSDP2 replaces them)."""
+        return {id(p): l for l, ex in enumerate(self.experts) for p in experts_parameters(ex)}
+
+    def expert_rows(self) -> dict[int, torch.Tensor] | None:
+        """``id(experts weight) -> bool [E]``: the rows that may change now (None: all rows of every weight)."""
         trainable_LE = self.expert_trainable_LE()
         if trainable_LE is None:
             return None
-        layer_of = {id(q): l for l, ex in enumerate(self.experts) for q in experts_parameters(ex)}
-        return trainable_LE[layer_of[id(p)]]
+        return {i: trainable_LE[l] for i, l in self._expert_layer_of().items()}
 
     def optimizer(self, *, lr: float, weight_decay: float = 0.0, **adamw) -> torch.optim.Optimizer:
         """AdamW over :meth:`param_groups`, keeping the experts' moments only for the rows that may train
@@ -286,7 +289,7 @@ class MethodController:
         """AdamW's decoupled decay ``p *= 1 - lr·wd`` on the trainable expert rows of groups marked
         ``desmoe_expert_decay`` (as AdamW would, only for parameters that got a gradient)."""
         trainable_LE = self.expert_trainable_LE()
-        layer_of = {id(p): l for l, ex in enumerate(self.experts) for p in experts_parameters(ex)}
+        layer_of = self._expert_layer_of()
         for g in optimizer.param_groups:
             wd = g.get("desmoe_expert_decay", 0.0)
             if not wd:

@@ -23,10 +23,10 @@ ROWS_KEY = "desmoe_rows"
 
 class ExpertRowAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` over ``params`` (the controller's :meth:`param_groups`) with compact moments for the
-    experts group. ``rows_of(p)``: bool ``[E]`` of the rows of experts weight ``p`` that may train now, or None
-    when all may."""
+    experts group. ``rows_of()``: ``{id(experts weight): bool [E]}``, the rows that may train now (asked once per
+    step), or None when all rows of every experts weight may."""
 
-    def __init__(self, params, *, rows_of: Callable[[torch.Tensor], Optional[torch.Tensor]], **kwargs):
+    def __init__(self, params, *, rows_of: Callable[[], Optional[dict]], **kwargs):
         super().__init__(params, **kwargs)
         self._rows_of = rows_of
 
@@ -61,6 +61,7 @@ class ExpertRowAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         groups = [(g, g["params"]) for g in self.param_groups if EXPERTS_GROUP_KEY in g]
         stand_ins = []  # (parameter, its gathered rows stepped in its place, row index)
+        masks = self._rows_of() if groups else None
         try:
             for g, params in groups:
                 stepped = []
@@ -68,8 +69,8 @@ class ExpertRowAdamW(torch.optim.AdamW):
                     if not self._compact(p):
                         stepped.append(p)
                         continue
-                    mask = self._rows_of(p)
-                    rows = list(range(p.shape[0])) if mask is None else mask.nonzero().flatten().tolist()
+                    rows = (list(range(p.shape[0])) if masks is None
+                            else masks[id(p)].nonzero().flatten().tolist())
                     st = self._rows_state(p, rows)
                     idx = torch.tensor(rows, dtype=torch.long, device=p.device)
                     t = p.detach().index_select(0, idx)

@@ -358,11 +358,12 @@ class _GroupedMMExperts(torch.autograd.Function):
         T, K = x_TD.shape[0], w_TK.shape[1]
         ends, dt = off[1:], x_TD.dtype
         from . import triton_glue
+        from .triton_common import mask_u8
 
         dout_s = dout_TD.contiguous()[tok]
         dh_u = torch._grouped_mm(dout_s, w2, offs=ends)  # dout[t] @ W_down[e], [S, I]
         # one pass: d(gate|up), hw = h * w * mask (dW_down's operand) and the routing-weight gradient per pair
-        pm_u8 = None if pm is None else pm.reshape(-1).contiguous().view(torch.uint8)
+        pm_u8 = None if pm is None else mask_u8(pm, pm)
         dgu, hw, dweights = triton_glue.swiglu_backward(dh_u, gu, sp.to(torch.int32), w_TK.reshape(-1).float(),
                                                         pm_u8)
         dx = None

@@ -78,7 +78,10 @@ def _drive(make, steps=9, resume_at=None):
 
 def _compact(ws):
     mask_now = [None]
-    return ExpertRowAdamW(_groups(ws), rows_of=lambda p: mask_now[0], lr=1e-2), mask_now
+    def rows_of():
+        return None if mask_now[0] is None else {id(p): mask_now[0] for p in ws[:2]}
+
+    return ExpertRowAdamW(_groups(ws), rows_of=rows_of, lr=1e-2), mask_now
 
 
 def _plain(ws):
