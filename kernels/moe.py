@@ -39,10 +39,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import moe_configs as _cfg
 from .moe_configs import (  # noqa: F401  (GPU_CONFIGS, prune_configs, AUTOTUNE: the kernels' face for callers)
     AUTOTUNE, DW_DNS, DWP_COLS, GPU_CONFIGS, INTERPRET, ROW_DNS, _DW_KEY, _ROW_KEY, _pruner, configs_for,
     prune_configs,
 )
+
+# The dh epilogues run in half-width passes, or quarter-width ones where a half would exceed EPI_ELEMS accumulator
+# elements: each pass reloads gate|up and keeps several float32 temporaries of its width live beside the rest of
+# the accumulator (at 128x128, 8 warps, half-width passes spilled 96-104 B of stack; quarter-width ones do not).
+EPI_ELEMS = tl.constexpr(_cfg.EPI_ELEMS)
 
 
 def autotune_stats() -> dict:
@@ -126,6 +132,19 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] -> its left and right [BLOCK_M, BLOCK_N // 2] halves: the epilogues work on one half
     at a time, so their temporaries (reloaded gate|up, SwiGLU terms) stay within the register budget."""
     return tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _chunk(acc, i: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column chunk ``i`` of ``CHUNKS`` (2 or 4) of a [BLOCK_M, BLOCK_N] accumulator, by halving (the same
+    register splits for every chunk, shared by the compiler): the sub-tiled epilogues walk it with
+    ``tl.static_range(CHUNKS)``."""
+    a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+    sub = a0 if i < CHUNKS // 2 else a1
+    if CHUNKS == 4:
+        q0, q1 = _halves(sub, BLOCK_M, BLOCK_N // 2)
+        sub = q0 if i % 2 == 0 else q1
+    return sub
 
 
 @triton.jit
@@ -236,7 +255,8 @@ def combine_kernel(y_ptr, w_ptr, out_ptr, T, D, TOP_K, HAS_W: tl.constexpr, BLOC
 @triton.jit
 def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, cols, N,
                  STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr):
-    """One half-width sub-tile of dh_swiglu_kernel's epilogue; returns its share of the routing-weight dot.
+    """One sub-tile (half or quarter width) of dh_swiglu_kernel's epilogue; returns its share of the
+    routing-weight dot.
     ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
     smask = rmask[:, None] & (cols < N)[None, :]
     gu = rows[:, None] * (2 * N) + cols[None, :]
@@ -284,6 +304,8 @@ def dh_swiglu_kernel(
     call, without ``reset_to_zero``)."""
     num_n = tl.cdiv(N, BLOCK_N)
     R: tl.constexpr = BLOCK_N // DWP_COLS
+    # half-width epilogue passes, or quarter-width ones where a half would exceed EPI_ELEMS accumulator elements
+    CHUNKS: tl.constexpr = 4 if BLOCK_M * (BLOCK_N // 2) > EPI_ELEMS else 2
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -301,13 +323,12 @@ def dh_swiglu_kernel(
             acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
             wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
                                                 HAS_PAIR_MASK, HAS_EXPERT_MASK)
-            # sub-tiled epilogue: two half-width passes
-            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-            c0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c0, N,
-                                STORE_DGU, STORE_HW, STORE_DWP)
-            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask,
-                                 c0 + BLOCK_N // 2, N, STORE_DGU, STORE_HW, STORE_DWP)
+            # sub-tiled epilogue: two half-width passes, or four quarter-width ones for wide tiles
+            part = tl.zeros([BLOCK_M], tl.float32)
+            for i in tl.static_range(CHUNKS):
+                c = pid_n * BLOCK_N + i * (BLOCK_N // CHUNKS) + tl.arange(0, BLOCK_N // CHUNKS)
+                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, scale, gate_up_ptr, dgate_up_ptr,
+                                     hw_ptr, rows, rmask, hw_rmask, c, N, STORE_DGU, STORE_HW, STORE_DWP)
             if STORE_DWP:
                 j = tl.arange(0, R)
                 r = pid_n * R + j

@@ -17,6 +17,10 @@ if AUTOTUNE not in ("default", "full"):
 # dh_swiglu_kernel writes its routing-weight partial dots at this column granularity, whatever the config (see
 # there): every BLOCK_N is a multiple of it, so the partial-dot buffer layout does not depend on the config
 DWP_COLS = 16 if INTERPRET else 32
+# The dh epilogues run in half-width passes, or quarter-width ones where a half would hold more than this many
+# accumulator elements: on a GPU the 64x128, 128x64 and 128x128 tiles (fewer registers: 128x128 no longer spills,
+# 128x64 fits 2 CTAs/SM); in the interpreter the 16x32 tiles, so its tests run both paths
+EPI_ELEMS = 128 if INTERPRET else 2048
 
 
 def _c(kw, w, s):
@@ -44,13 +48,17 @@ _DW_FALLBACK = _dw(64, 64, 32, 4, 2)
 _ROW_FALLBACKS = {"up_gpt_oss_kernel": _row(32, 16, 4, 2)}
 _ALL_FALLBACKS = (_ROW_FALLBACK, _DW_FALLBACK, *_ROW_FALLBACKS.values())
 _DEFAULT = {
-    "up_swiglu_kernel": {64: [_row(128, 64, 8, 3), _row(64, 64, 4, 4)],
+    # BLOCK_M = 64: N128,K32 (8 warps, 4 stages) is 128 regs and 80 KB, so 2 CTAs/SM; it replaced N128,K64 w8 s3
+    # (the same tile at 140 regs and 120 KB: 1 CTA/SM), now in the full sweep
+    "up_swiglu_kernel": {64: [_row(128, 32, 8, 4), _row(64, 64, 4, 4)],
                          128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
     # down has a short K (I, 12 steps at I=768): a 2-CTA/SM candidate overlaps one tile's epilogue with the next
     "down_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)]},
-    # BLOCK_M = 128 with 128 columns spills in the three-output epilogue even sub-tiled: 64 columns there
-    "dh_swiglu_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
-                         128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
+    # quarter-width epilogue passes at 128 columns: BLOCK_M = 64 takes N128,K32 at 4 warps (2 CTAs/SM; it replaced
+    # N128,K64 w8 s4, 1 CTA/SM); BLOCK_M = 128 takes the 128x128 tile (no stack; 1 CTA/SM) and N64 w8 (127 regs:
+    # 2 CTAs/SM), which replaced N32 w4 (also 2 CTAs/SM, but half the width: twice the gathered dout re-reads)
+    "dh_swiglu_kernel": {64: [_row(128, 32, 4, 4), _row(64, 64, 4, 4)],
+                         128: [_row(128, 64, 8, 4), _row(64, 64, 8, 4)]},
     "dx_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)], 128: [_row(128, 64, 8, 4), _row(256, 64, 8, 3)]},
     "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
     "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 4), _dw(128, 256, 64, 8, 3)]},
@@ -60,19 +68,22 @@ _DEFAULT = {
                           128: [_row(128, 64, 8, 3), _row(64, 64, 8, 4)]},
     "down_gpt_oss_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
                             128: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)]},
-    "dh_gpt_oss_kernel": {64: [_row(128, 64, 8, 4), _row(64, 64, 4, 4)],
-                          128: [_row(64, 64, 8, 4), _row(32, 64, 4, 4)]},
+    # as dh_swiglu's, except at BLOCK_M = 128, where N64 w8 stays at 1 CTA/SM (143-150 regs): the 128x128 tile
+    # replaced it (same residency, half the gathered dout re-reads) and N32 w4 (2 CTAs/SM) stays
+    "dh_gpt_oss_kernel": {64: [_row(128, 32, 4, 4), _row(64, 64, 4, 4)],
+                          128: [_row(128, 64, 8, 4), _row(32, 64, 4, 4)]},
 }
 _EXTRA = {
-    "up_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
-    "down_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
-    "dh_swiglu_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
-    "dx_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
+    "up_swiglu_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 8, 3)], 128: [_row(64, 64, 4, 4)]},
+    "down_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 4, 3)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
+    "dh_swiglu_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 8, 4)], 128: [_row(64, 64, 8, 3), _row(32, 64, 4, 4)]},
+    "dx_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 4, 3)], 128: [_row(128, 128, 8, 3), _row(64, 64, 4, 4)]},
     "dw_gate_up_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
     "dw_down_kernel": {None: [_dw(128, 128, 64, 8, 3), _dw(64, 128, 64, 4, 4)]},
-    "up_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 4, 4)]},
-    "down_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
-    "dh_gpt_oss_kernel": {64: [_row(64, 64, 8, 4)], 128: [_row(64, 64, 8, 3)]},
+    "up_gpt_oss_kernel": {64: [_row(64, 64, 8, 4), _row(128, 32, 4, 4)], 128: [_row(64, 64, 4, 4)]},
+    "down_gpt_oss_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 4, 3)],
+                            128: [_row(128, 128, 8, 3), _row(256, 64, 8, 3)]},
+    "dh_gpt_oss_kernel": {64: [_row(64, 64, 8, 4), _row(128, 64, 8, 4)], 128: [_row(64, 64, 8, 3), _row(64, 64, 8, 4)]},
 }
 GPU_CONFIGS = {
     "default": _DEFAULT,

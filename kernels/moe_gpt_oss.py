@@ -28,8 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .moe import (_ROW_KEY, ROW_DNS, _grouped_pid, _halves, _mainloop, _pair_scales, _pruner, _tile_rows,
-                  configs_for)
+from .moe import (_ROW_KEY, EPI_ELEMS, ROW_DNS, _chunk, _grouped_pid, _halves, _mainloop, _pair_scales, _pruner,
+                  _tile_rows, configs_for)
 
 
 @triton.jit
@@ -144,8 +144,8 @@ def down_gpt_oss_kernel(
 def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c_start, N, alpha, limit,
                  CLAMPED: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
                  BLOCK_M: tl.constexpr, HALF: tl.constexpr):
-    """One half-width sub-tile (HALF columns of I, 2*HALF interleaved gate|up columns); returns its share of the
-    routing-weight dot. ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
+    """One sub-tile (HALF columns of I, 2*HALF interleaved gate|up columns: half or quarter of the tile); returns
+    its share of the routing-weight dot. ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
     cols = c_start + tl.arange(0, HALF)
     c2 = 2 * c_start + tl.arange(0, 2 * HALF)  # their interleaved gate|up columns
     smask2 = rmask[:, None] & (c2 < 2 * N)[None, :]
@@ -201,6 +201,7 @@ def dh_gpt_oss_kernel(
     config writes every row, so the buffer never depends on which configs the autotuner ran)."""
     num_n = tl.cdiv(N, BLOCK_N)
     R: tl.constexpr = BLOCK_N // DWP_COLS
+    CHUNKS: tl.constexpr = 4 if BLOCK_M * (BLOCK_N // 2) > EPI_ELEMS else 2  # as moe.dh_swiglu_kernel's
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
         e = tl.load(tile_expert_ptr + pid_m)
@@ -217,13 +218,13 @@ def dh_gpt_oss_kernel(
             acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
             wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
                                                 HAS_PAIR_MASK, HAS_EXPERT_MASK)
-            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-            c0 = pid_n * BLOCK_N
-            part = _dh_epilogue(a0, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c0, N,
-                                alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M, BLOCK_N // 2)
-            part += _dh_epilogue(a1, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask,
-                                 c0 + BLOCK_N // 2, N, alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M,
-                                 BLOCK_N // 2)
+            # sub-tiled epilogue: two half-width passes, or four quarter-width ones for wide tiles
+            part = tl.zeros([BLOCK_M], tl.float32)
+            for i in tl.static_range(CHUNKS):
+                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, scale, gate_up_ptr, dgate_up_ptr,
+                                     hw_ptr, rows, rmask, hw_rmask, pid_n * BLOCK_N + i * (BLOCK_N // CHUNKS), N,
+                                     alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M,
+                                     BLOCK_N // CHUNKS)
             if STORE_DWP:
                 j = tl.arange(0, R)
                 r = pid_n * R + j
