@@ -89,6 +89,72 @@ GPU_CONFIGS = {
     "default": _DEFAULT,
     "full": {k: {bm: v + _EXTRA[k][bm] for bm, v in by_bm.items()} for k, by_bm in _DEFAULT.items()},
 }
+# CTAs per SM on sm_90 of every row-tile config the default set can pick (and the float32 fallback at
+# BLOCK_M = 128), per Triton version ("major.minor"), from registers and shared memory: the persistent row-tile
+# grid is SMs x the minimum over versions (one wave). Key: (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, num_warps,
+# num_stages); dx_kernel's entries are the minimum over its standard and gpt-oss strides.
+# tests/kernels/test_triton_compile.py recomputes every entry from the compile facts under the Triton it runs
+# (3.9 here, 3.6 in CI's side environment) and fails on any difference, missing or extra entry; `python
+# tests/kernels/test_triton_compile.py --ctas` prints this version's column.
+CTAS_PER_SM = {
+    ("up_swiglu_kernel", 64, 128, 32, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("up_swiglu_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("up_swiglu_kernel", 128, 128, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("up_swiglu_kernel", 128, 64, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("up_swiglu_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 2, "3.9": 2},
+    ("down_kernel", 64, 128, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("down_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("down_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("down_kernel", 128, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("down_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 3, "3.9": 4},
+    ("dh_swiglu_kernel", 64, 128, 32, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("dh_swiglu_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 2},
+    ("dh_swiglu_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("dh_swiglu_kernel", 128, 64, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("dh_swiglu_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 2, "3.9": 2},
+    ("dx_kernel", 64, 128, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("dx_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("dx_kernel", 128, 256, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("dx_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("dx_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 3, "3.9": 4},
+    ("up_gpt_oss_kernel", 64, 128, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("up_gpt_oss_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("up_gpt_oss_kernel", 128, 128, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("up_gpt_oss_kernel", 128, 64, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("up_gpt_oss_kernel", 128, 32, 16, 8, 4, 2): {"3.6": 2, "3.9": 2},
+    ("down_gpt_oss_kernel", 64, 128, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("down_gpt_oss_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("down_gpt_oss_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("down_gpt_oss_kernel", 128, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("down_gpt_oss_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 3, "3.9": 4},
+    ("dh_gpt_oss_kernel", 64, 128, 32, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("dh_gpt_oss_kernel", 64, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 3},
+    ("dh_gpt_oss_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("dh_gpt_oss_kernel", 128, 32, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("dh_gpt_oss_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 3, "3.9": 2},
+}
+# configs without an entry (the full sweep's, float32 at BLOCK_M = 64, configs set by hand): the former flat cap
+UNKNOWN_CTAS_PER_SM = 4
+
+
+def cta_key(kernel: str, block_m: int, c) -> tuple:
+    kw = c.kwargs
+    return (kernel, block_m, kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP"], c.num_warps, c.num_stages)
+
+
+def ctas_per_sm(kernel: str, meta: dict, mode: str = AUTOTUNE) -> int:
+    """CTAs/SM of the row-tile config a launch runs, from what Triton hands the grid callable: the kernel's bound
+    arguments, the config's kwargs among them, but not num_warps / num_stages (Triton 3.6 and 3.9 pass those to
+    the compiler as options only, jit.py ``grid(bound_args)``). So the config is the one candidate of the
+    ``BLOCK_M`` class whose kwargs ``meta`` holds (unique in the default set; tests/kernels/test_triton_compile.py
+    asserts it); no such single candidate or no entry: ``UNKNOWN_CTAS_PER_SM``."""
+    bm = meta.get("BLOCK_M")
+    cands = GPU_CONFIGS[mode].get(kernel, {}).get(bm, []) + [_ROW_FALLBACKS.get(kernel, _ROW_FALLBACK)]
+    match = [c for c in cands if all(meta.get(k) == v for k, v in c.kwargs.items())]
+    entry = CTAS_PER_SM.get(cta_key(kernel, bm, match[0])) if len(match) == 1 else None
+    return min(entry.values()) if entry else UNKNOWN_CTAS_PER_SM
+
+
 _INTERPRET_CONFIGS = {"row": [_row(16, 16, 1, 1, group=2)], "dw": [_dw(16, 16, 16, 1, 1, group=2)]}
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 
 from ..kernels import moe as _mk
+from ..kernels import moe_configs as _mc
+from ..kernels import moe_gpt_oss as _gk
 
 Tensor = torch.Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,17 +53,30 @@ def rows_bucket(S: int, E: int) -> int:
     return min(pow2(S // max(E, 1)), 1 << 16)
 
 
-def max_programs(device: torch.device) -> int:
-    """Grid cap of the persistent row-tile kernels: a few programs per SM (3 in the interpreter, so the tests
-    exercise the work loop)."""
+def max_programs(device: torch.device, ctas_per_sm: int = _mc.UNKNOWN_CTAS_PER_SM) -> int:
+    """Grid cap of the persistent row-tile kernels: one wave, SMs x the config's CTAs per SM (3 in the
+    interpreter, so the tests exercise the work loop)."""
     if device.type != "cuda":
         return 3
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return ctas_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def row_grid(max_tiles, N, device):
-    cap = max_programs(device)
-    return lambda meta: (max(1, min(max_tiles * triton.cdiv(N, meta["BLOCK_N"]), cap)),)
+# the row-tile kernels by their parameter names: Triton hands the grid callable the kernel's bound arguments
+# (a dict keyed by parameter name), which name the kernel when the launcher does not
+_ROW_KERNELS = {frozenset(k.fn.arg_names): k.fn.__name__ for k in (*_mk.AUTOTUNED, *_gk.AUTOTUNED)
+                if "BLOCK_M" in k.fn.arg_names}
+
+
+def row_grid(max_tiles, N, device, kernel: Optional[str] = None):
+    """The persistent row-tile grid: one program per work item up to one wave, SMs x CTAs/SM of the config the
+    autotuner picked (``moe_configs.CTAS_PER_SM``, looked up from the config's constexprs in ``meta``)."""
+    def grid(meta):
+        ctas = _mc.UNKNOWN_CTAS_PER_SM
+        if device.type == "cuda":
+            ctas = _mc.ctas_per_sm(kernel or _ROW_KERNELS.get(frozenset(meta), ""), meta)
+        return (max(1, min(max_tiles * triton.cdiv(N, meta["BLOCK_N"]), max_programs(device, ctas))),)
+
+    return grid
 
 
 def mask_u8(mask: Optional[Tensor], like: Tensor) -> Tensor:

@@ -44,6 +44,9 @@ SMEM_PER_SM = 233472  # 228 KB
 GEMM_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "dw_gate_up_kernel",
                 "dw_down_kernel", "up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 DW_KERNELS = ("dw_gate_up_kernel", "dw_down_kernel")
+# the persistent row-tile kernels, whose grid is SMs x CTAs/SM of the config (desmoe.kernels.moe_configs.CTAS_PER_SM)
+ROW_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "up_gpt_oss_kernel",
+               "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 # the grouped_mm engine's elementwise glue (desmoe.kernels.glue): one pass each, so no stack either
 GLUE_KERNELS = ("swiglu_fwd_kernel", "swiglu_bwd_kernel", "zero_experts_kernel")
 # Stack (bytes) a GEMM kernel is known to need under one Triton version, where the others need none; anything else
@@ -257,7 +260,43 @@ def main(argv) -> int:
         recs.append(rec)
         print(json.dumps(rec), flush=True)
     print(table(recs), flush=True)
+    if "--ctas" in argv:  # this version's column of desmoe.kernels.moe_configs.CTAS_PER_SM
+        ver = ".".join(recs[0]["triton"].split(".")[:2])
+        for key, n in sorted(cta_table(recs).items()):
+            print(f"CTAS {key!r}: {{{ver!r}: {n}}},")
     return 0
+
+
+def cta_table(recs) -> dict:
+    """CTAs/SM per ``moe_configs.cta_key`` of every compiled row-tile config under this run's Triton (the minimum
+    over the variants that share a kernel: dx with the standard and gpt-oss strides)."""
+    out = {}
+    for r in recs:
+        if r["kernel"] in ROW_KERNELS and "error" not in r:
+            c = r["consts"]
+            key = (r["kernel"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP"], r["num_warps"], r["num_stages"])
+            out[key] = min(out.get(key, r["ctas_per_sm"]), r["ctas_per_sm"])
+    return out
+
+
+def cta_table_mismatches(recs) -> list:
+    """Where ``moe_configs.CTAS_PER_SM`` differs from the compile facts of this run's Triton: a wrong value, a
+    compiled config without an entry, an entry no default config compiles (stale), or a BLOCK_M class whose
+    configs the grid cannot tell apart by their kwargs (it sees no num_warps / num_stages)."""
+    from desmoe.kernels import moe_configs as mc
+
+    ver = ".".join(recs[0]["triton"].split(".")[:2])
+    got = cta_table(recs)
+    bad = [f"{k}: CTAS_PER_SM has {mc.CTAS_PER_SM[k].get(ver)} for Triton {ver}, the compile facts say {n}"
+           for k, n in got.items() if k in mc.CTAS_PER_SM and mc.CTAS_PER_SM[k].get(ver) != n]
+    bad += [f"{k}: not in CTAS_PER_SM (Triton {ver}: {n} CTAs/SM)" for k, n in got.items() if k not in mc.CTAS_PER_SM]
+    bad += [f"{k}: in CTAS_PER_SM, but no default config compiles it" for k in mc.CTAS_PER_SM if k not in got]
+    for kern in ROW_KERNELS:
+        for bm, cls in mc.GPU_CONFIGS["default"][kern].items():
+            kws = [tuple(sorted(c.kwargs.items())) for c in cls]
+            if len(set(kws)) != len(kws):
+                bad.append(f"{kern} BLOCK_M={bm}: two default configs with the same kwargs {kws}")
+    return bad
 
 
 def violations(recs) -> list:
@@ -285,6 +324,20 @@ def violations(recs) -> list:
     return bad
 
 
+_RECORDS = []
+
+
+def _compile_records() -> list:
+    """The compile facts of every default config (one subprocess per test session, shared by the tests)."""
+    if not _RECORDS:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _RECORDS.extend(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    return _RECORDS
+
+
 def _nvidia_backend_available() -> bool:
     try:
         from triton.backends import backends
@@ -296,11 +349,7 @@ def _nvidia_backend_available() -> bool:
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the gpu tests compile and run the kernels for real")
 def test_compile_facts_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    recs = _compile_records()
     print(f"Triton {recs[0].get('triton') if recs else '?'}")
     print(table(recs))
     names = {r["kernel"] for r in recs}
@@ -312,6 +361,15 @@ def test_compile_facts_sm90():
     assert {"up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel", "dx_kernel", "dw_gate_up_kernel",
             "dw_down_kernel", "bias_grad_kernel"} <= gpt, gpt
     bad = violations(recs)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the gpu tests compile and run the kernels for real")
+def test_cta_table_matches_compile_facts():
+    """The persistent grid's CTAs/SM table holds, for this Triton version, exactly what the compile facts give."""
+    recs = _compile_records()
+    bad = cta_table_mismatches(recs)
     assert not bad, "\n".join(bad)
 
 
