@@ -339,8 +339,9 @@ class _GroupedMMExperts(torch.autograd.Function):
         T, K, E = x_TD.shape[0], ids_TK.shape[1], w1.shape[0]
         from .triton_permute import routing_metadata
 
-        sp, off, tok, *_ = routing_metadata(ids_TK, E, 0)
-        sp, tok, ends = sp.long(), tok.long(), off[1:]
+        plan = routing_metadata(ids_TK, E, 0)
+        sp, off, tok = plan.sorted_pairs_S.long(), plan.offsets_E1, plan.sorted_tok_S.long()
+        ends = off[1:]
         from . import triton_glue  # the Triton backend's engine: Triton is there (not at import: CPU installs)
 
         gu = torch._grouped_mm(x_TD[tok], w1.transpose(1, 2), offs=ends)  # [S, 2I], sorted rows

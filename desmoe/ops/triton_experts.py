@@ -2,7 +2,7 @@
 
     desmoe::moe_experts_fwd  x, W_gate_up, W_down, ids, weights (+ masks, saved for backward) -> out [T,D], and
                              what backward needs: the gate|up pre-activation [S,2I] (sorted-pair rows; the
-                             only activation kept), sorted_pairs, offsets
+                             only activation kept) and the routing plan (pair order, offsets, tile schedule)
     desmoe::moe_experts_bwd  -> dx, dW_gate_up, dW_down, d weights (masks applied to the dW only)
 
 Each with a fake (meta) impl and ``register_autograd``, so they trace under ``torch.compile(fullgraph=True)`` as
@@ -21,7 +21,7 @@ import triton
 from ..kernels import moe as _mk
 from . import _autocast
 from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket
-from .triton_permute import routing_metadata, tile_schedule
+from .triton_permute import RoutingPlan, plan_len, routing_metadata, unpack_plan
 
 Tensor = torch.Tensor
 
@@ -54,45 +54,56 @@ class DhPlan(NamedTuple):
     has_pm: bool
 
 
-def dh_plan(dout_TD: Tensor, gate_up_S2I: Tensor, offsets_E1: Tensor, E: int, I: int, *, need_dgu: bool,
+def saved_plan(plan_buf: Tensor, S: int, E: int) -> RoutingPlan:
+    """The forward's routing plan, as its backward reads it (the same row-tile height: one rule for both)."""
+    return unpack_plan(plan_buf, S, E, block_m(S, E))
+
+
+def plan_fake(x_TD: Tensor, S, E: int) -> Tensor:
+    """The fake (meta) routing plan a forward op returns."""
+    return x_TD.new_empty((plan_len(S, E, block_m(S, E)),), dtype=torch.int32)
+
+
+def dh_plan(dout_TD: Tensor, gate_up_S2I: Tensor, plan: RoutingPlan, E: int, I: int, *, need_dgu: bool,
             need_dw: bool, need_dweights: bool, expert_trainable_E: Optional[Tensor],
             pair_trainable_TK: Optional[Tensor]) -> DhPlan:
-    """Tile schedule, output buffers and mask views of the dh kernels (``dout_TD`` contiguous)."""
+    """Output buffers and mask views of the dh kernels (``dout_TD`` contiguous), on the forward's tile schedule."""
     S, I2 = gate_up_S2I.shape
     dt, dev = gate_up_S2I.dtype, gate_up_S2I.device
-    BM = block_m(S, E)
-    tile_expert, tile_row, max_tiles = tile_schedule(offsets_E1, S, E, BM)
+    offsets_E1 = plan.offsets_E1
     # d w[p] = <dout[t], h_p W_down[e]^T> = <dout[t] W_down[e], h_p>: partial dots per DWP_COLS columns of the
     # dh GEMM, written in full by every autotune config (so the first call is right), summed in a fixed order:
     # deterministic, and y is never kept
     ndwp = triton.cdiv(I, _mk.DWP_COLS) if need_dweights else 1
     return DhPlan(
-        BM, rows_bucket(S, E), dt == torch.float32 or INTERPRET, *dout_TD.stride(), tile_expert, tile_row, max_tiles,
+        plan.BM, rows_bucket(S, E), dt == torch.float32 or INTERPRET, *dout_TD.stride(), plan.tile_expert,
+        plan.tile_row, plan.max_tiles,
         empty((S, I2), dt, dev) if need_dgu else gate_up_S2I, empty((S, I), dt, dev) if need_dw else gate_up_S2I,
         ndwp, empty((ndwp, S) if need_dweights else (1, 1), torch.float32, dev),
         mask_u8(expert_trainable_E, offsets_E1), mask_u8(pair_trainable_TK, offsets_E1),
         expert_trainable_E is not None, pair_trainable_TK is not None)
 
 
-def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, sorted_pairs_S: Tensor,
-                     offsets_E1: Tensor, dx_TD: Tensor, E: int, K: int) -> None:
+def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, plan: RoutingPlan, dx_TD: Tensor,
+                     E: int, K: int) -> None:
     """``dx_TD = sum_k d(gate|up)[row] @ W_gate_up[e]`` (``w_strides``: expert, GEMM-K (2I) and D strides of
     ``w`` in the roles dx_kernel reads them), per pair and then combined in a fixed order."""
     (S, I2), (T, D) = p.dgate_up_S2I.shape, dx_TD.shape
     dxp_SD = empty((S, D), dx_TD.dtype, dx_TD.device)
     _mk.dx_kernel[row_grid(p.max_tiles, D, dx_TD.device)](
-        p.dgate_up_S2I, w, dxp_SD, p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
+        p.dgate_up_S2I, w, dxp_SD, p.tile_expert, p.tile_row, plan.offsets_E1, plan.sorted_pairs_S,
         E, p.max_tiles, D, I2, *w_strides, p.bucket, IEEE=p.ieee, BLOCK_M=p.BM,
     )
     BD = min(1024, pow2(D))
     _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
 
 
-def trainable_tokens(sorted_pairs_S: Tensor, K: int, pair_trainable_TK: Optional[Tensor]) -> Tensor:
-    """The token of every sorted row, -1 for pairs masked by ``pair_trainable_TK`` (zero rows in the dW GEMMs)."""
-    tok_S = (sorted_pairs_S // K).to(torch.int32)
+def trainable_tokens(plan: RoutingPlan, pair_trainable_TK: Optional[Tensor]) -> Tensor:
+    """The token of every sorted row (the plan's), -1 for pairs masked by ``pair_trainable_TK`` (zero rows in the
+    dW GEMMs)."""
+    tok_S = plan.sorted_tok_S
     if pair_trainable_TK is not None:
-        keep = pair_trainable_TK.reshape(-1)[sorted_pairs_S.long()].bool()
+        keep = pair_trainable_TK.reshape(-1)[plan.sorted_pairs_S.long()].bool()
         tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
     return tok_S
 
@@ -106,17 +117,18 @@ def expert_major_grid(E: int, a: int, b: int):
 def moe_experts_fwd(
     x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
     expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor], save_for_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_ids_TK)
     I2 = 2 * I
     dev, dt = x_TD.device, x_TD.dtype
-    BM = block_m(S, E)
-    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = routing_metadata(topk_ids_TK, E, BM)
+    plan = routing_metadata(topk_ids_TK, E, block_m(S, E))
+    tile_expert, tile_row, max_tiles = plan.tile_expert, plan.tile_row, plan.max_tiles
+    sorted_pairs_S, offsets_E1 = plan.sorted_pairs_S, plan.offsets_E1
     gate_up_S2I = empty((S, I2) if save_for_backward else (0, I2), dt, dev)
     out_TD = empty((T, D), dt, dev)
     if S == 0:
         out_TD.zero_()
-        return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+        return out_TD, gate_up_S2I, plan.buf
     # transient: h (sorted rows) and the unweighted expert outputs y (pair rows); neither is kept for backward
     h_SI = empty((S, I), dt, dev)
     y_SD = empty((S, D), dt, dev)
@@ -129,15 +141,15 @@ def moe_experts_fwd(
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K,
             x_TD.stride(0), x_TD.stride(1), *w_gate_up_E2ID.stride(),
-            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=BM,
+            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=plan.BM,
         )
         _mk.down_kernel[row_grid(max_tiles, D, dev)](
             h_SI, w_down_EDI, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=BM,
+            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=plan.BM,
         )
         BD = min(1024, pow2(D))
         _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, w_TK, out_TD, T, D, K, HAS_W=True, BLOCK_D=BD)
-    return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+    return out_TD, gate_up_S2I, plan.buf
 
 
 @moe_experts_fwd.register_fake
@@ -149,15 +161,14 @@ def _(x_TD, w_gate_up_E2ID, w_down_EDI, topk_ids_TK, topk_weights_TK, expert_tra
     return (
         x_TD.new_empty((T, D)),
         x_TD.new_empty((S, I2) if save_for_backward else (0, I2)),
-        x_TD.new_empty((S,), dtype=torch.int32),
-        x_TD.new_empty((E + 1,), dtype=torch.int32),
+        plan_fake(x_TD, S, E),
     )
 
 
 @torch.library.custom_op("desmoe::moe_experts_bwd", mutates_args=())
 def moe_experts_bwd(
     dout_TD: Tensor, x_TD: Tensor, w_gate_up_E2ID: Tensor, w_down_EDI: Tensor, topk_weights_TK: Tensor,
-    gate_up_S2I: Tensor, sorted_pairs_S: Tensor, offsets_E1: Tensor,
+    gate_up_S2I: Tensor, plan_buf: Tensor,
     expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
     need_dx: bool, need_dw: bool, need_dweights: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -174,7 +185,9 @@ def moe_experts_bwd(
             t.zero_()
         return dx_TD, dw1, dw2, dweights_TK
     w_TK = topk_weights_TK.contiguous()
-    p = dh_plan(dout_TD, gate_up_S2I, offsets_E1, E, I, need_dgu=need_dx or need_dw, need_dw=need_dw,
+    plan = saved_plan(plan_buf, S, E)
+    sorted_pairs_S, offsets_E1 = plan.sorted_pairs_S, plan.offsets_E1
+    p = dh_plan(dout_TD, gate_up_S2I, plan, E, I, need_dgu=need_dx or need_dw, need_dw=need_dw,
                 need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
                 pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
@@ -189,9 +202,9 @@ def moe_experts_bwd(
         if need_dweights:
             dweights_TK.copy_(p.dwp_NS.sum(0).view(T, K))
         if need_dx:
-            dx_from_dgate_up(p, w_gate_up_E2ID.stride(), w_gate_up_E2ID, sorted_pairs_S, offsets_E1, dx_TD, E, K)
+            dx_from_dgate_up(p, w_gate_up_E2ID.stride(), w_gate_up_E2ID, plan, dx_TD, E, K)
         if need_dw:
-            tok_S = trainable_tokens(sorted_pairs_S, K, pair_trainable_TK)
+            tok_S = trainable_tokens(plan, pair_trainable_TK)
             _mk.dw_gate_up_kernel[expert_major_grid(E, I2, D)](
                 p.dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, p.em, I2, D, x_TD.stride(0), x_TD.stride(1),
                 p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
@@ -204,8 +217,8 @@ def moe_experts_bwd(
 
 
 @moe_experts_bwd.register_fake
-def _(dout_TD, x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, gate_up_S2I, sorted_pairs_S, offsets_E1,
-      expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_dweights):
+def _(dout_TD, x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, gate_up_S2I, plan_buf, expert_trainable_E,
+      pair_trainable_TK, need_dx, need_dw, need_dweights):
     T, D = x_TD.shape
     return (
         x_TD.new_empty((T, D) if need_dx else (0,)),
@@ -217,13 +230,13 @@ def _(dout_TD, x_TD, w_gate_up_E2ID, w_down_EDI, topk_weights_TK, gate_up_S2I, s
 
 def _experts_setup_context(ctx, inputs, output):
     x_TD, w1, w2, _ids, w_TK, em, pm, save = inputs
-    _out, gate_up, sorted_pairs, offsets = output
-    ctx.save_for_backward(x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm)
+    _out, gate_up, plan_buf = output
+    ctx.save_for_backward(x_TD, w1, w2, w_TK, gate_up, plan_buf, em, pm)
     ctx.saved_activations = bool(save)
 
 
 def _experts_backward(ctx, dout_TD, *_unused):
-    x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm = ctx.saved_tensors
+    x_TD, w1, w2, w_TK, gate_up, plan_buf, em, pm = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_dweights = ctx.needs_input_grad[4]
@@ -233,7 +246,7 @@ def _experts_backward(ctx, dout_TD, *_unused):
         raise RuntimeError("desmoe::moe_experts_fwd ran without saving activations (save_for_backward=False) "
                            "but a gradient was requested")
     dx, dw1, dw2, dweights = moe_experts_bwd(
-        dout_TD, x_TD, w1, w2, w_TK, gate_up, sorted_pairs, offsets, em, pm, need_dx, need_dw, need_dweights
+        dout_TD, x_TD, w1, w2, w_TK, gate_up, plan_buf, em, pm, need_dx, need_dw, need_dweights
     )
     return (
         dx if need_dx else None,

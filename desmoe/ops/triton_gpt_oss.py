@@ -24,7 +24,7 @@ from ..kernels import moe as _mk
 from ..kernels import moe_gpt_oss as _gk
 from . import _autocast, reference
 from .triton_common import INTERPRET, block_m, empty, on_device, pow2, row_grid, rows_bucket
-from .triton_experts import dh_plan, dx_from_dgate_up, expert_major_grid, trainable_tokens
+from .triton_experts import dh_plan, dx_from_dgate_up, expert_major_grid, plan_fake, saved_plan, trainable_tokens
 from .triton_permute import routing_metadata
 
 Tensor = torch.Tensor
@@ -43,16 +43,17 @@ def moe_experts_gpt_oss_fwd(
     x_TD: Tensor, w_gate_up_ED2I: Tensor, w_down_EID: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
     b_gate_up_E2I: Optional[Tensor], b_down_ED: Optional[Tensor], expert_trainable_E: Optional[Tensor],
     pair_trainable_TK: Optional[Tensor], save_for_backward: bool, clamped: bool, alpha: float, limit: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     T, D, E, I, K, S = _dims(x_TD, w_gate_up_ED2I, topk_ids_TK)
     dev, dt = x_TD.device, x_TD.dtype
-    BM = block_m(S, E)
-    sorted_pairs_S, offsets_E1, _tok, tile_expert, tile_row, max_tiles = routing_metadata(topk_ids_TK, E, BM)
+    plan = routing_metadata(topk_ids_TK, E, block_m(S, E))
+    tile_expert, tile_row, max_tiles = plan.tile_expert, plan.tile_row, plan.max_tiles
+    sorted_pairs_S, offsets_E1, BM = plan.sorted_pairs_S, plan.offsets_E1, plan.BM
     gate_up_S2I = empty((S, 2 * I) if save_for_backward else (0, 2 * I), dt, dev)
     out_TD = empty((T, D), dt, dev)
     if S == 0:
         out_TD.zero_()
-        return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+        return out_TD, gate_up_S2I, plan.buf
     h_SI = empty((S, I), dt, dev)  # transient: the activation (sorted rows)
     y_SD = empty((S, D), dt, dev)  # transient: unweighted expert outputs, bias included (pair rows)
     bucket = rows_bucket(S, E)
@@ -76,7 +77,7 @@ def moe_experts_gpt_oss_fwd(
         BD = min(1024, pow2(D))
         _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, topk_weights_TK.contiguous(), out_TD, T, D, K, HAS_W=True,
                                                      BLOCK_D=BD)
-    return out_TD, gate_up_S2I, sorted_pairs_S, offsets_E1
+    return out_TD, gate_up_S2I, plan.buf
 
 
 @moe_experts_gpt_oss_fwd.register_fake
@@ -85,15 +86,14 @@ def _(x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_gate_up_
     T, D = x_TD.shape
     E, _, I2 = w_gate_up_ED2I.shape
     S = T * topk_ids_TK.shape[1]
-    return (x_TD.new_empty((T, D)), x_TD.new_empty((S, I2) if save_for_backward else (0, I2)),
-            x_TD.new_empty((S,), dtype=torch.int32), x_TD.new_empty((E + 1,), dtype=torch.int32))
+    return (x_TD.new_empty((T, D)), x_TD.new_empty((S, I2) if save_for_backward else (0, I2)), plan_fake(x_TD, S, E))
 
 
 @torch.library.custom_op("desmoe::moe_experts_gpt_oss_bwd", mutates_args=())
 def moe_experts_gpt_oss_bwd(
     dout_TD: Tensor, x_TD: Tensor, w_gate_up_ED2I: Tensor, w_down_EID: Tensor, topk_ids_TK: Tensor,
-    topk_weights_TK: Tensor, b_down_ED: Optional[Tensor], gate_up_S2I: Tensor, sorted_pairs_S: Tensor,
-    offsets_E1: Tensor, expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
+    topk_weights_TK: Tensor, b_down_ED: Optional[Tensor], gate_up_S2I: Tensor, plan_buf: Tensor,
+    expert_trainable_E: Optional[Tensor], pair_trainable_TK: Optional[Tensor],
     need_dx: bool, need_dw: bool, need_db: bool, need_dweights: bool, clamped: bool, alpha: float, limit: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx_TD, dw_gate_up, dw_down, dweights_TK, db_gate_up (float32), db_down (float32))``; a gradient not
@@ -115,7 +115,9 @@ def moe_experts_gpt_oss_bwd(
         return outs
     dout_TD = dout_TD.contiguous()
     w_TK = topk_weights_TK.contiguous()
-    p = dh_plan(dout_TD, gate_up_S2I, offsets_E1, E, I, need_dgu=need_dx or need_dw or need_db, need_dw=need_dw,
+    plan = saved_plan(plan_buf, S, E)
+    sorted_pairs_S, offsets_E1 = plan.sorted_pairs_S, plan.offsets_E1
+    p = dh_plan(dout_TD, gate_up_S2I, plan, E, I, need_dgu=need_dx or need_dw or need_db, need_dw=need_dw,
                 need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
                 pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
@@ -134,9 +136,9 @@ def moe_experts_gpt_oss_bwd(
             dweights_TK.copy_(dweights)
         if need_dx:  # W_gate_up [E, D, 2I]: the GEMM's K (2I) runs along its columns
             se, sd, sj = w_gate_up_ED2I.stride()
-            dx_from_dgate_up(p, (se, sj, sd), w_gate_up_ED2I, sorted_pairs_S, offsets_E1, dx_TD, E, K)
+            dx_from_dgate_up(p, (se, sj, sd), w_gate_up_ED2I, plan, dx_TD, E, K)
         if need_dw or need_db:
-            tok_S = trainable_tokens(sorted_pairs_S, K, pair_trainable_TK)
+            tok_S = trainable_tokens(plan, pair_trainable_TK)
         if need_dw:
             # dW_gate_up[e] [D, 2I] = x[tok]^T d(gate|up): A gathered by token, B sorted rows (dw_down's shape)
             _mk.dw_down_kernel[expert_major_grid(E, D, I2)](
@@ -163,8 +165,8 @@ def moe_experts_gpt_oss_bwd(
 
 
 @moe_experts_gpt_oss_bwd.register_fake
-def _(dout_TD, x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_down_ED, gate_up_S2I,
-      sorted_pairs_S, offsets_E1, expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_db, need_dweights,
+def _(dout_TD, x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b_down_ED, gate_up_S2I, plan_buf,
+      expert_trainable_E, pair_trainable_TK, need_dx, need_dw, need_db, need_dweights,
       clamped, alpha, limit):
     T, D = x_TD.shape
     E, _, I2 = w_gate_up_ED2I.shape
@@ -181,15 +183,15 @@ def _(dout_TD, x_TD, w_gate_up_ED2I, w_down_EID, topk_ids_TK, topk_weights_TK, b
 
 def _setup_context(ctx, inputs, output):
     x_TD, w1, w2, ids, w_TK, b1, b2, em, pm, save, clamped, alpha, limit = inputs
-    _out, gate_up, sorted_pairs, offsets = output
-    ctx.save_for_backward(x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm)
+    _out, gate_up, plan_buf = output
+    ctx.save_for_backward(x_TD, w1, w2, ids, w_TK, b2, gate_up, plan_buf, em, pm)
     ctx.saved_activations = bool(save)
     ctx.act = (bool(clamped), float(alpha), float(limit))
     ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
 
 
 def _backward(ctx, dout_TD, *_unused):
-    x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm = ctx.saved_tensors
+    x_TD, w1, w2, ids, w_TK, b2, gate_up, plan_buf, em, pm = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dx, need_dweights = need[0], need[4]
     need_dw = need[1] or need[2]
@@ -200,7 +202,7 @@ def _backward(ctx, dout_TD, *_unused):
         raise RuntimeError("desmoe::moe_experts_gpt_oss_fwd ran without saving activations (save_for_backward=False) "
                            "but a gradient was requested")
     dx, dw1, dw2, dweights, db1, db2 = moe_experts_gpt_oss_bwd(
-        dout_TD, x_TD, w1, w2, ids, w_TK, b2, gate_up, sorted_pairs, offsets, em, pm,
+        dout_TD, x_TD, w1, w2, ids, w_TK, b2, gate_up, plan_buf, em, pm,
         need_dx, need_dw, need_db, need_dweights, *ctx.act)
     dt1, dt2 = ctx.bias_dtypes
     return (dx if need_dx else None, dw1 if need[1] else None, dw2 if need[2] else None, None,

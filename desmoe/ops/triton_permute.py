@@ -2,12 +2,16 @@
 
     desmoe::moe_permute   ids [T,K] -> sorted_pairs [S] i32, offsets [E+1] i32
 
-:func:`routing_metadata` (histogram -> scan -> stable scatter, plus the experts kernels' row-tile schedule) is what
-the experts launchers (:mod:`desmoe.ops.triton_experts`, :mod:`desmoe.ops.triton_gpt_oss`) and the ``grouped_mm``
-engine (:mod:`desmoe.ops.grouped`) build their pair order from; :func:`tile_schedule` rebuilds the schedule from
-existing offsets (backward). Nothing syncs with the host.
+:func:`routing_metadata` (histogram -> scan -> offsets and the experts kernels' row-tile schedule -> stable
+scatter) is what the experts launchers (:mod:`desmoe.ops.triton_experts`, :mod:`desmoe.ops.triton_gpt_oss`) and the
+``grouped_mm`` engine (:mod:`desmoe.ops.grouped`) build their pair order from. It returns a :class:`RoutingPlan`:
+views into one int32 buffer that a forward op saves for its backward, so the plan is computed once per step (the
+backward reuses its tile schedule: both passes run one row-tile height, :func:`desmoe.ops.triton_common.block_m`).
+Nothing syncs with the host.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,73 +22,98 @@ from .triton_common import INTERPRET, empty, on_device, pow2
 Tensor = torch.Tensor
 
 
-def _permute_blocks(E: int) -> tuple[int, int]:
-    """(pairs per histogram/scatter program, pairs per one-hot sub-chunk): a [SUB, E_PAD] one-hot of ~16K int32
-    in registers at a time; BLOCK large so the one-program scan has few rows (interpreter: small, loops run)."""
-    if INTERPRET:
-        return 32, 16
-    sub = max(16, min(1024, 16384 // pow2(E)))
-    return max(4096, sub), sub
+# pairs per histogram/scatter program: 512 on a GPU (512 programs at T = 32768, K = 8; a block sort of 512 keys in
+# registers), 32 in the interpreter so the tests run several blocks
+PERMUTE_BLOCK = 32 if INTERPRET else 512
+PERMUTE_WARPS = 1 if INTERPRET else 4
 
 
 def _schedule_len(S: int, E: int, BM: int) -> int:
     return triton.cdiv(S, BM) + min(E, S)  # static upper bound on sum(ceil(count_e / BM))
 
 
-def _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BM, from_offsets):
-    E_PAD = pow2(E)
-    chunk = 4 if INTERPRET else max(1, min(64, 8192 // E_PAD))  # interpreter: small, so the tests run the loops
-    _pk.scan_kernel[(1,)](
-        hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, BLOCK_M=BM, E_PAD=E_PAD,
-        ROWS=chunk, SLOTS=chunk, FROM_OFFSETS=from_offsets,
-        num_warps=1 if INTERPRET else 8,
-    )
+def _segments(S: int, E: int, BM: int) -> list:
+    """Lengths of the plan's parts (sorted pairs, their tokens, offsets, tile experts, tile rows), each padded to
+    a multiple of 32 entries: every part starts as aligned as the buffer (128 B) whatever S is, so the kernels never
+    see a differently aligned pointer (Triton specializes pointers on 16-byte alignment: a new T would recompile)."""
+    M = _schedule_len(S, E, BM) if BM else 0
+    return [S, S, E + 1, M, M]
 
 
-def routing_metadata(topk_ids_TK: Tensor, E: int, BM: int):
-    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> scan -> stable scatter, no sync.
+def _padded(n):
+    return (n + 31) // 32 * 32
 
-    Returns ``sorted_pairs_S`` (i32), ``offsets_E1`` (i32), ``sorted_tok_S`` (i32: token of each sorted row),
-    ``tile_expert``, ``tile_row`` (i32, the row-tile GEMMs' schedule for ``BLOCK_M = BM``) and its length."""
+
+def plan_len(S: int, E: int, BM: int) -> int:
+    """Length of the int32 routing plan buffer."""
+    return sum(_padded(n) for n in _segments(S, E, BM))
+
+
+class RoutingPlan(NamedTuple):
+    """Views into one int32 buffer (``buf``), so a forward op hands the whole plan to its backward as one tensor:
+    computed once per step, never rebuilt."""
+    buf: Tensor
+    sorted_pairs_S: Tensor
+    sorted_tok_S: Tensor
+    offsets_E1: Tensor
+    tile_expert: Tensor
+    tile_row: Tensor
+    max_tiles: int
+    BM: int
+
+
+def unpack_plan(buf: Tensor, S: int, E: int, BM: int) -> RoutingPlan:
+    """The views of a plan buffer written by :func:`routing_metadata` with the same ``S, E, BM``."""
+    if buf.numel() != plan_len(S, E, BM):
+        raise ValueError(f"routing plan: {buf.numel()} entries, expected {plan_len(S, E, BM)} for S={S}, E={E}, "
+                         f"BLOCK_M={BM}")
+    seg = _segments(S, E, BM)
+    parts = torch.split(buf, [_padded(n) for n in seg])
+    sp, tok, off, te, tr = (p[:n] for p, n in zip(parts, seg))
+    return RoutingPlan(buf, sp, tok, off, te, tr, seg[3], BM)
+
+
+def routing_metadata(topk_ids_TK: Tensor, E: int, BM: int) -> RoutingPlan:
+    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> per-expert scan over blocks -> offsets
+    and row-tile schedule -> stable scatter; 4 launches, no sync.
+
+    The plan holds ``sorted_pairs_S`` (i32), ``sorted_tok_S`` (i32: token of each sorted row), ``offsets_E1``
+    (i32) and, for ``BM`` > 0, the row-tile GEMMs' schedule for ``BLOCK_M = BM`` (``tile_expert``, ``tile_row``,
+    ``max_tiles`` slots)."""
     dev = topk_ids_TK.device
     K = topk_ids_TK.shape[1] if topk_ids_TK.dim() == 2 else 1
     S = topk_ids_TK.numel()
-    max_tiles = _schedule_len(S, E, BM) if BM else 0
-    sorted_pairs_S = empty((S,), torch.int32, dev)
-    sorted_tok_S = empty((S,), torch.int32, dev)
-    offsets_E1 = empty((E + 1,), torch.int32, dev)
-    tile_expert = empty((max_tiles,), torch.int32, dev)
-    tile_row = empty((max_tiles,), torch.int32, dev)
+    plan = unpack_plan(empty((plan_len(S, E, BM),), torch.int32, dev), S, E, BM)
     if S == 0:
-        offsets_E1.zero_()
-        return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert.fill_(E), tile_row.zero_(), max_tiles
+        plan.offsets_E1.zero_()
+        plan.tile_expert.fill_(E)
+        plan.tile_row.zero_()
+        return plan
     ids_S = topk_ids_TK.reshape(-1)
-    block, sub = _permute_blocks(E)
+    block = PERMUTE_BLOCK
     NB = triton.cdiv(S, block)
+    E_PAD = pow2(E)
     hist = empty((NB, E), torch.int32, dev)
-    nw = 1 if INTERPRET else 8
+    counts_E = empty((E,), torch.int32, dev)
+    nw = PERMUTE_WARPS
+    ecols = 4 if INTERPRET else 16  # interpreter: small, so several programs of each kernel run
+    slots = 4 if INTERPRET else max(16, min(256, 8192 // E_PAD))
     with on_device(topk_ids_TK):
-        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, SUB=sub, E_PAD=pow2(E), num_warps=nw)
-        _scan_launch(hist, offsets_E1, tile_expert, tile_row, NB, E, max_tiles, max(BM, 1), False)
-        _pk.scatter_kernel[(NB,)](ids_S, hist, offsets_E1, sorted_pairs_S, sorted_tok_S, S, E, K, BLOCK=block,
-                                  SUB=sub, E_PAD=pow2(E), num_warps=nw)
-    return sorted_pairs_S, offsets_E1, sorted_tok_S, tile_expert, tile_row, max_tiles
-
-
-def tile_schedule(offsets_E1: Tensor, S: int, E: int, BM: int):
-    """The row-tile schedule rebuilt from existing offsets (backward): one small kernel, no sync."""
-    max_tiles = _schedule_len(S, E, BM)
-    tile_expert = empty((max_tiles,), torch.int32, offsets_E1.device)
-    tile_row = empty((max_tiles,), torch.int32, offsets_E1.device)
-    with on_device(offsets_E1):
-        _scan_launch(offsets_E1, offsets_E1, tile_expert, tile_row, 0, E, max_tiles, BM, True)
-    return tile_expert, tile_row, max_tiles
+        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, E_PAD=E_PAD, num_warps=nw)
+        _pk.block_scan_kernel[(triton.cdiv(E, ecols),)](hist, counts_E, NB, E, ROWS=4 if INTERPRET else 64,
+                                                         ECOLS=ecols, num_warps=nw)
+        _pk.schedule_kernel[(max(1, triton.cdiv(plan.max_tiles, slots)),)](
+            counts_E, plan.offsets_E1, plan.tile_expert, plan.tile_row, E, plan.max_tiles, BLOCK_M=max(BM, 1),
+            E_PAD=E_PAD, SLOTS=slots, num_warps=nw)
+        _pk.scatter_kernel[(NB,)](ids_S, hist, counts_E, plan.sorted_pairs_S, plan.sorted_tok_S, S, E, K,
+                                  BLOCK=block, LOG_BLOCK=block.bit_length() - 1, E_PAD=E_PAD, num_warps=nw)
+    return plan
 
 
 @torch.library.custom_op("desmoe::moe_permute", mutates_args=())
 def moe_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    sorted_pairs_S, offsets_E1, *_ = routing_metadata(topk_ids_TK, num_experts, 0)
-    return sorted_pairs_S, offsets_E1
+    plan = routing_metadata(topk_ids_TK, num_experts, 0)
+    return plan.sorted_pairs_S, plan.offsets_E1.clone()  # outputs may not alias one another: E+1 ints copied
 
 
 @moe_permute.register_fake
@@ -100,4 +129,4 @@ def permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return sorted_pairs_S.long(), offsets_E1
 
 
-__all__ = ["moe_permute", "permute", "routing_metadata", "tile_schedule"]
+__all__ = ["RoutingPlan", "moe_permute", "permute", "plan_len", "routing_metadata", "unpack_plan"]

@@ -54,6 +54,14 @@ GLUE_KERNELS = ("swiglu_fwd_kernel", "swiglu_bwd_kernel", "zero_experts_kernel")
 # read off the SASS) in the float32 fallback config of two gpt-oss GEMMs; 3.9 compiles the same configs with no
 # stack, and every bf16 config (what the GPU runs) has none under both.
 KNOWN_STACK = {("3.6", "dh_gpt_oss_kernel", "gpt_oss", "*fp32"): 8, ("3.6", "dx_kernel", "gpt_oss", "*fp32"): 8}
+# Routing kernels: warp instructions per (token, expert) pair read off the sm_90 SASS (loop-free kernels, so the
+# static count is what every warp runs: SASS count x warps / pairs per program), budgets a little above what Triton
+# 3.9 and 3.6 compile today (3.9 / 3.6: histogram 0.59 / 2.01, scatter 7.9 / 11.05, top-k qwen3 68.6 / 68.8, dsv3
+# 246 / 265). The permute kernels they replaced (one-hot compares over E per pair, in a loop over 128-pair chunks)
+# ran ~43 (histogram) and ~147 (scatter) per pair; the top-k's former two reductions per pick 73.4 / 68.75 (qwen3)
+# and 276 / 259 (dsv3).
+INSTR_PER_PAIR = {("histogram_kernel", "E128"): 2.5, ("scatter_kernel", "E128"): 13.0,
+                  ("topk_route_fwd_kernel", "qwen3"): 72.0, ("topk_route_fwd_kernel", "dsv3"): 290.0}
 _I32_PTRS = {"tile_expert_ptr", "tile_row_ptr", "offsets_ptr", "sorted_pairs_ptr", "tok_ptr", "hist_ptr",
              "sorted_tok_ptr", "ids_ptr"}
 _DIV16 = {"N", "KDIM", "A_DIM", "B_DIM", "D", "S", "sx_t", "sd_t", "sw_e", "sw_r", "sw_d", "sw_i", "stride_t",
@@ -115,8 +123,26 @@ def ctas_per_sm(regs: int, num_warps: int, smem: int) -> int:
     return max(0, min(by_regs, by_smem, by_threads, 32))
 
 
+def _sass(cubin: bytes) -> tuple[int, bool]:
+    """(instructions in the SASS, NOPs left out; whether it has a loop: a branch back to an earlier address other
+    than the self-branch every kernel ends with)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ins = [(int(a, 16), i.strip()) for a, i in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", out)]
+    loop = False
+    for addr, i in ins:
+        m = re.search(r"\bBRA\b.*0x([0-9a-f]+)", i)
+        if m and int(m.group(1), 16) < addr:
+            loop = True
+    return sum(1 for _a, i in ins if not i.startswith("NOP")), loop
+
+
 def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: str = "*bf16", unit_strides=None,
-                   variant: str = "") -> dict:
+                   variant: str = "", pairs: int = 0) -> dict:
+    """The compile facts of one config; ``pairs``: the (token, expert) pairs one program handles, for the
+    instruction count per pair of a loop-free routing kernel (warp instructions: SASS count x warps / pairs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -149,6 +175,9 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
     buffers, in_flight = _pipeline(k.asm["ttgir"])
     shared = k.metadata.shared
     cfg = {k_: v for k_, v in consts.items() if k_.startswith("BLOCK") or k_ == "GROUP"}
+    if pairs:
+        n, loop = _sass(k.asm["cubin"])
+        res = {**res, "sass": n, "loop": loop, "instr_per_pair": round(n * num_warps / pairs, 2)}
     return {"kernel": name, "variant": variant, "triton": triton.__version__, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
             "num_stages": num_stages, "shared": shared, **res, "buffers": buffers, "in_flight": in_flight,
             "wgmma": "wgmma" in k.asm["ptx"], "ctas_per_sm": ctas_per_sm(res["regs"], num_warps, shared)}
@@ -185,15 +214,23 @@ def jobs(mode: str):
     yield glk.swiglu_fwd_kernel, {"BLOCK_S": bs, "BLOCK_N": bn}, 4, 3, "*bf16"
     yield glk.swiglu_bwd_kernel, {"HAS_PAIR_MASK": True, "BLOCK_S": bs, "BLOCK_N": bn}, 4, 3, "*bf16"
     yield glk.zero_experts_kernel, {"BLOCK": 4096}, 4, 3, "*bf16"
-    yield pk.histogram_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
-    yield pk.scan_kernel, {"BLOCK_M": 128, "E_PAD": 128, "ROWS": 64, "SLOTS": 64, "FROM_OFFSETS": False}, 8, 1, "*i32"
-    yield pk.scatter_kernel, {"BLOCK": 4096, "SUB": 128, "E_PAD": 128}, 8, 1, "*i32"
+    # routing metadata as desmoe.ops.triton_permute launches it on a GPU (E = 128: Qwen3-30B-A3B, OLMoE)
+    from desmoe.ops import triton_permute as tp
+
+    B, per = tp.PERMUTE_BLOCK, {"variant": "E128", "pairs": tp.PERMUTE_BLOCK}
+    yield pk.histogram_kernel, {"BLOCK": B, "E_PAD": 128}, tp.PERMUTE_WARPS, 1, "*i32", per
+    yield pk.block_scan_kernel, {"ROWS": 64, "ECOLS": 16}, tp.PERMUTE_WARPS, 1, "*i32"
+    yield pk.schedule_kernel, {"BLOCK_M": 128, "E_PAD": 128, "SLOTS": 64}, tp.PERMUTE_WARPS, 1, "*i32"
+    yield pk.scatter_kernel, {"BLOCK": B, "LOG_BLOCK": B.bit_length() - 1, "E_PAD": 128}, tp.PERMUTE_WARPS, 1, \
+        "*i32", per
     route = {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "SCORING_SIGMOID": True, "HAS_BIAS": True,
              "RENORM": True, "GROUPED": True, "N_GROUP": 8, "GROUP_SIZE": 32, "TOPK_GROUP": 4, "G_PAD": 8,
              "GROUP_TOP2SUM": True}
-    yield rk.topk_route_fwd_kernel, route, 4, 1, "*bf16"
-    yield rk.topk_route_fwd_kernel, {**route, "SCORING_SIGMOID": False, "HAS_BIAS": False, "GROUPED": False,
-                                     "E_PAD": 128, "BLOCK_T": 32}, 4, 1, "*fp32"
+    yield rk.topk_route_fwd_kernel, route, 4, 1, "*bf16", {"variant": "dsv3", "pairs": 16 * 8}
+    # Qwen3-30B-A3B's router: softmax over 128 experts, top-8, bf16 logits
+    qwen3 = {**route, "SCORING_SIGMOID": False, "HAS_BIAS": False, "GROUPED": False, "E_PAD": 128, "BLOCK_T": 32}
+    yield rk.topk_route_fwd_kernel, qwen3, 4, 1, "*bf16", {"variant": "qwen3", "pairs": 32 * 8}
+    yield rk.topk_route_fwd_kernel, qwen3, 4, 1, "*fp32"
     yield rk.topk_route_bwd_kernel, {"TOP_K": 8, "K_PAD": 8, "E_PAD": 128, "BLOCK_T": 32, "SCORING_SIGMOID": False,
                                      "RENORM": True}, 4, 1, "*bf16"
 
@@ -232,7 +269,7 @@ def gpt_oss_jobs(mode: str):
 
 def table(recs) -> str:
     head = f"{'kernel':<22} {'var':<7} {'dtype':<5} {'config':<34} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>7} " \
-           f"{'bufs':>4} {'flight':>6} {'wgmma':>5} {'CTA/SM':>6}"
+           f"{'bufs':>4} {'flight':>6} {'wgmma':>5} {'CTA/SM':>6} {'i/pair':>6}"
     lines = [head, "-" * len(head)]
     for r in recs:
         if "error" in r:
@@ -241,7 +278,7 @@ def table(recs) -> str:
         cfg = ",".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["config"].items())
         lines.append(f"{r['kernel']:<22} {r.get('variant', ''):<7} {r['dtype'][1:]:<5} {cfg:<34} {r['num_warps']:>2} {r['num_stages']:>2} "
                      f"{r['regs']:>4} {r['stack']:>5} {r['shared']:>7} {r['buffers']:>4} {str(r['in_flight']):>6} "
-                     f"{str(r['wgmma']):>5} {r['ctas_per_sm']:>6}")
+                     f"{str(r['wgmma']):>5} {r['ctas_per_sm']:>6} {r.get('instr_per_pair', ''):>6}")
     return "\n".join(lines)
 
 
@@ -319,6 +356,11 @@ def violations(recs) -> list:
                 bad.append(f"{tag}: {r['stack']} bytes of stack (spills), Triton {r.get('triton')}")
             if r["dtype"] == "*bf16" and not r["wgmma"]:
                 bad.append(f"{tag}: no wgmma")
+        if "instr_per_pair" in r:
+            budget = INSTR_PER_PAIR[(r["kernel"], r["variant"])]
+            if r["loop"] or r["instr_per_pair"] > budget:
+                bad.append(f"{tag}: {r['instr_per_pair']} warp instructions per pair (budget {budget}), "
+                           f"loop: {r['loop']}, Triton {r.get('triton')}")
         if r["kernel"] in DW_KERNELS and r["dtype"] == "*bf16" and (r["buffers"] < 3 or not r["in_flight"]):
             bad.append(f"{tag}: {r['buffers']} pipeline buffers, copies in flight: {r['in_flight']}")
     return bad
@@ -353,8 +395,11 @@ def test_compile_facts_sm90():
     print(f"Triton {recs[0].get('triton') if recs else '?'}")
     print(table(recs))
     names = {r["kernel"] for r in recs}
-    assert set(GEMM_KERNELS) | set(GLUE_KERNELS) | {"combine_kernel", "histogram_kernel", "scan_kernel", "scatter_kernel",
-                                "topk_route_fwd_kernel", "topk_route_bwd_kernel"} <= names, names
+    assert set(GEMM_KERNELS) | set(GLUE_KERNELS) | {"combine_kernel", "histogram_kernel", "block_scan_kernel",
+                                                    "schedule_kernel", "scatter_kernel", "topk_route_fwd_kernel",
+                                                    "topk_route_bwd_kernel"} <= names, names
+    # every routing kernel with an instruction budget was compiled and counted
+    assert {(r["kernel"], r["variant"]) for r in recs if "instr_per_pair" in r} == set(INSTR_PER_PAIR)
     # gpt-oss's variant: its kernels, and both dW kernels in the roles its launcher gives them (bf16, so the
     # pipeline-depth rule applies to them)
     gpt = {r["kernel"] for r in recs if r.get("variant") == "gpt_oss" and r.get("dtype") == "*bf16"}

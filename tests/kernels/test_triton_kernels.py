@@ -266,11 +266,14 @@ def test_moe_experts_low_precision_tolerance_rule(dtype):
 
 def test_fwd_op_writes_every_saved_element():
     x, w1, w2, ids, w = _experts_inputs(19, 5, 3, 16, 16)
-    out, gate_up, sorted_pairs, offsets = triton_experts.moe_experts_fwd(x, w1, w2, ids, w, None, None, True)
+    out, gate_up, plan_buf = triton_experts.moe_experts_fwd(x, w1, w2, ids, w, None, None, True)
     assert gate_up.shape == (19 * 3, 32)
     assert torch.isfinite(out).all() and torch.isfinite(gate_up).all()
+    plan = triton_experts.saved_plan(plan_buf, 19 * 3, 5)  # what backward reads: the whole plan written
     rs, ro = ref.permute_reference(ids, 5)
-    assert torch.equal(sorted_pairs.long(), rs) and torch.equal(offsets, ro)
+    assert torch.equal(plan.sorted_pairs_S.long(), rs) and torch.equal(plan.offsets_E1, ro)
+    assert torch.equal(plan.sorted_tok_S.long(), rs // 3)
+    assert ((plan.tile_expert >= 0) & (plan.tile_expert <= 5)).all() and (plan.tile_row >= 0).all()
 
 
 def test_moe_experts_float64_falls_back_to_reference():

@@ -22,8 +22,8 @@ from desmoe.kernels import moe_gpt_oss as gk
 from desmoe.kernels import permute as pk
 from desmoe.kernels import routing as rk
 
-KERNELS = (rk.topk_route_fwd_kernel, rk.topk_route_bwd_kernel, pk.histogram_kernel, pk.scan_kernel,
-           pk.scatter_kernel, *mk.AUTOTUNED, mk.combine_kernel, *gk.AUTOTUNED, gk.bias_grad_kernel)
+KERNELS = (rk.topk_route_fwd_kernel, rk.topk_route_bwd_kernel, pk.histogram_kernel, pk.block_scan_kernel,
+           pk.schedule_kernel, pk.scatter_kernel, *mk.AUTOTUNED, mk.combine_kernel, *gk.AUTOTUNED, gk.bias_grad_kernel)
 # the residues mod 16 of T = 1000, 1001, 1003, 2048 (interpreter-sized), and 1: Triton specializes integers on being 1
 # or a multiple of 16, so these cover every class T, S = T*K and the derived sizes can fall in
 T_VALUES = (24, 25, 27, 32, 1)
