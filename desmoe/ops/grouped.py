@@ -329,6 +329,29 @@ def _to_pair_rows(v_sorted: Tensor, sorted_pairs: Tensor) -> Tensor:
     return out
 
 
+def _trainable_rows(off_E1: Tensor, sorted_pairs_S: Tensor, em_E: Tensor | None, pm_TK: Tensor | None):
+    """The dW GEMMs' row order under masks, without a host sync: the trainable sorted rows (pair kept, expert not
+    frozen) first, in expert order, then the others, which no group covers (``torch._grouped_mm`` stops at the last
+    offset). Returns ``(src_S, ends_E)``: the sorted row at each position, and the groups' end offsets (int32), so
+    frozen experts' groups are empty and masked pairs cost no dW FLOPs (before, frozen experts' dW were computed
+    and then zeroed, masked pairs were zero rows in the GEMM)."""
+    S, dev = sorted_pairs_S.numel(), sorted_pairs_S.device
+    rows = torch.arange(S, device=dev)
+    keep = torch.ones(S, dtype=torch.bool, device=dev)
+    if pm_TK is not None:
+        keep &= pm_TK.reshape(-1)[sorted_pairs_S].bool()
+    if em_E is not None:
+        expert = torch.searchsorted(off_E1[1:].long(), rows, right=True)  # expert of each sorted row
+        keep &= em_E.bool()[expert]
+    kept = keep.long().cumsum(0)
+    n_kept = kept[-1:]
+    dest = torch.where(keep, kept - 1, n_kept + rows - kept)  # the others after all the kept rows, in order
+    src = torch.empty_like(rows)
+    src[dest] = rows
+    ends = torch.cat([kept.new_zeros(1), kept])[off_E1[1:].long()]  # kept rows up to each expert's end
+    return src, ends.to(torch.int32)
+
+
 class _GroupedMMExperts(torch.autograd.Function):
     """SwiGLU experts with the four GEMMs (and both dW) on ``torch._grouped_mm``; same contract and masks as
     :func:`desmoe.ops.triton_experts.moe_experts`. Saves x, the weights, the routing metadata and the gate|up
@@ -357,7 +380,7 @@ class _GroupedMMExperts(torch.autograd.Function):
     def backward(ctx, dout_TD):
         x_TD, w1, w2, w_TK, sp, off, tok, gu, em, pm = ctx.saved_tensors
         T, K = x_TD.shape[0], w_TK.shape[1]
-        ends, dt = off[1:], x_TD.dtype
+        ends = off[1:]
         from . import triton_glue
         from .triton_common import mask_u8
 
@@ -374,14 +397,18 @@ class _GroupedMMExperts(torch.autograd.Function):
             dx = combine(_to_pair_rows(torch._grouped_mm(dgu, w1, offs=ends), sp), None, T, K)
         dw1 = dw2 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            x_s = x_TD[tok]
-            if pm is not None:  # a non-trainable pair's row out of dW_gate_up (dgu itself still feeds dx)
-                x_s.mul_(pm.reshape(-1)[sp].to(dt)[:, None])
-            dw1 = torch._grouped_mm(dgu.t(), x_s, offs=ends)  # [E, 2I, D]
-            dw2 = torch._grouped_mm(dout_s.t(), hw, offs=ends)  # [E, D, I]
-            # an expert with no rows (its slice is not written by every grouped GEMM) or frozen: zeroed in place,
-            # touching only those slices
-            keep = (off[1:] > off[:-1]) if em is None else (off[1:] > off[:-1]) & em.bool()
+            if em is None and pm is None:
+                dw1 = torch._grouped_mm(dgu.t(), x_TD[tok], offs=ends)  # [E, 2I, D]
+                dw2 = torch._grouped_mm(dout_s.t(), hw, offs=ends)  # [E, D, I]
+            else:  # only the trainable rows: frozen experts' groups empty, masked pairs in no group
+                src, ends_dw = _trainable_rows(off, sp, em, pm)
+                tok_dw = tok[src]
+                dw1 = torch._grouped_mm(dgu[src].t(), x_TD[tok_dw], offs=ends_dw)
+                dw2 = torch._grouped_mm(dout_TD.contiguous()[tok_dw].t(), hw[src], offs=ends_dw)
+                ends = ends_dw
+            # an expert with no (trainable) rows: its slice is not written by every grouped GEMM, so it is zeroed
+            # in place, touching only those slices
+            keep = ends > torch.cat([ends.new_zeros(1), ends[:-1]])
             triton_glue.zero_experts_(dw1, keep)
             triton_glue.zero_experts_(dw2, keep)
         dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None

@@ -74,3 +74,41 @@ def test_grouped_mm_engine_matches_reference(monkeypatch, masks, via_dispatch):
     assert calls or not via_dispatch
     for name, a, b in zip(["out", "dx", "dW_gate_up", "dW_down", "d weights"], got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not dispatch.grouped_mm_available(), reason="torch._grouped_mm missing")
+@pytest.mark.parametrize("frozen,pairs", [(True, False), (False, True), (True, True)])
+def test_grouped_mm_engine_dw_gemms_see_only_trainable_rows(monkeypatch, frozen, pairs):
+    """Under masks the dW grouped GEMMs take only the trainable rows (pair kept, expert not frozen), so frozen
+    experts' groups are empty and masked pairs cost no dW FLOPs; the gradients still equal the reference's."""
+    x, w1, w2, ids, wts, em, pm = _case(True)
+    em, pm = (em if frozen else None), (pm if pairs else None)
+    real, offs_seen = torch._grouped_mm, []
+
+    def spy(a, b, *args, offs=None, **kw):
+        if a.dim() == 2 and b.dim() == 2:  # the dW GEMMs (2D x 2D, groups along the rows)
+            offs_seen.append(offs.clone())
+        return real(a, b, *args, offs=offs, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, wts)]
+    out = grouped.moe_experts_grouped_mm(leaves[0], leaves[1], leaves[2], ids, leaves[3], expert_trainable_E=em,
+                                         pair_trainable_TK=pm)
+    dout = torch.randn_like(x)
+    got = torch.autograd.grad(out, leaves, dout)
+    lr = [t.clone().requires_grad_(True) for t in (x, w1, w2, wts)]
+    want = torch.autograd.grad(ref.moe_experts_reference(lr[0], lr[1], lr[2], ids, lr[3], activation="silu",
+                                                         expert_trainable_E=em, pair_trainable_TK=pm), lr, dout)
+    for name, a, b in zip(["dx", "dW_gate_up", "dW_down", "d weights"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    E = w1.shape[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if pm is not None:
+        keep &= pm
+    if em is not None:
+        keep &= em[ids]
+    want_ends = torch.bincount(ids[keep], minlength=E).cumsum(0).to(torch.int32)
+    assert len(offs_seen) == 2 and all(torch.equal(o, want_ends) for o in offs_seen), (offs_seen, want_ends)
+    if em is not None:  # a frozen expert's group is empty
+        frozen_e = int((~em).nonzero()[0])
+        assert all(int(o[frozen_e]) == int(o[frozen_e - 1]) for o in offs_seen)
