@@ -15,7 +15,6 @@ import triton
 
 from ..kernels import moe as _mk
 from ..kernels import moe_configs as _mc
-from ..kernels import moe_gpt_oss as _gk
 
 Tensor = torch.Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,19 +60,14 @@ def max_programs(device: torch.device, ctas_per_sm: int = _mc.UNKNOWN_CTAS_PER_S
     return ctas_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# the row-tile kernels by their parameter names: Triton hands the grid callable the kernel's bound arguments
-# (a dict keyed by parameter name), which name the kernel when the launcher does not
-_ROW_KERNELS = {frozenset(k.fn.arg_names): k.fn.__name__ for k in (*_mk.AUTOTUNED, *_gk.AUTOTUNED)
-                if "BLOCK_M" in k.fn.arg_names}
+def row_grid(kernel, max_tiles, N, device):
+    """The persistent row-tile grid of ``kernel`` (an autotuned row-tile kernel): one program per work item up to
+    one wave, SMs x CTAs/SM of the config the autotuner picked (``moe_configs.CTAS_PER_SM``, looked up from the
+    config's constexprs in ``meta``)."""
+    name = kernel.fn.__name__
 
-
-def row_grid(max_tiles, N, device, kernel: Optional[str] = None):
-    """The persistent row-tile grid: one program per work item up to one wave, SMs x CTAs/SM of the config the
-    autotuner picked (``moe_configs.CTAS_PER_SM``, looked up from the config's constexprs in ``meta``)."""
     def grid(meta):
-        ctas = _mc.UNKNOWN_CTAS_PER_SM
-        if device.type == "cuda":
-            ctas = _mc.ctas_per_sm(kernel or _ROW_KERNELS.get(frozenset(meta), ""), meta)
+        ctas = _mc.ctas_per_sm(name, meta) if device.type == "cuda" else _mc.UNKNOWN_CTAS_PER_SM
         return (max(1, min(max_tiles * triton.cdiv(N, meta["BLOCK_N"]), max_programs(device, ctas))),)
 
     return grid

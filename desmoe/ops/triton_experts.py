@@ -90,7 +90,7 @@ def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, plan
     ``w`` in the roles dx_kernel reads them), per pair and then combined in a fixed order."""
     (S, I2), (T, D) = p.dgate_up_S2I.shape, dx_TD.shape
     dxp_SD = empty((S, D), dx_TD.dtype, dx_TD.device)
-    _mk.dx_kernel[row_grid(p.max_tiles, D, dx_TD.device)](
+    _mk.dx_kernel[row_grid(_mk.dx_kernel, p.max_tiles, D, dx_TD.device)](
         p.dgate_up_S2I, w, dxp_SD, p.tile_expert, p.tile_row, plan.offsets_E1, plan.sorted_pairs_S,
         E, p.max_tiles, D, I2, *w_strides, p.bucket, IEEE=p.ieee, BLOCK_M=p.BM,
     )
@@ -136,14 +136,14 @@ def moe_experts_fwd(
     bucket = rows_bucket(S, E)
     ieee = dt == torch.float32 or INTERPRET
     with on_device(x_TD):
-        _mk.up_swiglu_kernel[row_grid(max_tiles, I, dev)](
+        _mk.up_swiglu_kernel[row_grid(_mk.up_swiglu_kernel, max_tiles, I, dev)](
             x_TD, w_gate_up_E2ID, gate_up_S2I if save_for_backward else h_SI, h_SI,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K,
             x_TD.stride(0), x_TD.stride(1), *w_gate_up_E2ID.stride(),
             bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=plan.BM,
         )
-        _mk.down_kernel[row_grid(max_tiles, D, dev)](
+        _mk.down_kernel[row_grid(_mk.down_kernel, max_tiles, D, dev)](
             h_SI, w_down_EDI, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=plan.BM,
         )
@@ -191,7 +191,7 @@ def moe_experts_bwd(
                 need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
                 pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
-        _mk.dh_swiglu_kernel[row_grid(p.max_tiles, I, dev)](
+        _mk.dh_swiglu_kernel[row_grid(_mk.dh_swiglu_kernel, p.max_tiles, I, dev)](
             dout_TD, w_down_EDI, w_TK, gate_up_S2I, p.dgate_up_S2I, p.hw_SI, p.dwp_NS, p.pm, p.em,
             p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
             E, p.max_tiles, I, D, K, S, p.ndwp, p.sd_t, p.sd_d, *w_down_EDI.stride(), p.bucket,

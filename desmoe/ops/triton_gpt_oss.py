@@ -61,7 +61,7 @@ def moe_experts_gpt_oss_fwd(
     b1 = b_gate_up_E2I if b_gate_up_E2I is not None else x_TD
     b2 = b_down_ED if b_down_ED is not None else x_TD
     with on_device(x_TD):
-        _gk.up_gpt_oss_kernel[row_grid(max_tiles, I, dev)](
+        _gk.up_gpt_oss_kernel[row_grid(_gk.up_gpt_oss_kernel, max_tiles, I, dev)](
             x_TD, w_gate_up_ED2I, b1, gate_up_S2I if save_for_backward else h_SI, h_SI,
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K, float(alpha), float(limit),
@@ -69,7 +69,7 @@ def moe_experts_gpt_oss_fwd(
             bucket, STORE_GATE_UP=save_for_backward, HAS_BIAS=b_gate_up_E2I is not None, CLAMPED=bool(clamped),
             IEEE=ieee, BLOCK_M=BM,
         )
-        _gk.down_gpt_oss_kernel[row_grid(max_tiles, D, dev)](
+        _gk.down_gpt_oss_kernel[row_grid(_gk.down_gpt_oss_kernel, max_tiles, D, dev)](
             h_SI, w_down_EID, b2, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, D, I, *w_down_EID.stride(), b2.stride(0), bucket, HAS_BIAS=b_down_ED is not None,
             IEEE=ieee, BLOCK_M=BM,
@@ -121,7 +121,7 @@ def moe_experts_gpt_oss_bwd(
                 need_dweights=need_dweights, expert_trainable_E=expert_trainable_E,
                 pair_trainable_TK=pair_trainable_TK)
     with on_device(x_TD):
-        _gk.dh_gpt_oss_kernel[row_grid(p.max_tiles, I, dev)](
+        _gk.dh_gpt_oss_kernel[row_grid(_gk.dh_gpt_oss_kernel, p.max_tiles, I, dev)](
             dout_TD, w_down_EID, w_TK, gate_up_S2I, p.dgate_up_S2I, p.hw_SI, p.dwp_NS, p.pm, p.em,
             p.tile_expert, p.tile_row, offsets_E1, sorted_pairs_S,
             E, p.max_tiles, I, D, K, S, p.ndwp, float(alpha), float(limit), p.sd_t, p.sd_d, *w_down_EID.stride(),
