@@ -74,18 +74,48 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _mainloop(a_ptrs, a_step, b_ptrs, b_step, rmask, nmask, KDIM, acc, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_desc(w_ptr, E, R, C, sw_e, sw_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tensor descriptor (TMA on sm_90) of a weight ``W [E, R, C]`` whose C is contiguous, in ``[1, BLOCK_R,
+    BLOCK_C]`` tiles: the expert dimension's block of 1 keeps a tile inside its expert (rows past R never come
+    from the next expert), and rows past R / columns past C read as 0 (the K tails are zero-filled). Built once
+    per program; each tile names its expert in the load's coordinates."""
+    return tl.make_tensor_descriptor(w_ptr, [E, R, C], [sw_e, sw_r, 1], [1, BLOCK_R, BLOCK_C])
+
+
+@triton.jit
+def _tma_tile(b_desc, e, k0, n0, B_NK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` weight tile of K block ``k0`` as a TMA copy of expert ``e``'s tile through
+    ``b_desc`` (``_weight_desc``) at ``(k0, n0)``; ``B_NK``: the weight is stored ``[N, K]`` (K contiguous), so
+    the copy is ``[BLOCK_N, BLOCK_K]`` and the tile its transpose. (The pointer path's masked load stays inline
+    at its call sites: the default path compiles as before, down to ptxas's scheduling.)"""
+    if B_NK:
+        b = tl.trans(tl.reshape(b_desc.load([e, n0, k0]), [BLOCK_N, BLOCK_K]))
+    else:
+        b = tl.reshape(b_desc.load([e, k0, n0]), [BLOCK_K, BLOCK_N])
+    return b
+
+
+@triton.jit
+def _mainloop(a_ptrs, a_step, b_ptrs, b_step, rmask, nmask, KDIM, acc, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+              b_desc=0, e=0, n0=0, USE_TMA: tl.constexpr = False, B_NK: tl.constexpr = False,
+              BLOCK_N: tl.constexpr = 0):
     """The GEMM loop every row-tile kernel runs: ``acc += A[rows, :KDIM] @ B[:KDIM, cols]`` with ``a_ptrs``
     ``[BLOCK_M, BLOCK_K]`` and ``b_ptrs`` ``[BLOCK_K, BLOCK_N]`` advanced by ``a_step`` / ``b_step`` per K block
-    (rows outside ``rmask``, columns outside ``nmask`` and K past ``KDIM`` read as 0)."""
+    (rows outside ``rmask``, columns outside ``nmask`` and K past ``KDIM`` read as 0). With USE_TMA the B tiles
+    come through ``b_desc`` instead (expert ``e``, first column ``n0``; ``_tma_tile``) and ``b_ptrs`` is unused
+    (the trailing arguments default to the pointer path: gpt-oss's kernels call it without them)."""
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, KDIM, BLOCK_K):
         kmask = (k0 + kk) < KDIM
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if USE_TMA:
+            b = _tma_tile(b_desc, e, k0, n0, B_NK, BLOCK_K, BLOCK_N)
+        else:
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = _dot(a, b, acc, IEEE)
         a_ptrs += a_step
-        b_ptrs += b_step
+        if not USE_TMA:
+            b_ptrs += b_step
     return acc
 
 
@@ -159,7 +189,7 @@ def _up_epilogue(acc_g, acc_u, gate_up_ptr, h_ptr, rows, rmask, cols, N, STORE_G
     tl.store(h_ptr + rows[:, None] * N + cols[None, :], h.to(dt), mask=smask)
 
 
-@triton.autotune(configs=configs_for("up_swiglu_kernel"), key=_ROW_KEY + ["STORE_GATE_UP"],
+@triton.autotune(configs=configs_for("up_swiglu_kernel"), key=_ROW_KEY + ["STORE_GATE_UP", "USE_TMA"],
                  prune_configs_by=_pruner("up_swiglu_kernel", 2, "x_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS)
 def up_swiglu_kernel(
@@ -167,11 +197,17 @@ def up_swiglu_kernel(
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
     E, num_tiles, N, KDIM, TOP_K,
     sx_t, sx_d, sw_e, sw_r, sw_d,
-    ROWS_BUCKET, STORE_GATE_UP: tl.constexpr, IEEE: tl.constexpr,
+    ROWS_BUCKET, STORE_GATE_UP: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """N = I, KDIM = D. gate_up [S, 2I] and h [S, I] rows are in sorted-pair order."""
+    """N = I, KDIM = D. gate_up [S, 2I] and h [S, I] rows are in sorted-pair order. USE_TMA: the gate and up
+    weight tiles through one descriptor each (gate rows [0, I), up rows [I, 2I): a gate tile never reads up rows)."""
     num_n = tl.cdiv(N, BLOCK_N)
+    g_desc = w_ptr
+    u_desc = w_ptr
+    if USE_TMA:
+        g_desc = _weight_desc(w_ptr, E, N, KDIM, sw_e, sw_r, BLOCK_N, BLOCK_K)
+        u_desc = _weight_desc(w_ptr + N * sw_r, E, N, KDIM, sw_e, sw_r, BLOCK_N, BLOCK_K)
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -189,15 +225,21 @@ def up_swiglu_kernel(
             u_ptrs = wbase + (cols[None, :] + N).to(tl.int64) * sw_r + kk[:, None] * sw_d
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            n0 = pid_n * BLOCK_N
             for k0 in range(0, KDIM, BLOCK_K):
                 kmask = (k0 + kk) < KDIM
                 a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                wm = kmask[:, None] & nmask[None, :]
-                acc_g = _dot(a, tl.load(g_ptrs, mask=wm, other=0.0), acc_g, IEEE)
-                acc_u = _dot(a, tl.load(u_ptrs, mask=wm, other=0.0), acc_u, IEEE)
+                if USE_TMA:
+                    acc_g = _dot(a, _tma_tile(g_desc, e, k0, n0, True, BLOCK_K, BLOCK_N), acc_g, IEEE)
+                    acc_u = _dot(a, _tma_tile(u_desc, e, k0, n0, True, BLOCK_K, BLOCK_N), acc_u, IEEE)
+                else:
+                    wm = kmask[:, None] & nmask[None, :]
+                    acc_g = _dot(a, tl.load(g_ptrs, mask=wm, other=0.0), acc_g, IEEE)
+                    acc_u = _dot(a, tl.load(u_ptrs, mask=wm, other=0.0), acc_u, IEEE)
                 a_ptrs += BLOCK_K * sx_d
-                g_ptrs += BLOCK_K * sw_d
-                u_ptrs += BLOCK_K * sw_d
+                if not USE_TMA:
+                    g_ptrs += BLOCK_K * sw_d
+                    u_ptrs += BLOCK_K * sw_d
             # sub-tiled epilogue: two half-width passes
             g0, g1 = _halves(acc_g, BLOCK_M, BLOCK_N)
             u0, u1 = _halves(acc_u, BLOCK_M, BLOCK_N)
@@ -206,7 +248,7 @@ def up_swiglu_kernel(
             _up_epilogue(g1, u1, gate_up_ptr, h_ptr, rows, rmask, c0 + BLOCK_N // 2, N, STORE_GATE_UP)
 
 
-@triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY,
+@triton.autotune(configs=configs_for("down_kernel"), key=_ROW_KEY + ["USE_TMA"],
                  prune_configs_by=_pruner("down_kernel", 1, "h_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS)
 def down_kernel(
@@ -214,11 +256,14 @@ def down_kernel(
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
     E, num_tiles, N, KDIM,
     sw_e, sw_d, sw_i,
-    ROWS_BUCKET, IEEE: tl.constexpr,
+    ROWS_BUCKET, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """N = D, KDIM = I. y[p, :] = h[row] @ W_down[e]^T, written at the pair's own (token-major) row."""
     num_n = tl.cdiv(N, BLOCK_N)
+    b_desc = w_ptr
+    if USE_TMA:
+        b_desc = _weight_desc(w_ptr, E, N, KDIM, sw_e, sw_d, BLOCK_N, BLOCK_K)
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -232,7 +277,8 @@ def down_kernel(
             a_ptrs = h_ptr + rows[:, None] * KDIM + kk[None, :]
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + cols[None, :].to(tl.int64) * sw_d + kk[:, None] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_i, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
+            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_i, rmask, nmask, KDIM, acc, IEEE, BLOCK_K,
+                            b_desc, e, pid_n * BLOCK_N, USE_TMA, True, BLOCK_N)
             tl.store(y_ptr + pairs[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
 
@@ -278,7 +324,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
 
 
 @triton.autotune(configs=configs_for("dh_swiglu_kernel"),
-                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "HAS_EXPERT_MASK"],
+                 key=_ROW_KEY + ["STORE_DGU", "STORE_HW", "STORE_DWP", "HAS_PAIR_MASK", "HAS_EXPERT_MASK", "USE_TMA"],
                  prune_configs_by=_pruner("dh_swiglu_kernel", 1, "dout_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS + ["S"])
 def dh_swiglu_kernel(
@@ -288,6 +334,7 @@ def dh_swiglu_kernel(
     sd_t, sd_d, sw_e, sw_d, sw_i,
     ROWS_BUCKET, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
     HAS_PAIR_MASK: tl.constexpr, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr, DWP_COLS: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """N = I, KDIM = D. dh = w_p * dout[t] @ W_down[e]; d(gate|up) from the stored pre-activation.
@@ -306,6 +353,9 @@ def dh_swiglu_kernel(
     R: tl.constexpr = BLOCK_N // DWP_COLS
     # half-width epilogue passes, or quarter-width ones where a half would exceed EPI_ELEMS accumulator elements
     CHUNKS: tl.constexpr = 4 if BLOCK_M * (BLOCK_N // 2) > EPI_ELEMS else 2
+    b_desc = w_ptr
+    if USE_TMA:
+        b_desc = _weight_desc(w_ptr, E, KDIM, N, sw_e, sw_d, BLOCK_K, BLOCK_N)
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -320,7 +370,8 @@ def dh_swiglu_kernel(
             a_ptrs = dout_ptr + tok[:, None] * sd_t + kk[None, :] * sd_d
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_d + cols[None, :] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
+            acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K,
+                            b_desc, e, pid_n * BLOCK_N, USE_TMA, False, BLOCK_N)
             wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
                                                 HAS_PAIR_MASK, HAS_EXPERT_MASK)
             # sub-tiled epilogue: two half-width passes, or four quarter-width ones for wide tiles
@@ -337,7 +388,7 @@ def dh_swiglu_kernel(
                          mask=rmask[:, None] & (r < NDWP)[None, :])
 
 
-@triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY,
+@triton.autotune(configs=configs_for("dx_kernel"), key=_ROW_KEY + ["USE_TMA"],
                  prune_configs_by=_pruner("dx_kernel", 1, "dgate_up_ptr"))
 @triton.jit(do_not_specialize=ROW_DNS)
 def dx_kernel(
@@ -345,11 +396,15 @@ def dx_kernel(
     tile_expert_ptr, tile_row_ptr, offsets_ptr, sorted_pairs_ptr,
     E, num_tiles, N, KDIM,
     sw_e, sw_r, sw_d,
-    ROWS_BUCKET, IEEE: tl.constexpr,
+    ROWS_BUCKET, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """N = D, KDIM = 2I. dx_pair[p] = d(gate|up)[row] @ W_gate_up[e], at the pair's own row."""
+    """N = D, KDIM = 2I. dx_pair[p] = d(gate|up)[row] @ W_gate_up[e], at the pair's own row. USE_TMA needs the
+    standard layout (D contiguous: ``sw_d`` = 1); gpt-oss's launcher runs it without."""
     num_n = tl.cdiv(N, BLOCK_N)
+    b_desc = w_ptr
+    if USE_TMA:
+        b_desc = _weight_desc(w_ptr, E, KDIM, N, sw_e, sw_r, BLOCK_K, BLOCK_N)
     # persistent: each program walks work items (row tile, column tile) strided by the grid size
     for work in range(tl.program_id(0), num_tiles * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped_pid(work, num_tiles, num_n, GROUP)
@@ -363,7 +418,8 @@ def dx_kernel(
             a_ptrs = dgate_up_ptr + rows[:, None] * KDIM + kk[None, :]
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_r + cols[None, :] * sw_d
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_r, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
+            acc = _mainloop(a_ptrs, BLOCK_K, b_ptrs, BLOCK_K * sw_r, rmask, nmask, KDIM, acc, IEEE, BLOCK_K,
+                            b_desc, e, pid_n * BLOCK_N, USE_TMA, False, BLOCK_N)
             tl.store(dxp_ptr + pairs[:, None] * N + cols[None, :], acc.to(dxp_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
 

@@ -14,6 +14,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DESMOE_AUTOTUNE", "default")
 if AUTOTUNE not in ("default", "full"):
     raise ValueError(f"DESMOE_AUTOTUNE must be 'default' or 'full', got {AUTOTUNE!r}")
+# DESMOE_TMA=1: the four row-tile GEMMs (up_swiglu, down, dh_swiglu, dx) read their weight (B) operand through a
+# device-side tensor descriptor (TMA copies on sm_90), where the weight qualifies (desmoe.ops.triton_common.use_tma);
+# the gathered token rows (A) stay pointer loads. Off by default: the default path compiles as before (USE_TMA=False).
+# The launchers read this attribute at call time, so a test can flip it with monkeypatch.
+_TMA_ENV = os.environ.get("DESMOE_TMA", "0")
+if _TMA_ENV not in ("0", "1"):
+    raise ValueError(f"DESMOE_TMA must be '0' (off, the default) or '1' (TMA for the experts GEMMs' weight operand "
+                     f"on sm_90), got {_TMA_ENV!r}")
+TMA = _TMA_ENV == "1"
 # dh_swiglu_kernel writes its routing-weight partial dots at this column granularity, whatever the config (see
 # there): every BLOCK_N is a multiple of it, so the partial-dot buffer layout does not depend on the config
 DWP_COLS = 16 if INTERPRET else 32
@@ -92,7 +101,8 @@ GPU_CONFIGS = {
 # CTAs per SM on sm_90 of every row-tile config the default set can pick (and the float32 fallback at
 # BLOCK_M = 128), per Triton version ("major.minor"), from registers and shared memory: the persistent row-tile
 # grid is SMs x the minimum over versions (one wave). Key: (kernel, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, num_warps,
-# num_stages); dx_kernel's entries are the minimum over its standard and gpt-oss strides.
+# num_stages); dx_kernel's entries are the minimum over its standard and gpt-oss strides. Kernel names ending in
+# ":tma" are the DESMOE_TMA=1 variant (USE_TMA=True: other registers, so other CTAs/SM), bf16 configs only.
 # tests/kernels/test_triton_compile.py recomputes every entry from the compile facts under the Triton it runs
 # (3.9 here, 3.6 in CI's side environment) and fails on any difference, missing or extra entry; `python
 # tests/kernels/test_triton_compile.py --ctas` prints this version's column.
@@ -132,6 +142,22 @@ CTAS_PER_SM = {
     ("dh_gpt_oss_kernel", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
     ("dh_gpt_oss_kernel", 128, 32, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
     ("dh_gpt_oss_kernel", 128, 32, 32, 8, 4, 2): {"3.6": 3, "3.9": 2},
+    ("up_swiglu_kernel:tma", 64, 128, 32, 8, 8, 4): {"3.6": 2, "3.9": 1},
+    ("up_swiglu_kernel:tma", 64, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("up_swiglu_kernel:tma", 128, 128, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("up_swiglu_kernel:tma", 128, 64, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("down_kernel:tma", 64, 128, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("down_kernel:tma", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("down_kernel:tma", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("down_kernel:tma", 128, 64, 64, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("dh_swiglu_kernel:tma", 64, 128, 32, 8, 4, 4): {"3.6": 2, "3.9": 2},
+    ("dh_swiglu_kernel:tma", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("dh_swiglu_kernel:tma", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
+    ("dh_swiglu_kernel:tma", 128, 64, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("dx_kernel:tma", 64, 128, 64, 8, 8, 4): {"3.6": 2, "3.9": 2},
+    ("dx_kernel:tma", 64, 64, 64, 8, 4, 4): {"3.6": 3, "3.9": 3},
+    ("dx_kernel:tma", 128, 256, 64, 8, 8, 3): {"3.6": 1, "3.9": 1},
+    ("dx_kernel:tma", 128, 128, 64, 8, 8, 4): {"3.6": 1, "3.9": 1},
 }
 # configs without an entry (the full sweep's, float32 at BLOCK_M = 64, configs set by hand): the former flat cap
 UNKNOWN_CTAS_PER_SM = 4
@@ -147,11 +173,13 @@ def ctas_per_sm(kernel: str, meta: dict, mode: str = AUTOTUNE) -> int:
     arguments, the config's kwargs among them, but not num_warps / num_stages (Triton 3.6 and 3.9 pass those to
     the compiler as options only, jit.py ``grid(bound_args)``). So the config is the one candidate of the
     ``BLOCK_M`` class whose kwargs ``meta`` holds (unique in the default set; tests/kernels/test_triton_compile.py
-    asserts it); no such single candidate or no entry: ``UNKNOWN_CTAS_PER_SM``."""
+    asserts it); no such single candidate or no entry: ``UNKNOWN_CTAS_PER_SM``. A launch with ``USE_TMA`` reads
+    the ``kernel:tma`` entries."""
     bm = meta.get("BLOCK_M")
     cands = GPU_CONFIGS[mode].get(kernel, {}).get(bm, []) + [_ROW_FALLBACKS.get(kernel, _ROW_FALLBACK)]
     match = [c for c in cands if all(meta.get(k) == v for k, v in c.kwargs.items())]
-    entry = CTAS_PER_SM.get(cta_key(kernel, bm, match[0])) if len(match) == 1 else None
+    name = kernel + (":tma" if meta.get("USE_TMA") else "")
+    entry = CTAS_PER_SM.get(cta_key(name, bm, match[0])) if len(match) == 1 else None
     return min(entry.values()) if entry else UNKNOWN_CTAS_PER_SM
 
 

@@ -73,6 +73,47 @@ def row_grid(kernel, max_tiles, N, device):
     return grid
 
 
+# --- DESMOE_TMA=1: the row-tile GEMMs' weight operand through tensor descriptors (moe_configs.TMA) ---------------
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Triton's allocator for the device-side descriptors' global scratch (128 B per program and descriptor),
+    from torch's caching allocator on the current device (the launchers run under ``on_device``)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Install ``_tma_scratch`` as Triton's allocator unless one is set. Triton keeps it in a ContextVar, so a
+    thread starts without one (autograd runs the backward in its own): every TMA launch calls this; idempotent."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # pragma: no cover - a Triton without the ContextVar: set it
+        unset = True
+    if unset:
+        triton.set_allocator(_tma_scratch)
+
+
+def use_tma(w: Tensor, strides=None) -> bool:
+    """The ``USE_TMA`` constexpr of a row-tile GEMM whose weight operand is ``w`` (``strides``: its strides in
+    the roles the kernel reads them, expert first, the contiguous one last; default ``w.stride()``): switch on
+    (``DESMOE_TMA=1``), an sm_90+ GPU or the interpreter, and a weight a tensor descriptor can address (last
+    stride 1, the other strides and the base 16-byte aligned); otherwise the pointer path. Installs the
+    allocator the descriptors need."""
+    if not _mc.TMA:
+        return False
+    st = tuple(w.stride()) if strides is None else tuple(strides)
+    es = w.element_size()
+    ok = st[-1] == 1 and all(s * es % 16 == 0 for s in st[:-1]) and w.data_ptr() % 16 == 0
+    if w.is_cuda:
+        ok = ok and torch.cuda.get_device_capability(w.device)[0] >= 9
+        if ok:
+            ensure_tma_allocator()
+    else:
+        ok = ok and INTERPRET
+    return ok
+
+
 def mask_u8(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else like
 

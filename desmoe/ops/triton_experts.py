@@ -20,7 +20,7 @@ import triton
 
 from ..kernels import moe as _mk
 from . import _autocast
-from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket
+from .triton_common import INTERPRET, block_m, empty, mask_u8, on_device, pow2, row_grid, rows_bucket, use_tma
 from .triton_permute import RoutingPlan, plan_len, routing_metadata, unpack_plan
 
 Tensor = torch.Tensor
@@ -92,7 +92,7 @@ def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, plan
     dxp_SD = empty((S, D), dx_TD.dtype, dx_TD.device)
     _mk.dx_kernel[row_grid(_mk.dx_kernel, p.max_tiles, D, dx_TD.device)](
         p.dgate_up_S2I, w, dxp_SD, p.tile_expert, p.tile_row, plan.offsets_E1, plan.sorted_pairs_S,
-        E, p.max_tiles, D, I2, *w_strides, p.bucket, IEEE=p.ieee, BLOCK_M=p.BM,
+        E, p.max_tiles, D, I2, *w_strides, p.bucket, IEEE=p.ieee, USE_TMA=use_tma(w, w_strides), BLOCK_M=p.BM,
     )
     BD = min(1024, pow2(D))
     _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
@@ -141,11 +141,12 @@ def moe_experts_fwd(
             tile_expert, tile_row, offsets_E1, sorted_pairs_S,
             E, max_tiles, I, D, K,
             x_TD.stride(0), x_TD.stride(1), *w_gate_up_E2ID.stride(),
-            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, BLOCK_M=plan.BM,
+            bucket, STORE_GATE_UP=save_for_backward, IEEE=ieee, USE_TMA=use_tma(w_gate_up_E2ID), BLOCK_M=plan.BM,
         )
         _mk.down_kernel[row_grid(_mk.down_kernel, max_tiles, D, dev)](
             h_SI, w_down_EDI, y_SD, tile_expert, tile_row, offsets_E1, sorted_pairs_S,
-            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, BLOCK_M=plan.BM,
+            E, max_tiles, D, I, *w_down_EDI.stride(), bucket, IEEE=ieee, USE_TMA=use_tma(w_down_EDI),
+            BLOCK_M=plan.BM,
         )
         BD = min(1024, pow2(D))
         _mk.combine_kernel[(T, triton.cdiv(D, BD))](y_SD, w_TK, out_TD, T, D, K, HAS_W=True, BLOCK_D=BD)
@@ -197,7 +198,7 @@ def moe_experts_bwd(
             E, p.max_tiles, I, D, K, S, p.ndwp, p.sd_t, p.sd_d, *w_down_EDI.stride(), p.bucket,
             STORE_DGU=need_dx or need_dw, STORE_HW=need_dw, STORE_DWP=need_dweights, HAS_PAIR_MASK=p.has_pm,
             HAS_EXPERT_MASK=p.has_em and need_dw, IEEE=p.ieee,
-            DWP_COLS=_mk.DWP_COLS, BLOCK_M=p.BM,
+            DWP_COLS=_mk.DWP_COLS, USE_TMA=use_tma(w_down_EDI), BLOCK_M=p.BM,
         )
         if need_dweights:
             dweights_TK.copy_(p.dwp_NS.sum(0).view(T, K))

@@ -11,12 +11,16 @@ the artefacts:
   (``ttg.local_alloc ... memdesc<N x ...>`` in TTGIR), and whether the loop's wait on them lets copies stay in
   flight (``ttg.async_wait {num > 0}`` inside the loop) rather than draining before every MMA;
 - wgmma: Hopper tensor-core MMA in the PTX;
+- tma: TMA copies (``cp.async.bulk.tensor``) in the PTX: the ``DESMOE_TMA=1`` variant of the four row-tile GEMMs
+  (``USE_TMA=True``, rows marked ``tma``: the weight operand through a device-side tensor descriptor) must have
+  them;
 - CTAs/SM: resident blocks per SM from registers (64K per SM, 256-register warp granules) and shared memory
   (228 KB per SM, 1 KB reserved per block).
 
 Asserted: 0 bytes of stack in every GEMM kernel (``KNOWN_STACK`` lists the per-version exceptions: float32
 fallback configs only), >= 3 pipeline buffers with copies in
-flight in the dW kernels, wgmma in every bf16 GEMM, everything fits shared memory. One table is printed.
+flight in the dW kernels, wgmma in every bf16 GEMM, TMA copies in every ``tma`` row, everything fits shared memory.
+One table is printed.
 gpt-oss's variant (biases, the [E, D, 2I] interleaved / [E, I, D] layout, clamped SwiGLU) is compiled too, rows
 marked ``gpt_oss``: its own kernels (``desmoe.kernels.moe_gpt_oss``) with every bias / clamp / store flag on, and
 the shared dx / dW kernels with the strides that layout makes 1 (dW: the same binaries, in the roles the gpt-oss
@@ -44,6 +48,8 @@ SMEM_PER_SM = 233472  # 228 KB
 GEMM_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "dw_gate_up_kernel",
                 "dw_down_kernel", "up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
 DW_KERNELS = ("dw_gate_up_kernel", "dw_down_kernel")
+# the row-tile GEMMs with a USE_TMA constexpr (DESMOE_TMA=1: the weight operand through a tensor descriptor)
+TMA_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel")
 # the persistent row-tile kernels, whose grid is SMs x CTAs/SM of the config (desmoe.kernels.moe_configs.CTAS_PER_SM)
 ROW_KERNELS = ("up_swiglu_kernel", "down_kernel", "dh_swiglu_kernel", "dx_kernel", "up_gpt_oss_kernel",
                "down_gpt_oss_kernel", "dh_gpt_oss_kernel")
@@ -180,7 +186,8 @@ def compile_kernel(kernel, consts: dict, num_warps: int, num_stages: int, dt: st
         res = {**res, "sass": n, "loop": loop, "instr_per_pair": round(n * num_warps / pairs, 2)}
     return {"kernel": name, "variant": variant, "triton": triton.__version__, "dtype": dt, "config": cfg, "consts": consts, "num_warps": num_warps,
             "num_stages": num_stages, "shared": shared, **res, "buffers": buffers, "in_flight": in_flight,
-            "wgmma": "wgmma" in k.asm["ptx"], "ctas_per_sm": ctas_per_sm(res["regs"], num_warps, shared)}
+            "wgmma": "wgmma" in k.asm["ptx"], "tma": "cp.async.bulk.tensor" in k.asm["ptx"],
+            "ctas_per_sm": ctas_per_sm(res["regs"], num_warps, shared)}
 
 
 def jobs(mode: str):
@@ -198,12 +205,21 @@ def jobs(mode: str):
         name = kern.fn.__name__
         configs = mk.configs_for(name, mode)
         dw = name in DW_KERNELS
+        tma = {"USE_TMA": False} if name in TMA_KERNELS else {}
         # bf16 at both row-tile heights the launcher uses; float32 inputs (the fallback) at the larger one
         variants = [(2, "*bf16", False, bm) for bm in ((None,) if dw else (64, 128))] + [(4, "*fp32", True, 128)]
         for es, dt, ieee, bm in variants:
             for c in mk.prune_configs(configs, es, bm, n_b.get(name, 1), name, mode):
-                consts = {**c.kwargs, **extra.get(name, {}), "IEEE": ieee, **({} if dw else {"BLOCK_M": bm or 128})}
+                consts = {**c.kwargs, **extra.get(name, {}), "IEEE": ieee, **tma,
+                          **({} if dw else {"BLOCK_M": bm or 128})}
                 yield kern, consts, c.num_warps, c.num_stages, dt
+    # DESMOE_TMA=1: the same bf16 configs with the weight operand through a tensor descriptor
+    for kern in (mk.up_swiglu_kernel, mk.down_kernel, mk.dh_swiglu_kernel, mk.dx_kernel):
+        name = kern.fn.__name__
+        for bm in (64, 128):
+            for c in mk.prune_configs(mk.configs_for(name, mode), 2, bm, n_b.get(name, 1), name, mode):
+                consts = {**c.kwargs, **extra.get(name, {}), "IEEE": False, "USE_TMA": True, "BLOCK_M": bm}
+                yield kern, consts, c.num_warps, c.num_stages, "*bf16", {"variant": "tma"}
     yield from gpt_oss_jobs(mode)
     yield mk.combine_kernel, {"HAS_W": True, "BLOCK_D": 1024}, 4, 1, "*bf16"
     # the glue kernels as their launcher runs them on a GPU (desmoe.ops.triton_glue; Triton's default warps/stages)
@@ -247,7 +263,7 @@ def gpt_oss_jobs(mode: str):
              "down_gpt_oss_kernel": {"HAS_BIAS": True},
              "dh_gpt_oss_kernel": {"STORE_DGU": True, "STORE_HW": True, "STORE_DWP": True, "HAS_PAIR_MASK": True,
                                    "HAS_EXPERT_MASK": True, "CLAMPED": True, "DWP_COLS": mk.DWP_COLS},
-             "dx_kernel": {}, "dw_gate_up_kernel": {"HAS_EXPERT_MASK": True},
+             "dx_kernel": {"USE_TMA": False}, "dw_gate_up_kernel": {"HAS_EXPERT_MASK": True},
              "dw_down_kernel": {"HAS_EXPERT_MASK": True}}
     units = {"dx_kernel": {"sw_r"}, "dw_gate_up_kernel": set(), "dw_down_kernel": set()}
     kernels = list(gk.AUTOTUNED) + [mk.dx_kernel, mk.dw_gate_up_kernel, mk.dw_down_kernel]
@@ -269,7 +285,7 @@ def gpt_oss_jobs(mode: str):
 
 def table(recs) -> str:
     head = f"{'kernel':<22} {'var':<7} {'dtype':<5} {'config':<34} {'w':>2} {'s':>2} {'regs':>4} {'stack':>5} {'smem':>7} " \
-           f"{'bufs':>4} {'flight':>6} {'wgmma':>5} {'CTA/SM':>6} {'i/pair':>6}"
+           f"{'bufs':>4} {'flight':>6} {'wgmma':>5} {'tma':>5} {'CTA/SM':>6} {'i/pair':>6}"
     lines = [head, "-" * len(head)]
     for r in recs:
         if "error" in r:
@@ -278,7 +294,8 @@ def table(recs) -> str:
         cfg = ",".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in r["config"].items())
         lines.append(f"{r['kernel']:<22} {r.get('variant', ''):<7} {r['dtype'][1:]:<5} {cfg:<34} {r['num_warps']:>2} {r['num_stages']:>2} "
                      f"{r['regs']:>4} {r['stack']:>5} {r['shared']:>7} {r['buffers']:>4} {str(r['in_flight']):>6} "
-                     f"{str(r['wgmma']):>5} {r['ctas_per_sm']:>6} {r.get('instr_per_pair', ''):>6}")
+                     f"{str(r['wgmma']):>5} {str(r.get('tma', '')):>5} {r['ctas_per_sm']:>6} "
+                     f"{r.get('instr_per_pair', ''):>6}")
     return "\n".join(lines)
 
 
@@ -306,12 +323,14 @@ def main(argv) -> int:
 
 def cta_table(recs) -> dict:
     """CTAs/SM per ``moe_configs.cta_key`` of every compiled row-tile config under this run's Triton (the minimum
-    over the variants that share a kernel: dx with the standard and gpt-oss strides)."""
+    over the variants that share a kernel: dx with the standard and gpt-oss strides). The ``tma`` rows
+    (``DESMOE_TMA=1``) are the entries of ``kernel:tma``."""
     out = {}
     for r in recs:
         if r["kernel"] in ROW_KERNELS and "error" not in r:
             c = r["consts"]
-            key = (r["kernel"], c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP"], r["num_warps"], r["num_stages"])
+            name = r["kernel"] + (":tma" if r.get("variant") == "tma" else "")
+            key = (name, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP"], r["num_warps"], r["num_stages"])
             out[key] = min(out.get(key, r["ctas_per_sm"]), r["ctas_per_sm"])
     return out
 
@@ -361,6 +380,8 @@ def violations(recs) -> list:
             if r["loop"] or r["instr_per_pair"] > budget:
                 bad.append(f"{tag}: {r['instr_per_pair']} warp instructions per pair (budget {budget}), "
                            f"loop: {r['loop']}, Triton {r.get('triton')}")
+        if r.get("variant") == "tma" and not r["tma"]:
+            bad.append(f"{tag}: no TMA copies (cp.async.bulk.tensor) in the PTX, Triton {r.get('triton')}")
         if r["kernel"] in DW_KERNELS and r["dtype"] == "*bf16" and (r["buffers"] < 3 or not r["in_flight"]):
             bad.append(f"{tag}: {r['buffers']} pipeline buffers, copies in flight: {r['in_flight']}")
     return bad
@@ -402,6 +423,9 @@ def test_compile_facts_sm90():
     assert {(r["kernel"], r["variant"]) for r in recs if "instr_per_pair" in r} == set(INSTR_PER_PAIR)
     # gpt-oss's variant: its kernels, and both dW kernels in the roles its launcher gives them (bf16, so the
     # pipeline-depth rule applies to them)
+    # DESMOE_TMA=1's variant of each row-tile GEMM, bf16 at both row-tile heights
+    tma = {(r["kernel"], r["consts"]["BLOCK_M"]) for r in recs if r.get("variant") == "tma"}
+    assert tma == {(k, bm) for k in TMA_KERNELS for bm in (64, 128)}, tma
     gpt = {r["kernel"] for r in recs if r.get("variant") == "gpt_oss" and r.get("dtype") == "*bf16"}
     assert {"up_gpt_oss_kernel", "down_gpt_oss_kernel", "dh_gpt_oss_kernel", "dx_kernel", "dw_gate_up_kernel",
             "dw_down_kernel", "bias_grad_kernel"} <= gpt, gpt
