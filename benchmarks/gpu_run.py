@@ -10,7 +10,7 @@ Triton cache, its compilations counted from the binaries the cache holds afterwa
 matmul, device copy); correctness at a real shape on the 1st and 2nd call against
 an fp32 reference (values and every gradient, backend confirmed ``triton``); the Qwen3-30B-A3B layer at T=32768
 fwd / fwd+bwd / half-frozen vs transformers' grouped_mm (its ``aten::_grouped_mm`` confirmed in a profile), a
-per-kernel CUDA-time table and the chosen configs;
+per-kernel CUDA-time table, the chosen configs and fwd+bwd with ``DESMOE_TMA=1`` against the default;
 routing + permute (T=32768, E=128, K=8) vs the torch sequence; Mixtral at T=16384; Liger if importable; OLMoE and
 DeepSeek-V2-Lite. ``--dry``: the same stages on CPU at tiny shapes, for the CPU suite: correctness and routing
 run the Triton kernels in the interpreter, the layer stages run desmoe's ``auto`` backend (the reference on CPU).
@@ -229,6 +229,37 @@ def _layer(r: Run, shape: str, T: int, impls=("desmoe", "grouped_mm"), frozen=Tr
         _kernel_table(r, shape, fns["desmoe"], inputs)
 
 
+def tma_vs_default(r: Run) -> None:
+    """One line: the Qwen3-30B-A3B layer's fwd+bwd at T=32768 with ``DESMOE_TMA=1``'s path (the row-tile GEMMs'
+    weight operand through tensor descriptors) against the default, in this process: the launchers read
+    ``moe_configs.TMA`` at call time and ``USE_TMA`` is in the autotune keys, so the TMA variant tunes and compiles
+    on its first call (the warm-up, outside the timing; about 8 compiles) while the default reuses this stage's
+    binaries. Interleaved default/TMA/default/TMA, the best of each. In ``--dry`` the layer runs the CPU reference,
+    so the line only rehearses the plumbing."""
+    from desmoe import ops
+    from desmoe.kernels import moe_configs as mc
+    from desmoe.ops import triton_common
+
+    E, K, D, I = _shape(r, "qwen3_30b_a3b")
+    T = 8 if r.dry else 32768
+    inputs = bml._make_inputs(E, K, D, I, T, r.dev, r.dtype)
+    fn = bml._impls(E, D, I, r.dev)["desmoe"]
+    was, ms = mc.TMA, {False: [], True: []}
+    try:
+        mc.TMA = True
+        used = {"w_gate_up": triton_common.use_tma(inputs[1]), "w_down": triton_common.use_tma(inputs[2])}
+        for _ in range(2):
+            for tma in (False, True):
+                mc.TMA = tma
+                ms[tma].append(bml._bench_one(fn, inputs, "fwd+bwd", r.dev, r.iters)[0])
+    finally:
+        mc.TMA = was
+    r.emit({"stage": r.current, "what": "DESMOE_TMA=1 vs default, fwd+bwd", "shape": "qwen3_30b_a3b", "T": T,
+            "default_ms": min(ms[False]), "tma_ms": min(ms[True]), "tma_speedup": min(ms[False]) / min(ms[True]),
+            "tma_used": used, "backend": ops.resolve_backend(None, r.dev),
+            "runs_ms": {"default": ms[False], "tma": ms[True]}})
+
+
 def _profiled_ops(r: Run, fn, inputs) -> set:
     from torch.profiler import ProfilerActivity, profile
 
@@ -350,7 +381,8 @@ def main(argv=None) -> int:
     r.stage("cold_first_call", 60, lambda: cold_first_call(r))
     r.stage("ceilings", 20, lambda: ceilings(r))
     r.stage("correctness", 60, lambda: correctness(r))
-    r.stage("qwen3_30b_a3b", 150, lambda: _layer(r, "qwen3_30b_a3b", T_big, profile=True))
+    # + ~20 s: the DESMOE_TMA=1 line (about 8 compiles of the TMA variant, 24 timed fwd+bwd)
+    r.stage("qwen3_30b_a3b", 170, lambda: (_layer(r, "qwen3_30b_a3b", T_big, profile=True), tma_vs_default(r)))
     r.stage("routing", 15, lambda: routing(r))
     r.stage("mixtral_8x7b", 60, lambda: _layer(r, "mixtral_8x7b", 16384, frozen=False))
     r.stage("liger", 40, lambda: _layer(r, "qwen3_30b_a3b", T_big, impls=("liger",), frozen=False))
