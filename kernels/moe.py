@@ -24,7 +24,8 @@ Backward: ``dh_swiglu_kernel``   dh = w * dout[t] @ W_down[e], SwiGLU backward w
           ``dw_down_kernel``     dout^T (w * h), the scaled activation written by dh_swiglu_kernel
           For frozen experts (``expert_trainable_E``) both dW kernels run an empty pair range: no GEMM, a zero
           tile is stored, and dh_swiglu_kernel stores no hw rows for them. Pairs masked by
-          ``pair_trainable_TK`` are zeroed rows, so they add nothing.
+          ``pair_trainable_TK`` sit after their expert's kept pairs in the routing plan, outside the dW row
+          bounds: they cost no dW work (dX still reads them).
 
 Autotune: configs sit beside the kernels (``GPU_CONFIGS``, :mod:`desmoe.kernels.moe_configs`): a small "default"
 set per kernel (2 candidates after the shared-memory prune, so a first call compiles ~2 configs per kernel) and
@@ -425,18 +426,19 @@ def dx_kernel(
 
 
 @triton.jit
-def _dw_tile(pid, A_DIM, B_DIM, offsets_ptr, tok_ptr, expert_mask_ptr, HAS_EXPERT_MASK: tl.constexpr,
+def _dw_tile(pid, A_DIM, B_DIM, bounds_ptr, tok_ptr, expert_mask_ptr, HAS_EXPERT_MASK: tl.constexpr,
              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """Expert-major, swizzled order: program ids run through all output tiles of expert 0, then expert 1, ...,
     grouped GROUP tiles deep inside an expert, so the expert's pair rows (the GEMM's long inner dimension) are
     read from HBM about once and re-served from L2 to its other output tiles. A frozen expert gets an empty pair
-    range: no GEMM, a zero tile is stored."""
+    range: no GEMM, a zero tile is stored. ``bounds [E, 2]``: each expert's first and past-the-last trainable
+    sorted row (the routing plan puts an expert's masked pairs after its kept ones, outside this range)."""
     na = tl.cdiv(A_DIM, BLOCK_A)
     nb = tl.cdiv(B_DIM, BLOCK_B)
     e = pid // (na * nb)
     pid_a, pid_b = _grouped_pid(pid % (na * nb), na, nb, GROUP)
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
+    lo = tl.load(bounds_ptr + 2 * e)
+    hi = tl.load(bounds_ptr + 2 * e + 1)
     if HAS_EXPERT_MASK:
         hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
     ra = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -456,18 +458,18 @@ def _dw_store(dw_ptr, acc, e, ra, rb, A_DIM, B_DIM):
 # NEXT step is loaded at the end of each step (loop-carried), so no load address inside the loop depends on a
 # load of the same step and the pipeliner gives the data loads num_stages shared-memory buffers (an index loaded
 # and used in the same step pins the loop at 2 buffers with a full wait before every MMA). tok_S (sorted rows ->
-# token, -1 for pairs masked by pair_trainable) is precomputed by the launcher, so masked pairs are zero rows.
+# token) comes with the routing plan; pairs masked by pair_trainable lie outside each expert's bounds (no dW work).
 @triton.autotune(configs=configs_for("dw_gate_up_kernel"), key=_DW_KEY,
                  prune_configs_by=_pruner("dw_gate_up_kernel", 1, "x_ptr"))
 @triton.jit(do_not_specialize=DW_DNS)
 def dw_gate_up_kernel(
-    dgate_up_ptr, x_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
+    dgate_up_ptr, x_ptr, dw_ptr, bounds_ptr, tok_ptr, expert_mask_ptr,
     A_DIM, B_DIM, sx_t, sx_d,
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW_gate_up[e] [2I, D] = sum over e's pairs of d(gate|up)[row]^T x[tok]; A_DIM = 2I, B_DIM = D."""
-    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, bounds_ptr, tok_ptr,
                                                expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     a_ptrs = dgate_up_ptr + rows[None, :].to(tl.int64) * A_DIM + ra[:, None]
@@ -486,14 +488,14 @@ def dw_gate_up_kernel(
                  prune_configs_by=_pruner("dw_down_kernel", 1, "hw_ptr"))
 @triton.jit(do_not_specialize=DW_DNS)
 def dw_down_kernel(
-    dout_ptr, hw_ptr, dw_ptr, offsets_ptr, tok_ptr, expert_mask_ptr,
+    dout_ptr, hw_ptr, dw_ptr, bounds_ptr, tok_ptr, expert_mask_ptr,
     A_DIM, B_DIM, sd_t, sd_d,
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW_down[e] [D, I] = sum over e's pairs of dout[tok]^T hw[row] (hw = keep * w * h from dh_swiglu_kernel).
     A_DIM = D, B_DIM = I."""
-    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, offsets_ptr, tok_ptr,
+    e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, bounds_ptr, tok_ptr,
                                                expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
     b_ptrs = hw_ptr + rows[:, None].to(tl.int64) * B_DIM + rb[None, :]

@@ -235,19 +235,19 @@ def dh_gpt_oss_kernel(
 
 @triton.jit
 def bias_grad_kernel(
-    src_ptr, scale_ptr, tok_ptr, offsets_ptr, expert_mask_ptr, out_ptr,
+    src_ptr, scale_ptr, tok_ptr, bounds_ptr, expert_mask_ptr, out_ptr,
     N, s_row, s_col,
     GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXPERT_MASK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[e, n] (float32) = sum over e's sorted rows r with tok[r] >= 0 (a pair masked by pair_trainable has -1)
-    of scale[r] * src[row, n], row = tok[r] (GATHER) or r. Grid (E, cdiv(N, BLOCK_N)); a frozen expert
-    (expert_mask 0) sums nothing. Fixed summation order: deterministic."""
+    """out[e, n] (float32) = sum over e's trainable sorted rows r in ``bounds[e]`` (pairs masked by
+    pair_trainable lie outside them) of scale[r] * src[row, n], row = tok[r] (GATHER) or r. Grid (E, cdiv(N,
+    BLOCK_N)); a frozen expert (expert_mask 0) sums nothing. Fixed summation order: deterministic."""
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < N
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
+    lo = tl.load(bounds_ptr + 2 * e)
+    hi = tl.load(bounds_ptr + 2 * e + 1)
     if HAS_EXPERT_MASK:
         hi = tl.where(tl.load(expert_mask_ptr + e) != 0, hi, lo)
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)

@@ -98,16 +98,6 @@ def dx_from_dgate_up(p: DhPlan, w_strides: tuple[int, int, int], w: Tensor, plan
     _mk.combine_kernel[(T, triton.cdiv(D, BD))](dxp_SD, dxp_SD, dx_TD, T, D, K, HAS_W=False, BLOCK_D=BD)
 
 
-def trainable_tokens(plan: RoutingPlan, pair_trainable_TK: Optional[Tensor]) -> Tensor:
-    """The token of every sorted row (the plan's), -1 for pairs masked by ``pair_trainable_TK`` (zero rows in the
-    dW GEMMs)."""
-    tok_S = plan.sorted_tok_S
-    if pair_trainable_TK is not None:
-        keep = pair_trainable_TK.reshape(-1)[plan.sorted_pairs_S.long()].bool()
-        tok_S = torch.where(keep, tok_S, torch.full_like(tok_S, -1))
-    return tok_S
-
-
 def expert_major_grid(E: int, a: int, b: int):
     """dW kernels' grid: all ``[a, b]`` output tiles of expert 0, then expert 1, ..."""
     return lambda meta: (E * triton.cdiv(a, meta["BLOCK_A"]) * triton.cdiv(b, meta["BLOCK_B"]),)
@@ -121,7 +111,7 @@ def moe_experts_fwd(
     T, D, E, I, K, S = _dims(x_TD, w_gate_up_E2ID, topk_ids_TK)
     I2 = 2 * I
     dev, dt = x_TD.device, x_TD.dtype
-    plan = routing_metadata(topk_ids_TK, E, block_m(S, E))
+    plan = routing_metadata(topk_ids_TK, E, block_m(S, E), pair_trainable_TK)
     tile_expert, tile_row, max_tiles = plan.tile_expert, plan.tile_row, plan.max_tiles
     sorted_pairs_S, offsets_E1 = plan.sorted_pairs_S, plan.offsets_E1
     gate_up_S2I = empty((S, I2) if save_for_backward else (0, I2), dt, dev)
@@ -204,14 +194,13 @@ def moe_experts_bwd(
             dweights_TK.copy_(p.dwp_NS.sum(0).view(T, K))
         if need_dx:
             dx_from_dgate_up(p, w_gate_up_E2ID.stride(), w_gate_up_E2ID, plan, dx_TD, E, K)
-        if need_dw:
-            tok_S = trainable_tokens(plan, pair_trainable_TK)
+        if need_dw:  # pairs masked by pair_trainable lie outside each expert's dW bounds: no dW work for them
             _mk.dw_gate_up_kernel[expert_major_grid(E, I2, D)](
-                p.dgate_up_S2I, x_TD, dw1, offsets_E1, tok_S, p.em, I2, D, x_TD.stride(0), x_TD.stride(1),
+                p.dgate_up_S2I, x_TD, dw1, plan.bounds_E2, plan.sorted_tok_S, p.em, I2, D, *x_TD.stride(),
                 p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
             _mk.dw_down_kernel[expert_major_grid(E, D, I)](
-                dout_TD, p.hw_SI, dw2, offsets_E1, tok_S, p.em, D, I, p.sd_t, p.sd_d,
+                dout_TD, p.hw_SI, dw2, plan.bounds_E2, plan.sorted_tok_S, p.em, D, I, p.sd_t, p.sd_d,
                 p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
     return dx_TD, dw1, dw2, dweights_TK

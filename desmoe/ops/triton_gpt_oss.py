@@ -24,7 +24,7 @@ from ..kernels import moe as _mk
 from ..kernels import moe_gpt_oss as _gk
 from . import _autocast, reference
 from .triton_common import INTERPRET, block_m, empty, on_device, pow2, row_grid, rows_bucket
-from .triton_experts import dh_plan, dx_from_dgate_up, expert_major_grid, plan_fake, saved_plan, trainable_tokens
+from .triton_experts import dh_plan, dx_from_dgate_up, expert_major_grid, plan_fake, saved_plan
 from .triton_permute import routing_metadata
 
 Tensor = torch.Tensor
@@ -46,7 +46,7 @@ def moe_experts_gpt_oss_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     T, D, E, I, K, S = _dims(x_TD, w_gate_up_ED2I, topk_ids_TK)
     dev, dt = x_TD.device, x_TD.dtype
-    plan = routing_metadata(topk_ids_TK, E, block_m(S, E))
+    plan = routing_metadata(topk_ids_TK, E, block_m(S, E), pair_trainable_TK)
     tile_expert, tile_row, max_tiles = plan.tile_expert, plan.tile_row, plan.max_tiles
     sorted_pairs_S, offsets_E1, BM = plan.sorted_pairs_S, plan.offsets_E1, plan.BM
     gate_up_S2I = empty((S, 2 * I) if save_for_backward else (0, 2 * I), dt, dev)
@@ -137,28 +137,27 @@ def moe_experts_gpt_oss_bwd(
         if need_dx:  # W_gate_up [E, D, 2I]: the GEMM's K (2I) runs along its columns
             se, sd, sj = w_gate_up_ED2I.stride()
             dx_from_dgate_up(p, (se, sj, sd), w_gate_up_ED2I, plan, dx_TD, E, K)
-        if need_dw or need_db:
-            tok_S = trainable_tokens(plan, pair_trainable_TK)
+        tok_S, bounds = plan.sorted_tok_S, plan.bounds_E2  # masked pairs lie outside the bounds: no dW or db work
         if need_dw:
             # dW_gate_up[e] [D, 2I] = x[tok]^T d(gate|up): A gathered by token, B sorted rows (dw_down's shape)
             _mk.dw_down_kernel[expert_major_grid(E, D, I2)](
-                x_TD, p.dgate_up_S2I, dw1, offsets_E1, tok_S, p.em, D, I2, x_TD.stride(0), x_TD.stride(1),
+                x_TD, p.dgate_up_S2I, dw1, bounds, tok_S, p.em, D, I2, x_TD.stride(0), x_TD.stride(1),
                 p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
             # dW_down[e] [I, D] = hw^T dout[tok]: A sorted rows, B gathered by token (dw_gate_up's shape)
             _mk.dw_gate_up_kernel[expert_major_grid(E, I, D)](
-                p.hw_SI, dout_TD, dw2, offsets_E1, tok_S, p.em, I, D, p.sd_t, p.sd_d,
+                p.hw_SI, dout_TD, dw2, bounds, tok_S, p.em, I, D, p.sd_t, p.sd_d,
                 p.bucket, HAS_EXPERT_MASK=p.has_em, IEEE=p.ieee,
             )
         if need_db:
             BR, BN = _BIAS_BLOCKS
             w_sorted_S = w_TK.reshape(-1)[sorted_pairs_S.long()]
             _gk.bias_grad_kernel[(E, triton.cdiv(I2, BN))](
-                p.dgate_up_S2I, p.dgate_up_S2I, tok_S, offsets_E1, p.em, db1, I2, I2, 1,
+                p.dgate_up_S2I, p.dgate_up_S2I, tok_S, bounds, p.em, db1, I2, I2, 1,
                 GATHER=False, HAS_SCALE=False, HAS_EXPERT_MASK=p.has_em, BLOCK_R=BR, BLOCK_N=BN,
             )
             _gk.bias_grad_kernel[(E, triton.cdiv(D, BN))](
-                dout_TD, w_sorted_S, tok_S, offsets_E1, p.em, db2, D, p.sd_t, p.sd_d,
+                dout_TD, w_sorted_S, tok_S, bounds, p.em, db2, D, p.sd_t, p.sd_d,
                 GATHER=True, HAS_SCALE=True, HAS_EXPERT_MASK=p.has_em, BLOCK_R=BR, BLOCK_N=BN,
             )
     return outs

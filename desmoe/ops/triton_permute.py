@@ -11,7 +11,7 @@ Nothing syncs with the host.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -33,11 +33,12 @@ def _schedule_len(S: int, E: int, BM: int) -> int:
 
 
 def _segments(S: int, E: int, BM: int) -> list:
-    """Lengths of the plan's parts (sorted pairs, their tokens, offsets, tile experts, tile rows), each padded to
-    a multiple of 32 entries: every part starts as aligned as the buffer (128 B) whatever S is, so the kernels never
-    see a differently aligned pointer (Triton specializes pointers on 16-byte alignment: a new T would recompile)."""
+    """Lengths of the plan's parts (sorted pairs, their tokens, offsets, dW bounds, tile experts, tile rows), each
+    padded to a multiple of 32 entries: every part starts as aligned as the buffer (128 B) whatever S is, so the
+    kernels never see a differently aligned pointer (Triton specializes pointers on 16-byte alignment: a new T
+    would recompile)."""
     M = _schedule_len(S, E, BM) if BM else 0
-    return [S, S, E + 1, M, M]
+    return [S, S, E + 1, 2 * E, M, M]
 
 
 def _padded(n):
@@ -56,6 +57,7 @@ class RoutingPlan(NamedTuple):
     sorted_pairs_S: Tensor
     sorted_tok_S: Tensor
     offsets_E1: Tensor
+    bounds_E2: Tensor
     tile_expert: Tensor
     tile_row: Tensor
     max_tiles: int
@@ -69,44 +71,51 @@ def unpack_plan(buf: Tensor, S: int, E: int, BM: int) -> RoutingPlan:
                          f"BLOCK_M={BM}")
     seg = _segments(S, E, BM)
     parts = torch.split(buf, [_padded(n) for n in seg])
-    sp, tok, off, te, tr = (p[:n] for p, n in zip(parts, seg))
-    return RoutingPlan(buf, sp, tok, off, te, tr, seg[3], BM)
+    sp, tok, off, bounds, te, tr = (p[:n] for p, n in zip(parts, seg))
+    return RoutingPlan(buf, sp, tok, off, bounds, te, tr, seg[4], BM)
 
 
-def routing_metadata(topk_ids_TK: Tensor, E: int, BM: int) -> RoutingPlan:
-    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> per-expert scan over blocks -> offsets
+def routing_metadata(topk_ids_TK: Tensor, E: int, BM: int, keep_TK: Optional[Tensor] = None) -> RoutingPlan:
+    """O(S) permutation metadata (``desmoe.kernels.permute``): histogram -> per-bucket scan over blocks -> offsets
     and row-tile schedule -> stable scatter; 4 launches, no sync.
 
     The plan holds ``sorted_pairs_S`` (i32), ``sorted_tok_S`` (i32: token of each sorted row), ``offsets_E1``
-    (i32) and, for ``BM`` > 0, the row-tile GEMMs' schedule for ``BLOCK_M = BM`` (``tile_expert``, ``tile_row``,
-    ``max_tiles`` slots)."""
+    (i32), ``bounds_E2`` (i32: each expert's rows the dW GEMMs read, ``[start, start + kept)``) and, for ``BM`` >
+    0, the row-tile GEMMs' schedule for ``BLOCK_M = BM`` (``tile_expert``, ``tile_row``, ``max_tiles`` slots).
+    ``keep_TK`` (bool, a pair mask): each expert's kept pairs come first (in pair order), then its masked ones;
+    without it the order is the stable expert-major one and every row is kept."""
     dev = topk_ids_TK.device
     K = topk_ids_TK.shape[1] if topk_ids_TK.dim() == 2 else 1
     S = topk_ids_TK.numel()
     plan = unpack_plan(empty((plan_len(S, E, BM),), torch.int32, dev), S, E, BM)
     if S == 0:
         plan.offsets_E1.zero_()
+        plan.bounds_E2.zero_()
         plan.tile_expert.fill_(E)
         plan.tile_row.zero_()
         return plan
     ids_S = topk_ids_TK.reshape(-1)
+    keep_S = ids_S if keep_TK is None else keep_TK.reshape(-1).contiguous().view(torch.uint8)
+    NC = E if keep_TK is None else 2 * E  # buckets: experts, or (expert, masked) pairs
     block = PERMUTE_BLOCK
     NB = triton.cdiv(S, block)
-    E_PAD = pow2(E)
-    hist = empty((NB, E), torch.int32, dev)
-    counts_E = empty((E,), torch.int32, dev)
+    E_PAD, NC_PAD = pow2(E), pow2(NC)
+    hist = empty((NB, NC), torch.int32, dev)
+    counts_C = empty((NC,), torch.int32, dev)
     nw = PERMUTE_WARPS
     ecols = 4 if INTERPRET else 16  # interpreter: small, so several programs of each kernel run
     slots = 4 if INTERPRET else max(16, min(256, 8192 // E_PAD))
     with on_device(topk_ids_TK):
-        _pk.histogram_kernel[(NB,)](ids_S, hist, S, E, BLOCK=block, E_PAD=E_PAD, num_warps=nw)
-        _pk.block_scan_kernel[(triton.cdiv(E, ecols),)](hist, counts_E, NB, E, ROWS=4 if INTERPRET else 64,
-                                                         ECOLS=ecols, num_warps=nw)
+        _pk.histogram_kernel[(NB,)](ids_S, keep_S, hist, S, NC, BLOCK=block, E_PAD=NC_PAD,
+                                    HAS_KEEP=keep_TK is not None, num_warps=nw)
+        _pk.block_scan_kernel[(triton.cdiv(NC, ecols),)](hist, counts_C, NB, NC, ROWS=4 if INTERPRET else 64,
+                                                          ECOLS=ecols, num_warps=nw)
         _pk.schedule_kernel[(max(1, triton.cdiv(plan.max_tiles, slots)),)](
-            counts_E, plan.offsets_E1, plan.tile_expert, plan.tile_row, E, plan.max_tiles, BLOCK_M=max(BM, 1),
-            E_PAD=E_PAD, SLOTS=slots, num_warps=nw)
-        _pk.scatter_kernel[(NB,)](ids_S, hist, counts_E, plan.sorted_pairs_S, plan.sorted_tok_S, S, E, K,
-                                  BLOCK=block, LOG_BLOCK=block.bit_length() - 1, E_PAD=E_PAD, num_warps=nw)
+            counts_C, plan.offsets_E1, plan.bounds_E2, plan.tile_expert, plan.tile_row, E, plan.max_tiles,
+            BLOCK_M=max(BM, 1), E_PAD=E_PAD, SLOTS=slots, PAIRED=keep_TK is not None, num_warps=nw)
+        _pk.scatter_kernel[(NB,)](ids_S, keep_S, hist, counts_C, plan.sorted_pairs_S, plan.sorted_tok_S, S, NC, K,
+                                  BLOCK=block, LOG_BLOCK=block.bit_length() - 1, E_PAD=NC_PAD,
+                                  HAS_KEEP=keep_TK is not None, num_warps=nw)
     return plan
 
 

@@ -63,13 +63,15 @@ KNOWN_STACK = {("3.6", "dh_gpt_oss_kernel", "gpt_oss", "*fp32"): 8, ("3.6", "dx_
 # Routing kernels: warp instructions per (token, expert) pair read off the sm_90 SASS (loop-free kernels, so the
 # static count is what every warp runs: SASS count x warps / pairs per program), budgets a little above what Triton
 # 3.9 and 3.6 compile today (3.9 / 3.6: histogram 0.59 / 2.01, scatter 7.9 / 11.05, top-k qwen3 68.6 / 68.8, dsv3
-# 246 / 265). The permute kernels they replaced (one-hot compares over E per pair, in a loop over 128-pair chunks)
-# ran ~43 (histogram) and ~147 (scatter) per pair; the top-k's former two reductions per pick 73.4 / 68.75 (qwen3)
-# and 276 / 259 (dsv3).
+# 246 / 265; with DES-MoE's pair mask ("E128m": 2E buckets) histogram 0.83 / 3.12, scatter 7.8 / 11.3). The
+# permute kernels they replaced (one-hot compares over E per pair, in a loop over 128-pair chunks) ran ~43
+# (histogram) and ~147 (scatter) per pair; the top-k's former two reductions per pick 73.4 / 68.75 (qwen3) and
+# 276 / 259 (dsv3).
 INSTR_PER_PAIR = {("histogram_kernel", "E128"): 2.5, ("scatter_kernel", "E128"): 13.0,
+                  ("histogram_kernel", "E128m"): 3.5, ("scatter_kernel", "E128m"): 13.0,
                   ("topk_route_fwd_kernel", "qwen3"): 72.0, ("topk_route_fwd_kernel", "dsv3"): 290.0}
-_I32_PTRS = {"tile_expert_ptr", "tile_row_ptr", "offsets_ptr", "sorted_pairs_ptr", "tok_ptr", "hist_ptr",
-             "sorted_tok_ptr", "ids_ptr"}
+_I32_PTRS = {"tile_expert_ptr", "tile_row_ptr", "offsets_ptr", "bounds_ptr", "counts_ptr", "sorted_pairs_ptr",
+             "tok_ptr", "hist_ptr", "sorted_tok_ptr", "ids_ptr"}
 _DIV16 = {"N", "KDIM", "A_DIM", "B_DIM", "D", "S", "sx_t", "sd_t", "sw_e", "sw_r", "sw_d", "sw_i", "stride_t",
           "stride_dt", "sw_j", "sb_e", "s_row"}
 # the weight strides that are 1 in each kernel's layout (the standard one; gpt-oss's in its own kernels)
@@ -234,11 +236,17 @@ def jobs(mode: str):
     from desmoe.ops import triton_permute as tp
 
     B, per = tp.PERMUTE_BLOCK, {"variant": "E128", "pairs": tp.PERMUTE_BLOCK}
-    yield pk.histogram_kernel, {"BLOCK": B, "E_PAD": 128}, tp.PERMUTE_WARPS, 1, "*i32", per
+    # and with DES-MoE's pair mask: 2E buckets (kept / masked per expert), so E_PAD doubles
+    keep = {"variant": "E128m", "pairs": tp.PERMUTE_BLOCK}
+    yield pk.histogram_kernel, {"BLOCK": B, "E_PAD": 128, "HAS_KEEP": False}, tp.PERMUTE_WARPS, 1, "*i32", per
+    yield pk.histogram_kernel, {"BLOCK": B, "E_PAD": 256, "HAS_KEEP": True}, tp.PERMUTE_WARPS, 1, "*i32", keep
     yield pk.block_scan_kernel, {"ROWS": 64, "ECOLS": 16}, tp.PERMUTE_WARPS, 1, "*i32"
-    yield pk.schedule_kernel, {"BLOCK_M": 128, "E_PAD": 128, "SLOTS": 64}, tp.PERMUTE_WARPS, 1, "*i32"
-    yield pk.scatter_kernel, {"BLOCK": B, "LOG_BLOCK": B.bit_length() - 1, "E_PAD": 128}, tp.PERMUTE_WARPS, 1, \
-        "*i32", per
+    for paired in (False, True):
+        yield pk.schedule_kernel, {"BLOCK_M": 128, "E_PAD": 128, "SLOTS": 64, "PAIRED": paired}, tp.PERMUTE_WARPS, 1, \
+            "*i32"
+    for e_pad, has_keep, opts in ((128, False, per), (256, True, keep)):
+        yield pk.scatter_kernel, {"BLOCK": B, "LOG_BLOCK": B.bit_length() - 1, "E_PAD": e_pad, "HAS_KEEP": has_keep}, \
+            tp.PERMUTE_WARPS, 1, "*i32", opts
     route = {"TOP_K": 8, "K_PAD": 8, "E_PAD": 256, "BLOCK_T": 16, "SCORING_SIGMOID": True, "HAS_BIAS": True,
              "RENORM": True, "GROUPED": True, "N_GROUP": 8, "GROUP_SIZE": 32, "TOPK_GROUP": 4, "G_PAD": 8,
              "GROUP_TOP2SUM": True}

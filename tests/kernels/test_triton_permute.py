@@ -36,3 +36,34 @@ def test_routing_metadata_matches_reference(T, E, K, skew):
         assert int(off[e]) <= lo < hi
         covered[lo:hi] += 1
     assert torch.equal(covered, torch.ones_like(covered))
+
+
+@pytest.mark.parametrize("T,E,K", [(40, 7, 3), (61, 128, 8), (5, 4, 4)])
+def test_routing_metadata_puts_kept_pairs_first(T, E, K):
+    """With a pair mask each expert's rows are its kept pairs (in pair order) then its masked ones, and the dW
+    bounds end at the kept rows; offsets, tokens and the tile schedule are those of the same pairs."""
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    keep = torch.rand(T, K) > 0.4
+    keep[0] = False  # a token with every pair masked
+    BM = 16
+    plan = triton_permute.routing_metadata(ids, E, BM, keep)
+    flat, kf = ids.reshape(-1), keep.reshape(-1)
+    _rs, ro = ref.permute_reference(ids, E)
+    assert torch.equal(plan.offsets_E1.long(), ro.long())
+    sp = plan.sorted_pairs_S.long()
+    assert torch.equal(plan.sorted_tok_S.long(), sp // K)
+    for e in range(E):
+        lo, hi = int(ro[e]), int(ro[e + 1])
+        pairs = torch.nonzero(flat == e).flatten()
+        want = torch.cat([pairs[kf[pairs]], pairs[~kf[pairs]]])
+        assert torch.equal(sp[lo:hi], want), e
+        assert plan.bounds_E2[2 * e].item() == lo and plan.bounds_E2[2 * e + 1].item() == lo + int(kf[pairs].sum())
+    covered = torch.zeros(T * K, dtype=torch.int64)
+    for slot in range(plan.max_tiles):
+        e = int(plan.tile_expert[slot])
+        if e < E:
+            lo = int(plan.tile_row[slot])
+            covered[lo:min(lo + BM, int(ro[e + 1]))] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    unmasked = triton_permute.routing_metadata(ids, E, BM)  # no mask: every row of an expert is in its bounds
+    assert torch.equal(unmasked.bounds_E2.view(E, 2), torch.stack([ro[:-1], ro[1:]], 1).to(torch.int32))
