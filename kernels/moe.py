@@ -21,7 +21,7 @@ Backward: ``dh_swiglu_kernel``   dh = w * dout[t] @ W_down[e], SwiGLU backward w
                                  w * h for dW_down
           ``dx_kernel``          d(gate|up) @ W_gate_up[e], scattered to pair rows; combine_kernel sums over k
           ``dw_gate_up_kernel``  grouped GEMM with variable inner size (the expert's pairs): d(gate|up)^T x
-          ``dw_down_kernel``     dout^T (w * h), the scaled activation written by dh_swiglu_kernel
+          ``dw_down_kernel``     dout^T (w * h), the scaled activation written by dh_swiglu_kernel (trainable rows)
           For frozen experts (``expert_trainable_E``) both dW kernels run an empty pair range: no GEMM, a zero
           tile is stored, and dh_swiglu_kernel stores no hw rows for them. Pairs masked by
           ``pair_trainable_TK`` sit after their expert's kept pairs in the routing plan, outside the dW row
@@ -123,16 +123,15 @@ def _mainloop(a_ptrs, a_step, b_ptrs, b_step, rmask, nmask, KDIM, acc, IEEE: tl.
 @triton.jit
 def _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e, HAS_PAIR_MASK: tl.constexpr,
                  HAS_EXPERT_MASK: tl.constexpr):
-    """The dh epilogues' per-row factors: the routing weight, the weight times the pair mask (hw's and dW's scale)
-    and the rows whose hw is stored (none for a frozen expert: its dW runs an empty pair range)."""
+    """The dh epilogues' per-row routing weight and the rows whose hw is stored: none of a frozen expert (its dW
+    runs an empty pair range) or of a masked pair (its row lies outside its expert's dW bounds); only dW reads hw."""
     wgt = tl.load(weights_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
-    scale = wgt
-    if HAS_PAIR_MASK:
-        scale = scale * tl.load(pair_mask_ptr + pairs, mask=rmask, other=0).to(tl.float32)
     hw_rmask = rmask
+    if HAS_PAIR_MASK:
+        hw_rmask = hw_rmask & (tl.load(pair_mask_ptr + pairs, mask=rmask, other=0) != 0)
     if HAS_EXPERT_MASK:
-        hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, rmask, False)
-    return wgt, scale, hw_rmask
+        hw_rmask = tl.where(tl.load(expert_mask_ptr + e) != 0, hw_rmask, False)
+    return wgt, hw_rmask
 
 
 @triton.jit
@@ -300,11 +299,11 @@ def combine_kernel(y_ptr, w_ptr, out_ptr, T, D, TOP_K, HAS_W: tl.constexpr, BLOC
 
 
 @triton.jit
-def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, cols, N,
+def _dh_epilogue(acc, wgt, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, cols, N,
                  STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr):
     """One sub-tile (half or quarter width) of dh_swiglu_kernel's epilogue; returns its share of the
     routing-weight dot.
-    ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
+    ``hw_rmask``: the rows whose hw is stored (``_pair_scales``)."""
     smask = rmask[:, None] & (cols < N)[None, :]
     gu = rows[:, None] * (2 * N) + cols[None, :]
     g = tl.load(gate_up_ptr + gu, mask=smask, other=0.0).to(tl.float32)
@@ -319,7 +318,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
         tl.store(dgate_up_ptr + gu, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dt), mask=smask)
         tl.store(dgate_up_ptr + gu + N, (dh * g * sig).to(dt), mask=smask)
     if STORE_HW:
-        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (g * sig * u * scale[:, None]).to(dt),
+        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (g * sig * u * wgt[:, None]).to(dt),
                  mask=hw_rmask[:, None] & (cols < N)[None, :])
     return part
 
@@ -340,10 +339,10 @@ def dh_swiglu_kernel(
 ):
     """N = I, KDIM = D. dh = w_p * dout[t] @ W_down[e]; d(gate|up) from the stored pre-activation.
 
-    With STORE_HW it also writes ``hw = keep_p * w_p * silu(gate)*up`` (the recomputed activation, scaled by
-    the routing weight and the pair mask) so dW_down is a plain grouped GEMM whose operands stream straight
-    from memory into the tensor cores (no per-tile arithmetic in its inner loop). With HAS_EXPERT_MASK a frozen
-    expert's rows store no hw: its dW_down runs an empty pair range and never reads them.
+    With STORE_HW it also writes ``hw = w_p * silu(gate)*up`` (the recomputed activation, scaled by the
+    routing weight) so dW_down is a plain grouped GEMM whose operands stream straight from memory into the
+    tensor cores (no per-tile arithmetic in its inner loop). A frozen expert's rows (HAS_EXPERT_MASK) and masked
+    pairs' rows (HAS_PAIR_MASK) store no hw: dW_down never reads them (empty range / outside the dW bounds).
     With STORE_DWP it writes this column tile's share of the routing-weight gradient,
     ``sum_i (dout[t] @ W_down[e])[i] * h[p, i]`` (= <dout[t], y_p> summed over tiles), so the expert outputs y
     never need to be kept from the forward. Layout: ``dwp [NDWP, S]`` with one row per ``DWP_COLS`` columns of
@@ -373,13 +372,13 @@ def dh_swiglu_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K,
                             b_desc, e, pid_n * BLOCK_N, USE_TMA, False, BLOCK_N)
-            wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
-                                                HAS_PAIR_MASK, HAS_EXPERT_MASK)
+            wgt, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
+                                         HAS_PAIR_MASK, HAS_EXPERT_MASK)
             # sub-tiled epilogue: two half-width passes, or four quarter-width ones for wide tiles
             part = tl.zeros([BLOCK_M], tl.float32)
             for i in tl.static_range(CHUNKS):
                 c = pid_n * BLOCK_N + i * (BLOCK_N // CHUNKS) + tl.arange(0, BLOCK_N // CHUNKS)
-                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, scale, gate_up_ptr, dgate_up_ptr,
+                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, gate_up_ptr, dgate_up_ptr,
                                      hw_ptr, rows, rmask, hw_rmask, c, N, STORE_DGU, STORE_HW, STORE_DWP)
             if STORE_DWP:
                 j = tl.arange(0, R)
@@ -493,7 +492,7 @@ def dw_down_kernel(
     ROWS_BUCKET, HAS_EXPERT_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """dW_down[e] [D, I] = sum over e's pairs of dout[tok]^T hw[row] (hw = keep * w * h from dh_swiglu_kernel).
+    """dW_down[e] [D, I] = sum over e's pairs of dout[tok]^T hw[row] (hw = w * h from dh_swiglu_kernel).
     A_DIM = D, B_DIM = I."""
     e, ra, rb, hi, rows, tok, steps = _dw_tile(tl.program_id(0), A_DIM, B_DIM, bounds_ptr, tok_ptr,
                                                expert_mask_ptr, HAS_EXPERT_MASK, BLOCK_A, BLOCK_B, BLOCK_K, GROUP)

@@ -14,7 +14,8 @@ Forward:  ``up_gpt_oss_kernel``   gather x rows (A loads) @ a contiguous ``[BLOC
 Backward: ``dh_gpt_oss_kernel``   dh = dout[t] @ W_down[e]^T; epilogue reloads the interleaved pre-activation,
                                   the activation's backward (clamp edges as autograd's ``clamp``: the gradient
                                   passes where the input lies in the closed interval), d(gate|up) stored
-                                  interleaved, ``hw = keep * w * h`` for dW_down, the routing-weight partial dots
+                                  interleaved, ``hw = w * h`` for dW_down (trainable rows), the routing-weight
+                                  partial dots
           ``moe.dx_kernel``       d(gate|up) [S, 2I] @ W_gate_up[e]^T: W's strides passed swapped
           ``moe.dw_down_kernel``  dW_gate_up[e] [D, 2I] = x[tok]^T d(gate|up)  (A gathered by token, B sorted rows)
           ``moe.dw_gate_up_kernel`` dW_down[e] [I, D] = hw^T dout[tok]  (A sorted rows, B gathered by token)
@@ -141,11 +142,11 @@ def down_gpt_oss_kernel(
 
 
 @triton.jit
-def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c_start, N, alpha, limit,
+def _dh_epilogue(acc, wgt, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask, hw_rmask, c_start, N, alpha, limit,
                  CLAMPED: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr, STORE_DWP: tl.constexpr,
                  BLOCK_M: tl.constexpr, HALF: tl.constexpr):
     """One sub-tile (HALF columns of I, 2*HALF interleaved gate|up columns: half or quarter of the tile); returns
-    its share of the routing-weight dot. ``hw_rmask``: the rows whose hw is stored (none for a frozen expert)."""
+    its share of the routing-weight dot. ``hw_rmask``: the rows whose hw is stored (``moe._pair_scales``)."""
     cols = c_start + tl.arange(0, HALF)
     c2 = 2 * c_start + tl.arange(0, 2 * HALF)  # their interleaved gate|up columns
     smask2 = rmask[:, None] & (c2 < 2 * N)[None, :]
@@ -177,7 +178,7 @@ def _dh_epilogue(acc, wgt, scale, gate_up_ptr, dgate_up_ptr, hw_ptr, rows, rmask
         tl.store(dgate_up_ptr + rows[:, None] * (2 * N) + c2[None, :], dgu.to(dgate_up_ptr.dtype.element_ty),
                  mask=smask2)
     if STORE_HW:
-        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (h * scale[:, None]).to(hw_ptr.dtype.element_ty),
+        tl.store(hw_ptr + rows[:, None] * N + cols[None, :], (h * wgt[:, None]).to(hw_ptr.dtype.element_ty),
                  mask=hw_rmask[:, None] & (cols < N)[None, :])
     return part
 
@@ -216,12 +217,12 @@ def dh_gpt_oss_kernel(
             b_ptrs = w_ptr + e.to(tl.int64) * sw_e + kk[:, None].to(tl.int64) * sw_d + cols[None, :] * sw_i
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc = _mainloop(a_ptrs, BLOCK_K * sd_d, b_ptrs, BLOCK_K * sw_d, rmask, nmask, KDIM, acc, IEEE, BLOCK_K)
-            wgt, scale, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
-                                                HAS_PAIR_MASK, HAS_EXPERT_MASK)
+            wgt, hw_rmask = _pair_scales(weights_ptr, pair_mask_ptr, expert_mask_ptr, pairs, rmask, e,
+                                         HAS_PAIR_MASK, HAS_EXPERT_MASK)
             # sub-tiled epilogue: two half-width passes, or four quarter-width ones for wide tiles
             part = tl.zeros([BLOCK_M], tl.float32)
             for i in tl.static_range(CHUNKS):
-                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, scale, gate_up_ptr, dgate_up_ptr,
+                part += _dh_epilogue(_chunk(acc, i, CHUNKS, BLOCK_M, BLOCK_N), wgt, gate_up_ptr, dgate_up_ptr,
                                      hw_ptr, rows, rmask, hw_rmask, pid_n * BLOCK_N + i * (BLOCK_N // CHUNKS), N,
                                      alpha, limit, CLAMPED, STORE_DGU, STORE_HW, STORE_DWP, BLOCK_M,
                                      BLOCK_N // CHUNKS)
