@@ -53,19 +53,20 @@ def _gmm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     return torch.stack([a[:, lo:hi] @ b[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
 
 
-def _gmm_dw(a_MS: Tensor, b_SN: Tensor, offs_E: Tensor, trainable_E: Tensor | None) -> Tensor:
-    """dW ``[E, M, N]`` as a grouped GEMM over the pair dimension; with ``trainable_E``, one GEMM per trainable
-    expert and zeros for the frozen ones (their FLOPs are skipped, not masked)."""
-    if trainable_E is None:
-        return _gmm(a_MS, b_SN, offs_E)
-    E = offs_E.shape[0]
-    out = a_MS.new_zeros(E, a_MS.shape[0], b_SN.shape[1])
-    bounds, keep = [0] + offs_E.tolist(), trainable_E.tolist()  # host reads: we are inside an eager custom op
-    for e in range(E):
-        lo, hi = bounds[e], bounds[e + 1]
-        if keep[e] and hi > lo:
-            torch.mm(a_MS[:, lo:hi], b_SN[lo:hi], out=out[e])
-    return out
+def _dw_rows(offs_E: Tensor, perm_S: Tensor, trainable_E: Tensor | None, trainable_S: Tensor | None):
+    """The dW GEMMs' rows under masks: ``(src_S, ends_E)`` of :func:`_trainable_rows` over this op's metadata
+    (``offs_E`` group ends, ``perm_S`` the pair of each sorted row): the trainable rows first, in expert order,
+    so a frozen expert's group is empty and a masked pair is in no group (no dW FLOPs for either)."""
+    return _trainable_rows(torch.cat([offs_E.new_zeros(1), offs_E]), perm_S, trainable_E, trainable_S)
+
+
+def _zero_empty_groups_(dw_E: Tensor, ends_E: Tensor) -> Tensor:
+    """Zero the dW of experts whose group is empty where the grouped GEMM may leave them unwritten (CUDA; the CPU
+    kernel and the per-expert loop write zeros)."""
+    if dw_E.is_cuda:
+        empty = ends_E == torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+        dw_E.masked_fill_(empty.view(-1, 1, 1), 0)
+    return dw_E
 
 
 def _grouped_mm_ok(t: Tensor) -> bool:
@@ -196,10 +197,10 @@ def grouped_experts_bwd(
     b_down: Tensor | None = None, has_bias: bool = False, transposed: bool = False, interleaved: bool = False,
     alpha: float = 1.702, limit: float = 7.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx_TD, dw_gate_up, dw_down, dweights_TK, db_gate_up, db_down)``. ``trainable_S`` (pair order t*K+k)
-    zeroes pairs' rows in the dW GEMMs and the bias sums; an expert with ``trainable_E`` False skips its dW GEMMs
-    (zeros). A gradient not needed (``need_*`` False; the biases' with ``need_dw``, and only with ``has_bias``)
-    is skipped and returned as an empty tensor."""
+    """``(dx_TD, dw_gate_up, dw_down, dweights_TK, db_gate_up, db_down)``. The dW GEMMs take only the trainable
+    rows (``trainable_S``, pair order t*K+k, and ``trainable_E``): a masked pair costs no dW FLOPs and adds
+    nothing to the bias sums, a frozen expert's group is empty (zeros). A gradient not needed (``need_*``
+    False; the biases' with ``need_dw``, and only with ``has_bias``) is skipped and returned as an empty tensor."""
     T, K = topk_weights_TK.shape
     S = T * K
     tok_S = perm_S // K
@@ -231,20 +232,23 @@ def grouped_experts_bwd(
     dw1, dw2, db1, db2 = skipped(), skipped(), skipped(), skipped()
     if need_dw:
         aw_SI = a_SI * w_S1.to(a_SI.dtype)
-        dout_w_SD = dout_SD
-        if trainable_S is not None:
-            keep_S1 = trainable_S[perm_S].unsqueeze(1)
-            dh_S2I = dh_S2I * keep_S1
-            aw_SI = aw_SI * keep_S1
-            dout_w_SD = dout_SD * keep_S1
-        dh_w, aw_w = dh_S2I.to(wdt), aw_SI.to(wdt)
+        dh_w, aw_w, x_w, dout_w, ends = dh_S2I, aw_SI, x_SD, dout_SD, offs_E
+        if trainable_S is not None or trainable_E is not None:  # only the trainable rows reach the dW GEMMs
+            src, ends = _dw_rows(offs_E, perm_S, trainable_E, trainable_S)
+            dh_w, aw_w, x_w, dout_w = dh_S2I[src], aw_SI[src], x_SD[src], dout_SD[src]
+        dh_w, aw_w = dh_w.to(wdt), aw_w.to(wdt)
         if transposed:  # stored [E, D, 2I] / [E, I, D]
-            dw1 = _gmm_dw(x_SD.t(), dh_w, offs_E, trainable_E)
-            dw2 = _gmm_dw(aw_w.t(), dout_w_SD, offs_E, trainable_E)
+            dw1, dw2 = _gmm(x_w.t(), dh_w, ends), _gmm(aw_w.t(), dout_w, ends)
         else:  # stored [E, 2I, D] / [E, D, I]
-            dw1 = _gmm_dw(dh_w.t(), x_SD, offs_E, trainable_E)
-            dw2 = _gmm_dw(dout_w_SD.t(), aw_w, offs_E, trainable_E)
-        if has_bias:  # per-expert sums (fp32) of the pairs' rows; a frozen expert's rows add nothing
+            dw1, dw2 = _gmm(dh_w.t(), x_w, ends), _gmm(dout_w.t(), aw_w, ends)
+        if ends is not offs_E:
+            _zero_empty_groups_(dw1, ends)
+            _zero_empty_groups_(dw2, ends)
+        if has_bias:  # per-expert sums (fp32) of the pairs' rows; a masked pair's or frozen expert's add nothing
+            dout_w_SD = dout_SD
+            if trainable_S is not None:
+                keep_S1 = trainable_S[perm_S].unsqueeze(1)
+                dh_S2I, dout_w_SD = dh_S2I * keep_S1, dout_SD * keep_S1
             E = offs_E.shape[0]
             keep_E = None if trainable_E is None else trainable_E.index_select(0, e_S).unsqueeze(1)
             rows1 = dh_S2I.to(acc)
