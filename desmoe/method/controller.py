@@ -287,7 +287,9 @@ class MethodController:
     @torch.no_grad()
     def apply_expert_weight_decay_(self, optimizer: torch.optim.Optimizer) -> None:
         """AdamW's decoupled decay ``p *= 1 - lr·wd`` on the trainable expert rows of groups marked
-        ``desmoe_expert_decay`` (as AdamW would, only for parameters that got a gradient)."""
+        ``desmoe_expert_decay`` (as AdamW would, only for parameters that got a gradient). The experts' biases
+        (gpt-oss's ``[E, n]`` ones) are not decayed, as HF ``Trainer`` leaves every bias undecayed; they stay in
+        the experts' group, so optimizer checkpoints keep their group layout."""
         trainable_LE = self.expert_trainable_LE()
         layer_of = self._expert_layer_of()
         for g in optimizer.param_groups:
@@ -296,7 +298,7 @@ class MethodController:
                 continue
             f = 1.0 - g["lr"] * wd
             for p in g["params"]:
-                if p.grad is None:
+                if p.grad is None or (id(p) in layer_of and p.dim() < 3):  # no grad, or an expert bias [E, n]
                     continue
                 l = layer_of.get(id(p))
                 if l is None or trainable_LE is None:

@@ -487,3 +487,23 @@ def test_unknown_domain_tokens_in_masked_phases(mode):
         assert moved <= want_max and (mode == "none" or moved), (bname, moved)
     with pytest.raises(ValueError, match="method.unknown_domain"):
         MethodConfig(unknown_domain="all")
+
+
+def test_expert_biases_get_no_weight_decay():
+    """gpt-oss's expert biases ([E, n]) are biases: no weight decay (HF Trainer's rule), while the expert weights
+    get the controller's row-wise decay: with zero gradients a step leaves the biases where they were."""
+    m = tiny_model("gpt_oss", vocab_size=64)
+    desmoe.patch(m, backend="reference")
+    ctl = MethodController(m, MethodConfig(name="fft"), 4, ["a", "b"])
+    _, _, ex = ctl.blocks[0]
+    groups = ctl.param_groups(weight_decay=0.1)
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p is ex.gate_up_proj_bias for p in g["params"]))
+    opt = ctl.optimizer(lr=1e-1, weight_decay=0.5)
+    before_b, before_w = ex.down_proj_bias.detach().clone(), ex.down_proj.detach().clone()
+    before_gb = ex.gate_up_proj_bias.detach().clone()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    ctl.before_optimizer_step(opt)
+    opt.step()
+    assert torch.equal(ex.down_proj_bias, before_b) and torch.equal(ex.gate_up_proj_bias, before_gb)
+    assert not torch.equal(ex.down_proj, before_w)  # the weights decay
