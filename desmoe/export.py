@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .export_layers import decoder_layers, layer_major_heads, run_layer_major
-from .export_writer import ExportError, parse_size, serving_engines, write_weights_streaming
+from .export_writer import ExportError, export_architecture, parse_size, serving_engines, write_weights_streaming
 from .export_writer import SERVING_ARCHITECTURES  # noqa: F401  (re-exported: desmoe.export.SERVING_ARCHITECTURES)
 
 EXPORT_REPORT = "desmoe_export.json"
@@ -354,7 +354,7 @@ def export(checkpoint: str, out_dir: str, *, fit_tokens: int = 65536, eval_token
     if len(replace) != len(routers):
         raise ExportError(f"found {len(replace)} of the {len(routers)} router weights among the model's parameters")
     config, gen = model.config, getattr(model, "generation_config", None)
-    config.architectures = [type(model).__name__]
+    config.architectures = [export_architecture(type(model).__name__)]
     del model, routers  # the weights are written from the checkpoint's files, one shard at a time
     tmp = out_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,8 +28,8 @@ class ExportError(ValueError):
 # 01fec0786e1f, exaone_moe 0564b5215b33, glm4_moe_lite 03b1e880014d. Not in SGLang: MiniMaxForCausalLM
 # (minimax_text_01 0400545e9ff8 registers MiniMaxText01ForCausalLM), GraniteMoeSharedForCausalLM (granitemoeshared
 # 580ea2d722cb has no EntryClass), FlexOlmoForCausalLM (no model file), Qwen3_5MoeForCausalLM (qwen3_5 005fa711897e
-# registers only the ...ForConditionalGeneration classes). Note phimoe: transformers writes PhimoeForCausalLM, the
-# engines register PhiMoEForCausalLM (the hub checkpoints' remote-code name), so it is not a native match.
+# registers only the ...ForConditionalGeneration classes). Note phimoe: transformers' class is PhimoeForCausalLM, the
+# engines register PhiMoEForCausalLM (the hub checkpoints' name), which an export writes (HUB_ARCHITECTURES).
 SERVING_ARCHITECTURES = {
     "vllm": frozenset({
         "MixtralForCausalLM", "MiniMaxForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
@@ -44,6 +44,17 @@ SERVING_ARCHITECTURES = {
         "Glm4MoeLiteForCausalLM", "Dots1ForCausalLM", "ExaoneMoeForCausalLM", "GptOssForCausalLM",
         "PhiMoEForCausalLM"}),
 }
+
+
+# The name an export's config.json carries where transformers' class name differs from the family's own hub
+# checkpoints: Phi-3.5-MoE's hub config (and vLLM's and SGLang's registries) say PhiMoEForCausalLM, transformers'
+# class is PhimoeForCausalLM; transformers loads either by ``model_type``, the engines only the hub's name.
+HUB_ARCHITECTURES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
+
+
+def export_architecture(class_name: str) -> str:
+    """The ``architectures`` entry an export writes for a model of class ``class_name``."""
+    return HUB_ARCHITECTURES.get(class_name, class_name)
 
 
 def serving_engines(architectures) -> dict[str, bool]:

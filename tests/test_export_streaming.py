@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from desmoe.export import SERVING_ARCHITECTURES, ExportError, serving_engines, write_weights_streaming
+from desmoe.export import (SERVING_ARCHITECTURES, ExportError, export_architecture, serving_engines,
+                           write_weights_streaming)
 
 
 def _tiny(layers=2, hidden=32, experts=4, inter=16, vocab=97):
@@ -130,6 +131,9 @@ def test_serving_table_against_exported_configs():
 
     assert serving_engines(["Qwen3MoeForCausalLM"]) == {"vllm": True, "sglang": True}
     assert serving_engines(["PhimoeForCausalLM"]) == {"vllm": False, "sglang": False}  # engines: PhiMoE...
+    # ...which an export writes for phimoe (transformers loads it by model_type): the engines serve it
+    assert serving_engines([export_architecture("PhimoeForCausalLM")]) == {"vllm": True, "sglang": True}
+    assert export_architecture("Qwen3MoeForCausalLM") == "Qwen3MoeForCausalLM"
     assert serving_engines(None) == {"vllm": False, "sglang": False}
     # every name in the table is a causal-LM architecture of a family desmoe patches (or the engines' phimoe name)
     ours = {CAUSAL.get(t) for t in MODEL_TYPES} - {None}
@@ -145,3 +149,21 @@ def test_export_report_names_the_serving_engines(tmp_path):
     model.save_pretrained(tmp_path / "m")
     arch = json.load(open(tmp_path / "m" / "config.json"))["architectures"]
     assert arch == ["Qwen3MoeForCausalLM"] and serving_engines(arch) == {"vllm": True, "sglang": True}
+
+
+def test_phimoe_export_name_loads_in_stock_transformers(tmp_path):
+    """An export's config.json names phimoe as the hub checkpoints do (PhiMoEForCausalLM, what vLLM and SGLang
+    register); stock transformers still loads it, by model_type, as its own PhimoeForCausalLM."""
+    import json
+
+    from desmoe.integrations.tiny import tiny_model
+
+    m = tiny_model("phimoe", vocab_size=64)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = [export_architecture(type(m).__name__)]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(stock).__name__ == "PhimoeForCausalLM"
+    assert stock.config.architectures == ["PhiMoEForCausalLM"]
+    assert serving_engines(stock.config.architectures) == {"vllm": True, "sglang": True}
