@@ -355,8 +355,10 @@ def _err(a, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pair_mask", [False, True])
 @pytest.mark.parametrize("T,E,K,D,I", [(4096, 128, 8, 2048, 768), (2048, 64, 6, 2048, 1408), (1024, 8, 2, 4096, 2048)])
-def test_gpu_moe_experts_bf16_tolerance_rule(T, E, K, D, I):
+def test_gpu_moe_experts_bf16_tolerance_rule(T, E, K, D, I, pair_mask):
+    """Frozen experts (and, with ``pair_mask``, masked pairs: kept-first rows, dW bounds) at real sizes in bf16."""
     torch.manual_seed(0)
     x = torch.randn(T, D, device="cuda")
     w1 = torch.randn(E, 2 * I, D, device="cuda") / D ** 0.5
@@ -365,10 +367,13 @@ def test_gpu_moe_experts_bf16_tolerance_rule(T, E, K, D, I):
     w, ids = ref.topk_route_reference(logits, K)
     go = torch.randn(T, D, device="cuda")
     trainable = torch.arange(E, device="cuda") % 2 == 0
-    ref32 = _run(_ref, x, w1, w2, ids, w, go, expert_trainable_E=trainable)
+    masks = dict(expert_trainable_E=trainable)
+    if pair_mask:
+        masks["pair_trainable_TK"] = torch.rand(T, K, device="cuda") > 0.4
+    ref32 = _run(_ref, x, w1, w2, ids, w, go, **masks)
     bf = [t.bfloat16() for t in (x, w1, w2)]
-    torch_bf = _run(_ref, *bf, ids, w, go, expert_trainable_E=trainable)
-    fast = _run(_fast, *bf, ids, w, go, expert_trainable_E=trainable)
+    torch_bf = _run(_ref, *bf, ids, w, go, **masks)
+    fast = _run(_fast, *bf, ids, w, go, **masks)
     for name, a, b, r in zip(("out", "dx", "dW_gate_up", "dW_down", "dw"),
                              (fast[0], *fast[1]), (torch_bf[0], *torch_bf[1]), (ref32[0], *ref32[1])):
         assert torch.isfinite(a).all(), name

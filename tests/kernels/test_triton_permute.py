@@ -67,3 +67,33 @@ def test_routing_metadata_puts_kept_pairs_first(T, E, K):
     assert torch.equal(covered, torch.ones_like(covered))
     unmasked = triton_permute.routing_metadata(ids, E, BM)  # no mask: every row of an expert is in its bounds
     assert torch.equal(unmasked.bounds_E2.view(E, 2), torch.stack([ro[:-1], ro[1:]], 1).to(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", [False, True])
+def test_gpu_routing_metadata_at_size(keep):
+    """T = 32768, E = 128, K = 8 (Qwen3-30B-A3B's router) compiled on the GPU: the reference's offsets, every
+    expert's rows in pair order (kept pairs first with a mask) and the dW bounds."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    T, E, K = 32768, 128, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.topk(torch.rand(T, E, device="cuda", generator=g), K, dim=1).indices
+    kp = torch.rand(T, K, device="cuda", generator=g) > 0.4 if keep else None
+    plan = triton_permute.routing_metadata(ids, E, 128, kp)
+    rs, ro = ref.permute_reference(ids, E)
+    assert torch.equal(plan.offsets_E1.long(), ro.long())
+    sp = plan.sorted_pairs_S.long()
+    assert torch.equal(plan.sorted_tok_S.long(), sp // K)
+    if kp is None:
+        assert torch.equal(sp, rs)
+        want_kept = ro[1:] - ro[:-1]
+    else:  # per expert: kept pairs in pair order, then masked ones in pair order
+        kf = kp.reshape(-1)
+        flag = (~kf[rs]).long()
+        e_of = torch.repeat_interleave(torch.arange(E, device="cuda"), (ro[1:] - ro[:-1]).long())
+        order = torch.argsort(e_of * 2 + flag, stable=True)
+        assert torch.equal(sp, rs[order])
+        want_kept = torch.zeros(E, dtype=torch.long, device="cuda").index_add_(0, e_of, 1 - flag)
+    b = plan.bounds_E2.view(E, 2).long()
+    assert torch.equal(b[:, 0], ro[:-1].long()) and torch.equal(b[:, 1] - b[:, 0], want_kept.long())
