@@ -44,9 +44,12 @@ def _gmm(a: Tensor, b: Tensor, offs_E: Tensor) -> Tensor:
     """Grouped GEMM over row groups ending at ``offs_E``: 2D x 3D -> rows of ``a[g] @ b[e]``; 2D x 2D (the
     group dimension being the shared K) -> ``[E, M, N]``. A per-expert loop where no grouped GEMM exists."""
     if _GROUPED_MM is not None and _grouped_mm_ok(a) and _grouped_mm_ok(b):
-        # dW of an expert with no rows: zeros (tested). Contiguous: the kernel pads rows to 16 bytes (e.g. bf16
-        # with 2I = 12), and the custom ops' fake implementations promise dense outputs to torch.compile
-        return _GROUPED_MM(a, b, offs=offs_E).contiguous()
+        # Contiguous: the kernel pads rows to 16 bytes (e.g. bf16 with 2I = 12), and the custom ops' fake
+        # implementations promise dense outputs to torch.compile
+        out = _GROUPED_MM(a, b, offs=offs_E).contiguous()
+        if b.dim() == 2 and out.is_cuda:  # dW of an empty group: zeros on CPU (tested); CUDA may leave it unwritten
+            out.masked_fill_(~_nonempty_groups(offs_E).view(-1, 1, 1), 0)
+        return out
     bounds = [0] + offs_E.tolist()
     if b.dim() == 3:
         return torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
@@ -60,13 +63,9 @@ def _dw_rows(offs_E: Tensor, perm_S: Tensor, trainable_E: Tensor | None, trainab
     return _trainable_rows(torch.cat([offs_E.new_zeros(1), offs_E]), perm_S, trainable_E, trainable_S)
 
 
-def _zero_empty_groups_(dw_E: Tensor, ends_E: Tensor) -> Tensor:
-    """Zero the dW of experts whose group is empty where the grouped GEMM may leave them unwritten (CUDA; the CPU
-    kernel and the per-expert loop write zeros)."""
-    if dw_E.is_cuda:
-        empty = ends_E == torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
-        dw_E.masked_fill_(empty.view(-1, 1, 1), 0)
-    return dw_E
+def _nonempty_groups(ends_E: Tensor) -> Tensor:
+    """bool ``[E]``: the groups (ending at ``ends_E``) that hold at least one row."""
+    return ends_E > torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
 
 
 def _grouped_mm_ok(t: Tensor) -> bool:
@@ -241,9 +240,6 @@ def grouped_experts_bwd(
             dw1, dw2 = _gmm(x_w.t(), dh_w, ends), _gmm(aw_w.t(), dout_w, ends)
         else:  # stored [E, 2I, D] / [E, D, I]
             dw1, dw2 = _gmm(dh_w.t(), x_w, ends), _gmm(dout_w.t(), aw_w, ends)
-        if ends is not offs_E:
-            _zero_empty_groups_(dw1, ends)
-            _zero_empty_groups_(dw2, ends)
         if has_bias:  # per-expert sums (fp32) of the pairs' rows; a masked pair's or frozen expert's add nothing
             dout_w_SD = dout_SD
             if trainable_S is not None:
@@ -406,13 +402,12 @@ class _GroupedMMExperts(torch.autograd.Function):
                 dw2 = torch._grouped_mm(dout_s.t(), hw, offs=ends)  # [E, D, I]
             else:  # only the trainable rows: frozen experts' groups empty, masked pairs in no group
                 src, ends_dw = _trainable_rows(off, sp, em, pm)
-                tok_dw = tok[src]
-                dw1 = torch._grouped_mm(dgu[src].t(), x_TD[tok_dw], offs=ends_dw)
-                dw2 = torch._grouped_mm(dout_TD.contiguous()[tok_dw].t(), hw[src], offs=ends_dw)
+                dw1 = torch._grouped_mm(dgu[src].t(), x_TD[tok[src]], offs=ends_dw)
+                dw2 = torch._grouped_mm(dout_s[src].t(), hw[src], offs=ends_dw)
                 ends = ends_dw
             # an expert with no (trainable) rows: its slice is not written by every grouped GEMM, so it is zeroed
             # in place, touching only those slices
-            keep = ends > torch.cat([ends.new_zeros(1), ends[:-1]])
+            keep = _nonempty_groups(ends)
             triton_glue.zero_experts_(dw1, keep)
             triton_glue.zero_experts_(dw2, keep)
         dwts = dweights.view(T, K).to(w_TK.dtype) if ctx.needs_input_grad[4] else None
